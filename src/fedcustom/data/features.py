@@ -1,0 +1,35 @@
+"""Tokenize once, then batch: each batch is padded to its own longest row, not to max_length."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+
+def tokenize(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
+    """Token ids and labels for every row (texts are truncated to ``max_length`` tokens)."""
+
+    def encode(batch: dict[str, list]) -> dict[str, list]:
+        out = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"], "labels": batch["label"]}
+
+    return table.map(encode, batched=True, remove_columns=table.column_names, keep_in_memory=True)
+
+
+def make_loader(
+    table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, batch_size: int, seed: int | None
+) -> DataLoader:
+    """Batches of a tokenized table; shuffled reproducibly when ``seed`` is given, in order otherwise."""
+    generator = None
+    if seed is not None:
+        generator = torch.Generator()
+        generator.manual_seed(seed)
+    return DataLoader(
+        table,
+        batch_size=batch_size,
+        shuffle=seed is not None,
+        generator=generator,
+        collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
+    )

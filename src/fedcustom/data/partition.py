@@ -1,0 +1,81 @@
+"""Split a training set across clients: IID, Dirichlet label skew, label shards, quantity skew.
+
+The label-aware splits come from ``flwr-datasets`` (DirichletPartitioner, ShardPartitioner,
+SizePartitioner), the partitioners the Flower community benchmarks with, so our non-IID numbers
+are comparable to theirs.
+"""
+
+from __future__ import annotations
+
+import datasets
+import numpy as np
+from flwr_datasets.partitioner import (
+    DirichletPartitioner,
+    IidPartitioner,
+    Partitioner,
+    ShardPartitioner,
+    SizePartitioner,
+)
+
+from fedcustom.config import PartitionSpec
+from fedcustom.errors import FedCustomError
+
+
+def _quantity_sizes(total: int, num_clients: int, alpha: float, rng: np.random.Generator) -> list[int]:
+    """Client sizes drawn from Dirichlet(alpha); every client keeps at least one example."""
+    shares = rng.dirichlet(np.full(num_clients, alpha))
+    extra = rng.multinomial(total - num_clients, shares)
+    return (extra + 1).tolist()
+
+
+def _partitioner(spec: PartitionSpec, num_clients: int, total: int, seed: int) -> Partitioner:
+    if spec.kind == "iid":
+        return IidPartitioner(num_partitions=num_clients)
+    if spec.kind == "dirichlet":
+        min_size = max(1, min(10, total // (4 * num_clients)))
+        return DirichletPartitioner(
+            num_partitions=num_clients, partition_by="label", alpha=float(spec.param),
+            min_partition_size=min_size, seed=seed,
+        )
+    if spec.kind == "shards":
+        shards = int(spec.param)
+        if total < num_clients * shards:
+            raise FedCustomError(
+                f"partition shards:{shards}: {total} examples cannot fill {num_clients * shards} shards"
+            )
+        return ShardPartitioner(
+            num_partitions=num_clients, partition_by="label", num_shards_per_partition=shards, seed=seed
+        )
+    sizes = _quantity_sizes(total, num_clients, float(spec.param), np.random.default_rng(seed))
+    return SizePartitioner(partition_sizes=sizes)
+
+
+def partition_indices(
+    train: datasets.Dataset, spec: PartitionSpec, num_clients: int, seed: int
+) -> list[list[int]]:
+    """Row indices of ``train`` owned by each client (disjoint; every client gets at least one)."""
+    total = len(train)
+    if num_clients > total:
+        raise FedCustomError(f"--clients {num_clients}: more clients than the {total} training examples")
+    # Shuffle first: IidPartitioner and SizePartitioner take contiguous blocks in row order.
+    order = np.random.default_rng(seed).permutation(total)
+    table = train.select_columns(["label"]).select(order.tolist()).add_column("row", order.tolist())
+    partitioner = _partitioner(spec, num_clients, total, seed)
+    partitioner.dataset = table
+    try:
+        parts = [partitioner.load_partition(i)["row"] for i in range(num_clients)]
+    except ValueError as exc:
+        raise FedCustomError(
+            f"partition {spec.kind}:{spec.param}: cannot split {total} examples over {num_clients} clients ({exc})"
+        ) from None
+    empty = [i for i, part in enumerate(parts) if not part]
+    if empty:
+        raise FedCustomError(
+            f"partition {spec.kind}:{spec.param}: clients {empty} got no data; use fewer clients or more data"
+        )
+    return [sorted(int(i) for i in part) for part in parts]
+
+
+def label_histogram(labels: list[int], num_labels: int) -> list[int]:
+    """Count of each label among ``labels``."""
+    return np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_labels).tolist()

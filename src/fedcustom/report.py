@@ -1,0 +1,115 @@
+"""What a run shows and writes: progress bar, tables, the JSONL round log and summary.json."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from fedcustom.server import RoundResult
+
+
+def round_record(result: RoundResult) -> dict[str, Any]:
+    """One JSON-ready line of the round log (per-client dicts keyed by client id as text)."""
+    per_client = lambda d: {str(k): v for k, v in sorted(d.items())}  # noqa: E731
+    return {
+        "round": result.round,
+        **{f"eval_{k}": v for k, v in result.eval.items()},
+        "train_loss": result.train_loss,
+        "clients": result.clients,
+        "bytes_up": per_client(result.bytes_up),
+        "bytes_down": per_client(result.bytes_down),
+        "client_flops": per_client(result.client_flops),
+        "examples_seen": result.examples_seen,
+        "rejected": per_client(result.rejected),
+        "wall_seconds": result.wall_seconds,
+    }
+
+
+class RoundLog:
+    """Appends one JSON object per round to ``round_log.jsonl``, flushed as each round ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        path.write_text("")
+
+    def write(self, result: RoundResult) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(round_record(result)) + "\n")
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Pretty JSON, written to a temporary file then renamed so readers never see half a file."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def mean(values: list[float]) -> float:
+    """Mean of a list, NaN when empty."""
+    return sum(values) / len(values) if values else math.nan
+
+
+def human_bytes(n: float) -> str:
+    """1536 -> '1.5 KB' (decimal units, as papers report MB)."""
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def clients_table(stats: list[dict], label_names: list[str]) -> Table:
+    """Per-client example counts and label histograms."""
+    table = Table(title="Client data (training rows per label)")
+    table.add_column("client", justify="right")
+    table.add_column("examples", justify="right")
+    for name in label_names:
+        table.add_column(name, justify="right")
+    for row in stats:
+        table.add_row(str(row["client"]), str(row["examples"]), *(str(c) for c in row["label_histogram"]))
+    return table
+
+
+def rounds_table(results: list[RoundResult], centralized: dict[str, float] | None) -> Table:
+    """Global accuracy per round with bytes and FLOPs per client, plus the centralized baseline."""
+    table = Table(title="Federated rounds (bytes and FLOPs are per participating client)")
+    for column in ("round", "accuracy", "macro-F1", "train loss", "up / client", "down / client",
+                   "client FLOPs", "wall s"):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(
+            str(r.round), f"{r.eval['accuracy']:.4f}", f"{r.eval['macro_f1']:.4f}",
+            "-" if r.train_loss is None else f"{r.train_loss:.4f}",
+            human_bytes(mean(list(r.bytes_up.values()))) if r.bytes_up else "-",
+            human_bytes(mean(list(r.bytes_down.values()))) if r.bytes_down else "-",
+            f"{mean(list(r.client_flops.values())):.3e}" if r.client_flops else "-",
+            f"{r.wall_seconds:.1f}",
+        )
+    if centralized is not None:
+        table.add_row(
+            "centralized", f"{centralized['accuracy']:.4f}", f"{centralized['macro_f1']:.4f}",
+            f"{centralized['train_loss']:.4f}", "-", "-", f"{centralized['flops']:.3e}",
+            f"{centralized['wall_seconds']:.1f}", style="bold",
+        )
+    return table
+
+
+@contextlib.contextmanager
+def round_progress(console: Console, rounds: int, clients_per_round: int, enabled: bool) -> Iterator[Progress | None]:
+    """A rich progress bar with one row for rounds and one for clients in the current round."""
+    if not enabled:
+        yield None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console, transient=False) as progress:
+        progress.add_task("rounds", total=rounds)
+        progress.add_task("clients", total=clients_per_round)
+        yield progress

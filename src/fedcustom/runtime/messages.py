@@ -1,0 +1,51 @@
+"""The one primitive every protocol uses: the server sends a Message, a client answers a Reply.
+
+This mirrors Flower's Message API (a message kind, a payload and a config record), so the Flower
+runtime only translates; methods with other protocols (split learning, distillation) add their
+own message kinds rather than their own transport.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Scalar = int | float | str | bool
+
+
+@dataclass(frozen=True)
+class Message:
+    """Server to client: what to do (``kind``), encoded tensors and plain settings."""
+
+    kind: str
+    round: int
+    payload: bytes = b""
+    config: dict[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Reply:
+    """Client to server: encoded tensors, example count and metrics; ``error`` when it failed."""
+
+    payload: bytes = b""
+    num_examples: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+
+Handler = Callable[[int, Message], Reply]
+
+
+class Runtime(Protocol):
+    """Moves messages between the server and clients; knows nothing about methods."""
+
+    def nodes(self) -> list[int]:
+        """Ids of the clients that can be reached."""
+        ...
+
+    def send_and_receive(
+        self, messages: dict[int, Message], on_reply: Callable[[int], None] | None = None
+    ) -> dict[int, Reply]:
+        """Deliver one message per node and collect the replies that arrive."""
+        ...

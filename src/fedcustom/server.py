@@ -1,0 +1,123 @@
+"""Server side: drive rounds through the runtime, validate and merge updates, evaluate.
+
+    global_state --encode--> Message("train") --runtime--> clients --Reply--> decode -> validate
+    -> strategy.aggregate -> new global_state -> evaluate
+
+The server never touches a client's data or a method's internals: it sees named tensors, example
+counts and metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from fedcustom.client import TRAIN, schedule_to_config
+from fedcustom.codecs import Codec
+from fedcustom.errors import PayloadError, UpdateRejected
+from fedcustom.runtime import Message, Reply, Runtime
+from fedcustom.strategies import ClientUpdate, Strategy
+from fedcustom.training import LocalSchedule, derive_seed
+from fedcustom.validation import validate_update
+
+log = logging.getLogger(__name__)
+
+State = dict[str, torch.Tensor]
+Evaluator = Callable[[State], dict[str, float]]
+SAMPLING_STREAM = 1  # separates the client-sampling seed from the clients' training seeds
+
+
+@dataclass
+class RoundResult:
+    """Everything measured in one round (round 0 is the evaluation of the initial state)."""
+
+    round: int
+    eval: dict[str, float]
+    clients: list[int] = field(default_factory=list)
+    train_loss: float | None = None
+    bytes_up: dict[int, int] = field(default_factory=dict)
+    bytes_down: dict[int, int] = field(default_factory=dict)
+    client_flops: dict[int, int] = field(default_factory=dict)
+    examples_seen: int = 0
+    rejected: dict[int, str] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+
+
+def sample_clients(nodes: list[int], count: int, seed: int, rnd: int) -> list[int]:
+    """``count`` distinct nodes for round ``rnd``, reproducible from the seed alone."""
+    rng = np.random.default_rng(derive_seed(seed, rnd, SAMPLING_STREAM))
+    return sorted(int(n) for n in rng.choice(nodes, size=count, replace=False))
+
+
+class FederatedServer:
+    """Holds the global state and runs one round at a time."""
+
+    def __init__(
+        self, runtime: Runtime, strategy: Strategy, codec: Codec, initial_state: State,
+        evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
+    ) -> None:
+        self.runtime = runtime
+        self.strategy = strategy
+        self.codec = codec
+        self.global_state = {k: v.clone() for k, v in initial_state.items()}
+        self.evaluate = evaluate
+        self.schedule = schedule
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+
+    def evaluate_initial(self) -> RoundResult:
+        """Round 0: how the untrained global state scores."""
+        return RoundResult(round=0, eval=self.evaluate(self.global_state))
+
+    def run_round(self, rnd: int, on_reply: Callable[[int], None] | None = None) -> RoundResult:
+        """Send the global state to sampled clients, merge valid replies, evaluate the result."""
+        start = time.perf_counter()
+        chosen = sample_clients(self.runtime.nodes(), self.clients_per_round, self.seed, rnd)
+        payload = self.codec.encode(self.global_state)
+        config = schedule_to_config(self.schedule, self.seed)
+        replies = self.runtime.send_and_receive(
+            {node: Message(TRAIN, rnd, payload, config) for node in chosen}, on_reply
+        )
+        result = RoundResult(round=rnd, eval={}, clients=chosen)
+        updates = self._accept(replies, result)
+        for node in chosen:
+            result.bytes_down[node] = len(payload)
+        if updates:
+            self.global_state = self.strategy.aggregate(self.global_state, updates)
+            weights = np.array([u.num_examples for u in updates], dtype=np.float64)
+            losses = np.array([u.metrics["train_loss"] for u in updates])
+            result.train_loss = float(np.average(losses, weights=weights))
+        else:
+            log.warning("round %d: no valid updates; the global state is unchanged", rnd)
+        result.eval = self.evaluate(self.global_state)
+        result.wall_seconds = time.perf_counter() - start
+        return result
+
+    def _accept(self, replies: dict[int, Reply], result: RoundResult) -> list[ClientUpdate]:
+        """Decode and validate each reply; record byte counts, FLOPs and rejections."""
+        updates = []
+        for node in sorted(set(result.clients) - replies.keys()):
+            log.warning("round %d: no reply from client %d", result.round, node)
+            result.rejected[node] = "no reply"
+        for node, reply in sorted(replies.items()):
+            result.bytes_up[node] = len(reply.payload)
+            try:
+                if reply.error:
+                    raise UpdateRejected(f"client reported an error: {reply.error}")
+                state = self.codec.decode(reply.payload)
+                validate_update(state, self.global_state)
+                if reply.num_examples <= 0:
+                    raise UpdateRejected(f"num_examples must be positive, got {reply.num_examples}")
+            except (PayloadError, UpdateRejected) as exc:
+                log.warning("round %d: rejected update from client %d: %s", result.round, node, exc)
+                result.rejected[node] = str(exc)
+                continue
+            updates.append(ClientUpdate(node, state, reply.num_examples, dict(reply.metrics)))
+            result.client_flops[node] = int(reply.metrics.get("flops", 0))
+            result.examples_seen += int(reply.metrics.get("examples_seen", 0))
+        return updates

