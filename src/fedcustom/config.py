@@ -54,6 +54,10 @@ class DataConfig:
         None, "Split to evaluate on when the dataset is a Hugging Face dataset (e.g. validation).", "--eval-split"
     )
     eval_fraction: float = opt(0.2, "Share of --dataset held out for evaluation when no eval set is given.")
+    split_seed: int | None = opt(
+        None, "Seed of the train/eval hold-out and of the eval subsample; default: --seed. Fix it to keep "
+        "one test set across seeds.", "--split-seed",
+    )
     partition: str = opt(
         "dirichlet:0.5",
         "How training data is split: iid, dirichlet:ALPHA (label skew), shards:K (K label-sorted shards "

@@ -45,10 +45,21 @@ class RoundLog:
             fh.write(json.dumps(round_record(result)) + "\n")
 
 
+def _strict(value: Any) -> Any:
+    """NaN and infinities become null, so the file is valid JSON for every reader."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
 def write_json(path: Path, value: Any) -> None:
     """Pretty JSON, written to a temporary file then renamed so readers never see half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, default=str) + "\n")
+    tmp.write_text(json.dumps(_strict(value), indent=2, default=str, allow_nan=False) + "\n")
     tmp.replace(path)
 
 
@@ -64,6 +75,14 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
         n /= 1000
     return f"{n:.2f} GB"
+
+
+def round_line(result: RoundResult, rounds: int) -> str:
+    """One plain line per round for logs, where a live progress bar cannot render."""
+    loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"
+    rejected = f", {len(result.rejected)} rejected" if result.rejected else ""
+    return (f"round {result.round}/{rounds}: accuracy {result.eval['accuracy']:.4f}, train loss {loss}, "
+            f"{len(result.clients)} clients{rejected}, {result.wall_seconds:.1f} s")
 
 
 def clients_table(stats: list[dict], label_names: list[str]) -> Table:

@@ -29,7 +29,7 @@ from fedcustom.data import FederatedData, prepare_data
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, save_trained, trainable_state
 from fedcustom.models import load_model, load_tokenizer
-from fedcustom.report import RoundLog, clients_table, mean, round_progress, rounds_table, write_json
+from fedcustom.report import RoundLog, clients_table, mean, round_line, round_progress, rounds_table, write_json
 from fedcustom.runtime import EmbeddedRuntime
 from fedcustom.server import FederatedServer, RoundResult
 from fedcustom.strategies import get_strategy
@@ -113,6 +113,8 @@ def summarize(
         "initial_accuracy": results[0].eval["accuracy"],
         "final_accuracy": results[-1].eval["accuracy"],
         "final_macro_f1": results[-1].eval["macro_f1"],
+        "accuracy_per_round": [r.eval["accuracy"] for r in results],  # index 0 = the initial model
+        "round_wall_seconds": [r.wall_seconds for r in rounds],
         "centralized_accuracy": centralized["accuracy"] if centralized else None,
         "centralized_macro_f1": centralized["macro_f1"] if centralized else None,
         "centralized": centralized,
@@ -189,7 +191,8 @@ def run_rounds(job: Job, console: Console, show: bool) -> list[RoundResult]:
     results = [job.server.evaluate_initial()]
     round_log.write(results[0])
     rounds, per_round = job.cfg.federation.rounds, job.server.clients_per_round
-    with round_progress(console, rounds, per_round, show) as progress:
+    live = show and console.is_terminal  # a log gets one plain line per round instead of a live bar
+    with round_progress(console, rounds, per_round, live) as progress:
         for rnd in range(1, rounds + 1):
             if progress:
                 progress.reset(1)
@@ -198,6 +201,8 @@ def run_rounds(job: Job, console: Console, show: bool) -> list[RoundResult]:
             round_log.write(results[-1])
             if progress:
                 progress.advance(0)
+            if show and not live:
+                console.print(round_line(results[-1], rounds))
     return results
 
 

@@ -58,6 +58,10 @@ def _subsample(data: LabeledData, limit: int | None, seed: int) -> LabeledData:
     return LabeledData(data.dataset.select(kept), data.label_names)
 
 
+def _split_seed(cfg: DataConfig, seed: int) -> int:
+    return seed if cfg.split_seed is None else cfg.split_seed
+
+
 def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
     """Training and evaluation sets, before subsampling and partitioning."""
     train = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, split=cfg.train_split)
@@ -70,7 +74,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
         evaluation = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, train.label_names, cfg.eval_split)
         return train, evaluation
     keep = len(train) - max(1, round(len(train) * cfg.eval_fraction))
-    kept, held_out = _stratified_split(train.dataset["label"], keep, seed)
+    kept, held_out = _stratified_split(train.dataset["label"], keep, _split_seed(cfg, seed))
     table = train.dataset
     return LabeledData(table.select(kept), train.label_names), LabeledData(table.select(held_out), train.label_names)
 
@@ -81,7 +85,7 @@ def prepare_data(
     """Everything the clients and the server's evaluator need, deterministic for a seed."""
     train, evaluation = load_splits(cfg, seed)
     train = _subsample(train, cfg.max_train_examples, seed)
-    evaluation = _subsample(evaluation, cfg.max_eval_examples, seed)
+    evaluation = _subsample(evaluation, cfg.max_eval_examples, _split_seed(cfg, seed))
     indices = partition_indices(train.dataset, parse_partition(cfg.partition), num_clients, seed)
     return FederatedData(
         train=tokenize(train.dataset, tokenizer, max_length),

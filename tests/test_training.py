@@ -1,0 +1,50 @@
+"""Local training: FLOPs counted once per batch shape equal a fresh count of every step."""
+
+from __future__ import annotations
+
+import datasets
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import AutoTokenizer
+
+from fedcustom.config import MethodConfig
+from fedcustom.data.features import make_loader, tokenize
+from fedcustom.methods import get_method
+from fedcustom.models import load_model
+from fedcustom.training import LocalSchedule, _train_step, train_local
+
+from conftest import toy_rows
+
+
+def _setup(tiny_bert: str):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    table = tokenize(datasets.Dataset.from_pandas(toy_rows(40)).rename_column("sentence", "text"), tokenizer, 32)
+    model = get_method("lora").build(load_model(tiny_bert, "classification", ["neg", "pos"], tokenizer, 0),
+                                     MethodConfig(name="lora"), "classification")
+    return tokenizer, table, model
+
+
+def test_cached_flop_count_equals_counting_every_step(tiny_bert: str) -> None:
+    # Prepare
+    tokenizer, table, model = _setup(tiny_bert)
+    schedule = LocalSchedule(lr=1e-3, batch_size=8, epochs=2)
+    # Execute: train twice (second run hits the shape cache), then count every step directly
+    first = train_local(model, table, tokenizer, schedule, seed=1)
+    second = train_local(model, table, tokenizer, schedule, seed=1)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    direct = 0
+    for epoch in range(2):
+        for batch in make_loader(table, tokenizer, 8, seed=None):
+            with FlopCounterMode(display=False) as counter:
+                _train_step(model, batch, optimizer)
+            direct += counter.get_total_flops()
+    # Assert
+    assert first.flops > 0
+    assert first.flops == second.flops == direct
+    assert first.steps == 10 and first.examples_seen == 80
+
+
+def test_flops_not_counted_when_disabled(tiny_bert: str) -> None:
+    tokenizer, table, model = _setup(tiny_bert)
+    result = train_local(model, table, tokenizer, LocalSchedule(lr=1e-3, batch_size=8, count_flops=False), seed=0)
+    assert result.flops == 0 and result.steps == 5
