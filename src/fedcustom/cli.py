@@ -58,6 +58,15 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one federated job; flags override the TOML file given with --config.")
     run.add_argument("--config", help="TOML file with [model], [data], [method], [federation], [train], [output] tables.")
     add_config_flags(run)
+    bench = sub.add_parser("bench", help="Reproduce the paper's method comparison (report.md, plots, results.json).",
+                           description="Run a benchmark preset: methods x data splits x seeds, each with its "
+                                       "centralized baseline; finished runs with the same config are reused.")
+    bench.add_argument("--preset", default="quick", choices=("quick", "paper", "tune"),
+                       help="quick: smoke run (<5 min on 2 CPUs); paper: the full grid (<60 min); "
+                            "tune: learning-rate selection on held-out SST-2 train rows. (default: quick)")
+    bench.add_argument("--data-dir", default="../shared/data",
+                       help="Folder with sst2/ and ag_news/ (default: ../shared/data)")
+    bench.add_argument("--output", default=None, help="Output folder (default: runs/bench-PRESET)")
     return parser
 
 
@@ -67,6 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "bench":
+            from fedcustom.bench import run_bench
+
+            command = "fedcustom " + " ".join(sys.argv[1:] if argv is None else argv)
+            run_bench(args.preset, args.data_dir, args.output or f"runs/bench-{args.preset}", command)
+            return 0
         cfg = load_config(args.config, overrides_from_args(args))
         from fedcustom.runner import run  # heavy imports (torch, transformers) only once the config is valid
 

@@ -1,0 +1,99 @@
+"""`fedcustom bench`: run a preset's grid and write report.md, results.json and the plots."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from fedcustom.bench.grid import cells, run_grid
+from fedcustom.bench.plots import accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round
+from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
+from fedcustom.bench.report import (build_rows, machine, main_table, paper_table, skew_dataset, skew_table, targets,
+                                    variants)
+from fedcustom.report import write_json
+from fedcustom.runner import prepare_output, versions
+
+__all__ = ["PRESETS", "get_preset", "run_bench"]
+
+PLOTS = {"accuracy_vs_round": "accuracy_vs_round.png", "accuracy_vs_mb": "accuracy_vs_mb.png",
+         "accuracy_vs_alpha": "accuracy_vs_alpha.png"}
+
+
+def _setup_lines(preset: BenchPreset) -> list[str]:
+    lines = [f"- Model: `{preset.model}` (packaged all-MiniLM-L6-v2 encoder); {preset.clients} clients, all sampled "
+             f"every round; {preset.rounds} rounds of {preset.local_epochs} local epoch(s); batch {preset.batch_size}; "
+             f"AdamW; seeds {', '.join(map(str, preset.seeds))}.",
+             f"- Methods: prompt/prefix with {preset.num_virtual_tokens} virtual tokens, LoRA rank {preset.lora_r}; "
+             "learning rates " + ", ".join(f"{m} {'/'.join(f'{lr:g}' for lr in preset.lrs[m])}" for m in preset.methods)
+             + " (see `fedcustom/bench/presets.py` for how they were chosen).",
+             "- Centralized baseline: same model, method, optimizer and learning rate, trained on the union of the "
+             "clients' rows for the same number of example passes as the federated run."]
+    for ds in preset.datasets:
+        lines.append(f"- {ds.title}: {ds.max_train} training rows, {ds.max_eval or 'all'} evaluation rows, "
+                     f"max {ds.max_length} tokens, splits {', '.join(ds.splits)}. {ds.note}")
+    lines += [f"- {note}" for note in preset.notes]
+    return lines
+
+
+def write_report(out: Path, preset: BenchPreset, rows: list[dict], result: dict[str, Any]) -> None:
+    many = len(variants(result["cells"])) > len(preset.methods)
+    main = preset.datasets[0]
+    parts = [f"# fedcustom bench — preset `{preset.name}`", "", preset.description, "",
+             f"Command: `{result['command']}`  ", f"Machine: {result['machine']['processor']}, "
+             f"{result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}; "
+             f"total wall time {result['wall_seconds'] / 60:.1f} min; finished {result['finished']}.", "",
+             "## Setup", "", *_setup_lines(preset), "",
+             f"## Results ({main.title}, {main.splits[0]}; mean ± std over {len(preset.seeds)} seed(s))", "",
+             "Accuracy is the final global model's; the gap is federated minus centralized, paired by seed. Bytes are "
+             "the encoded payload per client per round (trainable tensors incl. the classification head). Client "
+             "FLOPs are counted with torch's FlopCounterMode; × backbone forward is one training step's FLOPs over "
+             "one forward pass of the frozen backbone on the same batch.", "", main_table(rows, many), ""]
+    skew = skew_dataset(preset)
+    if skew:
+        parts += [f"## Label skew ({next(d.title for d in preset.datasets if d.key == skew)})", "",
+                  skew_table(rows, many), "", f"![accuracy vs alpha]({PLOTS['accuracy_vs_alpha']})", ""]
+    if not many:
+        parts += ["## Against the paper (arXiv 2601.00526; uploads from FedPETuning, ACL 2023)", "",
+                  "The paper's communication column is for a much larger model; compare ratios between methods, "
+                  "not absolute sizes.", "", paper_table(rows), ""]
+    parts += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    parts += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
+    parts += ["", "## Plots", "", f"![accuracy vs round]({PLOTS['accuracy_vs_round']})",
+              f"![accuracy vs MB]({PLOTS['accuracy_vs_mb']})", "",
+              "Every number, per seed and per round, is in `results.json`; each run's round log and summary are "
+              "under `runs/`.", ""]
+    (out / "report.md").write_text("\n".join(parts))
+
+
+def run_bench(preset_name: str, data_dir: str, output: str, command: str, console: Console | None = None) -> dict[str, Any]:
+    """Run the preset's grid, then write results.json, report.md and the PNG plots into ``output``."""
+    preset = get_preset(preset_name)
+    out = prepare_output(output)
+    console = console or Console()
+    start = time.perf_counter()
+    console.print(f"bench preset {preset.name!r}: {len(cells(preset))} federated runs -> {out}")
+    records = run_grid(preset, Path(data_dir).expanduser(), out, console)
+    rows = build_rows(records, preset)
+    result = {
+        "preset": preset.name, "command": command, "versions": versions(), "machine": machine(),
+        "wall_seconds": time.perf_counter() - start,
+        "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "rows": rows, "cells": records,
+    }
+    result["targets"] = targets(rows)
+    main = preset.datasets[0]
+    accuracy_vs_round(records, main.key, main.splits[0], out / PLOTS["accuracy_vs_round"])
+    accuracy_vs_megabytes(records, main.key, main.splits[0], out / PLOTS["accuracy_vs_mb"])
+    skew = skew_dataset(preset)
+    if skew:
+        splits = next(d.splits for d in preset.datasets if d.key == skew)
+        accuracy_vs_alpha(records, skew, splits, out / PLOTS["accuracy_vs_alpha"])
+    write_json(out / "results.json", result)
+    write_report(out, preset, rows, result)
+    console.print(main_table(rows, len(variants(records)) > len(preset.methods)), soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}")
+    return result

@@ -1,0 +1,75 @@
+"""The three benchmark figures, as PNGs sized for a paper column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; no display needed
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from fedcustom.bench.report import MB, label, select, variants
+
+
+def _curves(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over seeds of accuracy per round (index 0 = before training)."""
+    per_seed = np.array([r["accuracy_per_round"] for r in records], dtype=float) * 100
+    return per_seed.mean(axis=0), per_seed.std(axis=0)
+
+
+def accuracy_vs_round(records: list[dict], dataset: str, split: str, path: Path) -> None:
+    many = len({lr for _, lr in variants(records)}) > len({m for m, _ in variants(records)})
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for method, lr in variants(records):
+        runs = select(records, dataset=dataset, method=method, lr=lr, split=split)
+        if not runs:
+            continue
+        mean, std = _curves(runs)
+        rounds = np.arange(len(mean))
+        ax.plot(rounds, mean, marker="o", label=label(method, lr, many))
+        ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
+    ax.set(xlabel="round", ylabel="test accuracy (%)", title=f"{dataset}, {split}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def accuracy_vs_megabytes(records: list[dict], dataset: str, split: str, path: Path) -> None:
+    """Accuracy against cumulative MB one client sent and received (up + down)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    for method, lr in variants(records):
+        runs = select(records, dataset=dataset, method=method, lr=lr, split=split)
+        if not runs:
+            continue
+        mean, _ = _curves(runs)
+        per_round = np.mean([(r["bytes_up_per_round"] + r["bytes_down_per_round"]) / MB for r in runs])
+        ax.plot(np.arange(len(mean)) * per_round, mean, marker="o", label=method)
+    ax.set_xscale("symlog", linthresh=0.1)
+    ax.set(xlabel="cumulative MB per client (up + down)", ylabel="test accuracy (%)", title=f"{dataset}, {split}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+
+
+def accuracy_vs_alpha(records: list[dict], dataset: str, splits: tuple[str, ...], path: Path) -> None:
+    """Final accuracy per split, from IID (left) to the most skewed Dirichlet alpha (right)."""
+    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    names = ["IID" if s == "iid" else "α=" + s.split(":", 1)[1] for s in splits]
+    for method, lr in variants(records):
+        means, stds = [], []
+        for split in splits:
+            acc = np.array([r["final_accuracy"] for r in select(records, dataset=dataset, method=method, lr=lr, split=split)])
+            means.append(acc.mean() * 100)
+            stds.append(acc.std() * 100)
+        ax.errorbar(range(len(splits)), means, yerr=stds, marker="o", capsize=3, label=method)
+    ax.set_xticks(range(len(splits)), names)
+    ax.set(xlabel="label split (Dirichlet α; smaller = more skewed)", ylabel="test accuracy (%)", title=dataset)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+    plt.close(fig)

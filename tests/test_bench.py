@@ -1,0 +1,85 @@
+"""`fedcustom bench`: the aggregation math on hand-made records, and the quick preset end to end
+on the real MiniLM and the shared SST-2 / AG News files (structure only, never timings)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedcustom.bench.presets import PRESETS, get_preset
+from fedcustom.bench.grid import cells
+from fedcustom.bench.report import build_rows, targets
+from fedcustom.cli import main
+from fedcustom.errors import ConfigError
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def _record(method: str, split: str, seed: int, acc: float, central: float | None) -> dict:
+    return {"dataset": "ag_news", "method": method, "lr": 0.01, "split": split, "seed": seed,
+            "final_accuracy": acc, "centralized_accuracy": central, "accuracy_per_round": [0.25, acc],
+            "round_wall_seconds": [2.0], "bytes_up_per_round": 1005.0, "bytes_down_per_round": 1005.0,
+            "client_flops_per_round": 5e9, "trainable_params": 250, "trainable_bytes_fp32": 1000,
+            "flops_vs_forward": 2.5}
+
+
+def test_rows_pair_gaps_and_drops_by_seed() -> None:
+    # Prepare: one dataset with IID and a skewed split, two seeds
+    preset = PRESETS["paper"].__class__(**{**PRESETS["paper"].__dict__, "datasets": (PRESETS["paper"].datasets[1],)})
+    records = [_record("prefix", "iid", 0, 0.80, 0.81), _record("prefix", "iid", 1, 0.70, 0.74),
+               _record("prefix", "dirichlet:1.0", 0, 0.79, None), _record("prefix", "dirichlet:1.0", 1, 0.69, None),
+               _record("prefix", "dirichlet:0.1", 0, 0.60, None), _record("prefix", "dirichlet:0.1", 1, 0.66, None)]
+    # Execute
+    (row,) = build_rows(records, preset)
+    gap_target, drop_target, bytes_target = targets([row])
+    # Assert
+    assert row["accuracy"] == pytest.approx((0.75, 0.0707107), rel=1e-5)
+    assert row["gap"][0] == pytest.approx(-0.025)  # mean of -0.01 and -0.04
+    assert row["skew_drop"][0] == pytest.approx(0.12)  # mean of 0.20 and 0.04
+    assert row["payload_overhead"][0] == pytest.approx(0.005)
+    assert gap_target["met"] is False and gap_target["measured"] == "-2.50 points"
+    assert drop_target["met"] is False and drop_target["measured"] == "12.00 points"
+    assert bytes_target["met"] is True
+
+
+def test_grid_runs_centralized_once_per_method_and_seed() -> None:
+    grid = cells(get_preset("paper"))
+    assert len(grid) == 4 * 3 * (1 + 3)
+    assert sum(c.centralized for c in grid) == 4 * 3 * 2
+    assert len({c.name for c in grid}) == len(grid)
+
+
+def test_unknown_preset_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="expected one of quick, paper, tune"):
+        get_preset("huge")
+
+
+def test_missing_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--preset", "quick", "--data-dir", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
+    assert "sst2/train.tsv: not found" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_quick_preset_writes_report_results_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    assert main(["bench", "--preset", "quick", "--data-dir", str(DATA_DIR), "--output", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert [r["method"] for r in result["rows"]] == ["full", "lora", "prompt", "prefix"]
+    assert len(result["cells"]) == len(cells(get_preset("quick")))
+    for row in result["rows"]:
+        assert 0.0 <= row["accuracy"][0] <= 1.0 and row["centralized_accuracy"][0] is not None
+        # payload = the trainable fp32 tensors + the safetensors header (names, shapes, offsets) only:
+        # under 1%, or a header of a few hundred bytes for the tiny prompt-tuning payload
+        header, tensors = row["payload_overhead_bytes"][0], row["trainable_mb_fp32"] * 1e6
+        assert 0 < header < max(0.01 * tensors, 2048)
+        assert row["flops_vs_forward"][0] > 1.0
+    sizes = {r["method"]: r["trainable_params"] for r in result["rows"]}
+    assert sizes["full"] > max(sizes["lora"], sizes["prefix"]) and min(sizes["lora"], sizes["prefix"]) > sizes["prompt"]
+    assert result["command"].startswith("fedcustom bench --preset quick")
+    report = (out / "report.md").read_text()
+    for heading in ("## Setup", "## Results", "## Label skew", "## Against the paper", "## Targets"):
+        assert heading in report
+    for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "accuracy_vs_alpha.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
