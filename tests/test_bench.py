@@ -71,13 +71,13 @@ def test_quick_preset_writes_report_results_and_plots(tmp_path: Path) -> None:
     for row in result["rows"]:
         assert 0.0 <= row["accuracy"][0] <= 1.0 and row["centralized_accuracy"][0] is not None
         # payload = the trainable fp32 tensors + the safetensors header (names, shapes, offsets) only:
-        # under 1%, or a header of a few hundred bytes for the tiny prompt-tuning payload
-        header, tensors = row["payload_overhead_bytes"][0], row["trainable_mb_fp32"] * 1e6
-        assert 0 < header < max(0.01 * tensors, 2048)
+        # a header is a few KB (about 150 B per tensor); a stray frozen weight would add hundreds of KB
+        assert 0 < row["payload_overhead_bytes"][0] < 16_000
         assert row["flops_vs_forward"][0] > 1.0
     sizes = {r["method"]: r["trainable_params"] for r in result["rows"]}
     assert sizes["full"] > max(sizes["lora"], sizes["prefix"]) and min(sizes["lora"], sizes["prefix"]) > sizes["prompt"]
     assert result["command"].startswith("fedcustom bench --preset quick")
+    assert not list((out / "runs").rglob("*.safetensors"))  # the grid keeps logs and summaries, not weights
     report = (out / "report.md").read_text()
     for heading in ("## Setup", "## Results", "## Label skew", "## Against the paper", "## Targets"):
         assert heading in report

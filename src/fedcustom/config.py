@@ -117,6 +117,8 @@ class OutputConfig:
 
     dir: str = opt("runs/latest", "Output directory for the round log, summary and adapter.", "--output")
     quiet: bool = opt(False, "No progress bar or tables.", "--quiet")
+    save_model: bool = opt(True, "Write the final global adapter (or full model) to DIR/adapter or DIR/model.",
+                           "--save-model")
 
 
 @dataclass(frozen=True)

@@ -230,8 +230,9 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
         console.print(clients_table(job.data.client_stats(), job.data.label_names))
     results = run_rounds(job, console, show)
     load_trainable_state(job.model, job.server.global_state)
-    save_trained(job.model, job.model_dir)
-    job.tokenizer.save_pretrained(job.model_dir)
+    if cfg.output.save_model:
+        save_trained(job.model, job.model_dir)
+        job.tokenizer.save_pretrained(job.model_dir)
     centralized = None
     if cfg.train.centralized:
         passes = sum(r.examples_seen for r in results)

@@ -12,8 +12,8 @@ from rich.console import Console
 from fedcustom.bench.grid import cells, run_grid
 from fedcustom.bench.plots import accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round
 from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
-from fedcustom.bench.report import (build_rows, machine, main_table, paper_table, skew_dataset, skew_table, targets,
-                                    variants)
+from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, main_table, paper_table, skew_dataset,
+                                    skew_table, targets, variants)
 from fedcustom.report import write_json
 from fedcustom.runner import prepare_output, versions
 
@@ -45,7 +45,9 @@ def write_report(out: Path, preset: BenchPreset, rows: list[dict], result: dict[
     parts = [f"# fedcustom bench — preset `{preset.name}`", "", preset.description, "",
              f"Command: `{result['command']}`  ", f"Machine: {result['machine']['processor']}, "
              f"{result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}; "
-             f"total wall time {result['wall_seconds'] / 60:.1f} min; finished {result['finished']}.", "",
+             f"the {len(result['cells'])} runs took {result['cells_wall_seconds'] / 60:.1f} min in all "
+             f"({result['reused_cells']} reused from an earlier invocation of the same command; this invocation "
+             f"{result['wall_seconds'] / 60:.1f} min); finished {result['finished']}.", "",
              "## Setup", "", *_setup_lines(preset), "",
              f"## Results ({main.title}, {main.splits[0]}; mean ± std over {len(preset.seeds)} seed(s))", "",
              "Accuracy is the final global model's; the gap is federated minus centralized, paired by seed. Bytes are "
@@ -56,12 +58,18 @@ def write_report(out: Path, preset: BenchPreset, rows: list[dict], result: dict[
     if skew:
         parts += [f"## Label skew ({next(d.title for d in preset.datasets if d.key == skew)})", "",
                   skew_table(rows, many), "", f"![accuracy vs alpha]({PLOTS['accuracy_vs_alpha']})", ""]
+    if many:
+        chosen = best_rates(rows)
+        parts += ["## Selected learning rates", "", "The rate with the highest final accuracy per method:", "",
+                  *[f"- {m}: {lr:g}" for m, lr in chosen.items()], ""]
     if not many:
         parts += ["## Against the paper (arXiv 2601.00526; uploads from FedPETuning, ACL 2023)", "",
                   "The paper's communication column is for a much larger model; compare ratios between methods, "
                   "not absolute sizes.", "", paper_table(rows), ""]
     parts += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
     parts += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]]
+    if any(not t["met"] for t in result["targets"]):
+        parts += ["", "### What the measurements say about the misses", "", *diagnostics(result["cells"], preset)]
     parts += ["", "## Plots", "", f"![accuracy vs round]({PLOTS['accuracy_vs_round']})",
               f"![accuracy vs MB]({PLOTS['accuracy_vs_mb']})", "",
               "Every number, per seed and per round, is in `results.json`; each run's round log and summary are "
@@ -81,6 +89,8 @@ def run_bench(preset_name: str, data_dir: str, output: str, command: str, consol
     result = {
         "preset": preset.name, "command": command, "versions": versions(), "machine": machine(),
         "wall_seconds": time.perf_counter() - start,
+        "cells_wall_seconds": sum(r["wall_seconds"] or 0.0 for r in records),  # incl. reused cells' original runs
+        "reused_cells": sum(bool(r.get("reused")) for r in records),
         "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "rows": rows, "cells": records,
     }

@@ -26,7 +26,7 @@ CELL_KEYS = (
     "final_accuracy", "final_macro_f1", "centralized_accuracy", "centralized_macro_f1", "accuracy_per_round",
     "round_wall_seconds", "bytes_up_per_round", "bytes_down_per_round", "client_flops_per_round",
     "trainable_params", "trainable_bytes_fp32", "total_params", "train_examples", "eval_examples", "wall_seconds",
-    "learning_rate", "rejected_updates", "centralized",
+    "learning_rate", "rejected_updates", "centralized", "client_data",
 )
 
 
@@ -78,7 +78,7 @@ def cell_config(preset: BenchPreset, cell: Cell, data_dir: Path, out: Path) -> R
         "method": {"name": cell.method, "num_virtual_tokens": preset.num_virtual_tokens, "lora_r": preset.lora_r},
         "federation": {"clients": preset.clients, "rounds": preset.rounds, "local_epochs": preset.local_epochs},
         "train": {"batch_size": preset.batch_size, "lr": cell.lr, "seed": cell.seed, "centralized": cell.centralized},
-        "output": {"dir": str(out / "runs" / cell.name), "quiet": True},
+        "output": {"dir": str(out / "runs" / cell.name), "quiet": True, "save_model": False},  # logs only
     })
 
 

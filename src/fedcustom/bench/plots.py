@@ -10,8 +10,33 @@ matplotlib.use("Agg")  # files only; no display needed
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from fedcustom.bench.report import MB, label, select, variants
+
+
+COLORS = {"full": "tab:red", "lora": "tab:blue", "prompt": "tab:green", "prefix": "tab:purple"}
+LINESTYLES = ("-", "--", "-.", ":")
+
+
+def _style(records: list[dict], method: str, lr: float) -> dict:
+    """One colour per method (the same in every figure) and one line style per learning rate."""
+    rates = sorted({r for m, r in variants(records) if m == method})
+    many = len(variants(records)) > len({m for m, _ in variants(records)})
+    return {"color": COLORS.get(method), "linestyle": LINESTYLES[rates.index(lr) % len(LINESTYLES)],
+            "label": label(method, lr, many)}
+
+
+def _finish(fig: plt.Figure, ax: plt.Axes, path: Path) -> None:
+    """Legend outside the axes when it is long, so it never hides a curve; then save."""
+    handles, _ = ax.get_legend_handles_labels()
+    if len(handles) > 4:
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
 
 
 def _curves(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
@@ -21,7 +46,7 @@ def _curves(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def accuracy_vs_round(records: list[dict], dataset: str, split: str, path: Path) -> None:
-    many = len({lr for _, lr in variants(records)}) > len({m for m, _ in variants(records)})
+    """Mean test accuracy per round over seeds, with a ±1 std band."""
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     for method, lr in variants(records):
         runs = select(records, dataset=dataset, method=method, lr=lr, split=split)
@@ -29,13 +54,12 @@ def accuracy_vs_round(records: list[dict], dataset: str, split: str, path: Path)
             continue
         mean, std = _curves(runs)
         rounds = np.arange(len(mean))
-        ax.plot(rounds, mean, marker="o", label=label(method, lr, many))
-        ax.fill_between(rounds, mean - std, mean + std, alpha=0.2)
-    ax.set(xlabel="round", ylabel="test accuracy (%)", title=f"{dataset}, {split}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+        style = _style(records, method, lr)
+        ax.plot(rounds, mean, marker="o", **style)
+        ax.fill_between(rounds, mean - std, mean + std, alpha=0.15, color=style["color"])
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round (0 = before training)", ylabel="test accuracy (%)", title=f"{dataset}, {split}")
+    _finish(fig, ax, path)
 
 
 def accuracy_vs_megabytes(records: list[dict], dataset: str, split: str, path: Path) -> None:
@@ -47,13 +71,10 @@ def accuracy_vs_megabytes(records: list[dict], dataset: str, split: str, path: P
             continue
         mean, _ = _curves(runs)
         per_round = np.mean([(r["bytes_up_per_round"] + r["bytes_down_per_round"]) / MB for r in runs])
-        ax.plot(np.arange(len(mean)) * per_round, mean, marker="o", label=method)
+        ax.plot(np.arange(len(mean)) * per_round, mean, marker="o", **_style(records, method, lr))
     ax.set_xscale("symlog", linthresh=0.1)
     ax.set(xlabel="cumulative MB per client (up + down)", ylabel="test accuracy (%)", title=f"{dataset}, {split}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _finish(fig, ax, path)
 
 
 def accuracy_vs_alpha(records: list[dict], dataset: str, splits: tuple[str, ...], path: Path) -> None:
@@ -66,10 +87,7 @@ def accuracy_vs_alpha(records: list[dict], dataset: str, splits: tuple[str, ...]
             acc = np.array([r["final_accuracy"] for r in select(records, dataset=dataset, method=method, lr=lr, split=split)])
             means.append(acc.mean() * 100)
             stds.append(acc.std() * 100)
-        ax.errorbar(range(len(splits)), means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.errorbar(range(len(splits)), means, yerr=stds, marker="o", capsize=3, **_style(records, method, lr))
     ax.set_xticks(range(len(splits)), names)
     ax.set(xlabel="label split (Dirichlet α; smaller = more skewed)", ylabel="test accuracy (%)", title=dataset)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=150)
-    plt.close(fig)
+    _finish(fig, ax, path)

@@ -7,6 +7,8 @@ are comparable to theirs.
 
 from __future__ import annotations
 
+import warnings
+
 import datasets
 import numpy as np
 from flwr_datasets.partitioner import (
@@ -63,7 +65,11 @@ def partition_indices(
     partitioner = _partitioner(spec, num_clients, total, seed)
     partitioner.dataset = table
     try:
-        parts = [partitioner.load_partition(i)["row"] for i in range(num_clients)]
+        with warnings.catch_warnings():
+            # DirichletPartitioner warns on every rejected draw before it resamples until each client has
+            # min_partition_size rows; the resampling is intended, so the warning is noise to our users.
+            warnings.filterwarnings("ignore", message="The specified min_partition_size", category=UserWarning)
+            parts = [partitioner.load_partition(i)["row"] for i in range(num_clients)]
     except ValueError as exc:
         raise FedCustomError(
             f"partition {spec.kind}:{spec.param}: cannot split {total} examples over {num_clients} clients ({exc})"
