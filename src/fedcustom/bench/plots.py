@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import matplotlib
@@ -45,13 +46,18 @@ def _curves(records: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     return per_seed.mean(axis=0), per_seed.std(axis=0)
 
 
+def _runs_per_variant(records: list[dict], dataset: str, split: str) -> Iterator[tuple[str, float, list[dict]]]:
+    """(method, learning rate, its runs over seeds) for every variant that ran on ``dataset``/``split``."""
+    for method, lr in variants(records):
+        runs = select(records, dataset=dataset, method=method, lr=lr, split=split)
+        if runs:
+            yield method, lr, runs
+
+
 def accuracy_vs_round(records: list[dict], dataset: str, split: str, path: Path) -> None:
     """Mean test accuracy per round over seeds, with a ±1 std band."""
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for method, lr in variants(records):
-        runs = select(records, dataset=dataset, method=method, lr=lr, split=split)
-        if not runs:
-            continue
+    for method, lr, runs in _runs_per_variant(records, dataset, split):
         mean, std = _curves(runs)
         rounds = np.arange(len(mean))
         style = _style(records, method, lr)
@@ -65,10 +71,7 @@ def accuracy_vs_round(records: list[dict], dataset: str, split: str, path: Path)
 def accuracy_vs_megabytes(records: list[dict], dataset: str, split: str, path: Path) -> None:
     """Accuracy against cumulative MB one client sent and received (up + down)."""
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
-    for method, lr in variants(records):
-        runs = select(records, dataset=dataset, method=method, lr=lr, split=split)
-        if not runs:
-            continue
+    for method, lr, runs in _runs_per_variant(records, dataset, split):
         mean, _ = _curves(runs)
         per_round = np.mean([(r["bytes_up_per_round"] + r["bytes_down_per_round"]) / MB for r in runs])
         ax.plot(np.arange(len(mean)) * per_round, mean, marker="o", **_style(records, method, lr))
