@@ -1,0 +1,82 @@
+"""Cut a BERT-family sequence classifier at transformer layer K into a client half and a server half.
+
+Client half: token embeddings and layers ``[0, K)``; server half: layers ``[K, N)``, the pooler and
+the classification head. Per batch the client sends the activations at the cut (and the attention
+mask, which the server needs for its own layers); the server returns the gradient of the loss with
+respect to those activations, and the client back-propagates it through its half.
+
+Both halves call the model's own submodules (no copies of weights), so running the client half and
+then the server half is the unsplit model's forward, op for op.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.masking_utils import create_bidirectional_mask
+
+from fedcustom.errors import ConfigError
+
+
+@dataclass
+class ServerStep:
+    """What the server computes for one batch: the loss, the logits and the gradient at the cut."""
+
+    loss: torch.Tensor  # () scalar, detached
+    logits: torch.Tensor  # (batch, labels), detached
+    grad_at_cut: torch.Tensor  # (batch, seq, hidden): d loss / d activations, sent back to the client
+
+
+class SplitEncoder:
+    """The two halves of an encoder classifier (``BertForSequenceClassification`` and its relatives)."""
+
+    def __init__(self, model: nn.Module, cut_layer: int) -> None:
+        self.model = model
+        self.encoder = model.base_model  # e.g. BertModel: embeddings, encoder.layer, pooler
+        self.layers = self.encoder.encoder.layer
+        self.cut_layer = cut_layer
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Embeddings and layers [0, K): the activations at the cut, (batch, seq, hidden)."""
+        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        mask = self._mask(hidden, attention_mask)
+        for layer in self.layers[: self.cut_layer]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def server_forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Layers [K, N), pooler and head: the logits, (batch, labels)."""
+        hidden = activations
+        mask = self._mask(hidden, attention_mask)
+        for layer in self.layers[self.cut_layer :]:
+            hidden = layer(hidden, mask)
+        pooled = self.encoder.pooler(hidden) if self.encoder.pooler is not None else hidden[:, 0]
+        return self.model.classifier(self.model.dropout(pooled))
+
+    def server_step(self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> ServerStep:
+        """Forward and backward of the server half on received activations; gradients of the server's own
+        trainable weights accumulate in place (the caller steps the server optimizer)."""
+        received = activations.detach().requires_grad_(True)  # a leaf: the wire cut the client's graph
+        logits = self.server_forward(received, attention_mask)
+        loss = nn.functional.cross_entropy(logits, labels)
+        loss.backward()
+        return ServerStep(loss=loss.detach(), logits=logits.detach(), grad_at_cut=received.grad)
+
+
+def cut_encoder(model: nn.Module, cut_layer: int) -> SplitEncoder:
+    """Split ``model`` after ``cut_layer`` transformer layers; a clear error for an unsupported model or cut."""
+    base = getattr(model, "base_model", None)
+    layers = getattr(getattr(base, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings") or not hasattr(model, "classifier"):
+        raise ConfigError(f"--cut-layer: split learning supports BERT-family sequence classifiers (embeddings, "
+                          f"encoder.layer, classifier); got {type(model).__name__}")
+    if not 1 <= cut_layer < len(layers):
+        raise ConfigError(f"--cut-layer {cut_layer}: expected 1 to {len(layers) - 1} for a model with "
+                          f"{len(layers)} transformer layers (the client and the server each keep at least one)")
+    return SplitEncoder(model, cut_layer)

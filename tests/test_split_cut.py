@@ -1,0 +1,69 @@
+"""Split-FedLLM's cut: the two halves compose to the unsplit model, and the gradient the server
+returns is autograd's gradient at the cut of the whole model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from fedcustom.errors import ConfigError
+from fedcustom.methods.split import cut_encoder
+
+SENTENCES = ["the movie was good", "awful plot and very dull actors it was", "lovely"]  # unequal lengths: padding
+
+
+def _model_and_batch(path: str) -> tuple[torch.nn.Module, dict]:
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()  # eval: no dropout
+    batch = dict(AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt"))
+    return model, batch
+
+
+def test_split_forward_equals_unsplit_forward(tiny_bert: str) -> None:
+    # Prepare
+    model, batch = _model_and_batch(tiny_bert)
+    split = cut_encoder(model, cut_layer=1)
+    # Execute
+    with torch.no_grad():
+        whole = model(**batch).logits
+        halves = split.server_forward(split.client_forward(**batch), batch["attention_mask"])
+    # Assert
+    assert torch.allclose(halves, whole, atol=1e-5)
+
+
+def test_server_gradient_at_cut_equals_autograd_of_whole_model(tiny_bert: str) -> None:
+    # Prepare: the whole model's gradient at the output of layer K-1, and its embedding gradient
+    model, batch = _model_and_batch(tiny_bert)
+    labels = torch.tensor([1, 0, 1])
+    captured = {}
+    hook = model.base_model.encoder.layer[0].register_forward_hook(
+        lambda _m, _i, out: captured.setdefault("cut", out).retain_grad())
+    torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+    hook.remove()
+    whole_cut_grad = captured["cut"].grad.clone()
+    whole_embedding_grad = model.base_model.embeddings.word_embeddings.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    split = cut_encoder(model, cut_layer=1)
+    # Execute: client forward, server step on the "received" activations, client backward
+    activations = split.client_forward(**batch)
+    step = split.server_step(activations, batch["attention_mask"], labels)
+    activations.backward(step.grad_at_cut)
+    # Assert
+    assert step.grad_at_cut.shape == activations.shape
+    assert torch.allclose(step.grad_at_cut, whole_cut_grad, atol=1e-6)
+    assert torch.allclose(model.base_model.embeddings.word_embeddings.weight.grad, whole_embedding_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("cut", [0, 2, -1])
+def test_cut_outside_the_model_is_a_clear_error(tiny_bert: str, cut: int) -> None:
+    model, _ = _model_and_batch(tiny_bert)
+    with pytest.raises(ConfigError, match=rf"--cut-layer {cut}: expected 1 to 1 for a model with 2 transformer layers"):
+        cut_encoder(model, cut)
+
+
+def test_unsupported_architecture_is_a_clear_error() -> None:
+    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2)
+    with pytest.raises(ConfigError, match="BERT-family sequence classifiers.*LlamaForCausalLM"):
+        cut_encoder(LlamaForCausalLM(config), 1)
