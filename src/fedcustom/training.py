@@ -47,7 +47,7 @@ def derive_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1)[0])
 
 
-def _batches(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, schedule: LocalSchedule, seed: int) -> Iterator[dict]:
+def local_batches(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, schedule: LocalSchedule, seed: int) -> Iterator[dict]:
     """Shuffled batches, reshuffled every epoch, for ``epochs``, ``steps`` or ``examples`` in total."""
     epochs = range(schedule.epochs) if schedule.steps is None and schedule.examples is None else itertools.count()
     batches = itertools.chain.from_iterable(
@@ -100,7 +100,7 @@ def train_local(
     torch.manual_seed(seed)
     model.train()
     losses, seen, steps, flops = [], 0, 0, 0
-    for batch in _batches(table, tokenizer, schedule, seed):
+    for batch in local_batches(table, tokenizer, schedule, seed):
         if schedule.count_flops:
             loss, step_flops = _counted_step(model, batch, optimizer)
             flops += step_flops

@@ -38,6 +38,19 @@ class SplitEncoder:
         self.layers = self.encoder.encoder.layer
         self.cut_layer = cut_layer
 
+    def _named(self, modules: list[nn.Module]) -> dict[str, nn.Parameter]:
+        owned = {id(p) for m in modules for p in m.parameters()}
+        return {name: p for name, p in self.model.named_parameters() if id(p) in owned}
+
+    def client_parameters(self) -> dict[str, nn.Parameter]:
+        """Embeddings and layers [0, K), by their names in the whole model."""
+        return self._named([self.encoder.embeddings, *self.layers[: self.cut_layer]])
+
+    def server_parameters(self) -> dict[str, nn.Parameter]:
+        """Layers [K, N), pooler and head, by their names in the whole model."""
+        rest = [m for m in (self.encoder.pooler, self.model.classifier) if m is not None]
+        return self._named([*self.layers[self.cut_layer :], *rest])
+
     def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
 

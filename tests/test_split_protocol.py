@@ -1,0 +1,89 @@
+"""SplitFed rounds over the embedded runtime: every batch is a message exchange, bytes are the
+payloads that travelled, client halves are FedAvg-merged, and a bad client is dropped, not fatal."""
+
+from __future__ import annotations
+
+import math
+
+import datasets
+import torch
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from conftest import toy_rows
+from fedcustom.codecs import get_codec
+from fedcustom.data.features import tokenize
+from fedcustom.methods.split import SplitClient, SplitServer, cut_encoder
+from fedcustom.methods.split.protocol import END, FORWARD
+from fedcustom.runtime import EmbeddedRuntime, Message, Reply
+from fedcustom.strategies.fedavg import FedAvg, weighted_average
+from fedcustom.training import LocalSchedule, evaluate
+
+BATCH = 8
+
+
+class Recorder:
+    """Wraps a client handler, keeps every (node, message, reply); optionally corrupts one node's END reply."""
+
+    def __init__(self, handler: SplitClient, corrupt_end_of: int | None = None) -> None:
+        self.handler, self.corrupt_end_of, self.log = handler, corrupt_end_of, []
+
+    def __call__(self, node: int, message: Message) -> Reply:
+        reply = self.handler(node, message)
+        if message.kind == END and node == self.corrupt_end_of:
+            reply = Reply(payload=reply.payload[:-7], num_examples=reply.num_examples)  # truncated upload
+        self.log.append((node, message, reply))
+        return reply
+
+
+def _setup(tiny_bert: str, corrupt_end_of: int | None = None):
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    rows = toy_rows(100).rename(columns={"sentence": "text"})
+    table = tokenize(datasets.Dataset.from_pandas(rows), tokenizer, 16)
+    tables = {0: table.select(range(0, 20)), 1: table.select(range(20, 50))}
+    split, codec = cut_encoder(model, 1), get_codec("raw")
+    recorder = Recorder(SplitClient(split, tokenizer, codec, tables), corrupt_end_of)
+    server = SplitServer(EmbeddedRuntime(recorder, 2), split, FedAvg(), codec,
+                         LocalSchedule(lr=3e-3, batch_size=BATCH), seed=0)
+    return server, recorder, model, tokenizer, table.select(range(50, 100)), codec
+
+
+def test_split_rounds_train_count_bytes_and_merge_client_halves(tiny_bert: str) -> None:
+    # Prepare
+    server, recorder, model, tokenizer, held_out, codec = _setup(tiny_bert)
+    before = evaluate(model, held_out, tokenizer, 16)["loss"]
+    initial_half = {k: v.clone() for k, v in server.global_client_half.items()}
+    # Execute
+    results = [server.run_round(rnd, [0, 1]) for rnd in range(1, 5)]
+    server.load_global()
+    after = evaluate(model, held_out, tokenizer, 16)["loss"]
+    # Assert: it learns, and the clients' halves trained too (not only the server's)
+    assert after < before
+    assert any(not torch.equal(initial_half[k], server.global_client_half[k]) for k in initial_half)
+    # Assert: one forward/backward exchange per batch, activations of shape (batch, seq, hidden)
+    last = results[-1]
+    assert last.batches == {0: math.ceil(20 / BATCH), 1: math.ceil(30 / BATCH)}
+    forwards = [(n, codec.decode(r.payload)) for n, m, r in recorder.log if m.kind == FORWARD and m.round == 4 and r.payload]
+    assert all(w["activations"].shape[-1] == model.config.hidden_size and w["activations"].dim() == 3 for _, w in forwards)
+    # Assert: bytes are exactly what travelled in round 4, per client and direction
+    for node in (0, 1):
+        exchanged = [(m, r) for n, m, r in recorder.log if n == node and m.round == 4]
+        assert last.bytes_up[node] == sum(len(r.payload) for _, r in exchanged)
+        assert last.bytes_down[node] == sum(len(m.payload) for m, _ in exchanged)
+    # Assert: the global client half is the example-weighted mean of the uploaded halves
+    ends = {n: r for n, m, r in recorder.log if m.kind == END and m.round == 4}
+    expected = weighted_average([codec.decode(ends[0].payload), codec.decode(ends[1].payload)], [20, 30])
+    assert all(torch.equal(server.global_client_half[k], expected[k]) for k in expected)
+
+
+def test_a_corrupted_client_half_is_rejected_and_the_round_completes(tiny_bert: str) -> None:
+    # Prepare
+    server, recorder, _, _, _, codec = _setup(tiny_bert, corrupt_end_of=1)
+    # Execute
+    result = server.run_round(1, [0, 1])
+    # Assert: client 1 rejected with a reason, the global half is client 0's upload alone
+    assert set(result.rejected) == {1} and "safetensors" in result.rejected[1]
+    (end0,) = [r for n, m, r in recorder.log if m.kind == END and n == 0]
+    uploaded = codec.decode(end0.payload)
+    assert all(torch.equal(server.global_client_half[k], uploaded[k]) for k in uploaded)
