@@ -7,11 +7,12 @@ import math
 
 import datasets
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from conftest import toy_rows
 from fedcustom.codecs import get_codec
-from fedcustom.data.features import tokenize
+from fedcustom.data.features import make_loader, tokenize
 from fedcustom.methods.split import SplitClient, SplitServer, cut_encoder
 from fedcustom.methods.split.protocol import END, FORWARD
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
@@ -87,3 +88,20 @@ def test_a_corrupted_client_half_is_rejected_and_the_round_completes(tiny_bert: 
     (end0,) = [r for n, m, r in recorder.log if m.kind == END and n == 0]
     uploaded = codec.decode(end0.payload)
     assert all(torch.equal(server.global_client_half[k], uploaded[k]) for k in uploaded)
+
+
+def test_client_and_server_flops_add_up_to_the_whole_models_training_flops(tiny_bert: str) -> None:
+    # Prepare: one client and one batch holding all its rows, so both counts see the same shapes
+    server, recorder, model, tokenizer, _, _ = _setup(tiny_bert)
+    server.schedule = LocalSchedule(lr=3e-3, batch_size=32)
+    batch = next(iter(make_loader(recorder.handler.client_tables[0], tokenizer, 32, seed=None)))
+    model.train()  # as in the split round: attention dropout changes which kernels run
+    with FlopCounterMode(display=False) as whole:
+        model(**batch).loss.backward()
+    model.zero_grad(set_to_none=True)
+    # Execute
+    result = server.run_round(1, [0])
+    # Assert: the split moves work between the parties but adds none
+    assert result.batches == {0: 1}
+    assert result.client_flops[0] > 0 and result.server_flops[0] > 0
+    assert result.client_flops[0] + result.server_flops[0] == whole.get_total_flops()

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.client import schedule_from_config, schedule_to_config
@@ -52,6 +53,7 @@ class _Session:
     batches: Iterator[dict]
     num_examples: int
     activations: torch.Tensor | None = None
+    flops: int = 0  # client-half forward + backward FLOPs so far this round
 
 
 class SplitClient:
@@ -94,8 +96,10 @@ class SplitClient:
         batch = next(session.batches, None)
         if batch is None:
             return Reply(metrics={"done": 1.0})
-        session.activations = self.split.client_forward(
-            batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (batch, seq, hidden)
+        with FlopCounterMode(display=False) as counter:
+            session.activations = self.split.client_forward(
+                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (batch, seq, hidden)
+        session.flops += counter.get_total_flops()
         wire = {"activations": session.activations.detach(), "attention_mask": batch["attention_mask"],
                 "labels": batch["labels"]}
         return Reply(payload=self.codec.encode(wire), num_examples=len(batch["labels"]), metrics={"done": 0.0})
@@ -105,7 +109,9 @@ class SplitClient:
         grad = self.codec.decode(message.payload)["grad"]
         if session.activations is None or grad.shape != session.activations.shape:
             return Reply(error=f"gradient of shape {tuple(grad.shape)} does not match the pending activations")
-        session.activations.backward(grad)
+        with FlopCounterMode(display=False) as counter:
+            session.activations.backward(grad)
+        session.flops += counter.get_total_flops()
         session.optimizer.step()
         session.optimizer.zero_grad(set_to_none=True)
         session.activations = None
@@ -113,7 +119,8 @@ class SplitClient:
 
     def end(self, node_id: int, message: Message) -> Reply:
         session = self.sessions.pop(node_id)
-        return Reply(payload=self.codec.encode(client_half_state(self.split)), num_examples=session.num_examples)
+        return Reply(payload=self.codec.encode(client_half_state(self.split)), num_examples=session.num_examples,
+                     metrics={"flops": float(session.flops)})
 
 
 @dataclass
@@ -125,6 +132,8 @@ class SplitRoundResult:
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
     batches: dict[int, int] = field(default_factory=dict)
+    client_flops: dict[int, int] = field(default_factory=dict)  # forward + backward of the client half
+    server_flops: dict[int, int] = field(default_factory=dict)  # the server half's work on that client's batches
     train_loss: float | None = None
     rejected: dict[int, str] = field(default_factory=dict)
 
@@ -181,7 +190,9 @@ class SplitServer:
         self.split.model.train()
         while (reply := self._exchange(node, Message(FORWARD, rnd), result)).metrics.get("done") == 0.0:
             wire = self.codec.decode(reply.payload)
-            step = self.split.server_step(wire["activations"], wire["attention_mask"], wire["labels"])
+            with FlopCounterMode(display=False) as counter:
+                step = self.split.server_step(wire["activations"], wire["attention_mask"], wire["labels"])
+            result.server_flops[node] = result.server_flops.get(node, 0) + counter.get_total_flops()
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(float(step.loss))
@@ -190,4 +201,5 @@ class SplitServer:
         end = self._exchange(node, Message(END, rnd), result)
         state = self.codec.decode(end.payload)
         validate_update(state, self.global_client_half)
+        result.client_flops[node] = int(end.metrics.get("flops", 0))
         return ClientUpdate(node, state, end.num_examples)
