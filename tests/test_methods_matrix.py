@@ -18,6 +18,8 @@ from fedcustom.runtime import Message
 
 from conftest import TINY_LR
 
+PARAMETER_SHARING = method_names("parameter_sharing")  # split learning has its own tests (test_split_*.py)
+
 BACKBONES = ["tiny_bert", "tiny_llama"]
 
 
@@ -26,7 +28,7 @@ def backbone(request: pytest.FixtureRequest) -> str:
     return request.getfixturevalue(request.param)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", PARAMETER_SHARING)
 def test_method_trains_and_sends_only_trainable_tensors(method: str, backbone: str, tiny_config) -> None:
     # Prepare
     cfg = tiny_config(method__name=method, model__name=backbone, train__lr=TINY_LR[method], federation__rounds=3)
@@ -56,7 +58,7 @@ def test_method_trains_and_sends_only_trainable_tensors(method: str, backbone: s
         assert 0 < summary["trainable_params"] < summary["total_params"] / 2
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", PARAMETER_SHARING)
 def test_client_reply_payload_names_match_trainable_tensors(method: str, tiny_config) -> None:
     # Prepare
     job = build_job(tiny_config(method__name=method))
@@ -73,7 +75,7 @@ def test_client_reply_payload_names_match_trainable_tensors(method: str, tiny_co
         assert all(("lora_" in n) or ("prompt_encoder" in n) or ("modules_to_save" in n) for n in sent)
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", PARAMETER_SHARING)
 def test_same_seed_gives_identical_results(method: str, tiny_config, tmp_path) -> None:
     # Prepare / Execute
     states, logs = [], []
@@ -91,7 +93,7 @@ def test_same_seed_gives_identical_results(method: str, tiny_config, tmp_path) -
     assert logs[0] == logs[1]
 
 
-@pytest.mark.parametrize("method", method_names())
+@pytest.mark.parametrize("method", PARAMETER_SHARING)
 def test_saved_result_loads_with_hugging_face(method: str, tiny_config, tiny_bert) -> None:
     # Prepare
     job = build_job(tiny_config(method__name=method, train__lr=TINY_LR[method], federation__rounds=1))

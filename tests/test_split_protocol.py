@@ -13,7 +13,8 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import toy_rows
 from fedcustom.codecs import get_codec
 from fedcustom.data.features import make_loader, tokenize
-from fedcustom.methods.split import SplitClient, SplitServer, cut_encoder
+from fedcustom.methods.split import cut_encoder
+from fedcustom.methods.split.protocol import SplitClient, SplitServer
 from fedcustom.methods.split.protocol import END, FORWARD
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
 from fedcustom.strategies.fedavg import FedAvg, weighted_average

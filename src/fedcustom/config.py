@@ -72,7 +72,9 @@ class DataConfig:
 class MethodConfig:
     """What each client trains and sends (see fedcustom.methods)."""
 
-    name: str = opt("prefix", "Customization method: full, lora, prompt or prefix.", "--method")
+    name: str = opt("prefix", "Customization method: full, lora, prompt, prefix or split (Split-FedLLM).", "--method")
+    cut_layer: int = opt(3, "Split learning: transformer layers run by the client; the server runs the rest.",
+                         "--cut-layer")
     num_virtual_tokens: int = opt(20, "Prompt/prefix length in virtual tokens.", "--num-virtual-tokens")
     prefix_projection: bool = opt(False, "Prefix tuning: reparameterize prefixes through an MLP.", "--prefix-projection")
     projection_hidden: int | None = opt(None, "Hidden size of the prefix MLP; default: the model's hidden size.")

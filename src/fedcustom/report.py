@@ -27,6 +27,7 @@ def round_record(result: RoundResult) -> dict[str, Any]:
         "bytes_up": per_client(result.bytes_up),
         "bytes_down": per_client(result.bytes_down),
         "client_flops": per_client(result.client_flops),
+        "server_flops": per_client(result.server_flops),
         "examples_seen": result.examples_seen,
         "rejected": per_client(result.rejected),
         "wall_seconds": result.wall_seconds,

@@ -13,17 +13,19 @@ import dataclasses
 import itertools
 import platform
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
+import datasets
 import torch
 from rich.console import Console
 from torch import nn
 
 from fedcustom.client import TrainingClient
-from fedcustom.codecs import get_codec
+from fedcustom.codecs import Codec, get_codec
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData, prepare_data
 from fedcustom.errors import FedCustomError
@@ -31,8 +33,8 @@ from fedcustom.methods import Method, get_method, load_trainable_state, save_tra
 from fedcustom.models import load_model, load_tokenizer
 from fedcustom.report import RoundLog, clients_table, mean, round_line, round_progress, rounds_table, write_json
 from fedcustom.runtime import EmbeddedRuntime
-from fedcustom.server import FederatedServer, RoundResult
-from fedcustom.strategies import get_strategy
+from fedcustom.server import FederatedServer, RoundDriver, RoundResult
+from fedcustom.strategies import Strategy, get_strategy
 from fedcustom.training import LocalSchedule, derive_seed, evaluate, train_local
 
 CENTRALIZED_STREAM = 2  # seed stream of the centralized baseline
@@ -100,6 +102,7 @@ def summarize(
     up = [b for r in rounds for b in r.bytes_up.values()]
     down = [b for r in rounds for b in r.bytes_down.values()]
     flops = [f for r in rounds for f in r.client_flops.values()]
+    server_flops = [f for r in rounds for f in r.server_flops.values()]
     trainable = sum(t.numel() for t in initial.values())
     return {
         "method": cfg.method.name,
@@ -124,6 +127,7 @@ def summarize(
         "bytes_down_total": sum(down),
         "payload_note": "bytes are the encoded safetensors payload of the method's trainable tensors, task head included",
         "client_flops_per_round": mean(flops),
+        "server_flops_per_round": mean(server_flops) if server_flops else None,  # per client served; split only
         "trainable_params": trainable,
         "trainable_bytes_fp32": sum(t.numel() * 4 for t in initial.values()),
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -149,7 +153,7 @@ class Job:
     data: FederatedData
     initial: dict[str, torch.Tensor]
     schedule: LocalSchedule
-    server: FederatedServer
+    server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
     out: Path
 
     @property
@@ -159,7 +163,7 @@ class Job:
     @property
     def model_dir(self) -> Path:
         """Where the final global adapter (or full model) is saved."""
-        return self.out / ("model" if self.method.name == "full" else "adapter")
+        return self.out / ("model" if self.method.name in ("full", "split") else "adapter")
 
 
 def build_job(cfg: RunConfig) -> Job:
@@ -177,12 +181,30 @@ def build_job(cfg: RunConfig) -> Job:
         load_trainable_state(model, state)
         return evaluate(model, data.eval, tokenizer, 2 * cfg.train.batch_size)
 
-    client = TrainingClient(model, tokenizer, codec, {i: data.client_table(i) for i in range(cfg.federation.clients)})
-    server = FederatedServer(
-        EmbeddedRuntime(client, cfg.federation.clients), strategy, codec, initial, evaluate_state,
-        schedule, clients_per_round(cfg), cfg.train.seed,
-    )
+    tables = {i: data.client_table(i) for i in range(cfg.federation.clients)}
+    if method.protocol == "split":
+        server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables,
+                                    lambda: evaluate(model, data.eval, tokenizer, 2 * cfg.train.batch_size))
+    else:
+        server = FederatedServer(
+            EmbeddedRuntime(TrainingClient(model, tokenizer, codec, tables), cfg.federation.clients), strategy, codec,
+            initial, evaluate_state, schedule, clients_per_round(cfg), cfg.train.seed,
+        )
     return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out)
+
+
+def build_split_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, codec: Codec, strategy: Strategy,
+                       schedule: LocalSchedule, tables: dict[int, datasets.Dataset],
+                       evaluate_global: Callable[[], dict[str, float]]) -> RoundDriver:
+    """SplitFed (methods/split): per-batch exchanges through the same embedded runtime."""
+    from fedcustom.methods.split import cut_encoder
+    from fedcustom.methods.split.federated import SplitFederatedServer
+    from fedcustom.methods.split.protocol import SplitClient, SplitServer
+
+    split = cut_encoder(model, cfg.method.cut_layer)
+    runtime = EmbeddedRuntime(SplitClient(split, tokenizer, codec, tables), cfg.federation.clients)
+    inner = SplitServer(runtime, split, strategy, codec, schedule, cfg.train.seed)
+    return SplitFederatedServer(inner, clients_per_round(cfg), cfg.train.seed, evaluate_global)
 
 
 def run_rounds(job: Job, console: Console, show: bool) -> list[RoundResult]:

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -43,9 +44,24 @@ class RoundResult:
     bytes_up: dict[int, int] = field(default_factory=dict)
     bytes_down: dict[int, int] = field(default_factory=dict)
     client_flops: dict[int, int] = field(default_factory=dict)
+    server_flops: dict[int, int] = field(default_factory=dict)  # per client served (split learning only)
     examples_seen: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
+
+
+class RoundDriver(Protocol):
+    """What the runner drives: FederatedServer here, SplitFederatedServer for split learning."""
+
+    runtime: Runtime
+    clients_per_round: int
+
+    @property
+    def global_state(self) -> State: ...
+
+    def evaluate_initial(self) -> RoundResult: ...
+
+    def run_round(self, rnd: int, on_reply: Callable[[int], None] | None = None) -> RoundResult: ...
 
 
 def sample_clients(nodes: list[int], count: int, seed: int, rnd: int) -> list[int]:

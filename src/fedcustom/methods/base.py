@@ -32,6 +32,7 @@ class Method:
     build: Builder  # (backbone, method config, task) -> trainable model
     default_lr: Callable[[MethodConfig], float]  # AdamW rate that trains MiniLM well on SST-2 (OFFLINE.md)
     description: str
+    protocol: str = "parameter_sharing"  # or "split": per-batch activations/gradients (methods/split)
 
 
 _REGISTRY: dict[str, Method] = {}
@@ -52,9 +53,9 @@ def get_method(name: str) -> Method:
     return _REGISTRY[name]
 
 
-def method_names() -> list[str]:
-    """Names of all registered methods."""
-    return sorted(_REGISTRY)
+def method_names(protocol: str | None = None) -> list[str]:
+    """Names of all registered methods (only those speaking ``protocol`` when given)."""
+    return sorted(name for name, m in _REGISTRY.items() if protocol is None or m.protocol == protocol)
 
 
 def peft_task_type(task: str) -> TaskType:

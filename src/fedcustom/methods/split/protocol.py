@@ -16,7 +16,7 @@ so the same protocol will run on Flower; bytes are the real encoded payloads in 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import datasets
@@ -43,6 +43,12 @@ State = dict[str, torch.Tensor]
 def client_half_state(split: SplitEncoder) -> State:
     """The client half's weights (embeddings and layers [0, K)), detached copies."""
     return {k: v.detach().clone() for k, v in split.client_parameters().items()}
+
+
+def _copy_into(params: dict[str, torch.nn.Parameter], state: State) -> None:
+    with torch.no_grad():
+        for name, value in state.items():
+            params[name].copy_(value)
 
 
 @dataclass
@@ -77,9 +83,7 @@ class SplitClient:
 
     def begin(self, node_id: int, message: Message) -> Reply:
         params = self.split.client_parameters()
-        with torch.no_grad():
-            for name, value in self.codec.decode(message.payload).items():
-                params[name].copy_(value)
+        _copy_into(params, self.codec.decode(message.payload))
         schedule = schedule_from_config(message.config)
         seed = derive_seed(int(message.config["seed"]), message.round, node_id)
         table = self.client_tables[node_id]
@@ -134,6 +138,7 @@ class SplitRoundResult:
     batches: dict[int, int] = field(default_factory=dict)
     client_flops: dict[int, int] = field(default_factory=dict)  # forward + backward of the client half
     server_flops: dict[int, int] = field(default_factory=dict)  # the server half's work on that client's batches
+    examples_seen: int = 0
     train_loss: float | None = None
     rejected: dict[int, str] = field(default_factory=dict)
 
@@ -150,19 +155,22 @@ class SplitServer:
         self.schedule = schedule
         self.seed = seed
         self.global_client_half = client_half_state(split)
+        # The server half lives in the (shared) model while a round runs; between rounds this copy is
+        # the truth, so anything else that trains the model (the centralized baseline) cannot leak in.
+        self.global_server_half = {k: v.detach().clone() for k, v in split.server_parameters().items()}
         self.optimizer = torch.optim.AdamW(split.server_parameters().values(), lr=schedule.lr,
                                            weight_decay=schedule.weight_decay)
 
     def load_global(self) -> None:
-        """Put the merged client half into the model (before evaluating the global model)."""
-        params = self.split.client_parameters()
-        with torch.no_grad():
-            for name, value in self.global_client_half.items():
-                params[name].copy_(value)
+        """Put the global model (merged client half, server half) into the model, e.g. to evaluate it."""
+        _copy_into(self.split.client_parameters(), self.global_client_half)
+        _copy_into(self.split.server_parameters(), self.global_server_half)
 
-    def run_round(self, rnd: int, clients: list[int]) -> SplitRoundResult:
+    def run_round(self, rnd: int, clients: list[int],
+                  on_client_done: Callable[[int], None] | None = None) -> SplitRoundResult:
         """Train the server half on each client's batches in turn, then merge the client halves."""
         result = SplitRoundResult(round=rnd, clients=clients)
+        _copy_into(self.split.server_parameters(), self.global_server_half)
         updates, losses = [], []
         for node in clients:
             try:
@@ -170,6 +178,9 @@ class SplitServer:
             except (PayloadError, UpdateRejected) as exc:
                 log.warning("round %d: rejected client %d: %s", rnd, node, exc)
                 result.rejected[node] = str(exc)
+            if on_client_done:
+                on_client_done(node)
+        self.global_server_half = {k: v.detach().clone() for k, v in self.split.server_parameters().items()}
         if updates:
             self.global_client_half = self.strategy.aggregate(self.global_client_half, updates)
         result.train_loss = float(np.mean(losses)) if losses else None
@@ -197,6 +208,7 @@ class SplitServer:
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(float(step.loss))
             result.batches[node] = result.batches.get(node, 0) + 1
+            result.examples_seen += len(wire["labels"])
             self._exchange(node, Message(BACKWARD, rnd, self.codec.encode({"grad": step.grad_at_cut})), result)
         end = self._exchange(node, Message(END, rnd), result)
         state = self.codec.decode(end.payload)
