@@ -49,3 +49,21 @@ def test_split_same_seed_gives_identical_global_model(tiny_config, tmp_path) -> 
 def test_split_cut_outside_the_model_fails_before_training(tiny_config) -> None:
     with pytest.raises(ConfigError, match="--cut-layer 2: expected 1 to 1"):
         build_job(tiny_config(method__name="split", method__cut_layer=2))
+
+
+def test_rounds_table_shows_server_flops_only_when_the_server_trained() -> None:
+    from rich.console import Console
+
+    from fedcustom.report import rounds_table
+    from fedcustom.server import RoundResult
+
+    def render(result: RoundResult) -> str:
+        console = Console(width=200, record=True)
+        console.print(rounds_table([RoundResult(0, {"accuracy": 0.5, "macro_f1": 0.5}), result], None))
+        return console.export_text()
+
+    evaluation = {"accuracy": 0.75, "macro_f1": 0.7}
+    split = RoundResult(1, evaluation, [0], 0.5, {0: 10}, {0: 10}, {0: 2_000}, server_flops={0: 3_000})
+    sharing = RoundResult(1, evaluation, [0], 0.5, {0: 10}, {0: 10}, {0: 2_000})
+    assert "server FLOPs / client" in render(split) and "3.000e+03" in render(split)
+    assert "server FLOPs" not in render(sharing)

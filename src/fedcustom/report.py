@@ -101,23 +101,24 @@ def clients_table(stats: list[dict], label_names: list[str]) -> Table:
 def rounds_table(results: list[RoundResult], centralized: dict[str, float] | None) -> Table:
     """Global accuracy per round with bytes and FLOPs per client, plus the centralized baseline."""
     table = Table(title="Federated rounds (bytes and FLOPs are per participating client)")
-    for column in ("round", "accuracy", "macro-F1", "train loss", "up / client", "down / client",
-                   "client FLOPs", "wall s"):
+    server_side = any(r.server_flops for r in results)  # split learning: the server trains too
+    columns = ["round", "accuracy", "macro-F1", "train loss", "up / client", "down / client", "client FLOPs"]
+    for column in [*columns, *(["server FLOPs / client"] if server_side else []), "wall s"]:
         table.add_column(column, justify="right")
+    flops = lambda d: f"{mean(list(d.values())):.3e}" if d else "-"  # noqa: E731
     for r in results:
         table.add_row(
             str(r.round), f"{r.eval['accuracy']:.4f}", f"{r.eval['macro_f1']:.4f}",
             "-" if r.train_loss is None else f"{r.train_loss:.4f}",
             human_bytes(mean(list(r.bytes_up.values()))) if r.bytes_up else "-",
             human_bytes(mean(list(r.bytes_down.values()))) if r.bytes_down else "-",
-            f"{mean(list(r.client_flops.values())):.3e}" if r.client_flops else "-",
-            f"{r.wall_seconds:.1f}",
+            flops(r.client_flops), *([flops(r.server_flops)] if server_side else []), f"{r.wall_seconds:.1f}",
         )
     if centralized is not None:
         table.add_row(
             "centralized", f"{centralized['accuracy']:.4f}", f"{centralized['macro_f1']:.4f}",
             f"{centralized['train_loss']:.4f}", "-", "-", f"{centralized['flops']:.3e}",
-            f"{centralized['wall_seconds']:.1f}", style="bold",
+            *(["-"] if server_side else []), f"{centralized['wall_seconds']:.1f}", style="bold",
         )
     return table
 
