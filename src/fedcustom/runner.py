@@ -21,6 +21,7 @@ from typing import Any
 
 import datasets
 import torch
+from peft import PeftModel
 from rich.console import Console
 from torch import nn
 
@@ -162,8 +163,8 @@ class Job:
 
     @property
     def model_dir(self) -> Path:
-        """Where the final global adapter (or full model) is saved."""
-        return self.out / ("model" if self.method.name in ("full", "split") else "adapter")
+        """Where the final global adapter (PEFT methods) or whole model (full, split) is saved."""
+        return self.out / ("adapter" if isinstance(self.model, PeftModel) else "model")
 
 
 def build_job(cfg: RunConfig) -> Job:
@@ -177,14 +178,16 @@ def build_job(cfg: RunConfig) -> Job:
     initial = trainable_state(model)
     schedule = local_schedule(cfg, method)
 
+    def evaluate_model() -> dict[str, float]:
+        return evaluate(model, data.eval, tokenizer, 2 * cfg.train.batch_size)
+
     def evaluate_state(state: dict[str, torch.Tensor]) -> dict[str, float]:
         load_trainable_state(model, state)
-        return evaluate(model, data.eval, tokenizer, 2 * cfg.train.batch_size)
+        return evaluate_model()
 
     tables = {i: data.client_table(i) for i in range(cfg.federation.clients)}
     if method.protocol == "split":
-        server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables,
-                                    lambda: evaluate(model, data.eval, tokenizer, 2 * cfg.train.batch_size))
+        server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables, evaluate_model)
     else:
         server = FederatedServer(
             EmbeddedRuntime(TrainingClient(model, tokenizer, codec, tables), cfg.federation.clients), strategy, codec,

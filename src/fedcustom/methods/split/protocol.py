@@ -40,9 +40,13 @@ BEGIN, FORWARD, BACKWARD, END = "split_begin", "split_forward", "split_backward"
 State = dict[str, torch.Tensor]
 
 
+def _snapshot(params: dict[str, torch.nn.Parameter]) -> State:
+    return {k: v.detach().clone() for k, v in params.items()}
+
+
 def client_half_state(split: SplitEncoder) -> State:
     """The client half's weights (embeddings and layers [0, K)), detached copies."""
-    return {k: v.detach().clone() for k, v in split.client_parameters().items()}
+    return _snapshot(split.client_parameters())
 
 
 def _copy_into(params: dict[str, torch.nn.Parameter], state: State) -> None:
@@ -157,7 +161,7 @@ class SplitServer:
         self.global_client_half = client_half_state(split)
         # The server half lives in the (shared) model while a round runs; between rounds this copy is
         # the truth, so anything else that trains the model (the centralized baseline) cannot leak in.
-        self.global_server_half = {k: v.detach().clone() for k, v in split.server_parameters().items()}
+        self.global_server_half = _snapshot(split.server_parameters())
         self.optimizer = torch.optim.AdamW(split.server_parameters().values(), lr=schedule.lr,
                                            weight_decay=schedule.weight_decay)
 
@@ -180,7 +184,7 @@ class SplitServer:
                 result.rejected[node] = str(exc)
             if on_client_done:
                 on_client_done(node)
-        self.global_server_half = {k: v.detach().clone() for k, v in self.split.server_parameters().items()}
+        self.global_server_half = _snapshot(self.split.server_parameters())
         if updates:
             self.global_client_half = self.strategy.aggregate(self.global_client_half, updates)
         result.train_loss = float(np.mean(losses)) if losses else None
