@@ -72,9 +72,31 @@ class DataConfig:
 class MethodConfig:
     """What each client trains and sends (see fedcustom.methods)."""
 
-    name: str = opt("prefix", "Customization method: full, lora, prompt, prefix or split (Split-FedLLM).", "--method")
+    name: str = opt("prefix", "Customization method: full, lora, prompt, prefix, split (Split-FedLLM) or distill "
+                    "(KD-FedLLM).", "--method")
     cut_layer: int = opt(3, "Split learning: transformer layers run by the client; the server runs the rest.",
                          "--cut-layer")
+    local_method: str = opt("lora", "KD-FedLLM: what each client (and the global model) trains: full, lora, prompt "
+                            "or prefix.", "--local-method", ("full", "lora", "prompt", "prefix"))
+    client_model: str | None = opt(None, "KD-FedLLM: the clients' backbone, which may differ from --model (e.g. a "
+                                   "smaller one); default: --model.", "--client-model")
+    public_dataset: str | None = opt(
+        None, "KD-FedLLM: unlabelled public set (same forms as --dataset; only its text is used); default: "
+        "training rows outside those the clients own, labels dropped.", "--public-dataset")
+    public_size: int = opt(200, "KD-FedLLM: rows of the public set the clients label with their logits.",
+                           "--public-size")
+    topk: int | None = opt(None, "KD-FedLLM: upload the top-k soft labels per public row instead of all logits.",
+                           "--topk")
+    kd_weighting: str = opt("examples", "KD-FedLLM: how client soft labels are averaged: uniform, examples (by "
+                            "private set size) or confidence (per row, by each client's top probability).",
+                            "--kd-weighting", ("uniform", "examples", "confidence"))
+    broadcast: str = opt("logits", "KD-FedLLM: what the server sends back each round: logits (the global model's soft "
+                         "labels on the public set, which clients distill from) or adapter (its trainable tensors; "
+                         "needs the clients' backbone to be --model).", "--broadcast", ("logits", "adapter"))
+    kd_temperature: float = opt(2.0, "KD-FedLLM: softmax temperature of soft labels and of the distillation loss.",
+                                "--kd-temperature")
+    distill_epochs: int = opt(3, "KD-FedLLM: passes of server-side distillation over the public set per round.",
+                              "--distill-epochs")
     num_virtual_tokens: int = opt(20, "Prompt/prefix length in virtual tokens.", "--num-virtual-tokens")
     prefix_projection: bool = opt(False, "Prefix tuning: reparameterize prefixes through an MLP.", "--prefix-projection")
     projection_hidden: int | None = opt(None, "Hidden size of the prefix MLP; default: the model's hidden size.")
@@ -265,13 +287,14 @@ def validate(cfg: RunConfig) -> None:
         ("federation.clients (--clients)", fed.clients), ("federation.rounds (--rounds)", fed.rounds),
         ("federation.local_epochs (--local-epochs)", fed.local_epochs), ("train.batch_size", train.batch_size),
         ("model.max_length", cfg.model.max_length), ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
-        ("method.lora_r", cfg.method.lora_r),
+        ("method.lora_r", cfg.method.lora_r), ("method.public_size (--public-size)", cfg.method.public_size),
+        ("method.kd_temperature", cfg.method.kd_temperature), ("method.distill_epochs", cfg.method.distill_epochs),
     ]:
         _positive(where, value, allow_none=False)
     for where, value in [
         ("federation.local_steps", fed.local_steps), ("federation.clients_per_round", fed.clients_per_round),
         ("train.lr", train.lr), ("data.max_train_examples", data.max_train_examples),
-        ("data.max_eval_examples", data.max_eval_examples),
+        ("data.max_eval_examples", data.max_eval_examples), ("method.topk (--topk)", cfg.method.topk),
     ]:
         _positive(where, value)
     if not 0 < fed.fraction <= 1:

@@ -28,7 +28,7 @@ from torch import nn
 from fedcustom.client import TrainingClient
 from fedcustom.codecs import Codec, get_codec
 from fedcustom.config import RunConfig
-from fedcustom.data import FederatedData, prepare_data
+from fedcustom.data import FederatedData, PublicSpec, prepare_data
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, save_trained, trainable_state
 from fedcustom.models import load_model, load_tokenizer
@@ -39,6 +39,14 @@ from fedcustom.strategies import Strategy, get_strategy
 from fedcustom.training import LocalSchedule, derive_seed, evaluate, train_local
 
 CENTRALIZED_STREAM = 2  # seed stream of the centralized baseline
+PAYLOAD_NOTES = {
+    "parameter_sharing": "bytes are the encoded safetensors payload of the method's trainable tensors, task head included",
+    "split": "bytes are every per-batch message (activations, masks and labels up; gradients down) plus the client "
+             "half's weights at the start and end of a round; server FLOPs are per client served",
+    "distill": "bytes up are the encoded logits (or top-k soft labels) on the public set; bytes down the broadcast "
+               "(global soft labels, or the global adapter); server FLOPs (distillation) are split evenly over the "
+               "clients whose knowledge was used",
+}
 
 
 def prepare_output(path: str) -> Path:
@@ -126,9 +134,10 @@ def summarize(
         "bytes_down_per_round": mean(down),
         "bytes_up_total": sum(up),
         "bytes_down_total": sum(down),
-        "payload_note": "bytes are the encoded safetensors payload of the method's trainable tensors, task head included",
+        "payload_note": PAYLOAD_NOTES[get_method(cfg.method.name).protocol],
         "client_flops_per_round": mean(flops),
-        "server_flops_per_round": mean(server_flops) if server_flops else None,  # per client served; split only
+        "server_flops_per_round": mean(server_flops) if server_flops else None,  # per client served (split, distill)
+        "public_examples": len(data.public) if data.public else None,
         "trainable_params": trainable,
         "trainable_bytes_fp32": sum(t.numel() * 4 for t in initial.values()),
         "total_params": sum(p.numel() for p in model.parameters()),
@@ -172,7 +181,8 @@ def build_job(cfg: RunConfig) -> Job:
     out = prepare_output(cfg.output.dir)
     method, strategy, codec = get_method(cfg.method.name), get_strategy(cfg.federation.strategy), get_codec("raw")
     tokenizer = load_tokenizer(cfg.model.name)
-    data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length)
+    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
+    data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length, public)
     backbone = load_model(cfg.model.name, cfg.model.task, data.label_names, tokenizer, cfg.train.seed)
     model = method.build(backbone, cfg.method, cfg.model.task)
     initial = trainable_state(model)
@@ -188,6 +198,11 @@ def build_job(cfg: RunConfig) -> Job:
     tables = {i: data.client_table(i) for i in range(cfg.federation.clients)}
     if method.protocol == "split":
         server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables, evaluate_model)
+    elif method.protocol == "distill":
+        from fedcustom.methods.distill.federated import build_distill_server
+
+        server = build_distill_server(cfg, model, tokenizer, data, codec, schedule, clients_per_round(cfg),
+                                      evaluate_model)
     else:
         server = FederatedServer(
             EmbeddedRuntime(TrainingClient(model, tokenizer, codec, tables), cfg.federation.clients), strategy, codec,

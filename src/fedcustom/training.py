@@ -5,8 +5,9 @@ from __future__ import annotations
 import itertools
 import math
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import datasets
 import numpy as np
@@ -17,6 +18,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.data import make_loader
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -68,7 +71,7 @@ def local_batches(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, s
 # aten op and roughly halves CPU throughput on a MiniLM-sized model, so each distinct (batch, seq)
 # shape is counted once with it and reused: the same model on the same shapes runs the same ops,
 # so the count is still measured, not estimated.
-_STEP_FLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple[int, ...], int]] = weakref.WeakKeyDictionary()
+_STEP_FLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
 def _train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
@@ -79,16 +82,21 @@ def _train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer)
     return loss.item()
 
 
-def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> tuple[float, int]:
-    """One step and its FLOPs, counted with FlopCounterMode the first time this shape is seen."""
+def counted(model: nn.Module, key: tuple, step: Callable[[], T]) -> tuple[T, int]:
+    """Run ``step`` and return its result with its FLOPs, counted with FlopCounterMode the first time
+    ``key`` (the kind of step and the batch shape) is seen on ``model``."""
     shapes = _STEP_FLOPS.setdefault(model, {})
-    key = tuple(batch["input_ids"].shape)
     if key in shapes:
-        return _train_step(model, batch, optimizer), shapes[key]
+        return step(), shapes[key]
     with FlopCounterMode(display=False) as counter:
-        loss = _train_step(model, batch, optimizer)
+        value = step()
     shapes[key] = int(counter.get_total_flops())
-    return loss, shapes[key]
+    return value, shapes[key]
+
+
+def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> tuple[float, int]:
+    """One training step and its FLOPs (counted once per batch shape)."""
+    return counted(model, ("train", *batch["input_ids"].shape), lambda: _train_step(model, batch, optimizer))
 
 
 def train_local(

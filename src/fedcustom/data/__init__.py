@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import datasets
@@ -12,9 +13,10 @@ from transformers import PreTrainedTokenizerBase
 from fedcustom.config import DataConfig, parse_partition
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.data.partition import label_histogram, partition_indices
+from fedcustom.data.public import carve_public, load_public
 from fedcustom.data.sources import PACKAGED_DATASETS, LabeledData, load_labeled
 
-__all__ = ["FederatedData", "PACKAGED_DATASETS", "LabeledData", "load_labeled", "make_loader", "prepare_data"]
+__all__ = ["FederatedData", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data"]
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,14 @@ class FederatedData:
     eval: datasets.Dataset  # tokenized held-out rows (the global test set)
     client_indices: list[list[int]]  # rows of ``train`` each client owns
     label_names: list[str]
+    raw_train: datasets.Dataset | None = None  # the same rows as ``train`` as text, label (to re-tokenize)
+    public: list[str] | None = None  # unlabelled public texts (KD-FedLLM), disjoint from every client's rows
+
+    def retokenized(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> FederatedData:
+        """The same rows tokenized for another backbone (heterogeneous clients in KD-FedLLM)."""
+        if self.raw_train is None:
+            raise ValueError("this FederatedData keeps no raw texts to re-tokenize")
+        return dataclasses.replace(self, train=tokenize(self.raw_train, tokenizer, max_length))
 
     def client_table(self, client: int) -> datasets.Dataset:
         """The tokenized rows client ``client`` owns."""
@@ -51,11 +61,12 @@ def _stratified_split(labels: list[int], keep: int, seed: int) -> tuple[list[int
     return sorted(kept.tolist()), sorted(rest.tolist())
 
 
-def _subsample(data: LabeledData, limit: int | None, seed: int) -> LabeledData:
+def _subsample(data: LabeledData, limit: int | None, seed: int) -> tuple[LabeledData, LabeledData]:
+    """(kept, spare): at most ``limit`` rows, label shares preserved, and the rows left out."""
     if limit is None or limit >= len(data):
-        return data
-    kept, _ = _stratified_split(data.dataset["label"], limit, seed)
-    return LabeledData(data.dataset.select(kept), data.label_names)
+        return data, LabeledData(data.dataset.select([]), data.label_names)
+    kept, rest = _stratified_split(data.dataset["label"], limit, seed)
+    return LabeledData(data.dataset.select(kept), data.label_names), LabeledData(data.dataset.select(rest), data.label_names)
 
 
 def _split_seed(cfg: DataConfig, seed: int) -> int:
@@ -79,17 +90,33 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
     return LabeledData(table.select(kept), train.label_names), LabeledData(table.select(held_out), train.label_names)
 
 
+@dataclass(frozen=True)
+class PublicSpec:
+    """The public set a KD-FedLLM run needs: ``size`` texts, from ``source`` or spare training rows."""
+
+    size: int
+    source: str | None = None
+
+
 def prepare_data(
-    cfg: DataConfig, num_clients: int, seed: int, tokenizer: PreTrainedTokenizerBase, max_length: int
+    cfg: DataConfig, num_clients: int, seed: int, tokenizer: PreTrainedTokenizerBase, max_length: int,
+    public: PublicSpec | None = None,
 ) -> FederatedData:
     """Everything the clients and the server's evaluator need, deterministic for a seed."""
     train, evaluation = load_splits(cfg, seed)
-    train = _subsample(train, cfg.max_train_examples, seed)
-    evaluation = _subsample(evaluation, cfg.max_eval_examples, _split_seed(cfg, seed))
+    train, spare = _subsample(train, cfg.max_train_examples, seed)
+    evaluation, _ = _subsample(evaluation, cfg.max_eval_examples, _split_seed(cfg, seed))
     indices = partition_indices(train.dataset, parse_partition(cfg.partition), num_clients, seed)
+    texts = None
+    if public is not None and public.source:
+        texts = load_public(public.source, public.size, seed, cfg.text_column)
+    elif public is not None:
+        texts = carve_public(spare, public.size, seed, used=len(train))
     return FederatedData(
         train=tokenize(train.dataset, tokenizer, max_length),
         eval=tokenize(evaluation.dataset, tokenizer, max_length),
         client_indices=indices,
         label_names=train.label_names,
+        raw_train=train.dataset,
+        public=texts,
     )

@@ -1,0 +1,58 @@
+"""Wire a KD-FedLLM job from a run config: the clients' models (possibly another backbone), the
+public set, the embedded runtime and the server."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from fedcustom.codecs import Codec
+from fedcustom.config import RunConfig
+from fedcustom.data import FederatedData
+from fedcustom.errors import ConfigError
+from fedcustom.methods.base import get_method
+from fedcustom.methods.distill.protocol import DistillClient, DistillServer, KDSettings
+from fedcustom.models import load_model, load_tokenizer
+from fedcustom.runtime import EmbeddedRuntime
+from fedcustom.training import LocalSchedule
+
+
+def kd_settings(cfg: RunConfig, data: FederatedData) -> KDSettings:
+    """The settings both sides share, checked: a public set with rows, a supported broadcast."""
+    m = cfg.method
+    if not data.public:
+        raise ConfigError("method.public_size / --public-dataset: the public set has no rows; KD-FedLLM needs texts "
+                          "every party can label")
+    heterogeneous = m.client_model is not None and m.client_model != cfg.model.name
+    if m.broadcast == "adapter" and heterogeneous:
+        raise ConfigError(f"method.broadcast = 'adapter' sends the global tensors, which only fit clients running "
+                          f"--model; the clients run {m.client_model!r}: use --broadcast logits")
+    return KDSettings(public=data.public, label_names=data.label_names, max_length=cfg.model.max_length,
+                      temperature=m.kd_temperature, topk=m.topk, broadcast=m.broadcast, weighting=m.kd_weighting,
+                      distill_epochs=m.distill_epochs)
+
+
+def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: FederatedData) -> tuple[nn.Module, Any, FederatedData]:
+    """The model, tokenizer and tokenized rows the clients use: the server's, or those of ``client_model``."""
+    name = cfg.method.client_model
+    if name is None or name == cfg.model.name:
+        return model, tokenizer, data  # one module in memory; each side loads its own state before use
+    client_tokenizer = load_tokenizer(name)
+    backbone = load_model(name, cfg.model.task, data.label_names, client_tokenizer, cfg.train.seed)
+    client_model = get_method(cfg.method.local_method).build(backbone, cfg.method, cfg.model.task)
+    return client_model, client_tokenizer, data.retokenized(client_tokenizer, cfg.model.max_length)
+
+
+def build_distill_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: FederatedData, codec: Codec,
+                         schedule: LocalSchedule, clients_per_round: int,
+                         evaluate_global: Callable[[], dict[str, float]]) -> DistillServer:
+    """KD-FedLLM over the embedded runtime."""
+    settings = kd_settings(cfg, data)
+    client_model, client_tokenizer, client_data = client_side(cfg, model, tokenizer, data)
+    tables = {i: client_data.client_table(i) for i in range(cfg.federation.clients)}
+    runtime = EmbeddedRuntime(DistillClient(client_model, client_tokenizer, codec, tables, settings),
+                              cfg.federation.clients)
+    return DistillServer(runtime, model, tokenizer, codec, settings, schedule, clients_per_round, cfg.train.seed,
+                         evaluate_global)

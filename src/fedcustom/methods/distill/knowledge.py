@@ -1,0 +1,153 @@
+"""Knowledge as soft labels on the public set: encode, decode, validate, aggregate, distill.
+
+Pure tensor functions shared by the KD-FedLLM client and server. A client uploads either its raw
+logits on the public set, ``{"logits": (rows, labels)}``, or only its top-k soft labels,
+``{"topk_probs": (rows, k), "topk_indices": (rows, k) int16}``; the server turns either into a
+probability distribution per row (the mass outside the top k is spread evenly over the other
+labels) and averages the clients' distributions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fedcustom.errors import UpdateRejected
+from fedcustom.training import counted
+
+Knowledge = dict[str, torch.Tensor]
+
+
+def public_batches(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int, batch_size: int,
+                   seed: int | None = None) -> Iterator[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+    """(row indices, tokenized batch) over the public texts, shuffled when ``seed`` is given."""
+    order = torch.arange(len(texts)) if seed is None else torch.randperm(
+        len(texts), generator=torch.Generator().manual_seed(seed))
+    for start in range(0, len(texts), batch_size):
+        rows = order[start : start + batch_size]
+        batch = tokenizer([texts[int(i)] for i in rows], truncation=True, max_length=max_length, padding=True,
+                          return_tensors="pt")
+        yield rows, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+@torch.no_grad()
+def public_logits(model: nn.Module, texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                  batch_size: int) -> torch.Tensor:
+    """The model's logits on every public row, in row order: (rows, labels), fp32, dropout off."""
+    model.eval()
+    return torch.cat([model(**batch).logits.float() for _, batch in
+                      public_batches(texts, tokenizer, max_length, batch_size)])
+
+
+def encode_knowledge(logits: torch.Tensor, topk: int | None, temperature: float) -> Knowledge:
+    """What a client uploads: all logits, or the top-k soft labels (probabilities at ``temperature``)."""
+    if topk is None or topk >= logits.shape[1]:
+        return {"logits": logits.contiguous()}
+    probs, indices = torch.softmax(logits / temperature, dim=-1).topk(topk, dim=-1)  # (rows, k) each
+    return {"topk_probs": probs.contiguous(), "topk_indices": indices.to(torch.int16).contiguous()}
+
+
+def decode_knowledge(sent: Knowledge, rows: int, labels: int, temperature: float) -> torch.Tensor:
+    """A client's upload as soft labels, (rows, labels) summing to 1 per row; UpdateRejected if malformed."""
+    if sent.keys() == {"logits"}:
+        logits = sent["logits"]
+        _check_shape("logits", logits, (rows, labels), labels)
+        _check_finite("logits", logits)
+        return torch.softmax(logits.float() / temperature, dim=-1)
+    if sent.keys() != {"topk_probs", "topk_indices"}:
+        raise UpdateRejected(f"knowledge tensors {sorted(sent)}: expected ['logits'] or ['topk_indices', 'topk_probs']")
+    probs, indices = sent["topk_probs"].float(), sent["topk_indices"].long()
+    k = probs.shape[-1] if probs.dim() == 2 else -1
+    _check_shape("topk_probs", probs, (rows, k), labels)
+    _check_shape("topk_indices", indices, (rows, k), labels)
+    _check_finite("topk_probs", probs)
+    if not 1 <= k < labels or (probs < 0).any() or (probs.sum(-1) > 1 + 1e-4).any():
+        raise UpdateRejected(f"topk_probs: expected 1 <= k < {labels} probabilities per row summing to at most 1")
+    if (indices < 0).any() or (indices >= labels).any() or (indices.sort(-1).values.diff(dim=-1) == 0).any():
+        raise UpdateRejected(f"topk_indices: expected distinct label ids in [0, {labels}) per row")
+    rest = (1 - probs.sum(-1, keepdim=True)).clamp_min(0) / (labels - k)  # (rows, 1)
+    dense = rest.expand(rows, labels).clone()
+    return dense.scatter_(1, indices, probs)
+
+
+def _check_shape(name: str, tensor: torch.Tensor, expected: tuple[int, int], labels: int) -> None:
+    if tuple(tensor.shape) != expected:
+        hint = ""
+        if tensor.dim() == 2 and tensor.shape[0] == expected[0] and name == "logits":
+            hint = f" (the client's label space has {tensor.shape[1]} labels, the server's {labels})"
+        raise UpdateRejected(f"{name}: shape {tuple(tensor.shape)}, expected {expected}{hint}")
+
+
+def _check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not torch.isfinite(tensor).all():
+        raise UpdateRejected(f"{name}: contains NaN or Inf")
+
+
+def aggregate_soft_labels(soft: list[torch.Tensor], num_examples: list[int], weighting: str) -> torch.Tensor:
+    """Average of the clients' (rows, labels) soft labels: uniform, by data size, or per row by confidence."""
+    stacked = torch.stack(soft)  # (clients, rows, labels)
+    if weighting == "uniform":
+        weights = torch.ones(len(soft), 1, 1)
+    elif weighting == "examples":
+        weights = torch.tensor(num_examples, dtype=torch.float32).view(-1, 1, 1)
+    elif weighting == "confidence":
+        weights = stacked.max(dim=-1, keepdim=True).values  # (clients, rows, 1): each client's top probability
+    else:
+        raise ValueError(f"kd weighting {weighting!r}: expected uniform, examples or confidence")
+    return (weights * stacked).sum(0) / weights.sum(0)
+
+
+def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(targets || softmax(student / T)) * T^2 (Hinton et al., 2015), mean over rows."""
+    log_probs = torch.log_softmax(student_logits / temperature, dim=-1)
+    return nn.functional.kl_div(log_probs, targets, reduction="batchmean") * temperature**2
+
+
+def distill_into(model: nn.Module, texts: list[str], targets: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
+                 max_length: int, lr: float, batch_size: int, epochs: int, temperature: float, seed: int,
+                 count_flops: bool) -> tuple[float, int]:
+    """Train the model's trainable tensors toward ``targets`` (rows, labels) on the public texts.
+
+    Returns the mean distillation loss and the FLOPs counted (0 when ``count_flops`` is off).
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    torch.manual_seed(seed)
+    model.train()
+    losses, flops = [], 0
+    for epoch in range(epochs):
+        for rows, batch in public_batches(texts, tokenizer, max_length, batch_size, seed=seed + epoch):
+
+            def step(batch: dict = batch, rows: torch.Tensor = rows) -> float:
+                loss = distillation_loss(model(**batch).logits, targets[rows], temperature)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                return loss.item()
+
+            if count_flops:
+                loss, step_flops = counted(model, ("distill", *batch["input_ids"].shape), step)
+                flops += step_flops
+            else:
+                loss = step()
+            losses.append(loss)
+    return (sum(losses) / len(losses) if losses else float("nan")), int(flops)
+
+
+def counted_public_logits(model: nn.Module, texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
+                          batch_size: int, count_flops: bool) -> tuple[torch.Tensor, int]:
+    """:func:`public_logits` and the FLOPs of computing them."""
+    if not count_flops:
+        return public_logits(model, texts, tokenizer, max_length, batch_size), 0
+    model.eval()
+    parts, flops = [], 0
+    with torch.no_grad():
+        for _, batch in public_batches(texts, tokenizer, max_length, batch_size):
+            logits, batch_flops = counted(model, ("infer", *batch["input_ids"].shape),
+                                          lambda batch=batch: model(**batch).logits.float())
+            parts.append(logits)
+            flops += batch_flops
+    return torch.cat(parts), flops
