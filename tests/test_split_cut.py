@@ -67,3 +67,25 @@ def test_unsupported_architecture_is_a_clear_error() -> None:
                          num_attention_heads=2, num_key_value_heads=2)
     with pytest.raises(ConfigError, match="BERT-family sequence classifiers.*LlamaForCausalLM"):
         cut_encoder(LlamaForCausalLM(config), 1)
+
+
+def test_split_forward_equals_unsplit_forward_with_lora_on_the_client_half(tiny_bert: str) -> None:
+    # Prepare: LoRA on layer 0, its B factors made non-zero so the adapters change the output
+    from fedcustom.config import MethodConfig
+    from fedcustom.methods import get_method
+
+    model, batch = _model_and_batch(tiny_bert)
+    model = get_method("split").build(model, MethodConfig(name="split", cut_layer=1, split_client="lora"),
+                                      "classification").eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_()
+    split = cut_encoder(model, cut_layer=1)
+    # Execute
+    with torch.no_grad():
+        whole = model(**batch).logits
+        halves = split.server_forward(split.client_forward(**batch), batch["attention_mask"])
+    # Assert
+    assert torch.allclose(halves, whole, atol=1e-5)
+    assert all("lora_" in n for n in split.client_parameters())

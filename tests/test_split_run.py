@@ -67,3 +67,26 @@ def test_rounds_table_shows_server_flops_only_when_the_server_trained() -> None:
     sharing = RoundResult(1, evaluation, [0], 0.5, {0: 10}, {0: 10}, {0: 2_000})
     assert "server FLOPs / client" in render(split) and "3.000e+03" in render(split)
     assert "server FLOPs" not in render(sharing)
+
+
+def test_lora_on_the_client_half_sends_only_adapters_and_saves_a_merged_model(tiny_config) -> None:
+    # Prepare
+    job = build_job(tiny_config(method__name="split", method__cut_layer=1, method__split_client="lora",
+                                train__lr=3e-3, federation__rounds=3, federation__local_epochs=1))
+    embeddings = {n: p.detach().clone() for n, p in job.model.named_parameters() if "embeddings" in n}
+    full_half = sum(p.numel() for n, p in job.model.named_parameters() if "embeddings" in n or "layer.0." in n)
+    # Execute
+    execute(job)
+    # Assert: the client half that is averaged and sent is LoRA on layer 0 only; embeddings stay frozen
+    client_half = job.server.inner.global_client_half
+    assert client_half and all("lora_" in n and "layer.0." in n for n in client_half)
+    assert sum(t.numel() for t in client_half.values()) < full_half / 10
+    assert all(torch.equal(p, embeddings[n]) for n, p in job.model.named_parameters() if n in embeddings)
+    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+    assert log[3]["train_loss"] < log[1]["train_loss"]
+    # Assert: the saved model is a plain transformers model with the LoRA merged in
+    loaded = AutoModelForSequenceClassification.from_pretrained(job.model_dir).eval()
+    batch = job.tokenizer(["the movie was great", "the plot was awful"], return_tensors="pt", padding=True)
+    job.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, job.model(**batch).logits, rtol=0, atol=1e-5)

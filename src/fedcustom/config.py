@@ -76,6 +76,9 @@ class MethodConfig:
                     "(KD-FedLLM).", "--method")
     cut_layer: int = opt(3, "Split learning: transformer layers run by the client; the server runs the rest.",
                          "--cut-layer")
+    split_client: str = opt("full", "Split learning: what the client half trains: full (every weight) or lora (LoRA "
+                            "adapters on its layers, embeddings frozen: far fewer bytes per round).", "--split-client",
+                            ("full", "lora"))
     local_method: str = opt("lora", "KD-FedLLM: what each client (and the global model) trains: full, lora, prompt "
                             "or prefix.", "--local-method", ("full", "lora", "prompt", "prefix"))
     client_model: str | None = opt(None, "KD-FedLLM: the clients' backbone, which may differ from --model (e.g. a "

@@ -173,7 +173,8 @@ class Job:
     @property
     def model_dir(self) -> Path:
         """Where the final global adapter (PEFT methods) or whole model (full, split) is saved."""
-        return self.out / ("adapter" if isinstance(self.model, PeftModel) else "model")
+        whole = self.method.saves_whole_model or not isinstance(self.model, PeftModel)
+        return self.out / ("model" if whole else "adapter")
 
 
 def build_job(cfg: RunConfig) -> Job:
@@ -271,7 +272,7 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
     results = run_rounds(job, console, show)
     load_trainable_state(job.model, job.server.global_state)
     if cfg.output.save_model:
-        save_trained(job.model, job.model_dir)
+        (job.method.save or save_trained)(job.model, job.model_dir)
         job.tokenizer.save_pretrained(job.model_dir)
     centralized = None
     if cfg.train.centralized:

@@ -32,7 +32,9 @@ class Method:
     build: Builder  # (backbone, method config, task) -> trainable model
     default_lr: Callable[[MethodConfig], float]  # AdamW rate that trains MiniLM well on SST-2 (OFFLINE.md)
     description: str
-    protocol: str = "parameter_sharing"  # or "split": per-batch activations/gradients (methods/split)
+    protocol: str = "parameter_sharing"  # or "split" (methods/split), "distill" (methods/distill)
+    save: Callable[[nn.Module, Path], None] | None = None  # default: save_trained
+    saves_whole_model: bool = False  # True when ``save`` writes a whole HF model even from a PEFT model
 
 
 _REGISTRY: dict[str, Method] = {}

@@ -2,26 +2,51 @@
 
 :mod:`~fedcustom.methods.split.cut` cuts the model, :mod:`~fedcustom.methods.split.protocol` runs
 SplitFed rounds over the runtime's send/receive primitive, :mod:`~fedcustom.methods.split.federated`
-gives those rounds the server interface the runner drives. Not yet done: LoRA/prefix on the client
-half, the U-shaped variant (head on the client), causal LMs, and the Flower runtime for it.
+gives those rounds the server interface the runner drives. The client half trains every weight, or
+only LoRA adapters on its layers (``method.split_client = "lora"``); the server half trains every
+weight. Not yet done: prefix tuning on the client half, causal LMs, and the Flower runtime for it.
 """
 
+import copy
+from pathlib import Path
+
+from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from fedcustom.config import MethodConfig
-from fedcustom.methods.base import Method, register
+from fedcustom.methods.base import Method, peft_task_type, register
 from fedcustom.methods.split.cut import SplitEncoder, cut_encoder
 
 __all__ = ["METHOD", "SplitEncoder", "cut_encoder"]
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
-    """Every weight trains (the client its half, the server the rest); the cut is checked here, early."""
-    cut_encoder(backbone, cfg.cut_layer)
-    for param in backbone.parameters():
-        param.requires_grad_(True)
-    return backbone
+    """The client half trains all its weights or LoRA on its layers; the server half trains every weight.
+    The cut is checked here, early."""
+    split = cut_encoder(backbone, cfg.cut_layer)
+    if cfg.split_client == "full":
+        for param in backbone.parameters():
+            param.requires_grad_(True)
+        return backbone
+    server_half = set(split.server_parameters())  # every server-half weight trains, LoRA or not
+    lora = LoraConfig(task_type=peft_task_type(task), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+                      lora_dropout=cfg.lora_dropout, layers_to_transform=list(range(cfg.cut_layer)),
+                      target_modules=list(cfg.lora_targets) if cfg.lora_targets else None)
+    model = get_peft_model(backbone, lora)
+    for name, param in model.get_base_model().named_parameters():
+        if name in server_half:
+            param.requires_grad_(True)
+    return model
 
 
-METHOD = register(Method("split", build, default_lr=lambda cfg: 1e-4, protocol="split",
+def save(model: nn.Module, out_dir: Path) -> None:
+    """A whole Hugging Face model folder; client-half LoRA is merged into a copy of the weights."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, PeftModel):
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(out_dir)
+
+
+METHOD = register(Method("split", build, default_lr=lambda cfg: 1e-4, protocol="split", save=save,
+                         saves_whole_model=True,
                          description="Split-FedLLM: the client runs layers [0, K), the server the rest"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from peft import PeftModel
 from torch import nn
 from transformers.masking_utils import create_bidirectional_mask
 
@@ -33,22 +34,23 @@ class SplitEncoder:
     """The two halves of an encoder classifier (``BertForSequenceClassification`` and its relatives)."""
 
     def __init__(self, model: nn.Module, cut_layer: int) -> None:
-        self.model = model
-        self.encoder = model.base_model  # e.g. BertModel: embeddings, encoder.layer, pooler
+        self.model = model  # names of parameters are this model's (a PeftModel when the client half has LoRA)
+        self.hf = unwrap(model)  # e.g. BertForSequenceClassification
+        self.encoder = self.hf.base_model  # e.g. BertModel: embeddings, encoder.layer, pooler
         self.layers = self.encoder.encoder.layer
         self.cut_layer = cut_layer
 
     def _named(self, modules: list[nn.Module]) -> dict[str, nn.Parameter]:
         owned = {id(p) for m in modules for p in m.parameters()}
-        return {name: p for name, p in self.model.named_parameters() if id(p) in owned}
+        return {name: p for name, p in self.model.named_parameters() if id(p) in owned and p.requires_grad}
 
     def client_parameters(self) -> dict[str, nn.Parameter]:
-        """Embeddings and layers [0, K), by their names in the whole model."""
+        """The trainable tensors of the embeddings and layers [0, K), by their names in the whole model."""
         return self._named([self.encoder.embeddings, *self.layers[: self.cut_layer]])
 
     def server_parameters(self) -> dict[str, nn.Parameter]:
-        """Layers [K, N), pooler and head, by their names in the whole model."""
-        rest = [m for m in (self.encoder.pooler, self.model.classifier) if m is not None]
+        """The trainable tensors of layers [K, N), pooler and head, by their names in the whole model."""
+        rest = [m for m in (self.encoder.pooler, self.hf.classifier) if m is not None]
         return self._named([*self.layers[self.cut_layer :], *rest])
 
     def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
@@ -70,7 +72,7 @@ class SplitEncoder:
         for layer in self.layers[self.cut_layer :]:
             hidden = layer(hidden, mask)
         pooled = self.encoder.pooler(hidden) if self.encoder.pooler is not None else hidden[:, 0]
-        return self.model.classifier(self.model.dropout(pooled))
+        return self.hf.classifier(self.hf.dropout(pooled))
 
     def server_step(self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> ServerStep:
         """Forward and backward of the server half on received activations; gradients of the server's own
@@ -82,13 +84,19 @@ class SplitEncoder:
         return ServerStep(loss=loss.detach(), logits=logits.detach(), grad_at_cut=received.grad)
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a PeftModel (LoRA layers injected in place), else the model itself."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def cut_encoder(model: nn.Module, cut_layer: int) -> SplitEncoder:
     """Split ``model`` after ``cut_layer`` transformer layers; a clear error for an unsupported model or cut."""
-    base = getattr(model, "base_model", None)
+    hf = unwrap(model)
+    base = getattr(hf, "base_model", None)
     layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings") or not hasattr(model, "classifier"):
+    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings") or not hasattr(hf, "classifier"):
         raise ConfigError(f"--cut-layer: split learning supports BERT-family sequence classifiers (embeddings, "
-                          f"encoder.layer, classifier); got {type(model).__name__}")
+                          f"encoder.layer, classifier); got {type(hf).__name__}")
     if not 1 <= cut_layer < len(layers):
         raise ConfigError(f"--cut-layer {cut_layer}: expected 1 to {len(layers) - 1} for a model with "
                           f"{len(layers)} transformer layers (the client and the server each keep at least one)")
