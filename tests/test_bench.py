@@ -83,3 +83,35 @@ def test_quick_preset_writes_report_results_and_plots(tmp_path: Path) -> None:
         assert heading in report
     for png in ("accuracy_vs_round.png", "accuracy_vs_mb.png", "accuracy_vs_alpha.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_frameworks_preset_compares_the_three_families_and_sweeps(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare: the frameworks pipeline on a tiny BERT and the toy corpus, one variant per family and sweep
+    from rich.console import Console
+
+    from fedcustom.bench import run_frameworks_bench
+    from fedcustom.bench.frameworks import Setting, Variant
+
+    setting = Setting(train=toy_csv, eval=toy_csv, max_train=120, max_length=16, clients=2, rounds=2, model=tiny_bert)
+    variants = (
+        Variant("lora", "FedLLM LoRA", {"name": "lora"}, 3e-3, ("base", "clients"), centralized=True),
+        Variant("kd", "KD-FedLLM", {"name": "distill", "public_size": 20}, 3e-3, ("base", "public")),
+        Variant("split-cut1", "Split-FedLLM", {"name": "split", "cut_layer": 1}, 3e-3, ("base", "cut")),
+    )
+    out = tmp_path / "frameworks"
+    out.mkdir()
+    # Execute
+    result = run_frameworks_bench("/", out, "fedcustom bench --preset frameworks", Console(quiet=True), setting, variants)
+    # Assert: every family measured on the same axes; the clients sweep added a 10-client LoRA run
+    runs = {r["key"]: r for r in result["runs"]}
+    assert set(runs) == {"lora", "kd", "split-cut1", "lora-10clients"}
+    assert runs["lora-10clients"]["clients"] == 10 and runs["lora"]["clients"] == 2
+    assert {r["family"] for r in runs.values()} == {"FedLLM", "KD-FedLLM", "Split-FedLLM"}
+    assert runs["kd"]["public_examples"] == 20 and runs["kd"]["server_flops_per_round"] > 0
+    assert runs["split-cut1"]["server_flops_per_round"] > 0 and runs["lora"]["server_flops_per_round"] is None
+    assert runs["lora"]["centralized_accuracy"] is not None
+    assert runs["kd"]["bytes_up_per_round"] < runs["lora"]["bytes_up_per_round"] < runs["split-cut1"]["bytes_up_per_round"]
+    report = (out / "report.md").read_text()
+    assert "## All frameworks" in report and "## Split-FedLLM: where the model is cut" in report
+    assert "## KD-FedLLM: size of the public set" in report and "Centralized reference" in report
+    assert (out / "accuracy_vs_mb.png").stat().st_size > 0 and (out / "flops.png").stat().st_size > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -9,8 +10,10 @@ from typing import Any
 
 from rich.console import Console
 
+from fedcustom.bench.frameworks import VARIANTS, Setting, Variant, all_runs, report, run_frameworks, table
 from fedcustom.bench.grid import cells, run_grid
-from fedcustom.bench.plots import accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round
+from fedcustom.bench.plots import (accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round, frameworks_accuracy_vs_mb,
+                                   frameworks_flops)
 from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
 from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, main_table, paper_table, skew_dataset,
                                     skew_table, targets, variants)
@@ -79,9 +82,11 @@ def write_report(out: Path, preset: BenchPreset, rows: list[dict], result: dict[
 
 def run_bench(preset_name: str, data_dir: str, output: str, command: str, console: Console | None = None) -> dict[str, Any]:
     """Run the preset's grid, then write results.json, report.md and the PNG plots into ``output``."""
-    preset = get_preset(preset_name)
     out = prepare_output(output)
     console = console or Console()
+    if preset_name == "frameworks":
+        return run_frameworks_bench(data_dir, out, command, console)
+    preset = get_preset(preset_name)
     start = time.perf_counter()
     console.print(f"bench preset {preset.name!r}: {len(cells(preset))} federated runs -> {out}")
     records = run_grid(preset, Path(data_dir).expanduser(), out, console)
@@ -105,5 +110,24 @@ def run_bench(preset_name: str, data_dir: str, output: str, command: str, consol
     write_json(out / "results.json", result)
     write_report(out, preset, rows, result)
     console.print(main_table(rows, len(variants(records)) > len(preset.methods)), soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}")
+    return result
+
+
+def run_frameworks_bench(data_dir: str, out: Path, command: str, console: Console,
+                         setting: Setting = Setting(), variants: tuple[Variant, ...] = VARIANTS) -> dict[str, Any]:
+    """FedLLM vs KD-FedLLM vs Split-FedLLM (bench/frameworks.py): results.json, report.md, two plots."""
+    start = time.perf_counter()
+    console.print(f"bench preset 'frameworks': {len(all_runs(variants))} federated runs -> {out}")
+    records = run_frameworks(Path(data_dir).expanduser(), out, console, setting, variants)
+    wall = time.perf_counter() - start
+    result = {"preset": "frameworks", "command": command, "versions": versions(), "machine": machine(),
+              "wall_seconds": wall, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "setting": dataclasses.asdict(setting), "runs": records}
+    frameworks_accuracy_vs_mb(records, out / "accuracy_vs_mb.png")
+    frameworks_flops(records, out / "flops.png")
+    write_json(out / "results.json", result)
+    (out / "report.md").write_text(report(records, setting, command, result["machine"], wall))
+    console.print(table(records, "base", "framework"), soft_wrap=True)
     console.print(f"report: {out / 'report.md'}")
     return result

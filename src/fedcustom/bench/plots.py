@@ -94,3 +94,36 @@ def accuracy_vs_alpha(records: list[dict], dataset: str, splits: tuple[str, ...]
     ax.set_xticks(range(len(splits)), names)
     ax.set(xlabel="label split (Dirichlet α; smaller = more skewed)", ylabel="test accuracy (%)", title=dataset)
     _finish(fig, ax, path)
+
+
+FAMILY_COLORS = {"FedLLM": "tab:blue", "KD-FedLLM": "tab:orange", "Split-FedLLM": "tab:green"}
+
+
+def frameworks_accuracy_vs_mb(records: list[dict], path: Path) -> None:
+    """Final accuracy against MB per client per round (up + down, log scale), one colour per framework."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for family, color in FAMILY_COLORS.items():
+        runs = [r for r in records if r["family"] == family]
+        if runs:
+            mb = [(r["bytes_up_per_round"] + r["bytes_down_per_round"]) / MB for r in runs]
+            ax.scatter(mb, [100 * r["final_accuracy"] for r in runs], color=color, label=family)
+            for x, r in zip(mb, runs):
+                ax.annotate(r["key"], (x, 100 * r["final_accuracy"]), fontsize=6, xytext=(3, 3),
+                            textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel("MB per client per round (up + down)")
+    ax.set_ylabel("final accuracy (%)")
+    _finish(fig, ax, path)
+
+
+def frameworks_flops(records: list[dict], path: Path) -> None:
+    """Client and server GFLOPs per client per round, side by side for each run."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    x = np.arange(len(records))
+    client = [r["client_flops_per_round"] / 1e9 for r in records]
+    server = [(r["server_flops_per_round"] or 0) / 1e9 for r in records]
+    ax.bar(x - 0.2, client, 0.4, label="client", color="tab:blue")
+    ax.bar(x + 0.2, server, 0.4, label="server (per client)", color="tab:gray")
+    ax.set_xticks(x, [r["key"] for r in records], rotation=60, ha="right", fontsize=6)
+    ax.set_ylabel("GFLOPs per client per round")
+    _finish(fig, ax, path)
