@@ -89,3 +89,32 @@ def test_split_forward_equals_unsplit_forward_with_lora_on_the_client_half(tiny_
     # Assert
     assert torch.allclose(halves, whole, atol=1e-5)
     assert all("lora_" in n for n in split.client_parameters())
+
+
+def test_u_shaped_gradients_equal_autograd_of_whole_model(tiny_bert: str) -> None:
+    # Prepare: the whole model's gradients at the cut and at the last hidden states
+    model, batch = _model_and_batch(tiny_bert)
+    labels = torch.tensor([1, 0, 1])
+    captured = {}
+    hooks = [model.base_model.encoder.layer[i].register_forward_hook(
+        lambda _m, _i, out, key=key: captured.setdefault(key, out).retain_grad()) for i, key in ((0, "cut"), (1, "top"))]
+    torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
+    for hook in hooks:
+        hook.remove()
+    expected = {k: v.grad.clone() for k, v in captured.items()}
+    whole_classifier_grad = model.classifier.weight.grad.clone()
+    model.zero_grad(set_to_none=True)
+    split = cut_encoder(model, cut_layer=1, head_on_client=True)
+    # Execute: client bottom -> server middle -> client head (loss on its own labels) -> server -> client
+    activations = split.client_forward(**batch)
+    received = activations.detach().requires_grad_(True)
+    top = split.middle_forward(received, batch["attention_mask"])
+    _, grad_top = split.head_step(top.detach(), labels)
+    top.backward(grad_top)
+    activations.backward(received.grad)
+    # Assert
+    assert torch.allclose(grad_top, expected["top"], atol=1e-6)
+    assert torch.allclose(received.grad, expected["cut"], atol=1e-6)
+    assert torch.allclose(model.classifier.weight.grad, whole_classifier_grad, atol=1e-6)
+    assert any("classifier" in n for n in split.client_parameters())
+    assert not any("classifier" in n or "pooler" in n for n in split.server_parameters())

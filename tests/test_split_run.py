@@ -90,3 +90,28 @@ def test_lora_on_the_client_half_sends_only_adapters_and_saves_a_merged_model(ti
     job.model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, job.model(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_u_shaped_split_keeps_labels_on_the_client_and_learns(tiny_config) -> None:
+    # Prepare: record every payload a client sends
+    from fedcustom.codecs import RawCodec
+
+    job = build_job(tiny_config(method__name="split", method__cut_layer=1, method__split_head="client",
+                                train__lr=3e-3, federation__rounds=3, federation__local_epochs=1))
+    handler, uploads = job.server.runtime._handler, []
+
+    def recording(node, message):
+        reply = handler(node, message)
+        uploads.append((message.kind, RawCodec().decode(reply.payload) if reply.payload else {}))
+        return reply
+
+    job.server.runtime._handler = recording
+    # Execute
+    execute(job)
+    # Assert: no upload carries labels; heads travel as hidden states down and gradients up
+    assert uploads and not any("labels" in sent for _, sent in uploads)
+    assert {kind for kind, _ in uploads} == {"split_begin", "split_forward", "split_head", "split_backward", "split_end"}
+    assert all(set(sent) == {"grad"} for kind, sent in uploads if kind == "split_head")
+    assert any("classifier" in name for name in job.server.inner.global_client_half)  # the head is averaged
+    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+    assert log[3]["eval_loss"] < log[0]["eval_loss"]

@@ -79,6 +79,9 @@ class MethodConfig:
     split_client: str = opt("full", "Split learning: what the client half trains: full (every weight) or lora (LoRA "
                             "adapters on its layers, embeddings frozen: far fewer bytes per round).", "--split-client",
                             ("full", "lora"))
+    split_head: str = opt("server", "Split learning: where the pooler and classifier run: server, or client (U-shaped: "
+                          "labels never leave the client, one more exchange per batch).", "--split-head",
+                          ("server", "client"))
     local_method: str = opt("lora", "KD-FedLLM: what each client (and the global model) trains: full, lora, prompt "
                             "or prefix.", "--local-method", ("full", "lora", "prompt", "prefix"))
     client_model: str | None = opt(None, "KD-FedLLM: the clients' backbone, which may differ from --model (e.g. a "

@@ -220,7 +220,7 @@ def build_split_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, codec: 
     from fedcustom.methods.split.federated import SplitFederatedServer
     from fedcustom.methods.split.protocol import SplitClient, SplitServer
 
-    split = cut_encoder(model, cfg.method.cut_layer)
+    split = cut_encoder(model, cfg.method.cut_layer, head_on_client=cfg.method.split_head == "client")
     runtime = EmbeddedRuntime(SplitClient(split, tokenizer, codec, tables), cfg.federation.clients)
     inner = SplitServer(runtime, split, strategy, codec, schedule, cfg.train.seed)
     return SplitFederatedServer(inner, clients_per_round(cfg), cfg.train.seed, evaluate_global)

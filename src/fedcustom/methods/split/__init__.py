@@ -4,7 +4,9 @@
 SplitFed rounds over the runtime's send/receive primitive, :mod:`~fedcustom.methods.split.federated`
 gives those rounds the server interface the runner drives. The client half trains every weight, or
 only LoRA adapters on its layers (``method.split_client = "lora"``); the server half trains every
-weight. Not yet done: prefix tuning on the client half, causal LMs, and the Flower runtime for it.
+weight. U-shaped (``method.split_head = "client"``), the pooler and classifier run on the client.
+Not yet done: prefix tuning on the client half, causal LMs, parallel SplitFed-V1 (one server half
+per client, averaged), and the Flower runtime for it.
 """
 
 import copy
@@ -28,7 +30,7 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
         for param in backbone.parameters():
             param.requires_grad_(True)
         return backbone
-    server_half = set(split.server_parameters())  # every server-half weight trains, LoRA or not
+    server_half = set(split.server_parameters())  # layers [K, N) and the head (wherever it runs) train fully
     lora = LoraConfig(task_type=peft_task_type(task), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, layers_to_transform=list(range(cfg.cut_layer)),
                       target_modules=list(cfg.lora_targets) if cfg.lora_targets else None)

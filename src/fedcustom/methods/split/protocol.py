@@ -9,7 +9,9 @@ batches after another):
            server --split_backward(grad at the cut)--> client   back-propagates, steps its optimizer
     server --split_end--> client   replies with its trained client half
 
-and the client halves are merged with the strategy (FedAvg). Every exchange is one Message/Reply,
+and the client halves are merged with the strategy (FedAvg). U-shaped (head on the client), the
+labels stay on the client and each batch takes one more exchange: the server sends its last hidden
+states (``split_head``) and the client returns the gradient of its loss with respect to them. Every exchange is one Message/Reply,
 so the same protocol will run on Flower; bytes are the real encoded payloads in both directions.
 """
 
@@ -36,7 +38,7 @@ from fedcustom.validation import validate_update
 
 log = logging.getLogger(__name__)
 
-BEGIN, FORWARD, BACKWARD, END = "split_begin", "split_forward", "split_backward", "split_end"
+BEGIN, FORWARD, HEAD, BACKWARD, END = "split_begin", "split_forward", "split_head", "split_backward", "split_end"
 State = dict[str, torch.Tensor]
 
 
@@ -63,6 +65,7 @@ class _Session:
     batches: Iterator[dict]
     num_examples: int
     activations: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # U-shaped: the pending batch's labels, kept on the client
     flops: int = 0  # client-half forward + backward FLOPs so far this round
 
 
@@ -78,7 +81,7 @@ class SplitClient:
         self.sessions: dict[int, _Session] = {}
 
     def __call__(self, node_id: int, message: Message) -> Reply:
-        handlers = {BEGIN: self.begin, FORWARD: self.forward, BACKWARD: self.backward, END: self.end}
+        handlers = {BEGIN: self.begin, FORWARD: self.forward, HEAD: self.head, BACKWARD: self.backward, END: self.end}
         if message.kind not in handlers:
             return Reply(error=f"unknown message kind {message.kind!r}; this client handles {', '.join(handlers)}")
         if message.kind != BEGIN and node_id not in self.sessions:
@@ -108,9 +111,23 @@ class SplitClient:
             session.activations = self.split.client_forward(
                 batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (batch, seq, hidden)
         session.flops += counter.get_total_flops()
-        wire = {"activations": session.activations.detach(), "attention_mask": batch["attention_mask"],
-                "labels": batch["labels"]}
+        wire = {"activations": session.activations.detach(), "attention_mask": batch["attention_mask"]}
+        if self.split.head_on_client:
+            session.labels = batch["labels"]  # U-shaped: labels never leave the client
+        else:
+            wire["labels"] = batch["labels"]
         return Reply(payload=self.codec.encode(wire), num_examples=len(batch["labels"]), metrics={"done": 0.0})
+
+    def head(self, node_id: int, message: Message) -> Reply:
+        """U-shaped: the loss on the server's last hidden states, and its gradient for the server."""
+        session = self.sessions[node_id]
+        hidden = self.codec.decode(message.payload)["hidden"]  # (batch, seq, hidden)
+        if session.labels is None or len(hidden) != len(session.labels):
+            return Reply(error=f"hidden states for {len(hidden)} rows do not match the pending batch")
+        with FlopCounterMode(display=False) as counter:
+            loss, grad = self.split.head_step(hidden, session.labels)
+        session.flops += counter.get_total_flops()
+        return Reply(payload=self.codec.encode({"grad": grad}), metrics={"loss": float(loss)})
 
     def backward(self, node_id: int, message: Message) -> Reply:
         session = self.sessions[node_id]
@@ -190,6 +207,32 @@ class SplitServer:
         result.train_loss = float(np.mean(losses)) if losses else None
         return result
 
+    def _count(self, node: int, result: SplitRoundResult, counter: FlopCounterMode) -> None:
+        result.server_flops[node] = result.server_flops.get(node, 0) + counter.get_total_flops()
+
+    def _server_step(self, rnd: int, node: int, wire: State, result: SplitRoundResult) -> tuple[float, torch.Tensor]:
+        """Server half with the head: forward, loss, backward on the received activations."""
+        with FlopCounterMode(display=False) as counter:
+            step = self.split.server_step(wire["activations"], wire["attention_mask"], wire["labels"])
+        self._count(node, result, counter)
+        return float(step.loss), step.grad_at_cut
+
+    def _u_shaped_step(self, rnd: int, node: int, wire: State, result: SplitRoundResult) -> tuple[float, torch.Tensor]:
+        """U-shaped: the middle layers forward, the client's head computes the loss on its own labels and
+        returns the gradient at the top, the middle layers backward to the cut."""
+        with FlopCounterMode(display=False) as counter:
+            received = wire["activations"].detach().requires_grad_(True)  # (batch, seq, hidden)
+            top = self.split.middle_forward(received, wire["attention_mask"])  # (batch, seq, hidden)
+        self._count(node, result, counter)
+        head = self._exchange(node, Message(HEAD, rnd, self.codec.encode({"hidden": top.detach()})), result)
+        grad_top = self.codec.decode(head.payload).get("grad")
+        if grad_top is None or grad_top.shape != top.shape or not torch.isfinite(grad_top).all():
+            raise UpdateRejected(f"head gradient: expected finite 'grad' of shape {tuple(top.shape)}")
+        with FlopCounterMode(display=False) as counter:
+            top.backward(grad_top)
+        self._count(node, result, counter)
+        return float(head.metrics["loss"]), received.grad
+
     def _exchange(self, node: int, message: Message, result: SplitRoundResult) -> Reply:
         reply = self.runtime.send_and_receive({node: message})[node]
         result.bytes_down[node] = result.bytes_down.get(node, 0) + len(message.payload)
@@ -203,17 +246,15 @@ class SplitServer:
         begin = Message(BEGIN, rnd, self.codec.encode(self.global_client_half), config)
         self._exchange(node, begin, result)
         self.split.model.train()
+        step = self._u_shaped_step if self.split.head_on_client else self._server_step
         while (reply := self._exchange(node, Message(FORWARD, rnd), result)).metrics.get("done") == 0.0:
-            wire = self.codec.decode(reply.payload)
-            with FlopCounterMode(display=False) as counter:
-                step = self.split.server_step(wire["activations"], wire["attention_mask"], wire["labels"])
-            result.server_flops[node] = result.server_flops.get(node, 0) + counter.get_total_flops()
+            loss, grad_at_cut = step(rnd, node, self.codec.decode(reply.payload), result)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-            losses.append(float(step.loss))
+            losses.append(loss)
             result.batches[node] = result.batches.get(node, 0) + 1
-            result.examples_seen += len(wire["labels"])
-            self._exchange(node, Message(BACKWARD, rnd, self.codec.encode({"grad": step.grad_at_cut})), result)
+            result.examples_seen += len(grad_at_cut)
+            self._exchange(node, Message(BACKWARD, rnd, self.codec.encode({"grad": grad_at_cut})), result)
         end = self._exchange(node, Message(END, rnd), result)
         state = self.codec.decode(end.payload)
         validate_update(state, self.global_client_half)
