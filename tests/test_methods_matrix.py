@@ -27,7 +27,6 @@ ALL_METHODS = method_names()
 PARAMETER_SHARING = method_names("parameter_sharing")
 
 BACKBONES = ["tiny_bert", "tiny_llama"]
-ONLY_ON = {"split": ["tiny_bert"]}  # the cut supports BERT-family encoders; other models get a clear error (test_split_cut)
 # KD-FedLLM needs public rows outside the clients' 150 (the toy corpus has 192 training rows).
 EXTRA = {"distill": {"method__public_size": 40, "data__max_train_examples": 150}, "split": {"method__cut_layer": 1}}
 
@@ -37,7 +36,7 @@ def method_config(tiny_config, method: str, **overrides):
     return tiny_config(method__name=method, train__lr=TINY_LR[method], **EXTRA.get(method, {}), **overrides)
 
 
-EVERY_METHOD_ON_EVERY_BACKBONE = [(m, b) for m in ALL_METHODS for b in ONLY_ON.get(m, BACKBONES)]
+EVERY_METHOD_ON_EVERY_BACKBONE = [(m, b) for m in ALL_METHODS for b in BACKBONES]
 
 
 @pytest.mark.parametrize(("method", "backbone_fixture"), EVERY_METHOD_ON_EVERY_BACKBONE)

@@ -3,12 +3,14 @@ returns is autograd's gradient at the cut of the whole model."""
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from fedcustom.errors import ConfigError
-from fedcustom.methods.split import cut_encoder
+from fedcustom.methods.split import cut_model
 
 SENTENCES = ["the movie was good", "awful plot and very dull actors it was", "lovely"]  # unequal lengths: padding
 
@@ -17,13 +19,19 @@ def _model_and_batch(path: str) -> tuple[torch.nn.Module, dict]:
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()  # eval: no dropout
     batch = dict(AutoTokenizer.from_pretrained(path)(SENTENCES, padding=True, return_tensors="pt"))
+    if "token_type_ids" not in inspect.signature(model.forward).parameters:
+        batch.pop("token_type_ids")  # decoders take no segment ids
     return model, batch
 
 
-def test_split_forward_equals_unsplit_forward(tiny_bert: str) -> None:
+BACKBONES = ["tiny_bert", "tiny_llama"]  # an encoder and a decoder-only causal LM with a classification head
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_split_forward_equals_unsplit_forward(backbone: str, request: pytest.FixtureRequest) -> None:
     # Prepare
-    model, batch = _model_and_batch(tiny_bert)
-    split = cut_encoder(model, cut_layer=1)
+    model, batch = _model_and_batch(request.getfixturevalue(backbone))
+    split = cut_model(model, cut_layer=1)
     # Execute
     with torch.no_grad():
         whole = model(**batch).logits
@@ -32,19 +40,22 @@ def test_split_forward_equals_unsplit_forward(tiny_bert: str) -> None:
     assert torch.allclose(halves, whole, atol=1e-5)
 
 
-def test_server_gradient_at_cut_equals_autograd_of_whole_model(tiny_bert: str) -> None:
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_server_gradient_at_cut_equals_autograd_of_whole_model(backbone: str, request: pytest.FixtureRequest) -> None:
     # Prepare: the whole model's gradient at the output of layer K-1, and its embedding gradient
-    model, batch = _model_and_batch(tiny_bert)
+    model, batch = _model_and_batch(request.getfixturevalue(backbone))
+    split = cut_model(model, cut_layer=1)
+    embedding = split._embedding_modules()[0]
+    embedding = getattr(embedding, "word_embeddings", embedding)  # BERT: the token table inside embeddings
     labels = torch.tensor([1, 0, 1])
     captured = {}
-    hook = model.base_model.encoder.layer[0].register_forward_hook(
-        lambda _m, _i, out: captured.setdefault("cut", out).retain_grad())
+    hook = split.layers[0].register_forward_hook(
+        lambda _m, _i, out: captured.setdefault("cut", out[0] if isinstance(out, tuple) else out).retain_grad())
     torch.nn.functional.cross_entropy(model(**batch).logits, labels).backward()
     hook.remove()
     whole_cut_grad = captured["cut"].grad.clone()
-    whole_embedding_grad = model.base_model.embeddings.word_embeddings.weight.grad.clone()
+    whole_embedding_grad = embedding.weight.grad.clone()
     model.zero_grad(set_to_none=True)
-    split = cut_encoder(model, cut_layer=1)
     # Execute: client forward, server step on the "received" activations, client backward
     activations = split.client_forward(**batch)
     step = split.server_step(activations, batch["attention_mask"], labels)
@@ -52,21 +63,21 @@ def test_server_gradient_at_cut_equals_autograd_of_whole_model(tiny_bert: str) -
     # Assert
     assert step.grad_at_cut.shape == activations.shape
     assert torch.allclose(step.grad_at_cut, whole_cut_grad, atol=1e-6)
-    assert torch.allclose(model.base_model.embeddings.word_embeddings.weight.grad, whole_embedding_grad, atol=1e-6)
+    assert torch.allclose(embedding.weight.grad, whole_embedding_grad, atol=1e-6)
 
 
 @pytest.mark.parametrize("cut", [0, 2, -1])
 def test_cut_outside_the_model_is_a_clear_error(tiny_bert: str, cut: int) -> None:
     model, _ = _model_and_batch(tiny_bert)
     with pytest.raises(ConfigError, match=rf"--cut-layer {cut}: expected 1 to 1 for a model with 2 transformer layers"):
-        cut_encoder(model, cut)
+        cut_model(model, cut)
 
 
 def test_unsupported_architecture_is_a_clear_error() -> None:
     config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=2)
-    with pytest.raises(ConfigError, match="BERT-family sequence classifiers.*LlamaForCausalLM"):
-        cut_encoder(LlamaForCausalLM(config), 1)
+    with pytest.raises(ConfigError, match="BERT-family encoder classifiers.*LlamaForCausalLM"):
+        cut_model(LlamaForCausalLM(config), 1)
 
 
 def test_split_forward_equals_unsplit_forward_with_lora_on_the_client_half(tiny_bert: str) -> None:
@@ -81,7 +92,7 @@ def test_split_forward_equals_unsplit_forward_with_lora_on_the_client_half(tiny_
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_()
-    split = cut_encoder(model, cut_layer=1)
+    split = cut_model(model, cut_layer=1)
     # Execute
     with torch.no_grad():
         whole = model(**batch).logits
@@ -104,12 +115,12 @@ def test_u_shaped_gradients_equal_autograd_of_whole_model(tiny_bert: str) -> Non
     expected = {k: v.grad.clone() for k, v in captured.items()}
     whole_classifier_grad = model.classifier.weight.grad.clone()
     model.zero_grad(set_to_none=True)
-    split = cut_encoder(model, cut_layer=1, head_on_client=True)
+    split = cut_model(model, cut_layer=1, head_on_client=True)
     # Execute: client bottom -> server middle -> client head (loss on its own labels) -> server -> client
     activations = split.client_forward(**batch)
     received = activations.detach().requires_grad_(True)
     top = split.middle_forward(received, batch["attention_mask"])
-    _, grad_top = split.head_step(top.detach(), labels)
+    _, grad_top = split.head_step(top.detach(), batch["attention_mask"], labels)
     top.backward(grad_top)
     activations.backward(received.grad)
     # Assert

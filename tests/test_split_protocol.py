@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from conftest import toy_rows
 from fedcustom.codecs import get_codec
 from fedcustom.data.features import make_loader, tokenize
-from fedcustom.methods.split import cut_encoder
+from fedcustom.methods.split import cut_model
 from fedcustom.methods.split.protocol import SplitClient, SplitServer
 from fedcustom.methods.split.protocol import END, FORWARD
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
@@ -44,7 +44,7 @@ def _setup(tiny_bert: str, corrupt_end_of: int | None = None):
     rows = toy_rows(100).rename(columns={"sentence": "text"})
     table = tokenize(datasets.Dataset.from_pandas(rows), tokenizer, 16)
     tables = {0: table.select(range(0, 20)), 1: table.select(range(20, 50))}
-    split, codec = cut_encoder(model, 1), get_codec("raw")
+    split, codec = cut_model(model, 1), get_codec("raw")
     recorder = Recorder(SplitClient(split, tokenizer, codec, tables), corrupt_end_of)
     server = SplitServer(EmbeddedRuntime(recorder, 2), split, FedAvg(), codec,
                          LocalSchedule(lr=3e-3, batch_size=BATCH), seed=0)

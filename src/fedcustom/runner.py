@@ -216,11 +216,11 @@ def build_split_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, codec: 
                        schedule: LocalSchedule, tables: dict[int, datasets.Dataset],
                        evaluate_global: Callable[[], dict[str, float]]) -> RoundDriver:
     """SplitFed (methods/split): per-batch exchanges through the same embedded runtime."""
-    from fedcustom.methods.split import cut_encoder
+    from fedcustom.methods.split import cut_model
     from fedcustom.methods.split.federated import SplitFederatedServer
     from fedcustom.methods.split.protocol import SplitClient, SplitServer
 
-    split = cut_encoder(model, cfg.method.cut_layer, head_on_client=cfg.method.split_head == "client")
+    split = cut_model(model, cfg.method.cut_layer, head_on_client=cfg.method.split_head == "client")
     runtime = EmbeddedRuntime(SplitClient(split, tokenizer, codec, tables), cfg.federation.clients)
     inner = SplitServer(runtime, split, strategy, codec, schedule, cfg.train.seed)
     return SplitFederatedServer(inner, clients_per_round(cfg), cfg.train.seed, evaluate_global)

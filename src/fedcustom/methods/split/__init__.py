@@ -4,8 +4,9 @@
 SplitFed rounds over the runtime's send/receive primitive, :mod:`~fedcustom.methods.split.federated`
 gives those rounds the server interface the runner drives. The client half trains every weight, or
 only LoRA adapters on its layers (``method.split_client = "lora"``); the server half trains every
-weight. U-shaped (``method.split_head = "client"``), the pooler and classifier run on the client.
-Not yet done: prefix tuning on the client half, causal LMs, parallel SplitFed-V1 (one server half
+weight. U-shaped (``method.split_head = "client"``), the head runs on the client. Encoders (BERT) and
+decoder-only causal LMs with a classification head (LLaMA) are cut. Not yet done: prefix tuning on
+the client half, generative (next-token) training, parallel SplitFed-V1 (one server half
 per client, averaged), and the Flower runtime for it.
 """
 
@@ -17,15 +18,15 @@ from torch import nn
 
 from fedcustom.config import MethodConfig
 from fedcustom.methods.base import Method, peft_task_type, register
-from fedcustom.methods.split.cut import SplitEncoder, cut_encoder
+from fedcustom.methods.split.cut import SplitDecoder, SplitEncoder, SplitModel, cut_model
 
-__all__ = ["METHOD", "SplitEncoder", "cut_encoder"]
+__all__ = ["METHOD", "SplitDecoder", "SplitEncoder", "SplitModel", "cut_model"]
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
     """The client half trains all its weights or LoRA on its layers; the server half trains every weight.
     The cut is checked here, early."""
-    split = cut_encoder(backbone, cfg.cut_layer)
+    split = cut_model(backbone, cfg.cut_layer)
     if cfg.split_client == "full":
         for param in backbone.parameters():
             param.requires_grad_(True)

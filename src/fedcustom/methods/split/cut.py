@@ -1,9 +1,11 @@
-"""Cut a BERT-family sequence classifier at transformer layer K into a client half and a server half.
+"""Cut a sequence classifier at transformer layer K into a client half and a server half.
 
-Client half: token embeddings and layers ``[0, K)``; server half: layers ``[K, N)``, the pooler and
-the classification head — or, U-shaped, the pooler and head stay on the client so labels never leave it. Per batch the client sends the activations at the cut (and the attention
-mask, which the server needs for its own layers); the server returns the gradient of the loss with
-respect to those activations, and the client back-propagates it through its half.
+Encoders (BERT family) and decoder-only causal LMs with a classification head (LLaMA family) are
+supported. Client half: token embeddings and layers ``[0, K)``; server half: layers ``[K, N)`` and
+the head — or, U-shaped, the head stays on the client so labels never leave it. Per batch the
+client sends the activations at the cut (and the attention mask, which the server needs for its own
+layers); the server returns the gradient of the loss with respect to those activations, and the
+client back-propagates it through its half.
 
 Both halves call the model's own submodules (no copies of weights), so running the client half and
 then the server half is the unsplit model's forward, op for op.
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers.masking_utils import create_bidirectional_mask
+from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from fedcustom.errors import ConfigError
 
@@ -30,62 +32,55 @@ class ServerStep:
     grad_at_cut: torch.Tensor  # (batch, seq, hidden): d loss / d activations, sent back to the client
 
 
-class SplitEncoder:
-    """The two halves of an encoder classifier (``BertForSequenceClassification`` and its relatives)."""
+class SplitModel:
+    """The two halves of a sequence classifier; subclasses say which modules are where and how each runs."""
 
     def __init__(self, model: nn.Module, cut_layer: int, head_on_client: bool = False) -> None:
         self.model = model  # names of parameters are this model's (a PeftModel when the client half has LoRA)
         self.hf = unwrap(model)  # e.g. BertForSequenceClassification
-        self.encoder = self.hf.base_model  # e.g. BertModel: embeddings, encoder.layer, pooler
-        self.layers = self.encoder.encoder.layer
         self.cut_layer = cut_layer
-        self.head_on_client = head_on_client  # U-shaped: pooler and classifier stay with the labels on the client
+        self.head_on_client = head_on_client  # U-shaped: the head stays with the labels on the client
 
-    def _named(self, modules: list[nn.Module]) -> dict[str, nn.Parameter]:
-        owned = {id(p) for m in modules for p in m.parameters()}
-        return {name: p for name, p in self.model.named_parameters() if id(p) in owned and p.requires_grad}
+    # What a subclass provides -------------------------------------------------------------------
+    layers: nn.ModuleList
 
-    def _head(self) -> list[nn.Module]:
-        return [m for m in (self.encoder.pooler, self.hf.classifier) if m is not None]
+    def _embedding_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
 
-    def client_parameters(self) -> dict[str, nn.Parameter]:
-        """The trainable tensors of the embeddings and layers [0, K) (and the head, U-shaped), by name."""
-        head = self._head() if self.head_on_client else []
-        return self._named([self.encoder.embeddings, *self.layers[: self.cut_layer], *head])
-
-    def server_parameters(self) -> dict[str, nn.Parameter]:
-        """The trainable tensors of layers [K, N) (and the head, unless U-shaped), by name."""
-        head = [] if self.head_on_client else self._head()
-        return self._named([*self.layers[self.cut_layer :], *head])
-
-    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
-        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+    def _head_modules(self) -> list[nn.Module]:
+        raise NotImplementedError
 
     def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Embeddings and layers [0, K): the activations at the cut, (batch, seq, hidden)."""
-        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        mask = self._mask(hidden, attention_mask)
-        for layer in self.layers[: self.cut_layer]:
-            hidden = layer(hidden, mask)
-        return hidden
+        raise NotImplementedError
 
     def middle_forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Layers [K, N): the last hidden states, (batch, seq, hidden)."""
-        hidden = activations
-        mask = self._mask(hidden, attention_mask)
-        for layer in self.layers[self.cut_layer :]:
-            hidden = layer(hidden, mask)
-        return hidden
+        raise NotImplementedError
 
-    def head_forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Pooler and classifier on the last hidden states: the logits, (batch, labels)."""
-        pooled = self.encoder.pooler(hidden) if self.encoder.pooler is not None else hidden[:, 0]
-        return self.hf.classifier(self.hf.dropout(pooled))
+    def head_forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The classification head on the last hidden states: the logits, (batch, labels)."""
+        raise NotImplementedError
+
+    # Shared -------------------------------------------------------------------------------------
+    def _named(self, modules: list[nn.Module]) -> dict[str, nn.Parameter]:
+        owned = {id(p) for m in modules for p in m.parameters()}
+        return {name: p for name, p in self.model.named_parameters() if id(p) in owned and p.requires_grad}
+
+    def client_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors of the embeddings and layers [0, K) (and the head, U-shaped), by name."""
+        head = self._head_modules() if self.head_on_client else []
+        return self._named([*self._embedding_modules(), *self.layers[: self.cut_layer], *head])
+
+    def server_parameters(self) -> dict[str, nn.Parameter]:
+        """The trainable tensors of layers [K, N) (and the head, unless U-shaped), by name."""
+        head = [] if self.head_on_client else self._head_modules()
+        return self._named([*self.layers[self.cut_layer :], *head])
 
     def server_forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """Layers [K, N), pooler and head: the logits, (batch, labels)."""
-        return self.head_forward(self.middle_forward(activations, attention_mask))
+        """Layers [K, N) and the head: the logits, (batch, labels)."""
+        return self.head_forward(self.middle_forward(activations, attention_mask), attention_mask)
 
     def server_step(self, activations: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> ServerStep:
         """Forward and backward of the server half on received activations; gradients of the server's own
@@ -96,13 +91,92 @@ class SplitEncoder:
         loss.backward()
         return ServerStep(loss=loss.detach(), logits=logits.detach(), grad_at_cut=received.grad)
 
-    def head_step(self, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_step(self, hidden: torch.Tensor, attention_mask: torch.Tensor,
+                  labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """U-shaped, on the client: head forward and backward on the server's last hidden states.
         Returns the loss and d loss / d hidden, which goes back to the server; head gradients accumulate."""
         received = hidden.detach().requires_grad_(True)  # (batch, seq, hidden)
-        loss = nn.functional.cross_entropy(self.head_forward(received), labels)
+        loss = nn.functional.cross_entropy(self.head_forward(received, attention_mask), labels)
         loss.backward()
         return loss.detach(), received.grad
+
+
+class SplitEncoder(SplitModel):
+    """An encoder classifier (``BertForSequenceClassification`` and its relatives): pooler + classifier head."""
+
+    def __init__(self, model: nn.Module, cut_layer: int, head_on_client: bool = False) -> None:
+        super().__init__(model, cut_layer, head_on_client)
+        self.encoder = self.hf.base_model  # e.g. BertModel: embeddings, encoder.layer, pooler
+        self.layers = self.encoder.encoder.layer
+
+    def _embedding_modules(self) -> list[nn.Module]:
+        return [self.encoder.embeddings]
+
+    def _head_modules(self) -> list[nn.Module]:
+        return [m for m in (self.encoder.pooler, self.hf.classifier) if m is not None]
+
+    def _mask(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        return create_bidirectional_mask(config=self.encoder.config, inputs_embeds=hidden, attention_mask=attention_mask)
+
+    def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+        mask = self._mask(hidden, attention_mask)
+        for layer in self.layers[: self.cut_layer]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def middle_forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = activations
+        mask = self._mask(hidden, attention_mask)
+        for layer in self.layers[self.cut_layer :]:
+            hidden = layer(hidden, mask)
+        return hidden
+
+    def head_forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        pooled = self.encoder.pooler(hidden) if self.encoder.pooler is not None else hidden[:, 0]
+        return self.hf.classifier(self.hf.dropout(pooled))
+
+
+class SplitDecoder(SplitModel):
+    """A decoder-only classifier (``LlamaForSequenceClassification`` and the other generic ones): causal
+    layers with rotary positions, a final norm, and a ``score`` head read at the last real token."""
+
+    def __init__(self, model: nn.Module, cut_layer: int, head_on_client: bool = False) -> None:
+        super().__init__(model, cut_layer, head_on_client)
+        self.decoder = getattr(self.hf, self.hf.base_model_prefix)  # e.g. LlamaModel
+        self.layers = self.decoder.layers
+
+    def _embedding_modules(self) -> list[nn.Module]:
+        return [self.decoder.embed_tokens]
+
+    def _head_modules(self) -> list[nn.Module]:
+        return [self.decoder.norm, self.hf.score]
+
+    def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
+        """``layers`` on ``hidden`` with the causal mask and rotary embeddings the whole model would use."""
+        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)  # (1, seq)
+        mask = create_causal_mask(config=self.decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
+                                  past_key_values=None, position_ids=position_ids)
+        rotary = self.decoder.rotary_emb(hidden, position_ids=position_ids)
+        for layer in layers:
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+        return hidden
+
+    def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+        return self._run(self.decoder.embed_tokens(input_ids), attention_mask, self.layers[: self.cut_layer])
+
+    def middle_forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self._run(activations, attention_mask, self.layers[self.cut_layer :])
+
+    def head_forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Final norm and score at each row's last real token (the attention mask stands in for the pad-id
+        test the unsplit model makes on input ids, which the server never sees)."""
+        logits = self.hf.score(self.decoder.norm(hidden))  # (batch, seq, labels)
+        positions = torch.arange(attention_mask.shape[1])
+        last = (positions * attention_mask).argmax(-1)  # (batch,)
+        return logits[torch.arange(len(logits)), last]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -110,15 +184,19 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if isinstance(model, PeftModel) else model
 
 
-def cut_encoder(model: nn.Module, cut_layer: int, head_on_client: bool = False) -> SplitEncoder:
+def cut_model(model: nn.Module, cut_layer: int, head_on_client: bool = False) -> SplitModel:
     """Split ``model`` after ``cut_layer`` transformer layers; a clear error for an unsupported model or cut."""
     hf = unwrap(model)
     base = getattr(hf, "base_model", None)
-    layers = getattr(getattr(base, "encoder", None), "layer", None)
-    if not isinstance(layers, nn.ModuleList) or not hasattr(base, "embeddings") or not hasattr(hf, "classifier"):
-        raise ConfigError(f"--cut-layer: split learning supports BERT-family sequence classifiers (embeddings, "
-                          f"encoder.layer, classifier); got {type(hf).__name__}")
+    if isinstance(getattr(getattr(base, "encoder", None), "layer", None), nn.ModuleList) and hasattr(hf, "classifier"):
+        kind, layers = SplitEncoder, base.encoder.layer
+    elif isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(hf, "score") and hasattr(base, "rotary_emb"):
+        kind, layers = SplitDecoder, base.layers
+    else:
+        raise ConfigError(f"--cut-layer: split learning supports BERT-family encoder classifiers (encoder.layer, "
+                          f"classifier) and decoder classifiers with rotary positions (layers, score, e.g. LLaMA); "
+                          f"got {type(hf).__name__}")
     if not 1 <= cut_layer < len(layers):
         raise ConfigError(f"--cut-layer {cut_layer}: expected 1 to {len(layers) - 1} for a model with "
                           f"{len(layers)} transformer layers (the client and the server each keep at least one)")
-    return SplitEncoder(model, cut_layer, head_on_client)
+    return kind(model, cut_layer, head_on_client)

@@ -30,7 +30,7 @@ from transformers import PreTrainedTokenizerBase
 from fedcustom.client import schedule_from_config, schedule_to_config
 from fedcustom.codecs import Codec
 from fedcustom.errors import PayloadError, UpdateRejected
-from fedcustom.methods.split.cut import SplitEncoder
+from fedcustom.methods.split.cut import SplitModel
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
 from fedcustom.training import LocalSchedule, derive_seed, local_batches
@@ -46,7 +46,7 @@ def _snapshot(params: dict[str, torch.nn.Parameter]) -> State:
     return {k: v.detach().clone() for k, v in params.items()}
 
 
-def client_half_state(split: SplitEncoder) -> State:
+def client_half_state(split: SplitModel) -> State:
     """The client half's weights (embeddings and layers [0, K)), detached copies."""
     return _snapshot(split.client_parameters())
 
@@ -66,13 +66,14 @@ class _Session:
     num_examples: int
     activations: torch.Tensor | None = None
     labels: torch.Tensor | None = None  # U-shaped: the pending batch's labels, kept on the client
+    mask: torch.Tensor | None = None  # U-shaped: its attention mask (a decoder's head reads the last real token)
     flops: int = 0  # client-half forward + backward FLOPs so far this round
 
 
 class SplitClient:
     """Handles the four split message kinds for any node id, using that node's own rows."""
 
-    def __init__(self, split: SplitEncoder, tokenizer: PreTrainedTokenizerBase, codec: Codec,
+    def __init__(self, split: SplitModel, tokenizer: PreTrainedTokenizerBase, codec: Codec,
                  client_tables: dict[int, datasets.Dataset]) -> None:
         self.split = split
         self.tokenizer = tokenizer
@@ -113,7 +114,7 @@ class SplitClient:
         session.flops += counter.get_total_flops()
         wire = {"activations": session.activations.detach(), "attention_mask": batch["attention_mask"]}
         if self.split.head_on_client:
-            session.labels = batch["labels"]  # U-shaped: labels never leave the client
+            session.labels, session.mask = batch["labels"], batch["attention_mask"]  # U-shaped: labels stay here
         else:
             wire["labels"] = batch["labels"]
         return Reply(payload=self.codec.encode(wire), num_examples=len(batch["labels"]), metrics={"done": 0.0})
@@ -125,7 +126,7 @@ class SplitClient:
         if session.labels is None or len(hidden) != len(session.labels):
             return Reply(error=f"hidden states for {len(hidden)} rows do not match the pending batch")
         with FlopCounterMode(display=False) as counter:
-            loss, grad = self.split.head_step(hidden, session.labels)
+            loss, grad = self.split.head_step(hidden, session.mask, session.labels)
         session.flops += counter.get_total_flops()
         return Reply(payload=self.codec.encode({"grad": grad}), metrics={"loss": float(loss)})
 
@@ -167,7 +168,7 @@ class SplitRoundResult:
 class SplitServer:
     """Holds the global client half, trains the server half, and runs one SplitFed round at a time."""
 
-    def __init__(self, runtime: Runtime, split: SplitEncoder, strategy: Strategy, codec: Codec,
+    def __init__(self, runtime: Runtime, split: SplitModel, strategy: Strategy, codec: Codec,
                  schedule: LocalSchedule, seed: int) -> None:
         self.runtime = runtime
         self.split = split
