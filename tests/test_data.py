@@ -115,3 +115,31 @@ def test_prepare_data_holds_out_stratified_eval_and_subsamples(tiny_bert: str, t
     stats = data.client_stats()
     assert sum(s["examples"] for s in stats) == 100
     assert sum(sum(s["label_histogram"]) for s in stats) == 100
+
+
+def test_public_set_is_carved_from_rows_no_client_owns(tiny_bert: str, tmp_path: Path) -> None:
+    # Prepare: every row's text is unique, so overlap is checkable by text
+    path = tmp_path / "unique.csv"
+    toy = toy_rows(200)
+    toy["sentence"] = [f"{s} row{i}" for i, s in enumerate(toy["sentence"])]
+    toy.to_csv(path, index=False)
+    cfg = DataConfig(dataset=str(path), partition="iid", max_train_examples=100)
+    # Execute
+    from fedcustom.data import PublicSpec
+
+    data = prepare_data(cfg, 4, 0, load_tokenizer(tiny_bert), 16, PublicSpec(size=50))
+    again = prepare_data(cfg, 4, 0, load_tokenizer(tiny_bert), 16, PublicSpec(size=50))
+    # Assert: 50 unlabelled texts, none of them a client's (or evaluation) row, reproducible
+    assert len(data.public) == 50 and data.public == again.public
+    assert not set(data.public) & set(data.raw_train["text"])
+    assert len(data.train) == 100  # the clients keep exactly the rows they would have without a public set
+
+
+def test_public_set_from_another_corpus_uses_its_texts_only(tiny_bert: str, toy_csv: str, tmp_path: Path) -> None:
+    from fedcustom.data import PublicSpec
+
+    corpus = tmp_path / "public.jsonl"
+    corpus.write_text("".join(f'{{"text": "unlabelled text {i}"}}\n' for i in range(30)))
+    data = prepare_data(DataConfig(dataset=toy_csv, partition="iid"), 2, 0, load_tokenizer(tiny_bert), 16,
+                        PublicSpec(size=20, source=str(corpus)))
+    assert len(data.public) == 20 and all(t.startswith("unlabelled text") for t in data.public)
