@@ -100,7 +100,7 @@ def tiny_config(tmp_path: Path, tiny_bert: str, toy_csv: str):
         }
         for key, value in overrides.items():
             section, name = key.split("__")
-            values[section][name] = value
+            values.setdefault(section, {})[name] = value
         return build_config(values)
 
     return make

@@ -130,6 +130,16 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class CodecConfig:
+    """How parameter updates become bytes in each direction (see fedcustom.codecs.chain)."""
+
+    up: str = opt("raw", "Client-to-server codec chain: raw, gradualdiff, or stages in order from delta, topk:FRACTION, "
+                  "fp16|bf16|int8|int4, zstd (e.g. delta,topk:0.01,int8,zstd).", "--codec")
+    down: str | None = opt(None, "Server-to-client codec chain (same forms); default: the same as --codec.",
+                           "--codec-down")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Local optimisation, seeding and the centralized baseline."""
 
@@ -159,6 +169,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
+    codec: CodecConfig = field(default_factory=CodecConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -309,5 +320,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(
             f"federation.clients_per_round: {fed.clients_per_round} exceeds the {fed.clients} clients"
         )
+    from fedcustom.codecs.chain import parse_chain  # the chain grammar lives with the codecs
+
+    parse_chain(cfg.codec.up, "codec.up (--codec)")
+    parse_chain(cfg.codec.down or cfg.codec.up, "codec.down (--codec-down)")
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")

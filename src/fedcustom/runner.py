@@ -135,6 +135,8 @@ def summarize(
         "bytes_up_total": sum(up),
         "bytes_down_total": sum(down),
         "payload_note": PAYLOAD_NOTES[get_method(cfg.method.name).protocol],
+        "codec_up": str(getattr(get_codec(cfg.codec.up), "name", cfg.codec.up)),
+        "codec_down": str(getattr(get_codec(cfg.codec.down or cfg.codec.up), "name", cfg.codec.down or cfg.codec.up)),
         "client_flops_per_round": mean(flops),
         "server_flops_per_round": mean(server_flops) if server_flops else None,  # per client served (split, distill)
         "public_examples": len(data.public) if data.public else None,
@@ -177,10 +179,20 @@ class Job:
         return self.out / ("model" if whole else "adapter")
 
 
+def codecs_for(cfg: RunConfig, method: Method) -> tuple[Codec, Codec]:
+    """(client-to-server, server-to-client) codecs; chains apply to parameter-sharing methods only."""
+    up, down = cfg.codec.up, cfg.codec.down or cfg.codec.up
+    if method.protocol != "parameter_sharing" and (up, down) != ("raw", "raw"):
+        raise FedCustomError(f"--codec {up} / --codec-down {down}: codec chains apply to parameter-sharing methods "
+                             f"(full, lora, prompt, prefix); {method.name} sends activations or logits raw")
+    return get_codec(up, "codec.up (--codec)"), get_codec(down, "codec.down (--codec-down)")
+
+
 def build_job(cfg: RunConfig) -> Job:
     """Load tokenizer, data and model; wire clients, runtime and server. No training yet."""
     out = prepare_output(cfg.output.dir)
-    method, strategy, codec = get_method(cfg.method.name), get_strategy(cfg.federation.strategy), get_codec("raw")
+    method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
+    codec, codec_down = codecs_for(cfg, method)
     tokenizer = load_tokenizer(cfg.model.name)
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
     data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length, public)
@@ -206,8 +218,8 @@ def build_job(cfg: RunConfig) -> Job:
                                       evaluate_model)
     else:
         server = FederatedServer(
-            EmbeddedRuntime(TrainingClient(model, tokenizer, codec, tables), cfg.federation.clients), strategy, codec,
-            initial, evaluate_state, schedule, clients_per_round(cfg), cfg.train.seed,
+            EmbeddedRuntime(TrainingClient(model, tokenizer, codec, tables, codec_down), cfg.federation.clients),
+            strategy, codec, initial, evaluate_state, schedule, clients_per_round(cfg), cfg.train.seed, codec_down,
         )
     return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out)
 

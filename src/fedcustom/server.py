@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedcustom.client import TRAIN, schedule_to_config
-from fedcustom.codecs import Codec
+from fedcustom.codecs import Codec, Link, is_stateless, uses_delta
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
@@ -76,10 +76,14 @@ class FederatedServer:
     def __init__(
         self, runtime: Runtime, strategy: Strategy, codec: Codec, initial_state: State,
         evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
+        codec_down: Codec | None = None,
     ) -> None:
         self.runtime = runtime
         self.strategy = strategy
-        self.codec = codec
+        self.codec = codec  # client to server
+        self.codec_down = codec_down or codec  # server to client
+        self.links_down: dict[int, Link] = {}  # per client: what it last reconstructed (delta), our residual (topk)
+        self.links_up: dict[int, Link] = {}
         self.global_state = {k: v.clone() for k, v in initial_state.items()}
         self.evaluate = evaluate
         self.schedule = schedule
@@ -94,15 +98,15 @@ class FederatedServer:
         """Send the global state to sampled clients, merge valid replies, evaluate the result."""
         start = time.perf_counter()
         chosen = sample_clients(self.runtime.nodes(), self.clients_per_round, self.seed, rnd)
-        payload = self.codec.encode(self.global_state)
         config = schedule_to_config(self.schedule, self.seed)
-        replies = self.runtime.send_and_receive(
-            {node: Message(TRAIN, rnd, payload, config) for node in chosen}, on_reply
-        )
+        messages = self._broadcast(rnd, chosen, config)
+        replies = self.runtime.send_and_receive(messages, on_reply)
         result = RoundResult(round=rnd, eval={}, clients=chosen)
-        updates = self._accept(replies, result)
+        updates = self._accept(replies, result, messages)
         for node in chosen:
-            result.bytes_down[node] = len(payload)
+            result.bytes_down[node] = len(messages[node].payload)
+            if node in result.rejected:
+                self.links_down.pop(node, None)  # its state is unknown now: the next broadcast starts from zero
         if updates:
             self.global_state = self.strategy.aggregate(self.global_state, updates)
             weights = np.array([u.num_examples for u in updates], dtype=np.float64)
@@ -114,7 +118,34 @@ class FederatedServer:
         result.wall_seconds = time.perf_counter() - start
         return result
 
-    def _accept(self, replies: dict[int, Reply], result: RoundResult) -> list[ClientUpdate]:
+    def _broadcast(self, rnd: int, chosen: list[int], config: dict) -> dict[int, Message]:
+        """One train message per client: the global state, encoded along that client's link."""
+        if is_stateless(self.codec_down):
+            payload = self.codec_down.encode(self.global_state)
+            return {node: Message(TRAIN, rnd, payload, config) for node in chosen}
+        messages = {}
+        for node in chosen:
+            link = self.links_down.setdefault(node, Link())
+            base = link.round  # the round the client's reference dates from (0: none)
+            payload = self.codec_down.encode(self.global_state, link)
+            link.round = rnd
+            messages[node] = Message(TRAIN, rnd, payload, {**config, "codec_base": base})
+        return messages
+
+    def _client_start(self, node: int, message: Message) -> State:
+        """The state the client reconstructed from ``message``: where its uploaded difference starts."""
+        if uses_delta(self.codec_down):
+            return self.links_down[node].reference
+        return self.codec_down.decode(message.payload)
+
+    def _decode(self, node: int, reply: Reply, message: Message) -> State:
+        if not uses_delta(self.codec):
+            return self.codec.decode(reply.payload)
+        link = self.links_up.setdefault(node, Link())
+        link.reference = self._client_start(node, message)
+        return self.codec.decode(reply.payload, link)
+
+    def _accept(self, replies: dict[int, Reply], result: RoundResult, messages: dict[int, Message]) -> list[ClientUpdate]:
         """Decode and validate each reply; record byte counts, FLOPs and rejections."""
         updates = []
         for node in sorted(set(result.clients) - replies.keys()):
@@ -125,7 +156,7 @@ class FederatedServer:
             try:
                 if reply.error:
                     raise UpdateRejected(f"client reported an error: {reply.error}")
-                state = self.codec.decode(reply.payload)
+                state = self._decode(node, reply, messages[node])
                 validate_update(state, self.global_state)
                 if reply.num_examples <= 0:
                     raise UpdateRejected(f"num_examples must be positive, got {reply.num_examples}")

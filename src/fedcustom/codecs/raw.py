@@ -6,14 +6,14 @@ raw little-endian tensor bytes: framing overhead is the header alone.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from fedcustom.errors import FedCustomError, PayloadError
+from fedcustom.errors import PayloadError
 
 
 class Codec(Protocol):
@@ -21,9 +21,9 @@ class Codec(Protocol):
 
     name: str
 
-    def encode(self, state: dict[str, torch.Tensor]) -> bytes: ...
+    def encode(self, state: dict[str, torch.Tensor], link: Any = None) -> bytes: ...
 
-    def decode(self, payload: bytes) -> dict[str, torch.Tensor]: ...
+    def decode(self, payload: bytes, link: Any = None) -> dict[str, torch.Tensor]: ...
 
 
 class RawCodec:
@@ -31,10 +31,10 @@ class RawCodec:
 
     name = "raw"
 
-    def encode(self, state: dict[str, torch.Tensor]) -> bytes:
+    def encode(self, state: dict[str, torch.Tensor], link: Any = None) -> bytes:
         return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
 
-    def decode(self, payload: bytes) -> dict[str, torch.Tensor]:
+    def decode(self, payload: bytes, link: Any = None) -> dict[str, torch.Tensor]:
         if not isinstance(payload, (bytes, bytearray)):
             raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
         try:
@@ -43,11 +43,10 @@ class RawCodec:
             raise PayloadError(f"payload of {len(payload)} bytes is not a valid safetensors blob ({exc})") from None
 
 
-CODECS = {"raw": RawCodec}
+def get_codec(name: str, where: str = "--codec") -> Codec:
+    """``raw`` (this module), else a codec chain such as ``delta,topk:0.01,int8,zstd`` (codecs/chain.py)."""
+    if name == "raw":
+        return RawCodec()
+    from fedcustom.codecs.chain import CodecChain, parse_chain
 
-
-def get_codec(name: str) -> Codec:
-    """A codec by name."""
-    if name not in CODECS:
-        raise FedCustomError(f"codec {name!r}: expected one of {', '.join(CODECS)}")
-    return CODECS[name]()
+    return CodecChain(parse_chain(name, where))
