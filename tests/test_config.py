@@ -67,7 +67,7 @@ def base_args(tiny_bert: str, toy_csv: str, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        (["--method", "adapterdrop"], "method 'adapterdrop': expected one of full, lora, prefix, prompt"),
+        (["--method", "adapterdrop"], "method 'adapterdrop': expected one of distill, full, lora, prefix, prompt, split"),
         (["--model", "no-such-model-xyz"], "model 'no-such-model-xyz'"),
         (["--dataset", "missing.csv"], "dataset file missing.csv: not found"),
         (["--dataset", "no_such_hub_dataset_xyz"], "dataset 'no_such_hub_dataset_xyz'"),
@@ -106,3 +106,13 @@ def test_cli_runs_and_writes_summary(base_args: list[str], tmp_path: Path) -> No
     assert summary["method"] == "lora" and summary["rounds"] == 1
     assert summary["client_flops_per_round"] > 0
     assert summary["centralized"]["examples_seen"] == sum(c["examples"] for c in summary["client_data"])
+
+
+def test_codec_flags_parse_and_bad_chains_exit_2(capsys, tmp_path) -> None:
+    from fedcustom.cli import main
+
+    assert main(["run", "--method", "prefix", "--codec", "delta,int8,topk:0.1"]) == 2
+    assert "codec.up (--codec) 'delta,int8,topk:0.1': 'topk:0.1' is out of order" in capsys.readouterr().err
+    assert main(["run", "--method", "split", "--codec", "int8", "--output", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    assert "codec chains apply to parameter-sharing methods" in capsys.readouterr().err

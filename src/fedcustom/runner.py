@@ -190,9 +190,9 @@ def codecs_for(cfg: RunConfig, method: Method) -> tuple[Codec, Codec]:
 
 def build_job(cfg: RunConfig) -> Job:
     """Load tokenizer, data and model; wire clients, runtime and server. No training yet."""
-    out = prepare_output(cfg.output.dir)
     method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
     codec, codec_down = codecs_for(cfg, method)
+    out = prepare_output(cfg.output.dir)
     tokenizer = load_tokenizer(cfg.model.name)
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
     data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length, public)
