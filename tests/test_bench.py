@@ -115,3 +115,16 @@ def test_frameworks_preset_compares_the_three_families_and_sweeps(tmp_path: Path
     assert "## All frameworks" in report and "## Split-FedLLM: where the model is cut" in report
     assert "## KD-FedLLM: size of the public set" in report and "Centralized reference" in report
     assert (out / "accuracy_vs_mb.png").stat().st_size > 0 and (out / "flops.png").stat().st_size > 0
+
+
+def test_a_finished_run_is_reused_only_when_its_config_is_the_same() -> None:
+    from fedcustom.bench.grid import same_config
+    from fedcustom.config import build_config
+
+    cfg = build_config({"method": {"name": "lora"}})
+    recorded = cfg.to_dict()
+    older = {k: v for k, v in recorded.items() if k != "codec"}  # recorded before the [codec] section existed
+    assert same_config(recorded, cfg) and same_config(older, cfg)
+    assert not same_config(older, build_config({"method": {"name": "lora"}, "codec": {"up": "int8"}}))
+    assert not same_config(recorded, build_config({"method": {"name": "lora", "lora_r": 4}}))
+    assert not same_config({**recorded, "removed": {}}, cfg) and not same_config(None, cfg)

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fedcustom.bench.grid import same_config
 from fedcustom.bench.report import MB
 from fedcustom.config import RunConfig, build_config
 from fedcustom.errors import FedCustomError
@@ -113,7 +114,7 @@ def run_variant(setting: Setting, variant: Variant, data_dir: Path, out: Path) -
     path = Path(cfg.output.dir) / "summary.json"
     record = {"key": variant.key, "title": variant.title, "family": variant.family, "sweeps": list(variant.sweeps),
               "clients": cfg.federation.clients, "method": dict(variant.method)}
-    if path.is_file() and json.loads(path.read_text()).get("config") == cfg.to_dict():
+    if path.is_file() and same_config(json.loads(path.read_text()).get("config"), cfg):
         summary, record["reused"] = json.loads(path.read_text()), True
     else:
         summary, record["reused"] = execute(build_job(cfg), Console(quiet=True)), False

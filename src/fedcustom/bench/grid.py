@@ -105,6 +105,22 @@ def forward_flops_ratio(job: Any) -> float:
     return train_count.get_total_flops() / forward_count.get_total_flops()
 
 
+def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
+    """Whether a finished run's recorded config is ``cfg``. Keys added to the config since that run
+    count as the same when ``cfg`` leaves them at their defaults (they did not exist, so they were off)."""
+    if not isinstance(previous, dict):
+        return False
+    defaults, current = RunConfig().to_dict(), cfg.to_dict()
+    for section, values in current.items():
+        recorded = previous.get(section, {})
+        if set(recorded) - set(values):
+            return False
+        for key, value in values.items():
+            if recorded.get(key, defaults[section][key]) != value:
+                return False
+    return not set(previous) - set(current)
+
+
 def run_cell(preset: BenchPreset, cell: Cell, data_dir: Path, out: Path) -> dict[str, Any]:
     """Run one cell (or reuse its finished result when the same config already ran) and return its record."""
     cfg = cell_config(preset, cell, data_dir, out)
@@ -113,7 +129,7 @@ def run_cell(preset: BenchPreset, cell: Cell, data_dir: Path, out: Path) -> dict
               "seed": cell.seed, "run_dir": str(Path(cfg.output.dir).relative_to(out))}
     if summary_path.is_file():
         previous = json.loads(summary_path.read_text())
-        if previous.get("config") == cfg.to_dict() and "flops_vs_forward" in previous:
+        if same_config(previous.get("config"), cfg) and "flops_vs_forward" in previous:
             return {**record, **{k: previous.get(k) for k in CELL_KEYS}, "flops_vs_forward": previous["flops_vs_forward"],
                     "reused": True}
     job = build_job(cfg)
