@@ -128,3 +128,27 @@ def test_a_finished_run_is_reused_only_when_its_config_is_the_same() -> None:
     assert not same_config(older, build_config({"method": {"name": "lora"}, "codec": {"up": "int8"}}))
     assert not same_config(recorded, build_config({"method": {"name": "lora", "lora_r": 4}}))
     assert not same_config({**recorded, "removed": {}}, cfg) and not same_config(None, cfg)
+
+
+def test_codecs_preset_reports_bytes_accuracy_and_the_target(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare
+    from rich.console import Console
+
+    from fedcustom.bench import run_codecs_bench
+    from fedcustom.bench.codecs import CodecSetting
+
+    setting = CodecSetting(train=toy_csv, eval=toy_csv, max_train=120, max_length=16, clients=2, rounds=2,
+                           model=tiny_bert, methods=(("full", 3e-3),))
+    chains = {"raw fp32": "raw", "GradualDiff-Fed": "gradualdiff", "delta,topk:0.05,int8,zstd": "delta,topk:0.05,int8,zstd"}
+    out = tmp_path / "codecs"
+    out.mkdir()
+    # Execute
+    result = run_codecs_bench("/", out, "fedcustom bench --preset codecs", Console(quiet=True), setting, chains)
+    # Assert
+    rows = {r["chain"]: r for r in result["rows"]}
+    assert rows["raw fp32"]["up_reduction"] == 1.0 and rows["raw fp32"]["delta_points"] == 0.0
+    assert rows["GradualDiff-Fed"]["up_reduction"] > 1.0 and rows["GradualDiff-Fed"]["delta_points"] == 0.0  # lossless
+    assert rows["delta,topk:0.05,int8,zstd"]["up_reduction"] > 10
+    assert result["targets"][0]["target"].startswith("full fine-tuning")
+    assert "| full | GradualDiff-Fed |" in (out / "report.md").read_text()
+    assert (out / "accuracy_vs_cumulative_mb.png").stat().st_size > 0

@@ -10,10 +10,11 @@ from typing import Any
 
 from rich.console import Console
 
+from fedcustom.bench import codecs
 from fedcustom.bench.frameworks import VARIANTS, Setting, Variant, all_runs, report, run_frameworks, table
 from fedcustom.bench.grid import cells, run_grid
-from fedcustom.bench.plots import (accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round, frameworks_accuracy_vs_mb,
-                                   frameworks_flops)
+from fedcustom.bench.plots import (accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round, codecs_accuracy_vs_cumulative_mb,
+                                   frameworks_accuracy_vs_mb, frameworks_flops)
 from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
 from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, main_table, paper_table, skew_dataset,
                                     skew_table, targets, variants)
@@ -86,6 +87,8 @@ def run_bench(preset_name: str, data_dir: str, output: str, command: str, consol
     console = console or Console()
     if preset_name == "frameworks":
         return run_frameworks_bench(data_dir, out, command, console)
+    if preset_name == "codecs":
+        return run_codecs_bench(data_dir, out, command, console)
     preset = get_preset(preset_name)
     start = time.perf_counter()
     console.print(f"bench preset {preset.name!r}: {len(cells(preset))} federated runs -> {out}")
@@ -129,5 +132,24 @@ def run_frameworks_bench(data_dir: str, out: Path, command: str, console: Consol
     write_json(out / "results.json", result)
     (out / "report.md").write_text(report(records, setting, command, result["machine"], wall))
     console.print(table(records, "base", "framework"), soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}")
+    return result
+
+
+def run_codecs_bench(data_dir: str, out: Path, command: str, console: Console,
+                     setting: codecs.CodecSetting = codecs.CodecSetting(),
+                     chains: dict[str, str] = codecs.CHAINS) -> dict[str, Any]:
+    """Raw vs GradualDiff-Fed vs codec chains (bench/codecs.py): results.json, report.md, one plot."""
+    start = time.perf_counter()
+    records = codecs.run_codecs(Path(data_dir).expanduser(), out, console, setting, chains)
+    wall = time.perf_counter() - start
+    rows = codecs.rows(records, setting)
+    result = {"preset": "codecs", "command": command, "versions": versions(), "machine": machine(),
+              "wall_seconds": wall, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "setting": dataclasses.asdict(setting), "rows": rows, "targets": codecs.targets(rows), "runs": records}
+    codecs_accuracy_vs_cumulative_mb(records, setting.clients, out / "accuracy_vs_cumulative_mb.png")
+    write_json(out / "results.json", result)
+    (out / "report.md").write_text(codecs.report(rows, setting, command, result["machine"], wall, len(records)))
+    console.print(codecs.table(rows), soft_wrap=True)
     console.print(f"report: {out / 'report.md'}")
     return result

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +58,7 @@ class Variant:
     sweeps: tuple[str, ...] = ("base",)
     clients: int | None = None  # None: the setting's
     centralized: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+    local_epochs: int | None = None  # None: the setting's
 
     @property
     def family(self) -> str:
@@ -77,6 +77,8 @@ VARIANTS: tuple[Variant, ...] = (
     Variant("kd-public200", "KD-FedLLM (LoRA, 200 public)", {**KD, "public_size": 200}, 3e-3, ("public",)),
     Variant("kd-top1-adapter", "KD-FedLLM (top-1 up, adapter down)",
             {**KD, "public_size": 100, "topk": 1, "broadcast": "adapter"}, 3e-3, ("base",)),
+    Variant("kd-public100-3epochs", "KD-FedLLM (LoRA, 100 public, 3 local epochs)", {**KD, "public_size": 100},
+            3e-3, ("base",), local_epochs=3),
     Variant("split-cut3", "Split-FedLLM (cut 3)", {"name": "split", "cut_layer": 3}, 1e-4, ("base", "cut", "clients")),
     Variant("split-cut1", "Split-FedLLM (cut 1)", {"name": "split", "cut_layer": 1}, 1e-4, ("cut",)),
     Variant("split-cut5", "Split-FedLLM (cut 5)", {"name": "split", "cut_layer": 5}, 1e-4, ("cut",)),
@@ -101,7 +103,7 @@ def run_config(setting: Setting, variant: Variant, data_dir: Path, out: Path) ->
                  "partition": setting.partition, "max_train_examples": setting.max_train},
         "method": dict(variant.method),
         "federation": {"clients": variant.clients or setting.clients, "rounds": setting.rounds,
-                       "local_epochs": setting.local_epochs},
+                       "local_epochs": variant.local_epochs or setting.local_epochs},
         "train": {"batch_size": setting.batch_size, "lr": variant.lr, "seed": setting.seed,
                   "centralized": variant.centralized},
         "output": {"dir": str(out / "runs" / variant.key), "quiet": True, "save_model": False},
@@ -113,7 +115,8 @@ def run_variant(setting: Setting, variant: Variant, data_dir: Path, out: Path) -
     cfg = run_config(setting, variant, data_dir, out)
     path = Path(cfg.output.dir) / "summary.json"
     record = {"key": variant.key, "title": variant.title, "family": variant.family, "sweeps": list(variant.sweeps),
-              "clients": cfg.federation.clients, "method": dict(variant.method)}
+              "clients": cfg.federation.clients, "local_epochs": cfg.federation.local_epochs,
+              "method": dict(variant.method)}
     if path.is_file() and same_config(json.loads(path.read_text()).get("config"), cfg):
         summary, record["reused"] = json.loads(path.read_text()), True
     else:

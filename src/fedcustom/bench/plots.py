@@ -127,3 +127,23 @@ def frameworks_flops(records: list[dict], path: Path) -> None:
     ax.set_xticks(x, [r["key"] for r in records], rotation=60, ha="right", fontsize=6)
     ax.set_ylabel("GFLOPs per client per round")
     _finish(fig, ax, path)
+
+
+def codecs_accuracy_vs_cumulative_mb(records: list[dict], clients: int, path: Path) -> None:
+    """Accuracy per round against MB sent so far (both directions, all clients), one line per chain."""
+    methods = sorted({r["method"] for r in records})
+    fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
+    for ax, method in zip(axes[0], methods):
+        for i, r in enumerate(x for x in records if x["method"] == method and x["seed"] == records[0]["seed"]):
+            per_round = (r["bytes_up_per_round"] + r["bytes_down_per_round"]) * clients / MB
+            mb = [per_round * k for k in range(len(r["accuracy_per_round"]))]
+            ax.plot(mb[1:], [100 * a for a in r["accuracy_per_round"][1:]], marker="o", markersize=3,
+                    linestyle=LINESTYLES[i % len(LINESTYLES)], label=r["chain"])
+        ax.set_xscale("log")
+        ax.set_title(method)
+        ax.set_xlabel("cumulative MB (all clients, both directions)")
+        ax.set_ylabel("accuracy (%)")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=150, bbox_inches="tight")
+    plt.close(fig)
