@@ -80,7 +80,8 @@ def run_codecs(data_dir: Path, out: Path, console: Console, setting: CodecSettin
         path, start = Path(cfg.output.dir) / "summary.json", time.perf_counter()
         previous = json.loads(path.read_text()) if path.is_file() else None
         summary = previous if previous and same_config(previous.get("config"), cfg) else execute(build_job(cfg), Console(quiet=True))
-        records.append({"method": method, "chain": label, "seed": seed, **{k: summary.get(k) for k in KEYS}})
+        records.append({"method": method, "chain": label, "seed": seed, "reused": summary is previous,
+                        **{k: summary.get(k) for k in KEYS}, "wall_seconds": summary.get("wall_seconds")})
         console.print(f"[{i}/{len(todo)}] {method} {label} seed {seed}: accuracy {summary['final_accuracy']:.4f} "
                       f"({time.perf_counter() - start:.0f} s)")
     return records
@@ -148,7 +149,7 @@ def report(result_rows: list[dict], setting: CodecSetting, command: str, machine
     parts = ["# fedcustom bench — preset `codecs`", "",
              "Raw fp32 weights vs GradualDiff-Fed (arXiv 2506.19164) vs compressed codec chains, in both directions.",
              "", f"Command: `{command}`  ", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch threads "
-             f"{machine['torch_threads']}; {runs} runs, {wall / 60:.1f} min.", "", "## Setup", "",
+             f"{machine['torch_threads']}; {runs} runs, this invocation {wall / 60:.1f} min.", "", "## Setup", "",
              f"- Model `{s.model}`; SST-2: {s.max_train} training rows from `{s.train}`, accuracy on the 872-row "
              f"`{s.eval}`; IID over {s.clients} clients (all sampled), {s.rounds} rounds of {s.local_epochs} local "
              f"epoch(s), batch {s.batch_size}, AdamW; seeds {', '.join(map(str, s.seeds))}; learning rates "

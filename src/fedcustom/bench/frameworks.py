@@ -173,7 +173,9 @@ def report(records: list[dict], setting: Setting, command: str, machine: dict[st
     parts = ["# fedcustom bench — preset `frameworks`", "",
              "FedLLM (parameter sharing), KD-FedLLM and Split-FedLLM (arXiv 2501.04436), measured in one framework.",
              "", f"Command: `{command}`  ", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch threads "
-             f"{machine['torch_threads']}; {len(records)} runs, {wall / 60:.1f} min.", "", "## Setup", "",
+             f"{machine['torch_threads']}; {len(records)} runs took {sum(r['wall_seconds'] for r in records) / 60:.1f} "
+             f"min in all ({sum(r['reused'] for r in records)} reused from an earlier invocation of the same command; "
+             f"this invocation {wall / 60:.1f} min).", "", "## Setup", "",
              f"- Model `{base.model}`; SST-2: {base.max_train} training rows drawn from `{base.train}` "
              f"(stratified, seed {base.seed}), accuracy on the 872-row `{base.eval}`; max {base.max_length} tokens; "
              f"{base.partition} split over {base.clients} clients (all sampled), {base.rounds} rounds of "
