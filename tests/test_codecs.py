@@ -156,3 +156,18 @@ def test_codec_chain_run_counts_real_bytes_and_matches_raw_when_lossless(tiny_co
     assert all(torch.equal(raw_job.server.global_state[k], v) for k, v in gd_job.server.global_state.items())
     assert sum(sum(r["bytes_up"].values()) for r in gd_log[1:]) < sum(sum(r["bytes_up"].values()) for r in raw_log[1:])
     assert gd_log[2]["rejected"] == {} and gd_log[3]["rejected"] == {}
+
+
+def test_a_persistent_sparse_link_converges_to_the_state_without_overshooting() -> None:
+    # Prepare: server-to-client style: the reference follows the receiver, so no residual is added
+    chain, sender, receiver = CodecChain("delta,topk:0.1,int8"), Link(error_feedback=False), Link()
+    target = _states(1)[0]
+    errors = []
+    # Execute: the same state sent again and again, 10% of the values at a time
+    for _ in range(15):
+        got = chain.decode(chain.encode(target, sender), receiver)
+        errors.append(max(float((got[k] - target[k]).abs().max()) for k in target))
+    # Assert: the gap only shrinks, to quantization noise (a residual added on top would overshoot)
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:]))
+    assert errors[-1] < 0.05 * errors[0]
+    assert not sender.residual

@@ -125,7 +125,7 @@ class FederatedServer:
             return {node: Message(TRAIN, rnd, payload, config) for node in chosen}
         messages = {}
         for node in chosen:
-            link = self.links_down.setdefault(node, Link())
+            link = self.links_down.setdefault(node, Link(error_feedback=False))  # the reference carries the rest
             base = link.round  # the round the client's reference dates from (0: none)
             payload = self.codec_down.encode(self.global_state, link)
             link.round = rnd

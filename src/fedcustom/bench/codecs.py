@@ -49,6 +49,7 @@ CHAINS: dict[str, str] = {  # label -> chain, used in both directions
     "raw fp32": "raw",
     "GradualDiff-Fed": "gradualdiff",
     "delta,int8,zstd": "delta,int8,zstd",
+    "delta,int4,zstd": "delta,int4,zstd",
     "delta,topk:0.05,int8,zstd": "delta,topk:0.05,int8,zstd",
     "delta,topk:0.01,int8,zstd": "delta,topk:0.01,int8,zstd",
 }

@@ -95,6 +95,11 @@ class Link:
     reference: State | None = None  # the state both ends agree on (delta)
     residual: State = field(default_factory=dict)  # sender only: what was not delivered yet (topk)
     round: int = 0  # the round ``reference`` was agreed in; 0: none yet (the next delta is against zero)
+    # Error feedback: on a link whose reference follows the receiver's reconstruction from round to round
+    # (server to client), the next difference already contains everything not yet delivered, so adding a
+    # residual would send it twice; only links whose reference is reset each round (client to server,
+    # where each update starts from the new global) keep one.
+    error_feedback: bool = True
 
 
 def uses_delta(codec: object) -> bool:
@@ -121,7 +126,8 @@ class CodecChain:
         base = link.reference if self.spec.delta else None
         update = {k: self._difference(v.detach().float(), base[k] if base is not None else None)
                   for k, v in state.items()}
-        if self.spec.topk is not None:
+        feedback = self.spec.topk is not None and link.error_feedback
+        if feedback:
             update = {k: v + link.residual.get(k, 0) for k, v in update.items()}
         tensors, shapes = {}, {}
         for name, value in update.items():
@@ -138,7 +144,7 @@ class CodecChain:
         payload = st_save(tensors, metadata={"shapes": json.dumps(shapes), "chain": self.name})
         if self.spec.topk is not None or self.spec.delta:
             delivered = self._reconstruct(st_load(payload), shapes)
-            if self.spec.topk is not None:
+            if feedback:
                 link.residual = {k: update[k] - delivered[k] for k in update}
             if self.spec.delta:
                 link.reference = {k: self._apply(base[k] if base is not None else None, delivered[k]) for k in update}
