@@ -171,3 +171,29 @@ def test_a_persistent_sparse_link_converges_to_the_state_without_overshooting() 
     assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:]))
     assert errors[-1] < 0.05 * errors[0]
     assert not sender.residual
+
+
+def test_the_first_message_on_a_sparse_link_is_the_whole_state() -> None:
+    # A difference against nothing is the state itself: top-k of it would zero 95% of the weights
+    state = _states(1)[0]
+    chain = CodecChain("delta,topk:0.05,int8")
+    got = chain.decode(chain.encode(state, Link()), Link())
+    assert all(((got[k] - state[k]).abs() <= max_error(state[k].flatten(), "int8").view_as(state[k])).all() for k in state)
+
+
+def test_with_a_lossy_broadcast_the_server_applies_updates_to_the_exact_global(tiny_config) -> None:
+    # Prepare: clients that train nothing (they echo what they reconstructed) behind a sparse, quantized broadcast
+    job = build_job(tiny_config(method__name="lora", codec__up="delta,int8", codec__down="delta,topk:0.1,int8"))
+    client = job.server.runtime._handler
+
+    def echo(node, message):
+        received = client._receive(node, message)
+        return Reply(job.server.codec.encode(received, Link(reference=received)), 10, {"train_loss": 0.0})
+
+    job.server.runtime._handler = echo
+    before = job.server.global_state
+    # Execute
+    job.server.run_round(1)
+    job.server.run_round(2)
+    # Assert: zero updates leave the global exactly where it was (averaging the clients' approximations would not)
+    assert all(torch.equal(before[k], v) for k, v in job.server.global_state.items())

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from fedcustom.client import TRAIN, schedule_to_config
-from fedcustom.codecs import Codec, Link, is_stateless, uses_delta
+from fedcustom.codecs import Codec, Link, is_lossless, is_stateless, uses_delta
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
@@ -139,11 +139,20 @@ class FederatedServer:
         return self.codec_down.decode(message.payload)
 
     def _decode(self, node: int, reply: Reply, message: Message) -> State:
-        if not uses_delta(self.codec):
+        """The client's trained state, as an update applied to the current global state.
+
+        With a lossy broadcast the client started from an approximation of the global; averaging its
+        state would drag the global back toward that approximation, so its update (trained minus
+        where it started) is applied to the exact global instead (FedAvg of updates)."""
+        if is_lossless(self.codec_down) and not uses_delta(self.codec):
             return self.codec.decode(reply.payload)
+        start = self._client_start(node, message)
         link = self.links_up.setdefault(node, Link())
-        link.reference = self._client_start(node, message)
-        return self.codec.decode(reply.payload, link)
+        link.reference = start if uses_delta(self.codec) else None
+        state = self.codec.decode(reply.payload, link)
+        if is_lossless(self.codec_down):
+            return state  # the client started from the exact global: nothing to re-base (and bit-exact)
+        return {k: self.global_state[k] + (state[k] - start[k]) for k in state}
 
     def _accept(self, replies: dict[int, Reply], result: RoundResult, messages: dict[int, Message]) -> list[ClientUpdate]:
         """Decode and validate each reply; record byte counts, FLOPs and rejections."""

@@ -107,6 +107,12 @@ def uses_delta(codec: object) -> bool:
     return bool(getattr(getattr(codec, "spec", None), "delta", False))
 
 
+def is_lossless(codec: object) -> bool:
+    """Whether the receiver gets exactly the sender's tensors (raw, or a chain without topk and quantization)."""
+    spec = getattr(codec, "spec", None)
+    return spec is None or spec.lossless
+
+
 def is_stateless(codec: object) -> bool:
     """Whether ``codec`` encodes the same state to the same bytes for every link (no delta, no residual)."""
     spec = getattr(codec, "spec", None)
@@ -129,11 +135,12 @@ class CodecChain:
         feedback = self.spec.topk is not None and link.error_feedback
         if feedback:
             update = {k: v + link.residual.get(k, 0) for k, v in update.items()}
+        sparse = self._sparse(base)
         tensors, shapes = {}, {}
         for name, value in update.items():
             shapes[name] = list(value.shape)
             flat = value.flatten()
-            if self.spec.topk is not None:
+            if sparse:
                 k = max(1, math.ceil(self.spec.topk * flat.numel()))
                 indices = flat.abs().topk(k).indices.sort().values
                 tensors[f"{name}::indices"] = indices.to(torch.int32)
@@ -143,7 +150,7 @@ class CodecChain:
                 tensors[f"{name}::{part}"] = tensor
         payload = st_save(tensors, metadata={"shapes": json.dumps(shapes), "chain": self.name})
         if self.spec.topk is not None or self.spec.delta:
-            delivered = self._reconstruct(st_load(payload), shapes)
+            delivered = self._reconstruct(st_load(payload), shapes, sparse)
             if feedback:
                 link.residual = {k: update[k] - delivered[k] for k in update}
             if self.spec.delta:
@@ -162,18 +169,28 @@ class CodecChain:
             shapes = json.loads(metadata["shapes"])
         except (SafetensorError, ValueError, OverflowError, KeyError, TypeError, UnicodeDecodeError) as exc:
             raise PayloadError(f"payload of {len(payload)} bytes is not a valid {self.name} payload ({exc})") from None
-        delivered = self._reconstruct(tensors, shapes)
+        if self.spec.delta and link.reference is not None:
+            self._check_against(shapes, link.reference)
+        delivered = self._reconstruct(tensors, shapes, self._sparse(link.reference))
         if not self.spec.delta:
             return delivered
-        if link.reference is not None and link.reference.keys() != delivered.keys():
-            raise PayloadError(f"delta payload names {sorted(delivered)[:3]} do not match the reference state")
-        for name, value in delivered.items():
-            if link.reference is not None and link.reference[name].shape != value.shape:
-                raise PayloadError(f"{name}: difference of shape {tuple(value.shape)}, the reference has "
-                                   f"{tuple(link.reference[name].shape)}")
         state = {k: self._apply(link.reference[k] if link.reference else None, v) for k, v in delivered.items()}
         link.reference = {k: v.clone() for k, v in state.items()}
         return state
+
+    @staticmethod
+    def _check_against(shapes: dict[str, list[int]], reference: State) -> None:
+        """A difference must have the reference's tensor names and shapes."""
+        if not isinstance(shapes, dict) or shapes.keys() != reference.keys():
+            raise PayloadError(f"delta payload names {sorted(shapes)[:3]} do not match the reference state")
+        for name, shape in shapes.items():
+            if shape != list(reference[name].shape):
+                raise PayloadError(f"{name}: difference of shape {shape}, the reference has {list(reference[name].shape)}")
+
+    def _sparse(self, reference: State | None) -> bool:
+        """Top-k applies to differences against a reference; the first message on a link (no reference
+        yet: a difference against zero, i.e. the whole state) goes dense, or most weights would arrive as 0."""
+        return self.spec.topk is not None and reference is not None
 
     @property
     def exact_delta(self) -> bool:
@@ -199,7 +216,7 @@ class CodecChain:
         except zstandard.ZstdError as exc:
             raise PayloadError(f"payload of {len(payload)} bytes is not a valid zstd frame ({exc})") from None
 
-    def _reconstruct(self, tensors: State, shapes: dict[str, list[int]]) -> State:
+    def _reconstruct(self, tensors: State, shapes: dict[str, list[int]], sparse: bool) -> State:
         """Dense fp32 tensors from the wire tensors, checking every part's dtype and shape."""
         names = {key.rsplit("::", 1)[0] for key in tensors}
         if names != set(shapes):
@@ -210,7 +227,7 @@ class CodecChain:
                 raise PayloadError(f"{name}: invalid shape {shape!r}")
             numel = math.prod(shape)
             count = numel
-            if self.spec.topk is not None:
+            if sparse:
                 indices = tensors.get(f"{name}::indices")
                 count = max(1, math.ceil(self.spec.topk * numel)) if numel else 0
                 if indices is None or indices.dtype != torch.int32 or tuple(indices.shape) != (count,) or (
@@ -227,7 +244,7 @@ class CodecChain:
             values = parts["values"] if self.exact_delta else dequantize(parts, self.spec.coding, count)
             if values.is_floating_point() and not torch.isfinite(values).all():
                 raise PayloadError(f"{name}: contains NaN or Inf")
-            if self.spec.topk is not None:
+            if sparse:
                 dense = torch.zeros(numel)
                 dense[indices.long()] = values
                 values = dense
