@@ -64,6 +64,14 @@ class RoundDriver(Protocol):
     def run_round(self, rnd: int, on_reply: Callable[[int], None] | None = None) -> RoundResult: ...
 
 
+def check_reply(reply: Reply) -> None:
+    """UpdateRejected unless the client answered without an error and with a positive example count."""
+    if reply.error:
+        raise UpdateRejected(f"client reported an error: {reply.error}")
+    if reply.num_examples <= 0:
+        raise UpdateRejected(f"num_examples must be positive, got {reply.num_examples}")
+
+
 def sample_clients(nodes: list[int], count: int, seed: int, rnd: int) -> list[int]:
     """``count`` distinct nodes for round ``rnd``, reproducible from the seed alone."""
     rng = np.random.default_rng(derive_seed(seed, rnd, SAMPLING_STREAM))
@@ -163,12 +171,9 @@ class FederatedServer:
         for node, reply in sorted(replies.items()):
             result.bytes_up[node] = len(reply.payload)
             try:
-                if reply.error:
-                    raise UpdateRejected(f"client reported an error: {reply.error}")
+                check_reply(reply)
                 state = self._decode(node, reply, messages[node])
                 validate_update(state, self.global_state)
-                if reply.num_examples <= 0:
-                    raise UpdateRejected(f"num_examples must be positive, got {reply.num_examples}")
             except (PayloadError, UpdateRejected) as exc:
                 log.warning("round %d: rejected update from client %d: %s", result.round, node, exc)
                 result.rejected[node] = str(exc)

@@ -32,7 +32,7 @@ from fedcustom.methods.distill.knowledge import (
     aggregate_soft_labels, counted_public_logits, decode_knowledge, distill_into, encode_knowledge,
 )
 from fedcustom.runtime import Message, Reply, Runtime
-from fedcustom.server import RoundResult, sample_clients
+from fedcustom.server import RoundResult, check_reply, sample_clients
 from fedcustom.training import LocalSchedule, derive_seed, train_local
 
 log = logging.getLogger(__name__)
@@ -181,10 +181,7 @@ class DistillServer:
         for node, reply in sorted(replies.items()):
             result.bytes_up[node] = len(reply.payload)
             try:
-                if reply.error:
-                    raise UpdateRejected(f"client reported an error: {reply.error}")
-                if reply.num_examples <= 0:
-                    raise UpdateRejected(f"num_examples must be positive, got {reply.num_examples}")
+                check_reply(reply)
                 soft = decode_knowledge(self.codec.decode(reply.payload), len(s.public), len(s.label_names),
                                         s.temperature)
             except (PayloadError, UpdateRejected) as exc:
