@@ -149,8 +149,9 @@ class CodecChain:
             for part, tensor in parts.items():
                 tensors[f"{name}::{part}"] = tensor
         payload = st_save(tensors, metadata={"shapes": json.dumps(shapes), "chain": self.name})
-        if self.spec.topk is not None or self.spec.delta:
-            delivered = self._reconstruct(st_load(payload), shapes, sparse)
+        if self.spec.delta:  # (topk implies delta) the sender needs what the receiver will rebuild
+            # Lossless: the receiver rebuilds exactly ``update``; no need to parse our own payload back.
+            delivered = update if self.spec.lossless else self._reconstruct(st_load(payload), shapes, sparse)
             if feedback:
                 link.residual = {k: update[k] - delivered[k] for k in update}
             if self.spec.delta:

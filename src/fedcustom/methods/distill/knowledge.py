@@ -33,13 +33,10 @@ def public_batches(texts: list[str], tokenizer: PreTrainedTokenizerBase, max_len
         yield rows, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
 
 
-@torch.no_grad()
 def public_logits(model: nn.Module, texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
                   batch_size: int) -> torch.Tensor:
     """The model's logits on every public row, in row order: (rows, labels), fp32, dropout off."""
-    model.eval()
-    return torch.cat([model(**batch).logits.float() for _, batch in
-                      public_batches(texts, tokenizer, max_length, batch_size)])
+    return counted_public_logits(model, texts, tokenizer, max_length, batch_size, count_flops=False)[0]
 
 
 def encode_knowledge(logits: torch.Tensor, topk: int | None, temperature: float) -> Knowledge:
@@ -139,15 +136,16 @@ def distill_into(model: nn.Module, texts: list[str], targets: torch.Tensor, toke
 
 def counted_public_logits(model: nn.Module, texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
                           batch_size: int, count_flops: bool) -> tuple[torch.Tensor, int]:
-    """:func:`public_logits` and the FLOPs of computing them."""
-    if not count_flops:
-        return public_logits(model, texts, tokenizer, max_length, batch_size), 0
+    """:func:`public_logits` and the FLOPs of computing them (0 when ``count_flops`` is off)."""
     model.eval()
     parts, flops = [], 0
     with torch.no_grad():
         for _, batch in public_batches(texts, tokenizer, max_length, batch_size):
-            logits, batch_flops = counted(model, ("infer", *batch["input_ids"].shape),
-                                          lambda batch=batch: model(**batch).logits.float())
+            forward = lambda batch=batch: model(**batch).logits.float()  # noqa: E731
+            if count_flops:
+                logits, batch_flops = counted(model, ("infer", *batch["input_ids"].shape), forward)
+            else:
+                logits, batch_flops = forward(), 0
             parts.append(logits)
             flops += batch_flops
     return torch.cat(parts), flops
