@@ -129,3 +129,35 @@ def test_u_shaped_gradients_equal_autograd_of_whole_model(tiny_bert: str) -> Non
     assert torch.allclose(model.classifier.weight.grad, whole_classifier_grad, atol=1e-6)
     assert any("classifier" in n for n in split.client_parameters())
     assert not any("classifier" in n or "pooler" in n for n in split.server_parameters())
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_client_half_prefixes_act_as_peft_prefix_tuning_on_those_layers(backbone: str,
+                                                                        request: pytest.FixtureRequest) -> None:
+    # Prepare: PEFT prefix tuning on the whole model, and our client-half prefixes set to its first layer's
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+
+    from fedcustom.config import MethodConfig
+    from fedcustom.methods import get_method
+
+    path = request.getfixturevalue(backbone)
+    model, batch = _model_and_batch(path)
+    peft_model = get_peft_model(AutoModelForSequenceClassification.from_pretrained(path).eval(),
+                                PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=4))
+    config = peft_model.peft_config["default"]
+    table = peft_model.prompt_encoder["default"].embedding.weight  # (P, layers * 2 * heads * head_dim)
+    per_layer = table.view(4, config.num_layers, 2, config.num_attention_heads, -1).permute(1, 2, 3, 0, 4)
+    wrapped = get_method("split").build(model, MethodConfig(name="split", cut_layer=1, split_client="prefix",
+                                                            num_virtual_tokens=4), "classification")
+    with torch.no_grad():
+        wrapped.client_prefix.weight.copy_(per_layer[:1])
+    split = cut_model(wrapped, cut_layer=1)
+    # Execute
+    with torch.no_grad():
+        expected = peft_model(**batch, output_hidden_states=True).hidden_states[1]  # after layer 0
+        ours = split.client_forward(**batch)
+        bare = cut_model(model, cut_layer=1).client_forward(**batch)
+    # Assert: the same activations at the cut as PEFT's prefixes give, and not the bare model's
+    assert torch.allclose(ours, expected, atol=1e-5)
+    assert not torch.allclose(ours, bare, atol=1e-3)
+    assert list(split.client_parameters()) == ["client_prefix.weight"]

@@ -92,6 +92,38 @@ def test_lora_on_the_client_half_sends_only_adapters_and_saves_a_merged_model(ti
         torch.testing.assert_close(loaded(**batch).logits, job.model(**batch).logits, rtol=0, atol=1e-5)
 
 
+def test_prefix_on_the_client_half_sends_only_prefixes_and_saves_a_loadable_model(tiny_config) -> None:
+    # Prepare
+    from fedcustom.methods.split import SplitPrefixModel
+
+    job = build_job(tiny_config(method__name="split", method__cut_layer=1, method__split_client="prefix",
+                                train__lr=3e-3, federation__rounds=3, federation__local_epochs=1))
+    frozen = {n: p.detach().clone() for n, p in job.model.named_parameters() if "embeddings" in n or "layer.0." in n}
+    prefix_before = job.model.client_prefix.weight.detach().clone()
+    # Execute
+    execute(job)
+    # Assert: the averaged client half is the layer-0 prefixes alone; the client's own weights stay frozen
+    client_half = job.server.inner.global_client_half
+    assert list(client_half) == ["client_prefix.weight"]
+    assert client_half["client_prefix.weight"].shape == (1, 2, 4, 4, 8)  # (layers, k/v, heads, tokens, head size)
+    assert not torch.equal(client_half["client_prefix.weight"], prefix_before)
+    assert all(torch.equal(p, frozen[n]) for n, p in job.model.named_parameters() if n in frozen)
+    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+    assert log[3]["train_loss"] < log[1]["train_loss"]
+    # Assert: the saved backbone and prefixes load back into the same model
+    loaded = SplitPrefixModel.from_pretrained(job.model_dir).eval()
+    batch = job.tokenizer(["the movie was great", "the plot was awful"], return_tensors="pt", padding=True)
+    job.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, job.model(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_prefix_projection_on_the_client_half_is_a_clear_error(tiny_config) -> None:
+    with pytest.raises(ConfigError, match="--prefix-projection: the client half of a split model trains raw"):
+        build_job(tiny_config(method__name="split", method__cut_layer=1, method__split_client="prefix",
+                              method__prefix_projection=True))
+
+
 def test_u_shaped_split_keeps_labels_on_the_client_and_learns(tiny_config) -> None:
     # Prepare: record every payload a client sends
     from fedcustom.codecs import RawCodec

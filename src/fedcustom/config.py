@@ -76,9 +76,10 @@ class MethodConfig:
                     "(KD-FedLLM).", "--method")
     cut_layer: int = opt(3, "Split learning: transformer layers run by the client; the server runs the rest.",
                          "--cut-layer")
-    split_client: str = opt("full", "Split learning: what the client half trains: full (every weight) or lora (LoRA "
-                            "adapters on its layers, embeddings frozen: far fewer bytes per round).", "--split-client",
-                            ("full", "lora"))
+    split_client: str = opt("full", "Split learning: what the client half trains: full (every weight), lora (LoRA "
+                            "adapters on its layers, embeddings frozen: far fewer bytes per round) or prefix "
+                            "(--num-virtual-tokens key/value prefixes on its layers, everything else on the client "
+                            "frozen).", "--split-client", ("full", "lora", "prefix"))
     split_head: str = opt("server", "Split learning: where the pooler and classifier run: server, or client (U-shaped: "
                           "labels never leave the client, one more exchange per batch).", "--split-head",
                           ("server", "client"))

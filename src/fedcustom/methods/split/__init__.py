@@ -3,11 +3,11 @@
 :mod:`~fedcustom.methods.split.cut` cuts the model, :mod:`~fedcustom.methods.split.protocol` runs
 SplitFed rounds over the runtime's send/receive primitive, :mod:`~fedcustom.methods.split.federated`
 gives those rounds the server interface the runner drives. The client half trains every weight, or
-only LoRA adapters on its layers (``method.split_client = "lora"``); the server half trains every
-weight. U-shaped (``method.split_head = "client"``), the head runs on the client. Encoders (BERT) and
-decoder-only causal LMs with a classification head (LLaMA) are cut. Not yet done: prefix tuning on
-the client half, generative (next-token) training, parallel SplitFed-V1 (one server half
-per client, averaged), and the Flower runtime for it.
+only LoRA adapters on its layers (``method.split_client = "lora"``), or only key/value prefixes on its
+layers (``"prefix"``, :mod:`~fedcustom.methods.split.prefix`); the server half trains every weight.
+U-shaped (``method.split_head = "client"``), the head runs on the client. Encoders (BERT) and
+decoder-only causal LMs with a classification head (LLaMA) are cut. Not yet done: generative
+(next-token) training and parallel SplitFed-V1 (one server half per client, averaged).
 """
 
 import copy
@@ -17,21 +17,30 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
 from fedcustom.config import MethodConfig
+from fedcustom.errors import ConfigError
 from fedcustom.methods.base import Method, peft_task_type, register
 from fedcustom.methods.split.cut import SplitDecoder, SplitEncoder, SplitModel, cut_model
+from fedcustom.methods.split.prefix import SplitPrefixModel, prefix_for
 
-__all__ = ["METHOD", "SplitDecoder", "SplitEncoder", "SplitModel", "cut_model"]
+__all__ = ["METHOD", "SplitDecoder", "SplitEncoder", "SplitModel", "SplitPrefixModel", "cut_model"]
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
-    """The client half trains all its weights or LoRA on its layers; the server half trains every weight.
-    The cut is checked here, early."""
+    """The client half trains all its weights, LoRA on its layers or prefixes on its layers; the server half
+    trains every weight. The cut is checked here, early."""
+    for param in backbone.parameters():
+        param.requires_grad_(True)
     split = cut_model(backbone, cfg.cut_layer)
     if cfg.split_client == "full":
-        for param in backbone.parameters():
-            param.requires_grad_(True)
         return backbone
     server_half = set(split.server_parameters())  # layers [K, N) and the head (wherever it runs) train fully
+    if cfg.split_client == "prefix":
+        if cfg.prefix_projection:
+            raise ConfigError("--prefix-projection: the client half of a split model trains raw prefixes only; "
+                              "drop --prefix-projection or use --split-client lora")
+        for name, param in backbone.named_parameters():
+            param.requires_grad_(name in server_half)
+        return SplitPrefixModel(backbone, cfg.cut_layer, prefix_for(backbone, cfg.cut_layer, cfg.num_virtual_tokens))
     lora = LoraConfig(task_type=peft_task_type(task), r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
                       lora_dropout=cfg.lora_dropout, layers_to_transform=list(range(cfg.cut_layer)),
                       target_modules=list(cfg.lora_targets) if cfg.lora_targets else None)
@@ -43,7 +52,8 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
 
 
 def save(model: nn.Module, out_dir: Path) -> None:
-    """A whole Hugging Face model folder; client-half LoRA is merged into a copy of the weights."""
+    """A whole Hugging Face model folder; client-half LoRA is merged into a copy of the weights, client-half
+    prefixes are saved beside it (load with ``SplitPrefixModel.from_pretrained``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(model, PeftModel):
         model = copy.deepcopy(model).merge_and_unload()

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 from torch import nn
+from transformers import DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
 from fedcustom.errors import ConfigError
@@ -36,8 +37,9 @@ class SplitModel:
     """The two halves of a sequence classifier; subclasses say which modules are where and how each runs."""
 
     def __init__(self, model: nn.Module, cut_layer: int, head_on_client: bool = False) -> None:
-        self.model = model  # names of parameters are this model's (a PeftModel when the client half has LoRA)
+        self.model = model  # names of parameters are this model's (a PeftModel or SplitPrefixModel, if adapted)
         self.hf = unwrap(model)  # e.g. BertForSequenceClassification
+        self.prefix = getattr(model, "client_prefix", None)  # prefixes on layers [0, K), or None (methods/split/prefix)
         self.cut_layer = cut_layer
         self.head_on_client = head_on_client  # U-shaped: the head stays with the labels on the client
 
@@ -71,7 +73,8 @@ class SplitModel:
     def client_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable tensors of the embeddings and layers [0, K) (and the head, U-shaped), by name."""
         head = self._head_modules() if self.head_on_client else []
-        return self._named([*self._embedding_modules(), *self.layers[: self.cut_layer], *head])
+        prefix = [self.prefix] if self.prefix is not None else []
+        return self._named([*prefix, *self._embedding_modules(), *self.layers[: self.cut_layer], *head])
 
     def server_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable tensors of layers [K, N) (and the head, unless U-shaped), by name."""
@@ -120,10 +123,15 @@ class SplitEncoder(SplitModel):
 
     def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
-        mask = self._mask(hidden, attention_mask)
+        if self.prefix is None:
+            hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+            cache, mask = None, self._mask(hidden, attention_mask)
+        else:  # as with PEFT's prefixes on the whole model, positions start after the prefix
+            hidden = self.encoder.embeddings(input_ids=input_ids, token_type_ids=token_type_ids,
+                                             past_key_values_length=self.prefix.virtual_tokens)
+            cache, mask = self.prefix.cache(len(hidden)), self._mask(hidden, self.prefix.widen(attention_mask))
         for layer in self.layers[: self.cut_layer]:
-            hidden = layer(hidden, mask)
+            hidden = layer(hidden, mask, past_key_values=cache)
         return hidden
 
     def middle_forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -153,19 +161,27 @@ class SplitDecoder(SplitModel):
     def _head_modules(self) -> list[nn.Module]:
         return [self.decoder.norm, self.hf.score]
 
-    def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: nn.ModuleList) -> torch.Tensor:
-        """``layers`` on ``hidden`` with the causal mask and rotary embeddings the whole model would use."""
-        position_ids = torch.arange(hidden.shape[1]).unsqueeze(0)  # (1, seq)
+    def _run(self, hidden: torch.Tensor, attention_mask: torch.Tensor, layers: nn.ModuleList,
+             cache: DynamicCache | None = None) -> torch.Tensor:
+        """``layers`` on ``hidden`` with the causal mask and rotary embeddings the whole model would use; with a
+        prefix ``cache`` (and ``attention_mask`` widened to cover it), positions start after the prefix, as in PEFT."""
+        past = cache.get_seq_length() if cache is not None else 0
+        position_ids = torch.arange(past, past + hidden.shape[1]).unsqueeze(0)  # (1, seq)
         mask = create_causal_mask(config=self.decoder.config, inputs_embeds=hidden, attention_mask=attention_mask,
-                                  past_key_values=None, position_ids=position_ids)
+                                  past_key_values=cache, position_ids=position_ids)
         rotary = self.decoder.rotary_emb(hidden, position_ids=position_ids)
         for layer in layers:
-            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids)
+            hidden = layer(hidden, attention_mask=mask, position_embeddings=rotary, position_ids=position_ids,
+                           past_key_values=cache)
         return hidden
 
     def client_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        return self._run(self.decoder.embed_tokens(input_ids), attention_mask, self.layers[: self.cut_layer])
+        hidden = self.decoder.embed_tokens(input_ids)
+        if self.prefix is None:
+            return self._run(hidden, attention_mask, self.layers[: self.cut_layer])
+        return self._run(hidden, self.prefix.widen(attention_mask), self.layers[: self.cut_layer],
+                         self.prefix.cache(len(hidden)))
 
     def middle_forward(self, activations: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return self._run(activations, attention_mask, self.layers[self.cut_layer :])
@@ -180,8 +196,11 @@ class SplitDecoder(SplitModel):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The Hugging Face model inside a PeftModel (LoRA layers injected in place), else the model itself."""
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    """The Hugging Face model inside a PeftModel (LoRA layers injected in place) or a SplitPrefixModel, else the
+    model itself."""
+    if isinstance(model, PeftModel):
+        return model.get_base_model()
+    return getattr(model, "split_backbone", model)
 
 
 def cut_model(model: nn.Module, cut_layer: int, head_on_client: bool = False) -> SplitModel:
