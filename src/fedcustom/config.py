@@ -127,7 +127,13 @@ class FederationConfig:
     local_epochs: int = opt(1, "Passes over its own data each client makes per round.", "--local-epochs")
     local_steps: int | None = opt(None, "Optimizer steps per client per round; overrides --local-epochs.", "--local-steps")
     strategy: str = opt("fedavg", "Server aggregation strategy: fedavg.", "--strategy")
-    runtime: str = opt("embedded", "How messages travel: embedded (one process).", "--runtime", ("embedded",))
+    runtime: str = opt("embedded", "How messages travel: embedded (one process), flower-sim (Flower's simulation "
+                       "engine, Ray) or flower (a ServerApp on a real SuperLink; submit with `fedcustom submit`).",
+                       "--runtime", ("embedded", "flower-sim", "flower"))
+    min_available: int = opt(1, "Fewest valid client updates a round needs to change the global state; with fewer "
+                             "the round is logged and the global state kept.", "--min-available")
+    round_timeout: float = opt(600.0, "Flower runtimes: seconds the server waits for the replies of one exchange; "
+                               "clients that have not answered by then are left out of the round.", "--round-timeout")
 
 
 @dataclass(frozen=True)
@@ -307,6 +313,8 @@ def validate(cfg: RunConfig) -> None:
         ("model.max_length", cfg.model.max_length), ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
         ("method.lora_r", cfg.method.lora_r), ("method.public_size (--public-size)", cfg.method.public_size),
         ("method.kd_temperature", cfg.method.kd_temperature), ("method.distill_epochs", cfg.method.distill_epochs),
+        ("federation.min_available (--min-available)", fed.min_available),
+        ("federation.round_timeout (--round-timeout)", fed.round_timeout),
     ]:
         _positive(where, value, allow_none=False)
     for where, value in [

@@ -26,14 +26,14 @@ from rich.console import Console
 from torch import nn
 
 from fedcustom.client import TrainingClient
-from fedcustom.codecs import Codec, get_codec
+from fedcustom.codecs import Codec, get_codec, is_stateless
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData, PublicSpec, prepare_data
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, save_trained, trainable_state
 from fedcustom.models import load_model, load_tokenizer
 from fedcustom.report import RoundLog, clients_table, mean, round_line, round_progress, rounds_table, write_json
-from fedcustom.runtime import EmbeddedRuntime
+from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime
 from fedcustom.server import FederatedServer, RoundDriver, RoundResult
 from fedcustom.strategies import Strategy, get_strategy
 from fedcustom.training import LocalSchedule, derive_seed, evaluate, train_local
@@ -188,10 +188,30 @@ def codecs_for(cfg: RunConfig, method: Method) -> tuple[Codec, Codec]:
     return get_codec(up, "codec.up (--codec)"), get_codec(down, "codec.down (--codec-down)")
 
 
-def build_job(cfg: RunConfig) -> Job:
-    """Load tokenizer, data and model; wire clients, runtime and server. No training yet."""
+RuntimeFactory = Callable[[Handler, list[str]], Runtime]  # (the in-process client handler, label names) -> runtime
+
+
+def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
+    """The default: every client is called in this process."""
+    return lambda handler, _labels: EmbeddedRuntime(handler, cfg.federation.clients)
+
+
+def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
+    """Load tokenizer, data and model; wire clients, runtime and server. No training yet.
+
+    ``runtime`` carries the messages (default: embedded); a runtime whose clients live elsewhere (Flower)
+    ignores the in-process handler it is given."""
     method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
+    if runtime is not None and method.protocol != "parameter_sharing":
+        raise FedCustomError(f"--runtime {cfg.federation.runtime}: --method {method.name} keeps per-client state "
+                             f"between messages, which Flower runtimes do not carry yet; use --runtime embedded")
+    runtime = runtime or embedded_runtime(cfg)
     codec, codec_down = codecs_for(cfg, method)
+    if cfg.federation.runtime == "flower" and not (is_stateless(codec) and is_stateless(codec_down)):
+        raise FedCustomError(f"--codec {cfg.codec.up} / --codec-down {cfg.codec.down or cfg.codec.up}: on a SuperLink "
+                             f"each message runs in a fresh ClientApp process, which cannot keep a delta reference "
+                             f"or a top-k residual; use stateless stages (fp16|bf16|int8|int4, zstd) or --runtime "
+                             f"flower-sim")
     out = prepare_output(cfg.output.dir)
     tokenizer = load_tokenizer(cfg.model.name)
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
@@ -218,8 +238,9 @@ def build_job(cfg: RunConfig) -> Job:
                                       evaluate_model)
     else:
         server = FederatedServer(
-            EmbeddedRuntime(TrainingClient(model, tokenizer, codec, tables, codec_down), cfg.federation.clients),
+            runtime(TrainingClient(model, tokenizer, codec, tables, codec_down), data.label_names),
             strategy, codec, initial, evaluate_state, schedule, clients_per_round(cfg), cfg.train.seed, codec_down,
+            cfg.federation.min_available,
         )
     return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out)
 
@@ -270,6 +291,13 @@ def default_console() -> Console:
 def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     """Run the federated job (and the centralized baseline when asked); return the summary."""
     start = time.perf_counter()
+    if cfg.federation.runtime == "flower-sim":
+        from fedcustom.runtime.flower.sim import run_flower_simulation  # flwr loads only for Flower runs
+
+        return run_flower_simulation(cfg)
+    if cfg.federation.runtime == "flower":
+        raise FedCustomError("--runtime flower runs as a ServerApp on a SuperLink: submit it with "
+                             "`fedcustom submit --superlink HOST:9093 --config FILE` (see README, Deploy across machines)")
     return execute(build_job(cfg), console, start)
 
 

@@ -75,7 +75,9 @@ def check_reply(reply: Reply) -> None:
 def sample_clients(nodes: list[int], count: int, seed: int, rnd: int) -> list[int]:
     """``count`` distinct nodes for round ``rnd``, reproducible from the seed alone."""
     rng = np.random.default_rng(derive_seed(seed, rnd, SAMPLING_STREAM))
-    return sorted(int(n) for n in rng.choice(nodes, size=count, replace=False))
+    if count > len(nodes):
+        log.warning("round %d: %d clients per round asked, %d reachable; sampling all of them", rnd, count, len(nodes))
+    return sorted(int(n) for n in rng.choice(nodes, size=min(count, len(nodes)), replace=False))
 
 
 class FederatedServer:
@@ -84,9 +86,10 @@ class FederatedServer:
     def __init__(
         self, runtime: Runtime, strategy: Strategy, codec: Codec, initial_state: State,
         evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
-        codec_down: Codec | None = None,
+        codec_down: Codec | None = None, min_available: int = 1,
     ) -> None:
         self.runtime = runtime
+        self.min_available = min_available  # fewest valid updates that change the global state
         self.strategy = strategy
         self.codec = codec  # client to server
         self.codec_down = codec_down or codec  # server to client
@@ -115,7 +118,10 @@ class FederatedServer:
             result.bytes_down[node] = len(messages[node].payload)
             if node in result.rejected:
                 self.links_down.pop(node, None)  # its state is unknown now: the next broadcast starts from zero
-        if updates:
+        if 0 < len(updates) < self.min_available:
+            log.warning("round %d: %d valid updates, fewer than min_available = %d; the global state is unchanged",
+                        rnd, len(updates), self.min_available)
+        elif updates:
             self.global_state = self.strategy.aggregate(self.global_state, updates)
             weights = np.array([u.num_examples for u in updates], dtype=np.float64)
             losses = np.array([u.metrics["train_loss"] for u in updates])

@@ -1,0 +1,64 @@
+"""Our Message/Reply <-> Flower Message content (a RecordDict).
+
+Settings travel in a ConfigRecord and metrics in a MetricRecord. The encoded tensors travel as one
+uint8 Array in an ArrayRecord rather than as a bytes value in the ConfigRecord: Flower splits
+Arrays into chunks on the wire, so a 540 MB full fine-tuning state fits through gRPC's message
+limit, while a ConfigRecord is sent whole.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedcustom.runtime.messages import Message, Reply
+
+CONFIG, PAYLOAD, REPLY, METRICS = "fedcustom.config", "fedcustom.payload", "fedcustom.reply", "fedcustom.metrics"
+ROUND, KIND = "fedcustom.round", "fedcustom.kind"  # reserved keys in the config record
+DEFAULT_KIND = "train"  # Flower's message type for it is plain "train"; other kinds are "train.<kind>"
+
+
+def message_type(kind: str) -> str:
+    """Flower message type for one of our message kinds (Flower routes "train.<action>" to a handler)."""
+    return "train" if kind == DEFAULT_KIND else f"train.{kind}"
+
+
+def _payload_record(payload: bytes) -> ArrayRecord:
+    return ArrayRecord({"bytes": Array.from_numpy_ndarray(np.frombuffer(payload, dtype=np.uint8))})
+
+
+def _payload(content: RecordDict) -> bytes:
+    if PAYLOAD not in content:
+        return b""
+    return content[PAYLOAD]["bytes"].numpy().tobytes()
+
+
+def message_to_content(message: Message, extra_config: dict[str, str] | None = None) -> RecordDict:
+    config = ConfigRecord({**message.config, **(extra_config or {}), ROUND: message.round, KIND: message.kind})
+    return RecordDict({CONFIG: config, PAYLOAD: _payload_record(message.payload)})
+
+
+def content_to_message(content: RecordDict) -> Message:
+    """Inverse of :func:`message_to_content`; a clear ValueError when the content is not ours."""
+    if CONFIG not in content:
+        raise ValueError(f"message content has no {CONFIG!r} record (records: {', '.join(content) or 'none'}); "
+                         f"was it sent by a fedcustom server?")
+    config = dict(content[CONFIG])
+    rnd, kind = int(config.pop(ROUND)), str(config.pop(KIND))
+    return Message(kind=kind, round=rnd, payload=_payload(content), config=config)
+
+
+def reply_to_content(reply: Reply) -> RecordDict:
+    status = ConfigRecord({"num_examples": int(reply.num_examples), "error": reply.error or ""})
+    metrics = MetricRecord({k: float(v) for k, v in reply.metrics.items()})
+    return RecordDict({REPLY: status, METRICS: metrics, PAYLOAD: _payload_record(reply.payload)})
+
+
+def content_to_reply(content: RecordDict) -> Reply:
+    """Inverse of :func:`reply_to_content`; content that is not a fedcustom reply becomes a Reply with an error."""
+    if REPLY not in content:
+        return Reply(error=f"reply content has no {REPLY!r} record (records: {', '.join(content) or 'none'})")
+    status = content[REPLY]
+    metrics = dict(content[METRICS]) if METRICS in content else {}
+    return Reply(payload=_payload(content), num_examples=int(status["num_examples"]),
+                 metrics={k: float(v) for k, v in metrics.items()}, error=str(status["error"]) or None)

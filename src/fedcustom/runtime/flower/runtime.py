@@ -1,0 +1,105 @@
+"""The Runtime our servers drive, on top of a Flower Grid (a SuperLink, or Flower's simulation engine).
+
+Our servers address clients by partition id (0..N-1), the same ids the embedded runtime uses, so
+seeds and sampling match across runtimes. Flower addresses SuperNodes by random node ids; at start
+this runtime asks every connected node for the partition id it was given in its node config.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from flwr.app import ConfigRecord, Message as FlowerMessage, RecordDict
+from flwr.serverapp import Grid
+
+from fedcustom.errors import FedCustomError
+from fedcustom.runtime.flower.records import content_to_reply, message_to_content, message_type
+from fedcustom.runtime.messages import Message, Reply
+
+log = logging.getLogger(__name__)
+
+HELLO = "query.fedcustom_hello"  # answered by our ClientApp with the node's partition id
+POLL_SECONDS = 0.2  # Flower's own send_and_receive sleeps 3 s between pulls: a floor on every exchange
+
+
+class FlowerRuntime:
+    """Sends our messages through ``grid`` and maps replies back to partition ids."""
+
+    def __init__(self, grid: Grid, expected_nodes: int, timeout: float, connect_timeout: float = 120.0,
+                 extra_config: dict[str, str] | None = None) -> None:
+        self.grid = grid
+        self.timeout = timeout  # seconds to wait for the replies of one exchange
+        self.extra_config = extra_config or {}  # added to every message's config (e.g. the label names)
+        self.partitions = self._discover(expected_nodes, connect_timeout)  # partition id -> Flower node id
+
+    def _discover(self, expected: int, connect_timeout: float) -> dict[int, int]:
+        """Wait until ``expected`` nodes are connected and learn which partition each one holds."""
+        deadline = time.monotonic() + connect_timeout
+        node_ids = list(self.grid.get_node_ids())
+        while len(node_ids) < expected and time.monotonic() < deadline:
+            time.sleep(1.0)
+            node_ids = list(self.grid.get_node_ids())
+        if len(node_ids) < expected:
+            raise FedCustomError(f"federation.clients = {expected}: only {len(node_ids)} SuperNodes connected within "
+                                 f"{connect_timeout:.0f} s; start one flower-supernode per client (or lower --clients)")
+        hellos = [FlowerMessage(RecordDict({"hello": ConfigRecord({})}), node, HELLO) for node in node_ids]
+        partitions: dict[int, int] = {}
+        for reply in self.grid.send_and_receive(hellos, timeout=connect_timeout):
+            if reply.has_error():
+                log.warning("node %d did not say which partition it holds: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            partition, node = int(reply.content["hello"]["partition-id"]), reply.metadata.src_node_id
+            if partition in partitions:
+                raise FedCustomError(f"SuperNodes {partitions[partition]} and {node} both have partition-id={partition} "
+                                     f"in their node config; give each data owner its own partition-id")
+            partitions[partition] = node
+        if len(partitions) < expected:
+            raise FedCustomError(f"federation.clients = {expected}: only {len(partitions)} SuperNodes answered with "
+                                 f"a partition id")
+        log.info("SuperNodes by partition id: %s", partitions)
+        return dict(sorted(partitions.items()))
+
+    def nodes(self) -> list[int]:
+        """Partitions whose SuperNode the SuperLink still lists (a dead node drops out after its heartbeats
+        lapse, about a minute; until then its messages time out and it is left out of the round)."""
+        connected = set(self.grid.get_node_ids())
+        alive = [p for p, node in self.partitions.items() if node in connected]
+        if len(alive) < len(self.partitions):
+            log.warning("SuperNodes of partitions %s are gone", sorted(set(self.partitions) - set(alive)))
+        return alive
+
+    def send_and_receive(self, messages: dict[int, Message],
+                         on_reply: Callable[[int], None] | None = None) -> dict[int, Reply]:
+        """Push one message per partition, pull replies until all arrived or ``timeout`` passed; a node that did
+        not answer in time gets a Reply with an error (the server rejects it and the round goes on)."""
+        unknown = sorted(set(messages) - set(self.partitions))
+        if unknown:
+            raise KeyError(f"partitions {unknown} have no SuperNode in this run")
+        outgoing = [FlowerMessage(message_to_content(m, self.extra_config), self.partitions[p], message_type(m.kind),
+                                  group_id=str(m.round)) for p, m in messages.items()]
+        by_id = dict(zip(self.grid.push_messages(outgoing), messages, strict=True))  # message id -> partition
+        replies: dict[int, Reply] = {}
+        deadline = time.monotonic() + self.timeout
+        while by_id and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(by_id)):
+                partition = by_id.pop(reply.metadata.reply_to_message_id)
+                replies[partition] = self._reply(partition, reply)
+                if on_reply:
+                    on_reply(partition)
+            if by_id:
+                time.sleep(POLL_SECONDS)
+        for partition in by_id.values():
+            replies[partition] = Reply(error=f"no reply within {self.timeout:g} s (round timeout): the SuperNode "
+                                             f"{self.partitions[partition]} left or is too slow")
+        if by_id:
+            log.warning("no reply from partitions %s within %g s", sorted(by_id.values()), self.timeout)
+        return replies
+
+    @staticmethod
+    def _reply(partition: int, reply: FlowerMessage) -> Reply:
+        if reply.has_error():
+            return Reply(error=f"Flower error {reply.error.code} from partition {partition}: {reply.error.reason}")
+        return content_to_reply(reply.content)

@@ -1,0 +1,122 @@
+"""`fedcustom submit`: send a run to a SuperLink as a Flower app and (optionally) wait for it.
+
+The app submitted is a tiny Flower app (a pyproject.toml only) whose components are our ServerApp
+and ClientApp from the installed fedcustom package, and which declares no dependencies: Flower
+would otherwise install them into a fresh environment (a multi-GB CUDA torch). Start the SuperLink
+with ``--disable-runtime-dependency-installation`` so it runs the app in its own environment.
+The run's resolved config travels in the run config; submission goes through the ``flwr`` CLI with
+a connection written to a private FLWR_HOME, so the user's ~/.flwr is left alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcustom import __version__
+from fedcustom.config import RunConfig
+from fedcustom.errors import FedCustomError
+from fedcustom.runtime.flower.apps import CONFIG_KEY
+
+CONNECTION = "fedcustom"
+APP_PYPROJECT = f"""[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedcustom-app"
+version = "{__version__}"
+description = "fedcustom's ServerApp and ClientApp (from the installed fedcustom package)"
+license = "Apache-2.0"
+dependencies = []  # never let Flower install torch & co. into a fresh environment
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "fedcustom"
+
+[tool.flwr.app.components]
+serverapp = "fedcustom.runtime.flower.apps:server_app"
+clientapp = "fedcustom.runtime.flower.apps:client_app"
+
+[tool.flwr.app.config]
+{CONFIG_KEY} = ""
+"""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Where the SuperLink listens and how to trust it."""
+
+    address: str  # host:port of the SuperLink (Fleet, Control and Runtime APIs share it in Flower 1.41)
+    root_certificates: str | None = None  # CA certificate (PEM) that signed the SuperLink's; None with insecure
+    insecure: bool = False
+
+    def toml(self) -> str:
+        lines = [f"[superlink]\ndefault = \"{CONNECTION}\"\n", f"[superlink.{CONNECTION}]",
+                 f"address = {json.dumps(self.address)}"]
+        if self.insecure:
+            lines.append("insecure = true")
+        elif self.root_certificates:
+            lines.append(f"root-certificates = {json.dumps(str(Path(self.root_certificates).resolve()))}")
+        return "\n".join(lines) + "\n"
+
+
+def flwr_cli() -> str:
+    """The flwr CLI of this environment."""
+    path = Path(sys.executable).with_name("flwr")
+    if not path.is_file():
+        raise FedCustomError("the flwr command is missing; install Flower with `pip install 'fedcustom[flower]'`")
+    return str(path)
+
+
+def _flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
+    env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    done = subprocess.run([flwr_cli(), *args, "--format", "json"], capture_output=True, text=True, env=env,
+                          timeout=timeout)
+    try:
+        answer = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        answer = {"success": False, "error-message": (done.stdout + done.stderr).strip()[-2000:]}
+    if done.returncode != 0 or not answer.get("success", False):
+        raise FedCustomError(f"flwr {args[0]}: {answer.get('error-message') or done.stderr.strip()[-2000:]}")
+    return answer
+
+
+def submit(cfg: RunConfig, connection: Connection, wait: bool = True, poll_seconds: float = 2.0,
+           timeout: float | None = None) -> dict:
+    """Submit ``cfg`` as a run; with ``wait``, block until it finishes. Returns {run_id, status[, details]};
+    a run that did not finish as completed raises FedCustomError with Flower's reason."""
+    with tempfile.TemporaryDirectory(prefix="fedcustom-submit-") as tmp:
+        home, app, run_config = Path(tmp, "flwr-home"), Path(tmp, "app"), Path(tmp, "run-config.toml")
+        home.mkdir()
+        app.mkdir()
+        (home / "config.toml").write_text(connection.toml())
+        (app / "pyproject.toml").write_text(APP_PYPROJECT)
+        run_config.write_text(f"{CONFIG_KEY} = {json.dumps(json.dumps(cfg.to_dict()))}\n")
+        try:
+            answer = _flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)
+        except FedCustomError as exc:
+            raise FedCustomError(f"could not submit to the SuperLink at {connection.address}: {exc}") from None
+        run_id = int(answer["run-id"])
+        if not wait:
+            return {"run_id": run_id, "status": "submitted"}
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            run = _flwr(["ls", CONNECTION, "--run-id", str(run_id)], home)["runs"][0]
+            if str(run["status"]).startswith("finished"):
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                raise FedCustomError(f"run {run_id} did not finish within {timeout:g} s (status {run['status']})")
+            time.sleep(poll_seconds)
+        result = {"run_id": run_id, "status": run["status"], "details": run.get("status-details", "")}
+        if run["status"] != "finished:completed":
+            raise FedCustomError(f"run {run_id} ended {run['status']}: {result['details']}")
+        return result

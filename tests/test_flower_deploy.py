@@ -1,0 +1,129 @@
+"""fedcustom on a real Flower deployment: a SuperLink and two SuperNodes as processes on 127.0.0.1,
+talking HTTP(S) as across machines, each node training on its OWN data file (node config), the run
+submitted with `fedcustom submit`. Slow (a fresh ClientApp process per message), so 2 rounds."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedcustom.cli import main
+
+flower = pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fedcustom[flower]'")
+from flower_cluster import Cluster, make_certs, make_node_keypair  # noqa: E402 - needs Flower's cryptography
+
+pytestmark = pytest.mark.integration
+
+
+def _node_files(toy_csv: str, root: Path) -> list[Path]:
+    """Each data owner's own rows: the toy set split in two files (the server never sees them)."""
+    rows = pd.read_csv(toy_csv)
+    paths = []
+    for i in range(2):
+        path = root / f"owner{i}.csv"
+        rows.iloc[i::2].iloc[:60].to_csv(path, index=False)
+        paths.append(path)
+    return paths
+
+
+def _submit(cluster: Cluster, tiny_bert: str, toy_csv: str, out: Path, *extra: str) -> int:
+    trust = ["--root-certificates", str(cluster.certs["ca_cert"])] if cluster.certs else ["--insecure"]
+    return main(["submit", "--superlink", cluster.address, *trust, "--model", tiny_bert, "--max-length", "16",
+                 "--dataset", toy_csv, "--max-eval-examples", "40", "--method", "prefix", "--num-virtual-tokens", "4",
+                 "--clients", "2", "--rounds", "2", "--local-epochs", "1", "--batch-size", "16", "--lr", "0.01",
+                 "--output", str(out), "--quiet", *extra])
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "round_log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["insecure", "tls-and-node-auth"])
+def test_two_supernodes_with_their_own_data_train_and_the_server_saves_the_adapter(
+        secure: bool, tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare: TLS certificates and registered node keys in the secure variant
+    files = _node_files(toy_csv, tmp_path)
+    certs = make_certs(tmp_path / "certs") if secure else None
+    keys = [make_node_keypair(tmp_path / "keys", f"owner{i}") for i in range(2)] if secure else [None, None]
+    out = tmp_path / "out"
+    with Cluster(tmp_path, certs, node_auth=secure) as cluster:
+        cluster.start_superlink()
+        for i, key in enumerate(keys):
+            if key:
+                cluster.register(key["public"])
+            cluster.start_supernode(f"owner{i}", f"partition-id={i} data-path='{files[i]}'",
+                                    key["private"] if key else None)
+        # Execute
+        code = _submit(cluster, tiny_bert, toy_csv, out)
+    # Assert: the run completed, both owners trained on their own 60 rows each round, the loss fell
+    assert code == 0
+    log = _log(out)
+    assert [r["round"] for r in log] == [0, 1, 2]
+    assert all(r["clients"] == [0, 1] and r["rejected"] == {} and r["examples_seen"] == 120 for r in log[1:])
+    assert all(r["bytes_up"]["0"] > 0 for r in log[1:])
+    assert log[2]["eval_loss"] < log[0]["eval_loss"]
+    # Assert: the final adapter is saved in PEFT format, with the prefixes the run trained
+    adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    assert any("prompt_embeddings" in k for k in adapter) and all(torch.isfinite(t).all() for t in adapter.values())
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+
+
+def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    rogue = make_node_keypair(tmp_path / "keys", "rogue")
+    with Cluster(tmp_path, certs, node_auth=True) as cluster:
+        cluster.start_superlink()
+        with pytest.raises(RuntimeError, match=r"exited with 1"):
+            cluster.start_supernode("rogue", "partition-id=0", rogue["private"])
+        assert "Failed to activate SuperNode" in cluster.log("rogue")
+
+
+def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path: Path, tiny_bert: str,
+                                                                     toy_csv: str) -> None:
+    # Prepare
+    files = _node_files(toy_csv, tmp_path)
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        cluster.start_superlink()
+        for i in range(2):
+            cluster.start_supernode(f"owner{i}", f"partition-id={i} data-path='{files[i]}'")
+
+        def kill_owner1_once_round_1_is_logged() -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:
+                if (out / "round_log.jsonl").is_file() and len(_log(out)) >= 2:
+                    break
+                time.sleep(0.2)
+            cluster.stop("owner1", sig=9)  # SIGKILL while round 2 is in flight
+
+        killer = threading.Thread(target=kill_owner1_once_round_1_is_logged)
+        killer.start()
+        # Execute
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--round-timeout", "20", "--rounds", "3")
+        killer.join()
+    # Assert: every round ran; after the kill, partition 1 is reported missing and partition 0 still counts
+    assert code == 0
+    log = _log(out)
+    assert [r["round"] for r in log] == [0, 1, 2, 3]
+    assert log[1]["rejected"] == {}
+    for late in log[2:]:
+        assert "1" in late["rejected"] and "0" not in late["rejected"]
+        assert late["examples_seen"] == 60
+    assert "no reply within 20 s" in log[2]["rejected"]["1"] or "unavailable" in log[2]["rejected"]["1"].lower()
+
+
+def test_an_unreachable_superlink_is_a_clear_error(tmp_path: Path, tiny_bert: str, toy_csv: str,
+                                                   capsys: pytest.CaptureFixture) -> None:
+    from flower_cluster import free_port
+
+    code = main(["submit", "--superlink", f"127.0.0.1:{free_port()}", "--insecure", "--model", tiny_bert,
+                 "--dataset", toy_csv, "--output", str(tmp_path / "out")])
+    assert code == 2
+    assert "could not submit to the SuperLink at 127.0.0.1:" in capsys.readouterr().err

@@ -1,0 +1,77 @@
+"""The Flower runtime's translation of our messages, and parity of Flower's simulation engine with the
+embedded runtime (same seed, same global state)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fedcustom[flower]'")
+
+from flwr.app import ConfigRecord, RecordDict  # noqa: E402
+
+from fedcustom.runner import run  # noqa: E402
+from fedcustom.runtime import Message, Reply  # noqa: E402
+from fedcustom.runtime.flower.records import (  # noqa: E402
+    content_to_message, content_to_reply, message_to_content, message_type, reply_to_content,
+)
+
+
+def test_messages_and_replies_survive_the_flower_records_bytes_for_bytes() -> None:
+    # Prepare
+    payload = bytes(range(256)) * 1000
+    message = Message("train", 3, payload, {"lr": 0.01, "epochs": 2, "count_flops": True, "codec_base": 0})
+    reply = Reply(payload=payload[::-1], num_examples=17, metrics={"train_loss": 0.25, "flops": 1e12})
+    # Execute
+    message_back = content_to_message(message_to_content(message, {"extra": "x"}))
+    reply_back = content_to_reply(reply_to_content(reply))
+    failed_back = content_to_reply(reply_to_content(Reply(error="out of memory")))
+    # Assert
+    assert message_back == Message("train", 3, payload, {**message.config, "extra": "x"})
+    assert reply_back == reply
+    assert failed_back.error == "out of memory" and failed_back.payload == b""
+    assert message_type("train") == "train" and message_type("split_forward") == "train.split_forward"
+
+
+def test_content_from_something_else_is_a_clear_error() -> None:
+    foreign = RecordDict({"config": ConfigRecord({"lr": 0.1})})
+    with pytest.raises(ValueError, match="no 'fedcustom.config' record .*records: config"):
+        content_to_message(foreign)
+    assert "no 'fedcustom.reply' record" in content_to_reply(foreign).error
+
+
+@pytest.mark.integration
+def test_flower_simulation_gives_the_embedded_runtimes_global_state(tiny_config, tmp_path) -> None:
+    # Prepare: the same job twice, only the runtime differs
+    settings = {"method__name": "lora", "train__lr": 3e-3, "federation__local_epochs": 1}
+    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
+    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
+    # Execute
+    summaries = [run(embedded), run(simulated)]
+    # Assert: the same losses each round and the same final adapter (within 1e-6)
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    assert [r["train_loss"] for r in logs[0]] == pytest.approx([r["train_loss"] for r in logs[1]], abs=1e-6)
+    assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-6)
+    assert logs[1][-1]["clients"] == [0, 1] and logs[1][-1]["rejected"] == {}
+    adapters = [load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("embedded", "flower-sim")]
+    assert adapters[0].keys() == adapters[1].keys()
+    for name, tensor in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], tensor, rtol=0, atol=1e-6)
+    assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"method__name": "split", "method__cut_layer": 1}, "--method split keeps per-client state between messages"),
+    ({"codec__up": "delta,zstd"}, "each message runs in a fresh ClientApp process"),
+])
+def test_what_a_superlink_cannot_run_yet_is_a_clear_error(tiny_config, overrides, message) -> None:
+    from fedcustom.errors import FedCustomError
+    from fedcustom.runner import build_job
+
+    cfg = tiny_config(federation__runtime="flower", **overrides)
+    with pytest.raises(FedCustomError, match=message):
+        build_job(cfg, runtime=lambda _handler, _labels: None)
