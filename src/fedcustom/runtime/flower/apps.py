@@ -11,6 +11,7 @@ simulation engine, and tests that compare runtimes).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -141,7 +142,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if label_names is None:
             raise FedCustomError(f"message config has no {LABELS_KEY!r}: was it sent by a fedcustom ServerApp?")
         node = node_client(context, cfg or config_from_run_config(context.run_config), label_names)
-        reply = node.handler(node.partition, type(ours)(ours.kind, ours.round, ours.payload, config))
+        reply = node.handler(node.partition, dataclasses.replace(ours, config=config))
         return FlowerMessage(reply_to_content(reply), reply_to=message)
 
     return app
