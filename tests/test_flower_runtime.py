@@ -75,3 +75,12 @@ def test_what_a_superlink_cannot_run_yet_is_a_clear_error(tiny_config, overrides
     cfg = tiny_config(federation__runtime="flower", **overrides)
     with pytest.raises(FedCustomError, match=message):
         build_job(cfg, runtime=lambda _handler, _labels: None)
+
+
+def test_flower_sim_refuses_split_before_starting_the_simulation(tiny_config, tmp_path) -> None:
+    from fedcustom.errors import FedCustomError
+
+    cfg = tiny_config(federation__runtime="flower-sim", method__name="split", method__cut_layer=1)
+    with pytest.raises(FedCustomError, match="--runtime flower-sim: --method split keeps per-client state"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()  # refused before the ServerApp built anything

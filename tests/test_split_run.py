@@ -69,6 +69,16 @@ def test_rounds_table_shows_server_flops_only_when_the_server_trained() -> None:
     assert "server FLOPs" not in render(sharing)
 
 
+def _assert_learned_and_reloads(job, loaded: torch.nn.Module, atol: float) -> None:
+    """The training loss of round 3 is below round 1's, and ``loaded`` (the saved model) gives the job's logits."""
+    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+    assert log[3]["train_loss"] < log[1]["train_loss"]
+    batch = job.tokenizer(["the movie was great", "the plot was awful"], return_tensors="pt", padding=True)
+    job.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(**batch).logits, job.model(**batch).logits, rtol=0, atol=atol)
+
+
 def test_lora_on_the_client_half_sends_only_adapters_and_saves_a_merged_model(tiny_config) -> None:
     # Prepare
     job = build_job(tiny_config(method__name="split", method__cut_layer=1, method__split_client="lora",
@@ -82,14 +92,8 @@ def test_lora_on_the_client_half_sends_only_adapters_and_saves_a_merged_model(ti
     assert client_half and all("lora_" in n and "layer.0." in n for n in client_half)
     assert sum(t.numel() for t in client_half.values()) < full_half / 10
     assert all(torch.equal(p, embeddings[n]) for n, p in job.model.named_parameters() if n in embeddings)
-    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
-    assert log[3]["train_loss"] < log[1]["train_loss"]
-    # Assert: the saved model is a plain transformers model with the LoRA merged in
-    loaded = AutoModelForSequenceClassification.from_pretrained(job.model_dir).eval()
-    batch = job.tokenizer(["the movie was great", "the plot was awful"], return_tensors="pt", padding=True)
-    job.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, job.model(**batch).logits, rtol=0, atol=1e-5)
+    # Assert: it learns, and the saved model is a plain transformers model with the LoRA merged in
+    _assert_learned_and_reloads(job, AutoModelForSequenceClassification.from_pretrained(job.model_dir), atol=1e-5)
 
 
 def test_prefix_on_the_client_half_sends_only_prefixes_and_saves_a_loadable_model(tiny_config) -> None:
@@ -108,14 +112,8 @@ def test_prefix_on_the_client_half_sends_only_prefixes_and_saves_a_loadable_mode
     assert client_half["client_prefix.weight"].shape == (1, 2, 4, 4, 8)  # (layers, k/v, heads, tokens, head size)
     assert not torch.equal(client_half["client_prefix.weight"], prefix_before)
     assert all(torch.equal(p, frozen[n]) for n, p in job.model.named_parameters() if n in frozen)
-    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
-    assert log[3]["train_loss"] < log[1]["train_loss"]
-    # Assert: the saved backbone and prefixes load back into the same model
-    loaded = SplitPrefixModel.from_pretrained(job.model_dir).eval()
-    batch = job.tokenizer(["the movie was great", "the plot was awful"], return_tensors="pt", padding=True)
-    job.model.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(**batch).logits, job.model(**batch).logits, rtol=0, atol=1e-6)
+    # Assert: it learns, and the saved backbone and prefixes load back into the same model
+    _assert_learned_and_reloads(job, SplitPrefixModel.from_pretrained(job.model_dir), atol=1e-6)
 
 
 def test_prefix_projection_on_the_client_half_is_a_clear_error(tiny_config) -> None:

@@ -89,7 +89,10 @@ def submit_run(cfg: RunConfig, args: argparse.Namespace) -> int:
         from fedcustom.runtime.flower.submit import Connection, submit
     except ImportError as exc:
         raise FedCustomError(f"fedcustom submit needs Flower: pip install 'fedcustom[flower]' ({exc})") from None
+    from fedcustom.runner import check_runtime_support
+
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, runtime="flower"))
+    check_runtime_support(cfg)  # here, not after the SuperLink has started a ServerApp
     result = submit(cfg, Connection(args.superlink, args.root_certificates, args.insecure), wait=not args.no_wait)
     print(f"run {result['run_id']}: {result['status']}; the server writes its results to {cfg.output.dir} "
           f"(relative to the SuperLink's working directory)")

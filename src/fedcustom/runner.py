@@ -196,22 +196,29 @@ def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
     return lambda handler, _labels: EmbeddedRuntime(handler, cfg.federation.clients)
 
 
+def check_runtime_support(cfg: RunConfig) -> None:
+    """A clear error, before any Flower process starts, for what the Flower runtimes cannot run yet."""
+    runtime, method = cfg.federation.runtime, get_method(cfg.method.name)
+    if runtime != "embedded" and method.protocol != "parameter_sharing":
+        raise FedCustomError(f"--runtime {runtime}: --method {method.name} keeps per-client state between messages, "
+                             f"which Flower runtimes do not carry yet; use --runtime embedded")
+    codec, codec_down = codecs_for(cfg, method)
+    if runtime == "flower" and not (is_stateless(codec) and is_stateless(codec_down)):
+        raise FedCustomError(f"--codec {cfg.codec.up} / --codec-down {cfg.codec.down or cfg.codec.up}: on a SuperLink "
+                             f"each message runs in a fresh ClientApp process, which cannot keep a delta reference "
+                             f"or a top-k residual; use stateless stages (fp16|bf16|int8|int4, zstd) or --runtime "
+                             f"flower-sim")
+
+
 def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     """Load tokenizer, data and model; wire clients, runtime and server. No training yet.
 
     ``runtime`` carries the messages (default: embedded); a runtime whose clients live elsewhere (Flower)
     ignores the in-process handler it is given."""
+    check_runtime_support(cfg)
     method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
-    if runtime is not None and method.protocol != "parameter_sharing":
-        raise FedCustomError(f"--runtime {cfg.federation.runtime}: --method {method.name} keeps per-client state "
-                             f"between messages, which Flower runtimes do not carry yet; use --runtime embedded")
     runtime = runtime or embedded_runtime(cfg)
     codec, codec_down = codecs_for(cfg, method)
-    if cfg.federation.runtime == "flower" and not (is_stateless(codec) and is_stateless(codec_down)):
-        raise FedCustomError(f"--codec {cfg.codec.up} / --codec-down {cfg.codec.down or cfg.codec.up}: on a SuperLink "
-                             f"each message runs in a fresh ClientApp process, which cannot keep a delta reference "
-                             f"or a top-k residual; use stateless stages (fp16|bf16|int8|int4, zstd) or --runtime "
-                             f"flower-sim")
     out = prepare_output(cfg.output.dir)
     tokenizer = load_tokenizer(cfg.model.name)
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
@@ -294,10 +301,11 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     if cfg.federation.runtime == "flower-sim":
         from fedcustom.runtime.flower.sim import run_flower_simulation  # flwr loads only for Flower runs
 
+        check_runtime_support(cfg)
         return run_flower_simulation(cfg)
     if cfg.federation.runtime == "flower":
         raise FedCustomError("--runtime flower runs as a ServerApp on a SuperLink: submit it with "
-                             "`fedcustom submit --superlink HOST:9093 --config FILE` (see README, Deploy across machines)")
+                             "`fedcustom submit --superlink HOST:8000 --config FILE` (see README, Deploy across machines)")
     return execute(build_job(cfg), console, start)
 
 

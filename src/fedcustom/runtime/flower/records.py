@@ -2,8 +2,9 @@
 
 Settings travel in a ConfigRecord and metrics in a MetricRecord. The encoded tensors travel as one
 uint8 Array in an ArrayRecord rather than as a bytes value in the ConfigRecord: Flower splits
-Arrays into chunks on the wire, so a 540 MB full fine-tuning state fits through gRPC's message
-limit, while a ConfigRecord is sent whole.
+Arrays into 5 MiB chunks on the wire, while a ConfigRecord is sent whole. Measured with Flower 1.41
+through a local SuperLink, a 600 MiB payload round-tripped in 36 s as an Array and in 160 s, with
+more memory in every process, as ConfigRecord bytes.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from pathlib import Path
 from fedcustom import __version__
 from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
-from fedcustom.runtime.flower.apps import CONFIG_KEY
+from fedcustom.runtime.flower.apps import CONFIG_KEY, config_to_run_config
 
 CONNECTION = "fedcustom"
 APP_PYPROJECT = f"""[build-system]
@@ -100,7 +100,8 @@ def submit(cfg: RunConfig, connection: Connection, wait: bool = True, poll_secon
         app.mkdir()
         (home / "config.toml").write_text(connection.toml())
         (app / "pyproject.toml").write_text(APP_PYPROJECT)
-        run_config.write_text(f"{CONFIG_KEY} = {json.dumps(json.dumps(cfg.to_dict()))}\n")
+        run_config.write_text("".join(f"{key} = {json.dumps(value)}\n"  # a JSON string is a TOML basic string
+                                      for key, value in config_to_run_config(cfg).items()))
         try:
             answer = _flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)
         except FedCustomError as exc:
