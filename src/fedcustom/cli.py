@@ -56,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="Run one federated customization job.",
                          description="Run one federated job; flags override the TOML file given with --config.")
-    run.add_argument("--config", help="TOML file with [model], [data], [method], [federation], [train], [output] tables.")
+    run.add_argument("--config", help="TOML file with [model], [data], [method], [federation], [codec], [privacy], "
+                                      "[adversary], [train], [output] tables.")
+    run.add_argument("--resume", metavar="DIR", help="Continue the interrupted run in DIR from its last checkpoint "
+                                                     "(with the config it was started with).")
     add_config_flags(run)
     submit = sub.add_parser("submit", help="Submit a run to a Flower SuperLink (see README: Deploy across machines).",
                             description="Run the job as a Flower ServerApp on a SuperLink, with one SuperNode per "
@@ -99,6 +102,18 @@ def submit_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_run(args: argparse.Namespace) -> int:
+    """`fedcustom run --resume DIR`: the run's own config, no other flags."""
+    given = sorted(f"{s}.{k}" for s, table in overrides_from_args(args).items() for k in table)
+    if args.config or given:
+        raise FedCustomError(f"--resume {args.resume}: a resumed run keeps the config it was started with; drop "
+                             f"{'--config' if args.config else ', '.join(given)}")
+    from fedcustom.runner import resume
+
+    resume(args.resume)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -111,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             command = "fedcustom " + " ".join(sys.argv[1:] if argv is None else argv)
             run_bench(args.preset, args.data_dir, args.output or f"runs/bench-{args.preset}", command)
             return 0
+        if getattr(args, "resume", None):
+            return resume_run(args)
         cfg = load_config(args.config, overrides_from_args(args))
         if args.command == "submit":
             return submit_run(cfg, args)

@@ -6,18 +6,39 @@ what differs per client is only its data (and, for one round, the trainable tens
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 
 import datasets
+import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedcustom.attacks import MODEL_POISONING, poison_update
+from fedcustom.checkpoint import pack_links, unpack_links
 from fedcustom.codecs import Codec, Link, uses_delta
 from fedcustom.methods import load_trainable_state, trainable_state
+from fedcustom.privacy.dp import noise_generator, privatize_locally
+from fedcustom.privacy.secagg import ADVERTISE, SHARE, UNMASK
+from fedcustom.privacy.secure_round import TRAIN_MASKED, SecureClientSide
+from fedcustom.privacy.secure_round import unpack as unpack_secure
 from fedcustom.runtime import Message, Reply
 from fedcustom.training import LocalSchedule, derive_seed, train_local
 
 TRAIN = "train"
+SECAGG_KINDS = (ADVERTISE, SHARE, UNMASK)
+State = dict[str, torch.Tensor]
+ATTACK_STREAM = 5  # separates a simulated attacker's noise from its training seed
+
+
+@dataclass(frozen=True)
+class Adversary:
+    """Simulated model poisoning: which nodes send a poisoned update, and how (fedcustom.attacks)."""
+
+    kind: str
+    scale: float
+    nodes: frozenset[int] = field(default_factory=frozenset)
 
 
 class CodecOutOfSync(Exception):
@@ -35,6 +56,11 @@ def schedule_to_config(schedule: LocalSchedule, seed: int) -> dict[str, int | fl
     return config
 
 
+def local_dp_config(clip_norm: float, noise_multiplier: float) -> dict[str, float]:
+    """What a train message carries when clients must privatize their own updates (--dp local)."""
+    return {"dp_clip": clip_norm, "dp_noise": noise_multiplier}
+
+
 def schedule_from_config(config: dict) -> LocalSchedule:
     """Inverse of :func:`schedule_to_config`."""
     return LocalSchedule(
@@ -50,20 +76,40 @@ class TrainingClient:
     def __init__(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, codec: Codec,
         client_tables: dict[int, datasets.Dataset], codec_down: Codec | None = None,
+        adversary: Adversary | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.codec = codec  # client to server
         self.codec_down = codec_down or codec  # server to client
         self.client_tables = client_tables
+        self.adversary = adversary
+        self.secure = SecureClientSide()  # secure aggregation sessions, one per node for the round in progress
         # Each node's own ends of its links (in a deployment a client holds just its own two).
         self.links_down: dict[int, Link] = {}
         self.links_up: dict[int, Link] = {}
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """Every node's ends of its codec links (for checkpoints of an embedded run)."""
+        tensors: dict[str, torch.Tensor] = {}
+        meta = {"links_down": pack_links("down", self.links_down, tensors),
+                "links_up": pack_links("up", self.links_up, tensors)}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.links_down = unpack_links("down", meta["links_down"], tensors)
+        self.links_up = unpack_links("up", meta["links_up"], tensors)
+
     def __call__(self, node_id: int, message: Message) -> Reply:
-        if message.kind != TRAIN:
-            return Reply(error=f"unknown message kind {message.kind!r}; this client handles {TRAIN!r}")
-        return self.train(node_id, message)
+        if message.kind == TRAIN:
+            return self.train(node_id, message)
+        if message.kind == TRAIN_MASKED:
+            return self.train_masked(node_id, message)
+        if message.kind in SECAGG_KINDS:
+            return self.secure.handle(node_id, message, len(self.client_tables[node_id]))
+        return Reply(error=f"unknown message kind {message.kind!r}; this client handles {TRAIN!r}, {TRAIN_MASKED!r} "
+                           f"and {', '.join(SECAGG_KINDS)}")
 
     def _receive(self, node_id: int, message: Message) -> dict:
         """Decode the global state; a difference is applied to this node's last reconstruction."""
@@ -81,6 +127,22 @@ class TrainingClient:
 
     def train(self, node_id: int, message: Message) -> Reply:
         """Load the global tensors, run the local schedule, reply with the trained tensors."""
+        received, state, metrics = self._train(node_id, message)
+        up = self.links_up.setdefault(node_id, Link())
+        up.reference = received if uses_delta(self.codec) else None  # the difference starts where we started
+        payload = self.codec.encode(state, up)
+        return Reply(payload, len(self.client_tables[node_id]), metrics, round=message.round)
+
+    def train_masked(self, node_id: int, message: Message) -> Reply:
+        """Secure aggregation's third stage: train as usual, upload only the masked update."""
+        train_payload, routed = unpack_secure(message.payload)
+        received, state, metrics = self._train(node_id, dataclasses.replace(message, payload=train_payload))
+        num_examples = len(self.client_tables[node_id])
+        payload = self.secure.masked_update(node_id, message, routed, received, state, num_examples)
+        return Reply(payload, num_examples, metrics, round=message.round)
+
+    def _train(self, node_id: int, message: Message) -> tuple[State, State, dict[str, float]]:
+        """(the state this client started from, the state it sends, its metrics)."""
         start = time.perf_counter()
         received = self._receive(node_id, message)
         load_trainable_state(self.model, received)
@@ -88,11 +150,23 @@ class TrainingClient:
         seed = derive_seed(int(message.config["seed"]), message.round, node_id)
         table = self.client_tables[node_id]
         result = train_local(self.model, table, self.tokenizer, schedule, seed)
-        up = self.links_up.setdefault(node_id, Link())
-        up.reference = received if uses_delta(self.codec) else None  # the difference starts where we started
-        payload = self.codec.encode(trainable_state(self.model), up)
         metrics = {
             "train_loss": result.mean_loss, "examples_seen": float(result.examples_seen),
             "steps": float(result.steps), "flops": float(result.flops), "train_seconds": time.perf_counter() - start,
         }
-        return Reply(payload=payload, num_examples=len(table), metrics=metrics)
+        return received, self._outgoing(node_id, message, received), metrics
+
+    def _outgoing(self, node_id: int, message: Message, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The trained tensors as they leave this client: poisoned if it is a simulated attacker, then
+        clipped and noised under local DP (an honest client's privacy does not depend on the server)."""
+        state = trainable_state(self.model)
+        seed = int(message.config["seed"])
+        adversary = self.adversary
+        if adversary and node_id in adversary.nodes and adversary.kind in MODEL_POISONING:
+            generator = torch.Generator().manual_seed(derive_seed(seed, message.round, node_id, ATTACK_STREAM))
+            state = poison_update(adversary.kind, received, state, adversary.scale, generator)
+        if "dp_clip" in message.config:
+            generator = noise_generator(seed, message.round, node_id)
+            state = privatize_locally(received, state, float(message.config["dp_clip"]),
+                                      float(message.config["dp_noise"]), generator)
+        return state

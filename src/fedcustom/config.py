@@ -126,14 +126,54 @@ class FederationConfig:
     fraction: float = opt(1.0, "Share of clients sampled each round.", "--fraction")
     local_epochs: int = opt(1, "Passes over its own data each client makes per round.", "--local-epochs")
     local_steps: int | None = opt(None, "Optimizer steps per client per round; overrides --local-epochs.", "--local-steps")
-    strategy: str = opt("fedavg", "Server aggregation strategy: fedavg.", "--strategy")
+    strategy: str = opt("fedavg", "Server aggregation strategy: fedavg, median, trimmed-mean:BETA, krum:F, "
+                        "multi-krum:F[:M] or norm-bound:C (see fedcustom.strategies).", "--strategy")
     runtime: str = opt("embedded", "How messages travel: embedded (one process), flower-sim (Flower's simulation "
                        "engine, Ray) or flower (a ServerApp on a real SuperLink; submit with `fedcustom submit`).",
                        "--runtime", ("embedded", "flower-sim", "flower"))
     min_available: int = opt(1, "Fewest valid client updates a round needs to change the global state; with fewer "
                              "the round is logged and the global state kept.", "--min-available")
     round_timeout: float = opt(600.0, "Flower runtimes: seconds the server waits for the replies of one exchange; "
-                               "clients that have not answered by then are left out of the round.", "--round-timeout")
+                               "clients that have not answered by then are left out of the round. Embedded runtime: "
+                               "the deadline on each client's simulated latency (--client-latency).", "--round-timeout")
+    max_update_mb: float | None = opt(None, "Reject client payloads larger than this many MB; default: twice the fp32 "
+                                      "size of the trainable tensors plus 1 MiB.", "--max-update-mb")
+    client_failure_rate: float = opt(0.0, "Embedded runtime: chance that a sampled client fails to answer a round "
+                                     "(simulated; seeded).", "--client-failure-rate")
+    client_latency: float = opt(0.0, "Embedded runtime: mean simulated seconds a client needs to answer (exponential, "
+                                "seeded); clients slower than --round-timeout are left out as stragglers.",
+                                "--client-latency")
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    """Client-level differential privacy and secure aggregation (see fedcustom.privacy)."""
+
+    dp: str = opt("off", "Client-level DP: off, central (the server clips each update and adds Gaussian noise to "
+                  "their mean, DP-FedAvg) or local (each client clips and noises its own update).", "--dp",
+                  ("off", "central", "local"))
+    clip_norm: float = opt(1.0, "DP: L2 bound on each client's update (all tensors together).", "--dp-clip")
+    noise_multiplier: float = opt(1.0, "DP: Gaussian noise std as a multiple of --dp-clip.", "--dp-noise")
+    delta: float = opt(1e-5, "DP: the delta at which epsilon is reported.", "--dp-delta")
+    secagg: bool = opt(False, "Secure aggregation (pairwise masking, Bonawitz et al. 2017): the server learns only "
+                       "the sum of the clients' updates.", "--secagg")
+    secagg_threshold: float = opt(0.6, "Secure aggregation: share of a round's clients that must survive for the sum "
+                                  "to be recovered (Shamir threshold).", "--secagg-threshold")
+    secagg_clip: float = opt(8.0, "Secure aggregation: each client's example-weighted update is clipped per value to "
+                             "[-C, C] before fixed-point encoding (precision C / 2^bits, bits = 31 - log2(clients)).",
+                             "--secagg-clip")
+
+
+@dataclass(frozen=True)
+class AdversaryConfig:
+    """Simulated malicious clients, to study robust strategies (see fedcustom.attacks)."""
+
+    attack: str = opt("none", "What malicious clients do: none, sign-flip (send -SCALE x their update), scale (send "
+                      "SCALE x their update), noise (replace it with Gaussian noise of std SCALE) or label-flip (train "
+                      "on flipped labels).", "--attack", ("none", "sign-flip", "scale", "noise", "label-flip"))
+    fraction: float = opt(0.0, "Share of clients that are malicious (chosen once from --seed).", "--attack-fraction")
+    scale: float = opt(10.0, "Attack strength: the factor of sign-flip and scale, the noise std of noise.",
+                       "--attack-scale")
 
 
 @dataclass(frozen=True)
@@ -166,6 +206,8 @@ class OutputConfig:
     quiet: bool = opt(False, "No progress bar or tables.", "--quiet")
     save_model: bool = opt(True, "Write the final global adapter (or full model) to DIR/adapter or DIR/model.",
                            "--save-model")
+    checkpoint: bool = opt(True, "Write DIR/checkpoint.safetensors after every round, so `fedcustom run --resume DIR` "
+                           "can continue after a crash (parameter-sharing methods).", "--checkpoint")
 
 
 @dataclass(frozen=True)
@@ -177,6 +219,8 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -333,5 +377,43 @@ def validate(cfg: RunConfig) -> None:
 
     parse_chain(cfg.codec.up, "codec.up (--codec)")
     parse_chain(cfg.codec.down or cfg.codec.up, "codec.down (--codec-down)")
+    validate_trust(cfg)
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
+
+
+def validate_trust(cfg: RunConfig) -> None:
+    """Privacy, adversary and fault settings: ranges and combinations that cannot work together."""
+    fed, priv, adv = cfg.federation, cfg.privacy, cfg.adversary
+    from fedcustom.strategies import get_strategy  # the strategy grammar lives with the strategies
+
+    get_strategy(fed.strategy)
+    _positive("federation.max_update_mb (--max-update-mb)", fed.max_update_mb)
+    for where, value in [("federation.client_failure_rate (--client-failure-rate)", fed.client_failure_rate),
+                         ("adversary.fraction (--attack-fraction)", adv.fraction)]:
+        if not 0 <= value < 1:
+            raise ConfigError(f"{where}: expected 0 <= value < 1, got {value}")
+    if fed.client_latency < 0:
+        raise ConfigError(f"federation.client_latency (--client-latency): expected >= 0, got {fed.client_latency}")
+    _positive("privacy.clip_norm (--dp-clip)", priv.clip_norm, allow_none=False)
+    if priv.noise_multiplier < 0:
+        raise ConfigError(f"privacy.noise_multiplier (--dp-noise): expected >= 0, got {priv.noise_multiplier}")
+    if not 0 < priv.delta < 1:
+        raise ConfigError(f"privacy.delta (--dp-delta): expected 0 < delta < 1, got {priv.delta}")
+    if not 0 < priv.secagg_threshold <= 1:
+        raise ConfigError(f"privacy.secagg_threshold: expected 0 < share <= 1, got {priv.secagg_threshold}")
+    if adv.attack != "none" and adv.scale <= 0:
+        raise ConfigError(f"adversary.scale (--attack-scale): expected > 0, got {adv.scale}")
+    if priv.dp == "central" and fed.strategy != "fedavg":
+        raise ConfigError(f"--dp central with --strategy {fed.strategy}: central DP replaces the merge with the mean of "
+                          f"clipped updates (its sensitivity bound needs it); use --strategy fedavg or --dp local")
+    _positive("privacy.secagg_clip (--secagg-clip)", priv.secagg_clip, allow_none=False)
+    if priv.secagg and priv.dp == "central":
+        raise ConfigError("--secagg with --dp central: the server cannot clip updates it never sees; use --dp local "
+                          "(clients clip and noise before masking)")
+    if priv.secagg and cfg.codec.up != "raw":
+        raise ConfigError(f"--secagg with --codec {cfg.codec.up}: secure aggregation uploads its own masked fixed-point "
+                          f"encoding; leave --codec raw (--codec-down may compress the broadcast)")
+    if priv.secagg and fed.strategy != "fedavg":
+        raise ConfigError(f"--secagg with --strategy {fed.strategy}: under secure aggregation the server sees only "
+                          f"the sum of updates, so only fedavg can run; robust strategies need each update")

@@ -31,19 +31,35 @@ def round_record(result: RoundResult) -> dict[str, Any]:
         "examples_seen": result.examples_seen,
         "rejected": per_client(result.rejected),
         "wall_seconds": result.wall_seconds,
+        "epsilon": result.epsilon,
+        "privacy": result.privacy,
     }
+
+
+def result_from_record(record: dict[str, Any]) -> RoundResult:
+    """Inverse of :func:`round_record` (for a resumed run's earlier rounds)."""
+    per_client = lambda d: {int(k): v for k, v in d.items()}  # noqa: E731
+    return RoundResult(
+        round=record["round"], eval={k[5:]: v for k, v in record.items() if k.startswith("eval_")},
+        clients=list(record["clients"]), train_loss=record["train_loss"],
+        bytes_up=per_client(record["bytes_up"]), bytes_down=per_client(record["bytes_down"]),
+        client_flops=per_client(record["client_flops"]), server_flops=per_client(record["server_flops"]),
+        examples_seen=record["examples_seen"], rejected=per_client(record["rejected"]),
+        wall_seconds=record["wall_seconds"], epsilon=record.get("epsilon"), privacy=record.get("privacy", {}),
+    )
 
 
 class RoundLog:
     """Appends one JSON object per round to ``round_log.jsonl``, flushed as each round ends."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, earlier: list[RoundResult] = ()) -> None:
+        """A fresh log, or (on resume) one that starts with the rounds already done."""
         self.path = path
-        path.write_text("")
+        path.write_text("".join(json.dumps(_strict(round_record(r))) + "\n" for r in earlier))
 
     def write(self, result: RoundResult) -> None:
         with self.path.open("a") as fh:
-            fh.write(json.dumps(round_record(result)) + "\n")
+            fh.write(json.dumps(_strict(round_record(result))) + "\n")
 
 
 def _strict(value: Any) -> Any:
@@ -82,8 +98,9 @@ def round_line(result: RoundResult, rounds: int) -> str:
     """One plain line per round for logs, where a live progress bar cannot render."""
     loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"
     rejected = f", {len(result.rejected)} rejected" if result.rejected else ""
+    epsilon = f", epsilon {result.epsilon:.3g}" if result.epsilon is not None else ""
     return (f"round {result.round}/{rounds}: accuracy {result.eval['accuracy']:.4f}, train loss {loss}, "
-            f"{len(result.clients)} clients{rejected}, {result.wall_seconds:.1f} s")
+            f"{len(result.clients)} clients{rejected}{epsilon}, {result.wall_seconds:.1f} s")
 
 
 def clients_table(stats: list[dict], label_names: list[str]) -> Table:

@@ -25,16 +25,21 @@ from peft import PeftModel
 from rich.console import Console
 from torch import nn
 
-from fedcustom.client import TrainingClient
+from fedcustom.attacks import MODEL_POISONING, flip_labels, malicious_clients
+from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedcustom.client import Adversary, TrainingClient, local_dp_config
 from fedcustom.codecs import Codec, get_codec, is_stateless
-from fedcustom.config import RunConfig
+from fedcustom.config import RunConfig, build_config
 from fedcustom.data import FederatedData, PublicSpec, prepare_data
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, save_trained, trainable_state
 from fedcustom.models import load_model, load_tokenizer
-from fedcustom.report import RoundLog, clients_table, mean, round_line, round_progress, rounds_table, write_json
-from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime
-from fedcustom.server import FederatedServer, RoundDriver, RoundResult
+from fedcustom.privacy.dp import CentralDP, PrivacyAccountant
+from fedcustom.report import (
+    RoundLog, clients_table, mean, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
+)
+from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime, SimulatedFaults
+from fedcustom.server import FederatedServer, RoundDriver, RoundResult, Safeguards, SecAggSettings
 from fedcustom.strategies import Strategy, get_strategy
 from fedcustom.training import LocalSchedule, derive_seed, evaluate, train_local
 
@@ -144,6 +149,8 @@ def summarize(
         "trainable_bytes_fp32": sum(t.numel() * 4 for t in initial.values()),
         "total_params": sum(p.numel() for p in model.parameters()),
         "rejected_updates": sum(len(r.rejected) for r in rounds),
+        "strategy": cfg.federation.strategy,
+        **trust_summary(cfg, results),
         "wall_seconds": wall,
         "train_examples": sum(len(rows) for rows in data.client_indices),
         "eval_examples": len(data.eval),
@@ -152,6 +159,19 @@ def summarize(
         "config": cfg.to_dict(),
         "versions": versions(),
     }
+
+
+def trust_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:
+    """Privacy spent, secure aggregation and simulated attackers, for summary.json."""
+    priv, adv = cfg.privacy, cfg.adversary
+    out: dict[str, Any] = {"dp": priv.dp, "secagg": priv.secagg}
+    if priv.dp != "off":
+        out.update(epsilon=results[-1].epsilon, dp_delta=priv.delta, dp_clip=priv.clip_norm,
+                   dp_noise_multiplier=priv.noise_multiplier, epsilon_per_round=[r.epsilon for r in results[1:]])
+    if adv.attack != "none":
+        out.update(attack=adv.attack, attack_scale=adv.scale,
+                   malicious_clients=sorted(malicious_clients(cfg.federation.clients, adv.fraction, cfg.train.seed)))
+    return out
 
 
 @dataclass
@@ -167,6 +187,14 @@ class Job:
     schedule: LocalSchedule
     server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
     out: Path
+    client: TrainingClient | None = None  # the in-process clients of a parameter-sharing run (their codec links)
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """What a checkpoint must hold: the server, and the embedded clients' own state."""
+        if not isinstance(self.server, FederatedServer):
+            return {}
+        embedded = self.cfg.federation.runtime == "embedded" and self.client is not None
+        return {"server": self.server, **({"clients": self.client} if embedded else {})}
 
     @property
     def eval_batch(self) -> int:
@@ -192,8 +220,63 @@ RuntimeFactory = Callable[[Handler, list[str]], Runtime]  # (the in-process clie
 
 
 def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
-    """The default: every client is called in this process."""
-    return lambda handler, _labels: EmbeddedRuntime(handler, cfg.federation.clients)
+    """The default: every client is called in this process (with simulated failures and latency if asked)."""
+    fed = cfg.federation
+    faults = None
+    if fed.client_failure_rate or fed.client_latency:
+        faults = SimulatedFaults(fed.client_failure_rate, fed.client_latency, fed.round_timeout, cfg.train.seed)
+    return lambda handler, _labels: EmbeddedRuntime(handler, fed.clients, faults)
+
+
+def check_trust_support(cfg: RunConfig, method: Method) -> None:
+    """Privacy, attacks and simulated faults need the parameter-sharing round; attacks and faults are simulated
+    in this process only."""
+    fed, priv, adv = cfg.federation, cfg.privacy, cfg.adversary
+    asked = [name for name, on in [("--dp", priv.dp != "off"), ("--secagg", priv.secagg),
+                                   ("--attack", adv.attack != "none"), ("--client-failure-rate", fed.client_failure_rate > 0),
+                                   ("--client-latency", fed.client_latency > 0)] if on]
+    if asked and method.protocol != "parameter_sharing":
+        raise FedCustomError(f"{', '.join(asked)}: apply to the parameter-sharing methods (full, lora, prompt, prefix); "
+                             f"--method {method.name} exchanges activations or logits")
+    simulated = [name for name in asked if name in ("--attack", "--client-failure-rate", "--client-latency",
+                                                    "--secagg")]
+    if simulated and fed.runtime != "embedded":
+        raise FedCustomError(f"{', '.join(simulated)}: embedded runtime only for now (attacks and faults are simulated "
+                             f"there; on Flower real nodes fail; --secagg keeps key material between messages, which "
+                             f"a SuperNode's per-message ClientApp process does not)")
+
+
+def safeguards_for(cfg: RunConfig) -> Safeguards:
+    """Update size limit and DP settings for the parameter-sharing server."""
+    priv, fed = cfg.privacy, cfg.federation
+    guards = Safeguards(max_update_bytes=int(fed.max_update_mb * 1e6) if fed.max_update_mb else None)
+    if priv.secagg:
+        guards.secagg = SecAggSettings(priv.secagg_clip, priv.secagg_threshold)
+    if priv.dp == "off":
+        return guards
+    guards.accountant = PrivacyAccountant()
+    guards.noise_multiplier, guards.dp_delta = priv.noise_multiplier, priv.delta
+    guards.sample_rate = clients_per_round(cfg) / fed.clients if priv.dp == "central" else 1.0
+    if priv.dp == "central":
+        # The textbook fixed denominator (the expected cohort), whose guarantee matches the accountant exactly.
+        guards.central_dp = CentralDP(priv.clip_norm, priv.noise_multiplier, expected_clients=clients_per_round(cfg))
+    else:
+        guards.local_dp = local_dp_config(priv.clip_norm, priv.noise_multiplier)
+    return guards
+
+
+def client_tables(cfg: RunConfig, data: FederatedData) -> tuple[dict[int, datasets.Dataset], Adversary | None]:
+    """Each client's rows (label-flipping attackers get theirs flipped) and the model-poisoning adversary."""
+    tables = {i: data.client_table(i) for i in range(cfg.federation.clients)}
+    adv = cfg.adversary
+    if adv.attack == "none":
+        return tables, None
+    attackers = malicious_clients(cfg.federation.clients, adv.fraction, cfg.train.seed)
+    if adv.attack == "label-flip":
+        for node in attackers:
+            tables[node] = flip_labels(tables[node], len(data.label_names))
+        return tables, None
+    return tables, Adversary(adv.attack, adv.scale, frozenset(attackers))
 
 
 def check_runtime_support(cfg: RunConfig) -> None:
@@ -217,6 +300,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     ignores the in-process handler it is given."""
     check_runtime_support(cfg)
     method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
+    check_trust_support(cfg, method)
     runtime = runtime or embedded_runtime(cfg)
     codec, codec_down = codecs_for(cfg, method)
     out = prepare_output(cfg.output.dir)
@@ -235,7 +319,8 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
         load_trainable_state(model, state)
         return evaluate_model()
 
-    tables = {i: data.client_table(i) for i in range(cfg.federation.clients)}
+    tables, adversary = client_tables(cfg, data)
+    client = None
     if method.protocol == "split":
         server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables, evaluate_model)
     elif method.protocol == "distill":
@@ -244,12 +329,12 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
         server = build_distill_server(cfg, model, tokenizer, data, codec, schedule, clients_per_round(cfg),
                                       evaluate_model)
     else:
+        client = TrainingClient(model, tokenizer, codec, tables, codec_down, adversary)
         server = FederatedServer(
-            runtime(TrainingClient(model, tokenizer, codec, tables, codec_down), data.label_names),
-            strategy, codec, initial, evaluate_state, schedule, clients_per_round(cfg), cfg.train.seed, codec_down,
-            cfg.federation.min_available,
+            runtime(client, data.label_names), strategy, codec, initial, evaluate_state, schedule,
+            clients_per_round(cfg), cfg.train.seed, codec_down, cfg.federation.min_available, safeguards_for(cfg),
         )
-    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out)
+    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, client)
 
 
 def build_split_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, codec: Codec, strategy: Strategy,
@@ -266,20 +351,33 @@ def build_split_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, codec: 
     return SplitFederatedServer(inner, clients_per_round(cfg), cfg.train.seed, evaluate_global)
 
 
-def run_rounds(job: Job, console: Console, show: bool) -> list[RoundResult]:
-    """Round 0 (initial evaluation) and every federated round, logged as each ends."""
-    round_log = RoundLog(job.out / "round_log.jsonl")
-    results = [job.server.evaluate_initial()]
-    round_log.write(results[0])
-    rounds, per_round = job.cfg.federation.rounds, job.server.clients_per_round
+def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None) -> list[RoundResult]:
+    """Round 0 (initial evaluation) and every federated round, logged and checkpointed as each ends; a resumed
+    run starts after the checkpoint's round."""
+    results = [result_from_record(r) for r in resumed.records] if resumed else [job.server.evaluate_initial()]
+    round_log = RoundLog(job.out / "round_log.jsonl", results)
+    parts = job.checkpoint_parts() if job.cfg.output.checkpoint else {}
+    earlier, start = (resumed.wall_seconds if resumed else 0.0), time.perf_counter()
+
+    def checkpoint(rnd: int) -> None:
+        if parts:
+            save_checkpoint(job.out, rnd, job.cfg.to_dict(), [round_record(r) for r in results],
+                            earlier + time.perf_counter() - start, parts)
+
+    if not resumed:
+        checkpoint(0)
+    rounds, per_round, first = job.cfg.federation.rounds, job.server.clients_per_round, len(results)
     live = show and console.is_terminal  # a log gets one plain line per round instead of a live bar
     with round_progress(console, rounds, per_round, live) as progress:
-        for rnd in range(1, rounds + 1):
+        if progress:
+            progress.update(0, completed=first - 1)
+        for rnd in range(first, rounds + 1):
             if progress:
                 progress.reset(1)
             on_reply = (lambda _node: progress.advance(1)) if progress else None
             results.append(job.server.run_round(rnd, on_reply))
             round_log.write(results[-1])
+            checkpoint(rnd)
             if progress:
                 progress.advance(0)
             if show and not live:
@@ -309,15 +407,35 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     return execute(build_job(cfg), console, start)
 
 
-def execute(job: Job, console: Console | None = None, start: float | None = None) -> dict[str, Any]:
-    """Train a built job, save the global adapter, run the baseline, write and print results."""
+def resume(path: str, console: Console | None = None) -> dict[str, Any]:
+    """`fedcustom run --resume DIR`: rebuild the job from DIR's checkpoint and run the rounds still to do."""
+    start = time.perf_counter()
+    out = Path(path).expanduser()
+    checkpoint = load_checkpoint(out)
+    values = checkpoint.config
+    values["output"]["dir"] = str(out)  # the folder may have moved since
+    job = build_job(build_config(values))
+    parts = job.checkpoint_parts()
+    if set(parts) != set(checkpoint.parts):
+        raise FedCustomError(f"--resume {path}: the checkpoint holds {sorted(checkpoint.parts)}, this job needs "
+                             f"{sorted(parts)}")
+    for name, part in parts.items():
+        part.load_state_dict(*checkpoint.parts[name])
+    torch.set_rng_state(checkpoint.rng_state)  # after build_job, which seeds model initialisation
+    return execute(job, console, start, checkpoint)
+
+
+def execute(job: Job, console: Console | None = None, start: float | None = None,
+            resumed: Checkpoint | None = None) -> dict[str, Any]:
+    """Train a built job (from a checkpoint when resuming), save the global adapter, run the baseline, write and
+    print results."""
     start = time.perf_counter() if start is None else start
     console = console or default_console()
     cfg = job.cfg
     show = not cfg.output.quiet
     if show:
         console.print(clients_table(job.data.client_stats(), job.data.label_names))
-    results = run_rounds(job, console, show)
+    results = run_rounds(job, console, show, resumed)
     load_trainable_state(job.model, job.server.global_state)
     if cfg.output.save_model:
         (job.method.save or save_trained)(job.model, job.model_dir)
@@ -330,7 +448,7 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
                 job.model, job.initial, job.data, job.tokenizer, job.schedule, passes, cfg.train.seed, job.eval_batch
             )
         load_trainable_state(job.model, job.server.global_state)
-    wall = time.perf_counter() - start
+    wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
     summary = summarize(cfg, results, centralized, job.model, job.initial, job.data, wall, job.schedule.lr)
     write_json(job.out / "summary.json", summary)
     if show:

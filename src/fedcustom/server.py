@@ -1,7 +1,7 @@
 """Server side: drive rounds through the runtime, validate and merge updates, evaluate.
 
-    global_state --encode--> Message("train") --runtime--> clients --Reply--> decode -> validate
-    -> strategy.aggregate -> new global_state -> evaluate
+    global_state --encode--> Message("train") --runtime--> clients --Reply--> check envelope -> decode
+    -> validate -> strategy.aggregate (or central DP's clipped, noised mean) -> new global_state -> evaluate
 
 The server never touches a client's data or a method's internals: it sees named tensors, example
 counts and metrics.
@@ -18,13 +18,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fedcustom.checkpoint import SEP, group, pack_links, unpack_links
 from fedcustom.client import TRAIN, schedule_to_config
 from fedcustom.codecs import Codec, Link, is_lossless, is_stateless, uses_delta
 from fedcustom.errors import PayloadError, UpdateRejected
+from fedcustom.privacy.dp import CentralDP, PrivacyAccountant, noise_generator
+from fedcustom.privacy.secure_round import SecureRound
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
 from fedcustom.training import LocalSchedule, derive_seed
-from fedcustom.validation import validate_update
+from fedcustom.validation import check_envelope, default_max_bytes, validate_update
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,30 @@ class RoundResult:
     examples_seen: int = 0
     rejected: dict[int, str] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    epsilon: float | None = None  # DP: the privacy spent so far, at the configured delta
+    privacy: dict[str, float] = field(default_factory=dict)  # DP: clipping and noise statistics of the round
+
+
+@dataclass
+class Safeguards:
+    """What the server enforces besides the strategy: update limits and client-level DP."""
+
+    max_update_bytes: int | None = None  # None: validation.default_max_bytes of the global state
+    central_dp: CentralDP | None = None
+    local_dp: dict[str, float] = field(default_factory=dict)  # sent in every train message (--dp local)
+    accountant: PrivacyAccountant | None = None
+    noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+    sample_rate: float = 1.0  # share of clients sampled per round, for privacy amplification
+    secagg: SecAggSettings | None = None
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Secure aggregation: per-element bound on a client's weighted update, and the share that must survive."""
+
+    clip: float
+    threshold: float
 
 
 class RoundDriver(Protocol):
@@ -86,7 +113,7 @@ class FederatedServer:
     def __init__(
         self, runtime: Runtime, strategy: Strategy, codec: Codec, initial_state: State,
         evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
-        codec_down: Codec | None = None, min_available: int = 1,
+        codec_down: Codec | None = None, min_available: int = 1, safeguards: Safeguards | None = None,
     ) -> None:
         self.runtime = runtime
         self.min_available = min_available  # fewest valid updates that change the global state
@@ -100,37 +127,99 @@ class FederatedServer:
         self.schedule = schedule
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.safeguards = safeguards or Safeguards()
+        self.max_update_bytes = self.safeguards.max_update_bytes or default_max_bytes(self.global_state)
+        if hasattr(codec, "max_decoded_bytes"):  # a zstd frame may claim any size: bound what it may expand to
+            codec.max_decoded_bytes = default_max_bytes(self.global_state)
 
     def evaluate_initial(self) -> RoundResult:
         """Round 0: how the untrained global state scores."""
         return RoundResult(round=0, eval=self.evaluate(self.global_state))
 
+    def state_dict(self) -> tuple[State, dict]:
+        """Global tensors, both codec links per client and the accountant (for checkpoints)."""
+        tensors = {f"global{SEP}{k}": v for k, v in self.global_state.items()}
+        accountant = self.safeguards.accountant
+        meta = {"links_down": pack_links("down", self.links_down, tensors),
+                "links_up": pack_links("up", self.links_up, tensors),
+                "accountant": accountant.state_dict() if accountant else None}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: State, meta: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.global_state = group(tensors, "global")
+        self.links_down = unpack_links("down", meta["links_down"], tensors)
+        self.links_up = unpack_links("up", meta["links_up"], tensors)
+        if self.safeguards.accountant and meta["accountant"] is not None:
+            self.safeguards.accountant.load_state_dict(meta["accountant"])
+
     def run_round(self, rnd: int, on_reply: Callable[[int], None] | None = None) -> RoundResult:
         """Send the global state to sampled clients, merge valid replies, evaluate the result."""
         start = time.perf_counter()
         chosen = sample_clients(self.runtime.nodes(), self.clients_per_round, self.seed, rnd)
-        config = schedule_to_config(self.schedule, self.seed)
-        messages = self._broadcast(rnd, chosen, config)
-        replies = self.runtime.send_and_receive(messages, on_reply)
+        config = {**schedule_to_config(self.schedule, self.seed), **self.safeguards.local_dp}
         result = RoundResult(round=rnd, eval={}, clients=chosen)
-        updates = self._accept(replies, result, messages)
-        for node in chosen:
-            result.bytes_down[node] = len(messages[node].payload)
-            if node in result.rejected:
-                self.links_down.pop(node, None)  # its state is unknown now: the next broadcast starts from zero
+        if self.safeguards.secagg is not None:
+            updates, merged = self._secure_round(rnd, chosen, config, result, on_reply)
+        else:
+            messages = self._broadcast(rnd, chosen, config)
+            replies = self.runtime.send_and_receive(messages, on_reply)
+            updates, merged = self._accept(replies, result, messages), None
+            result.bytes_down = {node: len(messages[node].payload) for node in chosen}
+        for node in result.rejected:
+            self.links_down.pop(node, None)  # its state is unknown now: the next broadcast starts from zero
         if 0 < len(updates) < self.min_available:
             log.warning("round %d: %d valid updates, fewer than min_available = %d; the global state is unchanged",
                         rnd, len(updates), self.min_available)
         elif updates:
-            self.global_state = self.strategy.aggregate(self.global_state, updates)
+            self.global_state = merged if merged is not None else self._merge(rnd, updates, result)
             weights = np.array([u.num_examples for u in updates], dtype=np.float64)
             losses = np.array([u.metrics["train_loss"] for u in updates])
             result.train_loss = float(np.average(losses, weights=weights))
         else:
             log.warning("round %d: no valid updates; the global state is unchanged", rnd)
+        if self.safeguards.accountant is not None:
+            result.epsilon = self._account(updates)
         result.eval = self.evaluate(self.global_state)
         result.wall_seconds = time.perf_counter() - start
         return result
+
+    def _secure_round(self, rnd: int, chosen: list[int], config: dict, result: RoundResult,
+                      on_reply: Callable[[int], None] | None) -> tuple[list[ClientUpdate], State | None]:
+        """Secure aggregation's four stages; the server sees example counts and metrics, never a client's
+        tensors (each ClientUpdate's state is empty), and gets the FedAvg state from the masked sum."""
+        settings = self.safeguards.secagg
+        assert settings is not None
+        secure = SecureRound(self.runtime, rnd, chosen, self.global_state, settings.clip, settings.threshold)
+        outcome = secure.run(lambda nodes: self._broadcast(rnd, nodes, config), on_reply)
+        result.bytes_up, result.bytes_down, result.rejected = outcome.bytes_up, outcome.bytes_down, outcome.rejected
+        updates = [ClientUpdate(node, {}, reply.num_examples, dict(reply.metrics))
+                   for node, reply in sorted(outcome.replies.items())]
+        for update in updates:
+            result.client_flops[update.node_id] = int(update.metrics.get("flops", 0))
+            result.examples_seen += int(update.metrics.get("examples_seen", 0))
+        if outcome.mean_update is None:
+            return [], None
+        merged = {k: (v.double() + outcome.mean_update[k].double()).to(v.dtype) for k, v in self.global_state.items()}
+        return updates, merged
+
+    def _merge(self, rnd: int, updates: list[ClientUpdate], result: RoundResult) -> State:
+        """The strategy's merge, or under central DP the noised mean of clipped updates."""
+        dp = self.safeguards.central_dp
+        if dp is None:
+            return self.strategy.aggregate(self.global_state, updates)
+        generator = noise_generator(self.seed, rnd)
+        state, stats = dp.aggregate(self.global_state, [u.state for u in updates], generator)
+        result.privacy = {k: float(v) for k, v in stats.items()}
+        return state
+
+    def _account(self, updates: list[ClientUpdate]) -> float:
+        """One accountant step per round whose updates were released; epsilon spent so far."""
+        guards = self.safeguards
+        assert guards.accountant is not None
+        if len(updates) >= self.min_available:
+            guards.accountant.step(guards.noise_multiplier, guards.sample_rate)
+        return guards.accountant.epsilon(guards.dp_delta)
 
     def _broadcast(self, rnd: int, chosen: list[int], config: dict) -> dict[int, Message]:
         """One train message per client: the global state, encoded along that client's link."""
@@ -177,7 +266,7 @@ class FederatedServer:
         for node, reply in sorted(replies.items()):
             result.bytes_up[node] = len(reply.payload)
             try:
-                check_reply(reply)
+                check_envelope(reply, result.round, self.max_update_bytes)
                 state = self._decode(node, reply, messages[node])
                 validate_update(state, self.global_state)
             except (PayloadError, UpdateRejected) as exc:

@@ -24,16 +24,18 @@ from dataclasses import dataclass, field
 
 import torch
 import zstandard
-from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from fedcustom.codecs.quantize import VALUE_CODINGS, dequantize, expected_parts, quantize
+from fedcustom.codecs.raw import load_safetensors
 from fedcustom.errors import ConfigError, PayloadError
 
 State = dict[str, torch.Tensor]
 PRESETS = {"raw": "", "gradualdiff": "delta,zstd"}
-MAX_DECOMPRESSED = 16 * 2**30  # refuse zstd frames claiming more than 16 GiB
+MAX_DECOMPRESSED = 16 * 2**30  # default decoded-size limit; a server sets its own (validation.default_max_bytes)
+MAX_DIMS = 64  # a shape-table entry with more dimensions is not a tensor anyone sent
+MAX_NUMEL = 2**62  # product of a shape's non-zero dimensions: beyond this torch cannot even describe it
 
 
 @dataclass(frozen=True)
@@ -122,9 +124,12 @@ def is_stateless(codec: object) -> bool:
 class CodecChain:
     """Encodes and decodes named fp32 tensors along one link with the chain's stages."""
 
-    def __init__(self, spec: str | ChainSpec) -> None:
+    def __init__(self, spec: str | ChainSpec, max_decoded_bytes: int = MAX_DECOMPRESSED) -> None:
         self.spec = spec if isinstance(spec, ChainSpec) else parse_chain(spec)
         self.name = str(self.spec)
+        # Largest safetensors blob decode accepts (after zstd): bounds what a small compressed payload
+        # can make the receiver allocate. A server sets it from the state it expects.
+        self.max_decoded_bytes = max_decoded_bytes
 
     def encode(self, state: State, link: Link | None = None) -> bytes:
         """Bytes for ``state``; updates the sender's residual (topk) and reference (delta) on ``link``."""
@@ -161,22 +166,21 @@ class CodecChain:
     def decode(self, payload: bytes, link: Link | None = None) -> State:
         """The state the sender encoded (lossy stages aside); updates the receiver's reference (delta)."""
         link = link or Link()
-        if not isinstance(payload, (bytes, bytearray)):
+        if not isinstance(payload, (bytes, bytearray, memoryview)):
             raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
         raw = self._decompress(bytes(payload)) if self.spec.zstd else bytes(payload)
-        try:
-            tensors = st_load(raw)
-            metadata = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__", {})
-            shapes = json.loads(metadata["shapes"])
-        except (SafetensorError, ValueError, OverflowError, KeyError, TypeError, UnicodeDecodeError) as exc:
-            raise PayloadError(f"payload of {len(payload)} bytes is not a valid {self.name} payload ({exc})") from None
+        if len(raw) > self.max_decoded_bytes:
+            raise PayloadError(f"payload of {len(raw)} bytes exceeds the decode limit of "
+                               f"{self.max_decoded_bytes} bytes")
+        tensors = load_safetensors(raw, f"{self.name} payload")
+        shapes = _shape_table(raw, self.name)
         if self.spec.delta and link.reference is not None:
             self._check_against(shapes, link.reference)
         delivered = self._reconstruct(tensors, shapes, self._sparse(link.reference))
         if not self.spec.delta:
             return delivered
         state = {k: self._apply(link.reference[k] if link.reference else None, v) for k, v in delivered.items()}
-        link.reference = {k: v.clone() for k, v in state.items()}
+        link.reference = {k: v.clone() for k, v in state.items()}  # the caller may modify what it gets
         return state
 
     @staticmethod
@@ -206,26 +210,36 @@ class CodecChain:
         return value if base is None else value - base
 
     def _apply(self, base: torch.Tensor | None, delivered: torch.Tensor) -> torch.Tensor:
+        """``base`` plus the difference, always in fresh memory: a link's reference must not alias the
+        sender's state (or another link's reference), which may change or be saved alongside it."""
         if self.exact_delta:
-            bits = delivered if base is None else delivered ^ base.contiguous().view(torch.int32)
+            bits = delivered.clone() if base is None else delivered ^ base.contiguous().view(torch.int32)
             return bits.view(torch.float32)
         return delivered.clone() if base is None else base + delivered
 
     def _decompress(self, payload: bytes) -> bytes:
+        """The zstd frame's content, refusing more than ``max_decoded_bytes``. ``max_output_size`` only
+        bounds frames that do not state their size: a frame that does is allocated at the size it
+        claims, so that claim is checked first (16 bytes claiming 1 TiB raised MemoryError)."""
+        limit = self.max_decoded_bytes
         try:
-            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=MAX_DECOMPRESSED)
+            claimed = zstandard.frame_content_size(payload)  # -1: not stated
+            if claimed > limit:
+                raise PayloadError(f"zstd frame claims {claimed} bytes decompressed, over the limit of {limit} bytes")
+            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit)
         except zstandard.ZstdError as exc:
             raise PayloadError(f"payload of {len(payload)} bytes is not a valid zstd frame ({exc})") from None
 
     def _reconstruct(self, tensors: State, shapes: dict[str, list[int]], sparse: bool) -> State:
         """Dense fp32 tensors from the wire tensors, checking every part's dtype and shape."""
-        names = {key.rsplit("::", 1)[0] for key in tensors}
-        if names != set(shapes):
-            raise PayloadError(f"payload tensors {sorted(names)[:3]} do not match its shape table {sorted(shapes)[:3]}")
+        roles = ["values"] if self.exact_delta else list(expected_parts(self.spec.coding, 0))
+        expected_keys = {f"{name}::{role}" for name in shapes for role in roles + (["indices"] if sparse else [])}
+        if tensors.keys() != expected_keys:
+            extra, missing = sorted(tensors.keys() - expected_keys), sorted(expected_keys - tensors.keys())
+            raise PayloadError(f"payload tensors do not match its shape table: unexpected {extra[:3]}, "
+                               f"missing {missing[:3]}")
         out = {}
         for name, shape in shapes.items():
-            if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-                raise PayloadError(f"{name}: invalid shape {shape!r}")
             numel = math.prod(shape)
             count = numel
             if sparse:
@@ -251,3 +265,21 @@ class CodecChain:
                 values = dense
             out[name] = values.view(shape)
         return out
+
+
+def _shape_table(raw: bytes, chain: str) -> dict[str, list[int]]:
+    """The ``shapes`` metadata of a payload safetensors already accepted: tensor name to a list of
+    non-negative int dimensions, each entry one torch can build."""
+    try:
+        header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
+        shapes = json.loads(header["__metadata__"]["shapes"])
+    except (ValueError, KeyError, TypeError, RecursionError) as exc:  # RecursionError: "[[[[..." nested JSON
+        reason = f"{type(exc).__name__}: {str(exc)[:80]}"
+        raise PayloadError(f"{chain} payload has no valid shape table ({reason})") from None
+    if not isinstance(shapes, dict):
+        raise PayloadError(f"{chain} payload's shape table is a {type(shapes).__name__}, expected an object")
+    for name, shape in shapes.items():
+        if not (isinstance(shape, list) and len(shape) <= MAX_DIMS and all(type(d) is int and d >= 0 for d in shape)
+                and math.prod(max(d, 1) for d in shape) < MAX_NUMEL):
+            raise PayloadError(f"{name}: invalid shape {shape!r:.80} in the shape table")
+    return shapes

@@ -35,18 +35,31 @@ class RawCodec:
         return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})
 
     def decode(self, payload: bytes, link: Any = None) -> dict[str, torch.Tensor]:
-        if not isinstance(payload, (bytes, bytearray)):
-            raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
-        try:
-            return st_load(bytes(payload))
-        except (SafetensorError, ValueError, OverflowError) as exc:
-            raise PayloadError(f"payload of {len(payload)} bytes is not a valid safetensors blob ({exc})") from None
+        return load_safetensors(payload, "safetensors blob")
 
 
-def get_codec(name: str, where: str = "--codec") -> Codec:
-    """``raw`` (this module), else a codec chain such as ``delta,topk:0.01,int8,zstd`` (codecs/chain.py)."""
+def load_safetensors(payload: bytes, what: str) -> dict[str, torch.Tensor]:
+    """Named tensors from a safetensors blob; PayloadError (naming ``what``) for anything else.
+
+    safetensors checks the header (JSON, offsets inside the buffer, sizes matching dtype x shape)
+    before any tensor is built, so a lying header cannot make it allocate more than the payload;
+    a dtype torch has no equivalent for surfaces as a KeyError from the torch adapter."""
+    if not isinstance(payload, (bytes, bytearray, memoryview)):
+        raise PayloadError(f"payload must be bytes, got {type(payload).__name__}")
+    try:
+        return st_load(bytes(payload))
+    except (SafetensorError, ValueError, OverflowError, KeyError, TypeError, RuntimeError) as exc:
+        reason = f"{type(exc).__name__}: {exc}"
+        raise PayloadError(f"payload of {len(payload)} bytes is not a valid {what} ({reason})") from None
+
+
+def get_codec(name: str, where: str = "--codec", max_decoded_bytes: int | None = None) -> Codec:
+    """``raw`` (this module), else a codec chain such as ``delta,topk:0.01,int8,zstd`` (codecs/chain.py).
+
+    ``max_decoded_bytes`` bounds what a chain's decode may decompress (default: chain.MAX_DECOMPRESSED);
+    raw decoding never produces more than the payload itself, so it needs none."""
     if name == "raw":
         return RawCodec()
-    from fedcustom.codecs.chain import CodecChain, parse_chain
+    from fedcustom.codecs.chain import MAX_DECOMPRESSED, CodecChain, parse_chain
 
-    return CodecChain(parse_chain(name, where))
+    return CodecChain(parse_chain(name, where), max_decoded_bytes or MAX_DECOMPRESSED)

@@ -2,24 +2,55 @@
 
 Sequential on purpose: all simulated clients share one backbone in memory, so peak memory is one
 model plus one client's trainable tensors, whatever the number of clients.
+
+Network conditions are simulated, not slept through: each (round, client) draws from its own seed
+whether the client fails and how long it would take to answer; a client slower than the deadline is
+a straggler. Either way it gives no update, so users can study dropouts and deadlines reproducibly.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 
 from fedcustom.runtime.messages import Handler, Message, Reply
 
 log = logging.getLogger(__name__)
+FAULT_STREAM = 7  # separates simulated faults from every other seeded draw
+
+
+@dataclass(frozen=True)
+class SimulatedFaults:
+    """Per message: fail with ``failure_rate``; answer after Exp(``mean_latency``) seconds, too late past ``deadline``."""
+
+    failure_rate: float = 0.0
+    mean_latency: float = 0.0
+    deadline: float = float("inf")
+    seed: int = 0
+
+    def outcome(self, message: Message, node_id: int) -> str | None:
+        """Why this client does not answer ``message`` (None: it answers in time)."""
+        from fedcustom.training import derive_seed  # training imports torch; keep this module light
+
+        rng = np.random.default_rng(derive_seed(self.seed, message.round, node_id, FAULT_STREAM))
+        failed, latency = rng.random() < self.failure_rate, rng.exponential(self.mean_latency or 1.0)
+        if failed:
+            return "simulated client failure"
+        if self.mean_latency and latency > self.deadline:
+            return f"straggler: simulated latency {latency:.1f} s exceeds the {self.deadline:g} s deadline"
+        return None
 
 
 class EmbeddedRuntime:
     """Delivers messages by calling ``handler(node_id, message)`` for each node in id order."""
 
-    def __init__(self, handler: Handler, num_nodes: int) -> None:
+    def __init__(self, handler: Handler, num_nodes: int, faults: SimulatedFaults | None = None) -> None:
         self._handler = handler
         self._nodes = list(range(num_nodes))
+        self._faults = faults
 
     def nodes(self) -> list[int]:
         return list(self._nodes)
@@ -31,11 +62,19 @@ class EmbeddedRuntime:
         for node_id in sorted(messages):
             if node_id not in self._nodes:
                 raise KeyError(f"node {node_id} is not part of this runtime")
-            try:
-                replies[node_id] = self._handler(node_id, messages[node_id])
-            except Exception as exc:  # a failing client must not stop the round
-                log.warning("client %d failed: %s", node_id, exc)
-                replies[node_id] = Reply(error=f"{type(exc).__name__}: {exc}")
+            dropped = self._faults.outcome(messages[node_id], node_id) if self._faults else None
+            if dropped:
+                log.warning("client %d gave no update: %s", node_id, dropped)
+                replies[node_id] = Reply(error=dropped)
+            else:
+                replies[node_id] = self._call(node_id, messages[node_id])
             if on_reply:
                 on_reply(node_id)
         return replies
+
+    def _call(self, node_id: int, message: Message) -> Reply:
+        try:
+            return self._handler(node_id, message)
+        except Exception as exc:  # a failing client must not stop the round
+            log.warning("client %d failed: %s", node_id, exc)
+            return Reply(error=f"{type(exc).__name__}: {exc}")

@@ -26,12 +26,16 @@ class Message:
 
 @dataclass(frozen=True)
 class Reply:
-    """Client to server: encoded tensors, example count and metrics; ``error`` when it failed."""
+    """Client to server: encoded tensors, example count and metrics; ``error`` when it failed.
+
+    ``round`` is the round the reply answers (a client sets it to ``message.round``) so the server
+    can reject a stale or replayed update; None from clients that predate the field."""
 
     payload: bytes = b""
     num_examples: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    round: int | None = None
 
 
 Handler = Callable[[int, Message], Reply]

@@ -50,16 +50,37 @@ def content_to_message(content: RecordDict) -> Message:
 
 
 def reply_to_content(reply: Reply) -> RecordDict:
-    status = ConfigRecord({"num_examples": int(reply.num_examples), "error": reply.error or ""})
+    status = {"num_examples": int(reply.num_examples), "error": reply.error or ""}
+    if reply.round is not None:  # absent, not a sentinel, so records stay readable by older servers
+        status[ROUND] = int(reply.round)
     metrics = MetricRecord({k: float(v) for k, v in reply.metrics.items()})
-    return RecordDict({REPLY: status, METRICS: metrics, PAYLOAD: _payload_record(reply.payload)})
+    return RecordDict({REPLY: ConfigRecord(status), METRICS: metrics, PAYLOAD: _payload_record(reply.payload)})
 
 
 def content_to_reply(content: RecordDict) -> Reply:
-    """Inverse of :func:`reply_to_content`; content that is not a fedcustom reply becomes a Reply with an error."""
+    """Inverse of :func:`reply_to_content`; content that is not a well-formed fedcustom reply becomes a
+    Reply with an error (the server rejects it and the round goes on). A reply from a client that
+    predates the round field has ``round`` None."""
     if REPLY not in content:
         return Reply(error=f"reply content has no {REPLY!r} record (records: {', '.join(content) or 'none'})")
-    status = content[REPLY]
-    metrics = dict(content[METRICS]) if METRICS in content else {}
-    return Reply(payload=_payload(content), num_examples=int(status["num_examples"]),
-                 metrics={k: float(v) for k, v in metrics.items()}, error=str(status["error"]) or None)
+    try:
+        status = content[REPLY]
+        num_examples, rnd = status["num_examples"], status.get(ROUND)
+        if not _is_int(num_examples) or not (rnd is None or _is_int(rnd)):
+            raise TypeError(f"num_examples and {ROUND} must be ints, got {num_examples!r} and {rnd!r}")
+        metrics = dict(content[METRICS]) if METRICS in content else {}
+        return Reply(payload=_payload(content), num_examples=num_examples, round=rnd,
+                     metrics={str(k): _metric(v) for k, v in metrics.items()}, error=str(status["error"]) or None)
+    except (KeyError, TypeError, ValueError, EOFError, OSError, AttributeError) as exc:
+        return Reply(error=f"malformed reply content: {type(exc).__name__}: {exc}")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _metric(value: object) -> float:
+    """A metric as a float; Flower's MetricRecord also allows lists, which our replies never send."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric values must be numbers, got {value!r}")
+    return float(value)

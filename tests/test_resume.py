@@ -1,0 +1,113 @@
+"""A real `fedcustom run` process is SIGKILLed in the middle of a round; `fedcustom run --resume`
+then finishes it with the same final global state as a run that was never interrupted."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.integration
+
+
+def write_config(path: Path, model: str, data: str, out: Path) -> Path:
+    """Rounds long enough (~1-2 s) that a kill lands inside one; stateful codecs and central DP on."""
+    path.write_text(f"""
+[model]
+name = "{model}"
+max_length = 16
+[data]
+dataset = "{data}"
+partition = "iid"
+max_eval_examples = 60
+[method]
+name = "prefix"
+num_virtual_tokens = 4
+[federation]
+clients = 3
+rounds = 3
+local_epochs = 30
+[codec]
+up = "delta,topk:0.5"
+[privacy]
+dp = "central"
+clip_norm = 5.0
+noise_multiplier = 0.3
+[train]
+batch_size = 16
+lr = 0.01
+[output]
+dir = "{out}"
+quiet = true
+""")
+    return path
+
+
+def fedcustom(*args: str) -> subprocess.Popen:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.Popen([sys.executable, "-m", "fedcustom.cli", *args], env=env, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def checkpoint_round(out: Path) -> int | None:
+    path = out / "checkpoint.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(path, "pt") as fh:  # the file is replaced by rename, so a reader sees a whole one
+        return json.loads(fh.metadata()["fedcustom"])["round"]
+
+
+def finish(proc: subprocess.Popen) -> str:
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output
+    return output
+
+
+def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare: the reference run, never interrupted
+    whole = tmp_path / "whole"
+    finish(fedcustom("run", "--config", str(write_config(tmp_path / "whole.toml", tiny_bert, toy_csv, whole))))
+    cut = tmp_path / "cut"
+    proc = fedcustom("run", "--config", str(write_config(tmp_path / "cut.toml", tiny_bert, toy_csv, cut)))
+    # Execute: SIGKILL once round 1 is checkpointed, while round 2 trains
+    try:
+        deadline = time.monotonic() + 240
+        while checkpoint_round(cut) != 1:
+            assert proc.poll() is None, proc.communicate()[0]
+            assert time.monotonic() < deadline, "round 1 never finished"
+            time.sleep(0.05)
+        time.sleep(0.3)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    assert checkpoint_round(cut) == 1, "the kill came after round 2 ended; make the rounds longer"
+    assert not (cut / "adapter").exists()
+    finish(fedcustom("run", "--resume", str(cut)))
+    # Assert: bit-identical final adapter; the same round log apart from wall times
+    a = load_file(whole / "adapter" / "adapter_model.safetensors")
+    b = load_file(cut / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    def log(out: Path) -> list[dict]:
+        lines = [json.loads(line) for line in (out / "round_log.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in line.items() if k != "wall_seconds"} for line in lines]
+
+    assert log(cut) == log(whole)
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["epsilon"] > 0
+
+
+def test_resume_refuses_other_settings(tmp_path: Path) -> None:
+    proc = fedcustom("run", "--resume", str(tmp_path), "--rounds", "9")
+    output, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "keeps the config it was started with; drop federation.rounds" in output

@@ -1,0 +1,225 @@
+"""End-to-end runs with the trust features on: DP, attacks against robust strategies, simulated
+faults, and checkpoint/resume (in process; tests/test_resume.py kills a real process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcustom.attacks import malicious_clients
+from fedcustom.errors import ConfigError, FedCustomError
+from fedcustom.privacy.dp import PrivacyAccountant, update_norm
+from fedcustom.runner import build_job, client_tables, execute, resume
+from fedcustom.server import FederatedServer
+from conftest import TINY_LR
+
+
+def run_job(cfg):
+    job = build_job(cfg)
+    summary = execute(job)
+    return job, summary
+
+
+def distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return update_norm({k: a[k].double() - b[k].double() for k in a})
+
+
+def log_lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "round_log.jsonl").read_text().splitlines()]
+
+
+def test_central_dp_reports_the_accountants_epsilon_every_round(tiny_config) -> None:
+    # Prepare: 4 clients, 2 sampled per round, noise multiplier 1.1
+    cfg = tiny_config(federation__clients=4, federation__clients_per_round=2, federation__rounds=3,
+                      privacy__dp="central", privacy__noise_multiplier=1.1, privacy__clip_norm=0.5,
+                      train__lr=TINY_LR["prefix"])
+    # Execute
+    job, summary = run_job(cfg)
+    # Assert: epsilon grows each round and equals an accountant stepped with q = 2/4 three times
+    reference = PrivacyAccountant()
+    expected = []
+    for _ in range(3):
+        reference.step(1.1, 0.5)
+        expected.append(reference.epsilon(1e-5))
+    assert summary["epsilon_per_round"] == pytest.approx(expected, rel=1e-9)
+    assert summary["epsilon"] == pytest.approx(expected[-1], rel=1e-9)
+    lines = log_lines(job.out)
+    assert [line["epsilon"] for line in lines[1:]] == pytest.approx(expected, rel=1e-9)
+    assert lines[1]["privacy"]["noise_std"] == pytest.approx(1.1 * 0.5 / 2)
+
+
+def test_local_dp_bounds_how_far_the_global_state_moves(tiny_config) -> None:
+    # Prepare: no noise, a tiny clip: each round's mean update has norm <= clip
+    clip = 1e-3
+    cfg = tiny_config(federation__rounds=2, privacy__dp="local", privacy__noise_multiplier=0.0,
+                      privacy__clip_norm=clip, train__lr=TINY_LR["prefix"])
+    # Execute
+    job, _ = run_job(cfg)
+    # Assert: two rounds of clipped updates move the state at most 2 x clip (and it did move)
+    moved = distance(job.server.global_state, job.initial)
+    assert 0 < moved <= 2 * clip + 1e-6
+
+
+def test_median_resists_scaled_sign_flips_that_wreck_fedavg(tiny_config) -> None:
+    # Prepare: 5 clients, 2 of them send -1000 x their update
+    common = dict(federation__clients=5, federation__rounds=1, adversary__attack="sign-flip",
+                  adversary__fraction=0.4, adversary__scale=1000.0, train__lr=TINY_LR["prefix"])
+    # Execute
+    fedavg_job, summary = run_job(tiny_config(**common))
+    median_job, _ = run_job(tiny_config(**common, federation__strategy="median",
+                                        output__dir=str(Path(fedavg_job.out).parent / "median")))
+    # Assert: the same attackers; FedAvg is dragged ~1000x further than the median
+    assert summary["malicious_clients"] == sorted(malicious_clients(5, 0.4, 0)) and len(summary["malicious_clients"]) == 2
+    dragged = distance(fedavg_job.server.global_state, fedavg_job.initial)
+    robust = distance(median_job.server.global_state, median_job.initial)
+    assert dragged > 50 * robust > 0
+
+
+def test_label_flipping_attackers_train_on_flipped_labels(tiny_config) -> None:
+    # Prepare
+    cfg = tiny_config(federation__clients=4, adversary__attack="label-flip", adversary__fraction=0.5)
+    job = build_job(tiny_config(federation__clients=4))
+    # Execute
+    tables, adversary = client_tables(cfg, job.data)
+    # Assert: attackers' labels are flipped (binary task), honest clients' untouched
+    attackers = malicious_clients(4, 0.5, 0)
+    assert adversary is None and len(attackers) == 2
+    for node in range(4):
+        honest = job.data.client_table(node)["labels"]
+        got = tables[node]["labels"]
+        assert got == ([1 - y for y in honest] if node in attackers else honest)
+
+
+def test_simulated_failures_and_stragglers_leave_the_round_with_reasons(tiny_config) -> None:
+    # Prepare: half the clients fail; a mean latency far above the deadline makes most others stragglers
+    cfg = tiny_config(federation__clients=6, federation__rounds=2, federation__client_failure_rate=0.5,
+                      federation__client_latency=10.0, federation__round_timeout=8.0)
+    # Execute
+    job, summary = run_job(cfg)
+    # Assert: every missing client has its reason; the run finished; the same seed drops the same clients
+    lines = log_lines(job.out)
+    reasons = [reason for line in lines[1:] for reason in line["rejected"].values()]
+    assert any("simulated client failure" in r for r in reasons)
+    assert any(r.startswith("client reported an error: straggler: simulated latency") for r in reasons)
+    assert summary["rejected_updates"] == len(reasons) < 12
+    _, again = run_job(tiny_config(federation__clients=6, federation__rounds=2, federation__client_failure_rate=0.5,
+                                   federation__client_latency=10.0, federation__round_timeout=8.0,
+                                   output__dir=str(job.out.parent / "again")))
+    assert again["accuracy_per_round"] == summary["accuracy_per_round"]
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_resume_after_an_interrupted_round_gives_the_uninterrupted_result(tiny_config, tmp_path, monkeypatch) -> None:
+    # Prepare: stateful codecs on both links (delta references, top-k residuals), 3 clients, 3 rounds
+    settings = dict(federation__clients=3, federation__rounds=3, codec__up="delta,topk:0.5",
+                    privacy__dp="central", privacy__noise_multiplier=0.3, privacy__clip_norm=5.0,
+                    train__lr=TINY_LR["prefix"])
+    whole, summary = run_job(tiny_config(**settings, output__dir=str(tmp_path / "whole")))
+    original = FederatedServer.run_round
+
+    def crash_in_round_2(self, rnd, on_reply=None):
+        if rnd == 2:
+            raise Interrupted
+        return original(self, rnd, on_reply)
+
+    monkeypatch.setattr(FederatedServer, "run_round", crash_in_round_2)
+    with pytest.raises(Interrupted):
+        run_job(tiny_config(**settings, output__dir=str(tmp_path / "cut")))
+    monkeypatch.setattr(FederatedServer, "run_round", original)
+    # Execute
+    resumed = resume(str(tmp_path / "cut"))
+    # Assert: the same global tensors, accuracies, byte counts and privacy spent
+    from safetensors.torch import load_file
+
+    def adapter(folder: str) -> dict[str, torch.Tensor]:
+        return load_file(tmp_path / folder / "adapter" / "adapter_model.safetensors")
+
+    a, b = adapter("whole"), adapter("cut")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for key in ("accuracy_per_round", "epsilon_per_round", "bytes_up_total", "bytes_down_total"):
+        assert resumed[key] == summary[key], key
+    cut_log = log_lines(tmp_path / "cut")
+    assert [line["round"] for line in cut_log] == [0, 1, 2, 3]
+    assert [line["bytes_up"] for line in cut_log] == [line["bytes_up"] for line in log_lines(whole.out)]
+
+
+def test_resume_errors_name_the_folder(tmp_path) -> None:
+    with pytest.raises(FedCustomError, match="no checkpoint.safetensors"):
+        resume(str(tmp_path))
+    (tmp_path / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(FedCustomError, match="not a fedcustom checkpoint"):
+        resume(str(tmp_path))
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(privacy__dp="central", federation__strategy="median"), "central DP replaces the merge"),
+    (dict(privacy__secagg=True, federation__strategy="krum:1"), "only fedavg"),
+    (dict(adversary__fraction=1.5), "adversary.fraction"),
+    (dict(federation__strategy="krum:x"), "krum:x"),
+    (dict(privacy__delta=2.0), "privacy.delta"),
+])
+def test_bad_trust_settings_are_refused_clearly(tiny_config, overrides, message) -> None:
+    with pytest.raises((ConfigError, FedCustomError), match=message):
+        tiny_config(**overrides)
+
+
+def test_attacks_are_refused_for_split_learning(tiny_config) -> None:
+    cfg = tiny_config(method__name="split", method__cut_layer=1, adversary__attack="scale", adversary__fraction=0.5)
+    with pytest.raises(FedCustomError, match="parameter-sharing methods"):
+        build_job(cfg)
+
+
+def _fail_masked_upload_of(job, node: int) -> None:
+    """Make ``node`` vanish after secure aggregation's key sharing (it never sends its masked update)."""
+    runtime = job.server.runtime
+    handler = runtime._handler
+
+    def flaky(node_id, message):
+        if node_id == node and message.kind in ("train", "train_secagg"):
+            raise ConnectionError("client went offline")
+        return handler(node_id, message)
+
+    runtime._handler = flaky
+
+
+@pytest.mark.parametrize("drop", [None, 1])
+def test_secure_aggregation_gives_fedavg_without_seeing_an_update(tiny_config, tmp_path, drop) -> None:
+    # Prepare: the same job with and without secure aggregation; optionally client 1 drops after sharing keys
+    settings = dict(federation__clients=4, federation__rounds=1, train__lr=TINY_LR["prefix"])
+    plain = build_job(tiny_config(**settings, output__dir=str(tmp_path / "plain")))
+    secure = build_job(tiny_config(**settings, privacy__secagg=True, output__dir=str(tmp_path / "secure")))
+    if drop is not None:
+        _fail_masked_upload_of(plain, drop)
+        _fail_masked_upload_of(secure, drop)
+    # Execute
+    plain_summary, secure_summary = execute(plain), execute(secure)
+    # Assert: the same global state up to the fixed-point step; the dropped client's masks were removed
+    a, b = plain.server.global_state, secure.server.global_state
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert distance(b, secure.initial) > 1e-3
+    line = log_lines(secure.out)[1]
+    assert set(line["rejected"]) == ({str(drop)} if drop is not None else set())
+    assert secure_summary["secagg"] and plain_summary["rejected_updates"] == secure_summary["rejected_updates"]
+    numel = sum(t.numel() for t in secure.initial.values())
+    assert all(b >= 4 * numel for n, b in line["bytes_up"].items() if n != str(drop))  # 4-byte ring values
+
+
+def test_secure_aggregation_aborts_cleanly_below_threshold(tiny_config, tmp_path) -> None:
+    # Prepare: 3 clients, threshold 100%: one dropout after key sharing aborts the round
+    job = build_job(tiny_config(federation__clients=3, federation__rounds=1, privacy__secagg=True,
+                                privacy__secagg_threshold=1.0))
+    _fail_masked_upload_of(job, 2)
+    # Execute
+    summary = execute(job)
+    # Assert: the round is logged as aborted for everyone and the global state is untouched
+    assert distance(job.server.global_state, job.initial) == 0
+    rejected = log_lines(job.out)[1]["rejected"]
+    assert "client went offline" in rejected["2"]
+    assert all("aborted: 2 clients sent masked inputs, threshold is 3" in rejected[n] for n in "01")
+    assert summary["rejected_updates"] == 3
