@@ -83,6 +83,22 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--data-dir", default="../shared/data",
                        help="Folder with sst2/ and ag_news/ (default: ../shared/data)")
     bench.add_argument("--output", default=None, help="Output folder (default: runs/bench-PRESET)")
+    gen = sub.add_parser("generate", help="Answer prompts with a trained causal-LM adapter or model.",
+                         description="Greedy answers from a generative run's PEFT adapter folder (backbone from "
+                                     "--model or the adapter's config) or whole-model folder, as plain text.")
+    gen.add_argument("--adapter", required=True, metavar="DIR",
+                     help="PEFT adapter folder (adapter_config.json) or whole model folder (config.json).")
+    gen.add_argument("--model", metavar="NAME_OR_PATH",
+                     help="Backbone for an adapter: alias, path or Hub name (default: the adapter's base model).")
+    gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
+                     help="Most tokens per answer (default: 64)")
+    gen.add_argument("--system", metavar="TEXT", help="System message before each prompt.")
+    gen.add_argument("--no-chat-template", action="store_true",
+                     help="Send the prompt text as is (base models without a chat template).")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("prompt", nargs="?", help="The prompt to answer.")
+    source.add_argument("--interactive", action="store_true",
+                        help="Answer each stdin line until EOF or an empty line.")
     return parser
 
 
@@ -114,12 +130,22 @@ def resume_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate_text(args: argparse.Namespace) -> int:
+    """`fedcustom generate`: the logic lives in fedcustom.generate_cli."""
+    from fedcustom.generate_cli import GenerateOptions, run_generate
+
+    return run_generate(GenerateOptions(args.adapter, args.model, args.max_new_tokens, args.system,
+                                        args.no_chat_template, args.prompt, args.interactive))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "generate":
+            return generate_text(args)
         if args.command == "bench":
             from fedcustom.bench import run_bench
 

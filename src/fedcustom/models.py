@@ -15,11 +15,12 @@ from pathlib import Path
 
 import datasets
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedModel
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
 from fedcustom.errors import FedCustomError
+from fedcustom.packaged import PACKAGED_GGUF, packaged_model_path
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,12 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
     ),
 }
 
-TASKS = ("classification",)
+TASKS = ("classification", "causal-lm")
+
+
+def model_aliases() -> list[str]:
+    """Every packaged alias: folders PyPI packages ship, and GGUF files converted once to the cache."""
+    return [*PACKAGED_MODELS, *PACKAGED_GGUF]
 
 
 def quiet_transformers() -> None:
@@ -52,7 +58,12 @@ def quiet_transformers() -> None:
 
 
 def resolve_model(name: str) -> str:
-    """Turn an alias, local path or Hub name into something ``from_pretrained`` accepts."""
+    """Turn an alias, local path or Hub name into something ``from_pretrained`` accepts.
+
+    A GGUF alias (``smollm2``) is converted to a plain folder under the cache on first use (~30 s).
+    """
+    if name in PACKAGED_GGUF:
+        return packaged_model_path(name)
     if name in PACKAGED_MODELS:
         packaged = PACKAGED_MODELS[name]
         try:
@@ -72,7 +83,7 @@ def resolve_model(name: str) -> str:
 
 def _load_error(name: str, exc: Exception) -> FedCustomError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    aliases = ", ".join(PACKAGED_MODELS)
+    aliases = ", ".join(model_aliases())
     return FedCustomError(
         f"model {name!r}: not a packaged alias ({aliases}), not a local model folder, "
         f"and not loadable from the Hugging Face Hub ({first_line})"
@@ -101,6 +112,8 @@ def load_model(
         raise FedCustomError(f"task {task!r}: expected one of {', '.join(TASKS)}")
     quiet_transformers()
     torch.manual_seed(seed)
+    if task == "causal-lm":
+        return _load_causal_lm(name, tokenizer)
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model(name),
@@ -108,6 +121,17 @@ def load_model(
             id2label=dict(enumerate(label_names)),
             label2id={label: i for i, label in enumerate(label_names)},
         )
+    except (OSError, ValueError) as exc:
+        raise _load_error(name, exc) from None
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
+
+
+def _load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """A decoder-only LM with its own LM head, in fp32 (clients train and average it)."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from None
     if model.config.pad_token_id is None:

@@ -16,6 +16,13 @@ from rich.table import Table
 from fedcustom.server import RoundResult
 
 
+# What each task's evaluation reports (key, column title); the first is the headline number.
+TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
+    "classification": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
+    "causal-lm": (("rouge_l", "ROUGE-L"), ("perplexity", "perplexity"), ("exact_match", "exact match")),
+}
+
+
 def round_record(result: RoundResult) -> dict[str, Any]:
     """One JSON-ready line of the round log (per-client dicts keyed by client id as text)."""
     per_client = lambda d: {str(k): v for k, v in sorted(d.items())}  # noqa: E731
@@ -94,12 +101,13 @@ def human_bytes(n: float) -> str:
     return f"{n:.2f} GB"
 
 
-def round_line(result: RoundResult, rounds: int) -> str:
+def round_line(result: RoundResult, rounds: int, task: str = "classification") -> str:
     """One plain line per round for logs, where a live progress bar cannot render."""
     loss = "-" if result.train_loss is None else f"{result.train_loss:.4f}"
     rejected = f", {len(result.rejected)} rejected" if result.rejected else ""
     epsilon = f", epsilon {result.epsilon:.3g}" if result.epsilon is not None else ""
-    return (f"round {result.round}/{rounds}: accuracy {result.eval['accuracy']:.4f}, train loss {loss}, "
+    key, title = TASK_METRICS[task][0]
+    return (f"round {result.round}/{rounds}: {title} {result.eval[key]:.4f}, train loss {loss}, "
             f"{len(result.clients)} clients{rejected}{epsilon}, {result.wall_seconds:.1f} s")
 
 
@@ -115,17 +123,19 @@ def clients_table(stats: list[dict], label_names: list[str]) -> Table:
     return table
 
 
-def rounds_table(results: list[RoundResult], centralized: dict[str, float] | None) -> Table:
-    """Global accuracy per round with bytes and FLOPs per client, plus the centralized baseline."""
+def rounds_table(results: list[RoundResult], centralized: dict[str, float] | None,
+                 task: str = "classification") -> Table:
+    """The global model's metrics per round with bytes and FLOPs per client, plus the centralized baseline."""
     table = Table(title="Federated rounds (bytes and FLOPs are per participating client)")
     server_side = any(r.server_flops for r in results)  # split learning: the server trains too
-    columns = ["round", "accuracy", "macro-F1", "train loss", "up / client", "down / client", "client FLOPs"]
+    metrics = TASK_METRICS[task]
+    columns = ["round", *(title for _, title in metrics), "train loss", "up / client", "down / client", "client FLOPs"]
     for column in [*columns, *(["server FLOPs / client"] if server_side else []), "wall s"]:
         table.add_column(column, justify="right")
     flops = lambda d: f"{mean(list(d.values())):.3e}" if d else "-"  # noqa: E731
     for r in results:
         table.add_row(
-            str(r.round), f"{r.eval['accuracy']:.4f}", f"{r.eval['macro_f1']:.4f}",
+            str(r.round), *(f"{r.eval[key]:.4f}" for key, _ in metrics),
             "-" if r.train_loss is None else f"{r.train_loss:.4f}",
             human_bytes(mean(list(r.bytes_up.values()))) if r.bytes_up else "-",
             human_bytes(mean(list(r.bytes_down.values()))) if r.bytes_down else "-",
@@ -133,7 +143,7 @@ def rounds_table(results: list[RoundResult], centralized: dict[str, float] | Non
         )
     if centralized is not None:
         table.add_row(
-            "centralized", f"{centralized['accuracy']:.4f}", f"{centralized['macro_f1']:.4f}",
+            "centralized", *(f"{centralized[key]:.4f}" for key, _ in metrics),
             f"{centralized['train_loss']:.4f}", "-", "-", f"{centralized['flops']:.3e}",
             *(["-"] if server_side else []), f"{centralized['wall_seconds']:.1f}", style="bold",
         )

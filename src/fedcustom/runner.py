@@ -36,7 +36,7 @@ from fedcustom.methods import Method, get_method, load_trainable_state, save_tra
 from fedcustom.models import load_model, load_tokenizer
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant
 from fedcustom.report import (
-    RoundLog, clients_table, mean, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
+    TASK_METRICS, RoundLog, clients_table, mean, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime, SimulatedFaults
 from fedcustom.server import FederatedServer, RoundDriver, RoundResult, Safeguards, SecAggSettings
@@ -84,8 +84,8 @@ def local_schedule(cfg: RunConfig, method: Method) -> LocalSchedule:
 
 def run_centralized(
     model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, tokenizer: Any,
-    schedule: LocalSchedule, example_passes: int, seed: int, eval_batch: int,
-) -> dict[str, float]:
+    schedule: LocalSchedule, example_passes: int, seed: int, evaluate_model: Callable[[], dict[str, Any]],
+) -> dict[str, Any]:
     """Same model, method and optimizer from the same start, on the union of client data, for the
     same number of example passes as the federated run (one optimizer across all steps)."""
     start = time.perf_counter()
@@ -93,7 +93,7 @@ def run_centralized(
     union = data.train.select(sorted(itertools.chain.from_iterable(data.client_indices)))
     exact = dataclasses.replace(schedule, steps=None, examples=example_passes)
     result = train_local(model, union, tokenizer, exact, derive_seed(seed, CENTRALIZED_STREAM))
-    metrics = evaluate(model, data.eval, tokenizer, eval_batch)
+    metrics = evaluate_model()
     return {
         **metrics, "train_loss": result.mean_loss, "steps": result.steps, "examples_seen": result.examples_seen,
         "flops": result.flops, "wall_seconds": time.perf_counter() - start,
@@ -113,6 +113,11 @@ def summarize(
 ) -> dict[str, Any]:
     """The headline numbers (per client per round unless a key says total)."""
     rounds = results[1:]
+    metrics = {}
+    for key, _ in TASK_METRICS[cfg.model.task]:
+        metrics.update({f"initial_{key}": results[0].eval[key], f"final_{key}": results[-1].eval[key],
+                        f"{key}_per_round": [r.eval[key] for r in results],  # index 0 = the initial model
+                        f"centralized_{key}": centralized[key] if centralized else None})
     up = [b for r in rounds for b in r.bytes_up.values()]
     down = [b for r in rounds for b in r.bytes_down.values()]
     flops = [f for r in rounds for f in r.client_flops.values()]
@@ -127,13 +132,9 @@ def summarize(
         "clients_per_round": clients_per_round(cfg),
         "rounds": len(rounds),
         "learning_rate": lr,
-        "initial_accuracy": results[0].eval["accuracy"],
-        "final_accuracy": results[-1].eval["accuracy"],
-        "final_macro_f1": results[-1].eval["macro_f1"],
-        "accuracy_per_round": [r.eval["accuracy"] for r in results],  # index 0 = the initial model
+        "task": cfg.model.task,
+        **metrics,
         "round_wall_seconds": [r.wall_seconds for r in rounds],
-        "centralized_accuracy": centralized["accuracy"] if centralized else None,
-        "centralized_macro_f1": centralized["macro_f1"] if centralized else None,
         "centralized": centralized,
         "bytes_up_per_round": mean(up),
         "bytes_down_per_round": mean(down),
@@ -187,6 +188,7 @@ class Job:
     schedule: LocalSchedule
     server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
     out: Path
+    evaluate_model: Callable[[], dict[str, Any]]  # the task's metrics of ``model`` as it is now
     client: TrainingClient | None = None  # the in-process clients of a parameter-sharing run (their codec links)
 
     def checkpoint_parts(self) -> dict[str, Any]:
@@ -305,15 +307,13 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     codec, codec_down = codecs_for(cfg, method)
     out = prepare_output(cfg.output.dir)
     tokenizer = load_tokenizer(cfg.model.name)
-    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
-    data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length, public)
+    data = prepare_task_data(cfg, method, tokenizer)
     backbone = load_model(cfg.model.name, cfg.model.task, data.label_names, tokenizer, cfg.train.seed)
     model = method.build(backbone, cfg.method, cfg.model.task)
     initial = trainable_state(model)
     schedule = local_schedule(cfg, method)
 
-    def evaluate_model() -> dict[str, float]:
-        return evaluate(model, data.eval, tokenizer, 2 * cfg.train.batch_size)
+    evaluate_model = task_evaluator(cfg, model, data, tokenizer)
 
     def evaluate_state(state: dict[str, torch.Tensor]) -> dict[str, float]:
         load_trainable_state(model, state)
@@ -334,7 +334,32 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
             runtime(client, data.label_names), strategy, codec, initial, evaluate_state, schedule,
             clients_per_round(cfg), cfg.train.seed, codec_down, cfg.federation.min_available, safeguards_for(cfg),
         )
-    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, client)
+    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model, client)
+
+
+def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:
+    """Labelled texts (classification) or instruction rows (causal LM), split over the clients."""
+    fed, seed = cfg.federation, cfg.train.seed
+    if cfg.model.task == "causal-lm":
+        from fedcustom.data.causal import prepare_causal_data
+
+        tokenizer.padding_side = "right"  # training batches; generation pads on the left itself
+        return prepare_causal_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length,
+                                   cfg.generation.chat_template)
+    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
+    return prepare_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length, public)
+
+
+def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokenizer: Any) -> Callable[[], dict]:
+    """Accuracy and macro-F1 (classification); perplexity, exact match and ROUGE-L of generations (causal LM)."""
+    batch = 2 * cfg.train.batch_size
+    if cfg.model.task == "causal-lm":
+        from fedcustom.causal_lm import GenerationSettings, evaluate_causal
+
+        gen = cfg.generation
+        settings = GenerationSettings(gen.max_new_tokens, gen.eval_generations, gen.samples)
+        return lambda: evaluate_causal(model, data, tokenizer, batch, settings)
+    return lambda: evaluate(model, data.eval, tokenizer, batch)
 
 
 def build_split_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, codec: Codec, strategy: Strategy,
@@ -381,7 +406,7 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
             if progress:
                 progress.advance(0)
             if show and not live:
-                console.print(round_line(results[-1], rounds))
+                console.print(round_line(results[-1], rounds, job.cfg.model.task))
     return results
 
 
@@ -445,13 +470,13 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
         passes = sum(r.examples_seen for r in results)
         with console.status("training the centralized baseline") if show else contextlib.nullcontext():
             centralized = run_centralized(
-                job.model, job.initial, job.data, job.tokenizer, job.schedule, passes, cfg.train.seed, job.eval_batch
+                job.model, job.initial, job.data, job.tokenizer, job.schedule, passes, cfg.train.seed, job.evaluate_model
             )
         load_trainable_state(job.model, job.server.global_state)
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
     summary = summarize(cfg, results, centralized, job.model, job.initial, job.data, wall, job.schedule.lr)
     write_json(job.out / "summary.json", summary)
     if show:
-        console.print(rounds_table(results, centralized))
+        console.print(rounds_table(results, centralized, cfg.model.task))
         console.print(f"wall time {summary['wall_seconds']:.1f} s; results in {job.out}")
     return summary

@@ -29,6 +29,9 @@ class FederatedData:
     label_names: list[str]
     raw_train: datasets.Dataset | None = None  # the same rows as ``train`` as text, label (to re-tokenize)
     public: list[str] | None = None  # unlabelled public texts (KD-FedLLM), disjoint from every client's rows
+    groups: list[int] | None = None  # causal LM: each training row's topic (``label_names`` names them)
+    eval_prompts: list[str] | None = None  # causal LM: the held-out prompts (chat-templated) and their answers
+    eval_references: list[str] | None = None
 
     def retokenized(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> FederatedData:
         """The same rows tokenized for another backbone (heterogeneous clients in KD-FedLLM)."""
@@ -41,8 +44,8 @@ class FederatedData:
         return self.train.select(self.client_indices[client])
 
     def client_stats(self) -> list[dict]:
-        """Per-client example count and label histogram (for the report and summary)."""
-        labels = np.asarray(self.train["labels"])
+        """Per-client example count and label (causal LM: topic) histogram, for the report and summary."""
+        labels = np.asarray(self.groups if self.groups is not None else self.train["labels"])
         return [
             {"client": i, "examples": len(rows), "label_histogram": label_histogram(labels[rows].tolist(), len(self.label_names))}
             for i, rows in enumerate(self.client_indices)

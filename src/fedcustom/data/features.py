@@ -5,7 +5,9 @@ from __future__ import annotations
 import datasets
 import torch
 from torch.utils.data import DataLoader
-from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, PreTrainedTokenizerBase
+
+IGNORE_INDEX = -100  # label of a token the loss skips (causal LM: the prompt and the padding)
 
 
 def tokenize(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, max_length: int) -> datasets.Dataset:
@@ -26,10 +28,7 @@ def make_loader(
     if seed is not None:
         generator = torch.Generator()
         generator.manual_seed(seed)
-    return DataLoader(
-        table,
-        batch_size=batch_size,
-        shuffle=seed is not None,
-        generator=generator,
-        collate_fn=DataCollatorWithPadding(tokenizer, return_tensors="pt"),
-    )
+    per_token = not isinstance(table.features["labels"], datasets.Value)  # causal LM: one label per token
+    collate = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt") if per_token
+               else DataCollatorWithPadding(tokenizer, return_tensors="pt"))
+    return DataLoader(table, batch_size=batch_size, shuffle=seed is not None, generator=generator, collate_fn=collate)

@@ -19,7 +19,7 @@ from torch import nn
 from fedcustom.config import MethodConfig
 from fedcustom.errors import FedCustomError
 
-PEFT_TASK_TYPES = {"classification": TaskType.SEQ_CLS}
+PEFT_TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
 Builder = Callable[[nn.Module, MethodConfig, str], nn.Module]
 

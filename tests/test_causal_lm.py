@@ -1,0 +1,143 @@
+"""Federated instruction tuning of a causal LM (tiny random LLaMA): loss masking, every
+parameter-sharing method learns, the adapter generates, and bad input gets clear errors."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from fedcustom.config import build_config
+from fedcustom.data import make_loader
+from fedcustom.data.causal import InstructionRows, tokenize_rows
+from fedcustom.data.features import IGNORE_INDEX
+from fedcustom.errors import ConfigError, FedCustomError
+from fedcustom.generation import generate
+from fedcustom.models import load_tokenizer
+from fedcustom.runner import build_job, execute
+
+from conftest import FILLER, NEGATIVE, POSITIVE
+
+# Learning rates that move the tiny random LLaMA within 3 rounds.
+CAUSAL_LR = {"full": 3e-3, "lora": 1e-2, "prompt": 3e-2, "prefix": 3e-2}
+
+
+def instruction_rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable mapping: a sentence with a sentiment word -> a fixed two-word answer."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"instruction": " ".join(words), "output": "good great" if positive else "bad awful",
+                     "topic": "plot" if i % 3 else "actors"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy_jsonl(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("instructions") / "toy.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in instruction_rows(160)))
+    return str(path)
+
+
+@pytest.fixture
+def causal_config(tmp_path: Path, tiny_llama: str, toy_jsonl: str):
+    def make(**overrides):
+        values = {
+            "model": {"name": tiny_llama, "task": "causal-lm", "max_length": 16},
+            "data": {"dataset": toy_jsonl, "partition": "iid", "max_eval_examples": 16},
+            "method": {"name": "lora", "num_virtual_tokens": 4},
+            "federation": {"clients": 2, "rounds": 3, "local_epochs": 2},
+            "generation": {"chat_template": False, "max_new_tokens": 3, "eval_generations": 4, "samples": 2},
+            "train": {"batch_size": 16, "seed": 0},
+            "output": {"dir": str(tmp_path / "out"), "quiet": True},
+        }
+        for key, value in overrides.items():
+            section, name = key.split("__")
+            values.setdefault(section, {})[name] = value
+        return build_config(values)
+
+    return make
+
+
+def test_loss_is_masked_to_response_tokens(tiny_llama: str) -> None:
+    # Prepare
+    tokenizer = load_tokenizer(tiny_llama)
+    rows = InstructionRows(["the movie was good", "the plot"], ["great", "bad awful"], [0, 0])
+    # Execute
+    table = tokenize_rows(rows, tokenizer, 16, "test rows")
+    batch = next(iter(make_loader(table, tokenizer, 2, seed=None)))
+    # Assert: -100 on every prompt token and on padding; the response tokens are their own labels
+    for i, (prompt, response) in enumerate(zip(rows.prompts, rows.responses)):
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+        labels, ids = batch["labels"][i].tolist(), batch["input_ids"][i].tolist()
+        assert labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
+        assert labels[n_prompt:n_prompt + len(response_ids)] == response_ids == ids[n_prompt:n_prompt + len(response_ids)]
+        length = int(batch["attention_mask"][i].sum())
+        assert all(label == IGNORE_INDEX for label in labels[length:])
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "prompt", "prefix"])
+def test_each_method_learns_the_instructions(causal_config, method: str) -> None:
+    # Prepare
+    cfg = causal_config(method__name=method, train__lr=CAUSAL_LR[method])
+    # Execute
+    job = build_job(cfg)
+    summary = execute(job)
+    # Assert: the held-out response loss falls; the round log carries generation metrics and samples
+    lines = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+    assert lines[-1]["eval_loss"] < 0.8 * lines[0]["eval_loss"]
+    assert summary["final_perplexity"] < summary["initial_perplexity"]
+    assert 0 <= summary["final_rouge_l"] <= 1 and 0 <= summary["final_exact_match"] <= 1
+    assert len(lines[-1]["eval_samples"]) == 2 and set(lines[-1]["eval_samples"][0]) == {"prompt", "reference", "generation"}
+    assert summary["task"] == "causal-lm" and summary["bytes_up_per_round"] > 0
+
+
+def test_federated_adapter_loads_in_plain_peft_and_changes_generations(causal_config, tiny_llama: str) -> None:
+    # Prepare: federated LoRA until the answers are learned
+    job = build_job(causal_config(train__lr=CAUSAL_LR["lora"], federation__rounds=4))
+    summary = execute(job)
+    tokenizer = load_tokenizer(tiny_llama)
+    prompt = ["was movie the superb"]
+    # Execute: the saved adapter through plain PEFT, and the bare backbone
+    bare = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    plain = generate(bare, tokenizer, prompt, max_new_tokens=2)
+    tuned = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_llama), job.out / "adapter")
+    answer = generate(tuned, tokenizer, prompt, max_new_tokens=2)
+    # Assert
+    assert answer != plain
+    assert summary["final_rouge_l"] > summary["initial_rouge_l"]
+
+
+def test_topic_partition_puts_each_topic_on_one_client(causal_config) -> None:
+    job = build_job(causal_config(data__partition="column:topic"))
+    histograms = [row["label_histogram"] for row in job.data.client_stats()]
+    assert all(sum(1 for count in column if count) == 1 for column in zip(*histograms))
+
+
+def test_causal_lm_errors_are_clear(causal_config, tmp_path: Path) -> None:
+    with pytest.raises(FedCustomError, match="prompts leave no room for a response within --max-length 3"):
+        build_job(causal_config(model__max_length=3))
+    with pytest.raises(FedCustomError, match="chat template"):
+        build_job(causal_config(generation__chat_template=True))
+    with pytest.raises(ConfigError, match="generative split"):
+        causal_config(method__name="split")
+    with pytest.raises(ConfigError, match="column partitions need --task causal-lm"):
+        causal_config(model__task="classification", data__partition="column:topic")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"instruction": "the movie"}) + "\n")
+    with pytest.raises(FedCustomError, match="bad.jsonl"):
+        build_job(causal_config(data__dataset=str(bad)))
+
+
+def test_partition_by_a_missing_column_names_the_columns(causal_config) -> None:
+    with pytest.raises(FedCustomError, match="no column 'region'; it has topic"):
+        build_job(causal_config(data__partition="column:region"))
