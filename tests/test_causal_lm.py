@@ -8,7 +8,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 

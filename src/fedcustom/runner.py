@@ -25,21 +25,20 @@ from peft import PeftModel
 from rich.console import Console
 from torch import nn
 
-from fedcustom.attacks import MODEL_POISONING, flip_labels, malicious_clients
 from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from fedcustom.client import Adversary, TrainingClient, local_dp_config
+from fedcustom.client import TrainingClient
 from fedcustom.codecs import Codec, get_codec, is_stateless
 from fedcustom.config import RunConfig, build_config
 from fedcustom.data import FederatedData, PublicSpec, prepare_data
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, save_trained, trainable_state
 from fedcustom.models import load_model, load_tokenizer
-from fedcustom.privacy.dp import CentralDP, PrivacyAccountant
 from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, mean, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime, SimulatedFaults
-from fedcustom.server import FederatedServer, RoundDriver, RoundResult, Safeguards, SecAggSettings
+from fedcustom.server import FederatedServer, RoundDriver, RoundResult
+from fedcustom.trust import check_trust_support, client_tables, clients_per_round, safeguards_for, trust_summary
 from fedcustom.strategies import Strategy, get_strategy
 from fedcustom.training import LocalSchedule, derive_seed, evaluate, train_local
 
@@ -65,12 +64,6 @@ def prepare_output(path: str) -> Path:
     except OSError as exc:
         raise FedCustomError(f"output directory {path}: not writable ({exc.strerror or exc})") from None
     return out
-
-
-def clients_per_round(cfg: RunConfig) -> int:
-    """Explicit count, else the sampled fraction of clients (at least one)."""
-    fed = cfg.federation
-    return fed.clients_per_round or max(1, round(fed.fraction * fed.clients))
 
 
 def local_schedule(cfg: RunConfig, method: Method) -> LocalSchedule:
@@ -162,19 +155,6 @@ def summarize(
     }
 
 
-def trust_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:
-    """Privacy spent, secure aggregation and simulated attackers, for summary.json."""
-    priv, adv = cfg.privacy, cfg.adversary
-    out: dict[str, Any] = {"dp": priv.dp, "secagg": priv.secagg}
-    if priv.dp != "off":
-        out.update(epsilon=results[-1].epsilon, dp_delta=priv.delta, dp_clip=priv.clip_norm,
-                   dp_noise_multiplier=priv.noise_multiplier, epsilon_per_round=[r.epsilon for r in results[1:]])
-    if adv.attack != "none":
-        out.update(attack=adv.attack, attack_scale=adv.scale,
-                   malicious_clients=sorted(malicious_clients(cfg.federation.clients, adv.fraction, cfg.train.seed)))
-    return out
-
-
 @dataclass
 class Job:
     """A built federated job: the shared model, the data, and the server that drives it."""
@@ -228,57 +208,6 @@ def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
     if fed.client_failure_rate or fed.client_latency:
         faults = SimulatedFaults(fed.client_failure_rate, fed.client_latency, fed.round_timeout, cfg.train.seed)
     return lambda handler, _labels: EmbeddedRuntime(handler, fed.clients, faults)
-
-
-def check_trust_support(cfg: RunConfig, method: Method) -> None:
-    """Privacy, attacks and simulated faults need the parameter-sharing round; attacks and faults are simulated
-    in this process only."""
-    fed, priv, adv = cfg.federation, cfg.privacy, cfg.adversary
-    asked = [name for name, on in [("--dp", priv.dp != "off"), ("--secagg", priv.secagg),
-                                   ("--attack", adv.attack != "none"), ("--client-failure-rate", fed.client_failure_rate > 0),
-                                   ("--client-latency", fed.client_latency > 0)] if on]
-    if asked and method.protocol != "parameter_sharing":
-        raise FedCustomError(f"{', '.join(asked)}: apply to the parameter-sharing methods (full, lora, prompt, prefix); "
-                             f"--method {method.name} exchanges activations or logits")
-    simulated = [name for name in asked if name in ("--attack", "--client-failure-rate", "--client-latency",
-                                                    "--secagg")]
-    if simulated and fed.runtime != "embedded":
-        raise FedCustomError(f"{', '.join(simulated)}: embedded runtime only for now (attacks and faults are simulated "
-                             f"there; on Flower real nodes fail; --secagg keeps key material between messages, which "
-                             f"a SuperNode's per-message ClientApp process does not)")
-
-
-def safeguards_for(cfg: RunConfig) -> Safeguards:
-    """Update size limit and DP settings for the parameter-sharing server."""
-    priv, fed = cfg.privacy, cfg.federation
-    guards = Safeguards(max_update_bytes=int(fed.max_update_mb * 1e6) if fed.max_update_mb else None)
-    if priv.secagg:
-        guards.secagg = SecAggSettings(priv.secagg_clip, priv.secagg_threshold)
-    if priv.dp == "off":
-        return guards
-    guards.accountant = PrivacyAccountant()
-    guards.noise_multiplier, guards.dp_delta = priv.noise_multiplier, priv.delta
-    guards.sample_rate = clients_per_round(cfg) / fed.clients if priv.dp == "central" else 1.0
-    if priv.dp == "central":
-        # The textbook fixed denominator (the expected cohort), whose guarantee matches the accountant exactly.
-        guards.central_dp = CentralDP(priv.clip_norm, priv.noise_multiplier, expected_clients=clients_per_round(cfg))
-    else:
-        guards.local_dp = local_dp_config(priv.clip_norm, priv.noise_multiplier)
-    return guards
-
-
-def client_tables(cfg: RunConfig, data: FederatedData) -> tuple[dict[int, datasets.Dataset], Adversary | None]:
-    """Each client's rows (label-flipping attackers get theirs flipped) and the model-poisoning adversary."""
-    tables = {i: data.client_table(i) for i in range(cfg.federation.clients)}
-    adv = cfg.adversary
-    if adv.attack == "none":
-        return tables, None
-    attackers = malicious_clients(cfg.federation.clients, adv.fraction, cfg.train.seed)
-    if adv.attack == "label-flip":
-        for node in attackers:
-            tables[node] = flip_labels(tables[node], len(data.label_names))
-        return tables, None
-    return tables, Adversary(adv.attack, adv.scale, frozenset(attackers))
 
 
 def check_runtime_support(cfg: RunConfig) -> None:

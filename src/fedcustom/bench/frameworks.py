@@ -21,7 +21,6 @@ from fedcustom.bench.grid import same_config
 from fedcustom.bench.report import MB
 from fedcustom.config import RunConfig, build_config
 from fedcustom.errors import FedCustomError
-from fedcustom.report import write_json
 from fedcustom.runner import build_job, execute
 
 FAMILIES = {"lora": "FedLLM", "prefix": "FedLLM", "distill": "KD-FedLLM", "split": "Split-FedLLM"}

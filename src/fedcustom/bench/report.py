@@ -5,8 +5,6 @@ from __future__ import annotations
 import math
 import platform
 import statistics
-from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 from fedcustom.bench.presets import BenchPreset
