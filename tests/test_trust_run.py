@@ -224,3 +224,30 @@ def test_secure_aggregation_aborts_cleanly_below_threshold(tiny_config, tmp_path
     assert "client went offline" in rejected["2"]
     assert all("aborted: 2 clients sent masked inputs, threshold is 3" in rejected[n] for n in "01")
     assert summary["rejected_updates"] == 3
+
+
+def test_dp_sgd_trains_privately_and_reports_each_clients_record_level_epsilon(tiny_config) -> None:
+    # Prepare: LoRA with DP-SGD; 2 clients, 2 rounds of 1 local epoch, batch 16
+    settings = dict(method__name="lora", train__lr=TINY_LR["lora"], federation__local_epochs=1)
+    cfg = tiny_config(**settings, privacy__dp_sgd=True, privacy__sgd_noise=1.2, privacy__sgd_clip=0.5)
+    # Execute
+    job, summary = run_job(cfg)
+    plain, _ = run_job(tiny_config(**settings, output__dir=str(job.out.parent / "plain")))
+    # Assert: epsilon of the most exposed client equals an accountant fed its steps (q = batch / rows)
+    expected = []
+    accountants = {n: PrivacyAccountant() for n in range(2)}
+    for _ in range(2):
+        for node, accountant in accountants.items():
+            rows = len(job.data.client_indices[node])
+            for _ in range(-(-rows // 16)):
+                accountant.step(1.2, 16 / rows)
+        expected.append(max(a.epsilon(1e-5) for a in accountants.values()))
+    assert summary["dp_sgd"] and summary["dp_sgd_epsilon_per_round"] == pytest.approx(expected, rel=1e-9)
+    # Assert: the noise and clipping changed the training, and the backbone is left without Opacus hooks
+    assert distance(job.server.global_state, plain.server.global_state) > 1e-4
+    assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in job.model.parameters())
+
+
+def test_dp_sgd_is_refused_where_opacus_cannot_compute_per_example_gradients(tiny_config) -> None:
+    with pytest.raises(ConfigError, match="--dp-sgd with --method prompt"):
+        tiny_config(method__name="prompt", privacy__dp_sgd=True)

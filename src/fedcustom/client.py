@@ -19,7 +19,8 @@ from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom.checkpoint import pack_links, unpack_links
 from fedcustom.codecs import Codec, Link, uses_delta
 from fedcustom.methods import load_trainable_state, trainable_state
-from fedcustom.privacy.dp import noise_generator, privatize_locally
+from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
+from fedcustom.privacy.dp_sgd import DPSGDSettings
 from fedcustom.privacy.secagg import ADVERTISE, SHARE, UNMASK
 from fedcustom.privacy.secure_round import TRAIN_MASKED, SecureClientSide
 from fedcustom.privacy.secure_round import unpack as unpack_secure
@@ -56,6 +57,11 @@ def schedule_to_config(schedule: LocalSchedule, seed: int) -> dict[str, int | fl
     return config
 
 
+def dp_sgd_config(noise_multiplier: float, max_grad_norm: float, delta: float) -> dict[str, float]:
+    """What a train message carries when clients train with DP-SGD (--dp-sgd)."""
+    return {"dp_sgd_noise": noise_multiplier, "dp_sgd_clip": max_grad_norm, "dp_sgd_delta": delta}
+
+
 def local_dp_config(clip_norm: float, noise_multiplier: float) -> dict[str, float]:
     """What a train message carries when clients must privatize their own updates (--dp local)."""
     return {"dp_clip": clip_norm, "dp_noise": noise_multiplier}
@@ -84,6 +90,7 @@ class TrainingClient:
         self.codec_down = codec_down or codec  # server to client
         self.client_tables = client_tables
         self.adversary = adversary
+        self.sgd_accountants: dict[int, PrivacyAccountant] = {}  # per node: DP-SGD privacy spent on its rows
         self.secure = SecureClientSide()  # secure aggregation sessions, one per node for the round in progress
         # Each node's own ends of its links (in a deployment a client holds just its own two).
         self.links_down: dict[int, Link] = {}
@@ -93,13 +100,18 @@ class TrainingClient:
         """Every node's ends of its codec links (for checkpoints of an embedded run)."""
         tensors: dict[str, torch.Tensor] = {}
         meta = {"links_down": pack_links("down", self.links_down, tensors),
-                "links_up": pack_links("up", self.links_up, tensors)}
+                "links_up": pack_links("up", self.links_up, tensors),
+                "sgd_accountants": {str(n): a.state_dict() for n, a in self.sgd_accountants.items()}}
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Inverse of :meth:`state_dict`."""
         self.links_down = unpack_links("down", meta["links_down"], tensors)
         self.links_up = unpack_links("up", meta["links_up"], tensors)
+        self.sgd_accountants = {}
+        for node, state in meta.get("sgd_accountants", {}).items():
+            self.sgd_accountants[int(node)] = PrivacyAccountant()
+            self.sgd_accountants[int(node)].load_state_dict(state)
 
     def __call__(self, node_id: int, message: Message) -> Reply:
         if message.kind == TRAIN:
@@ -149,12 +161,25 @@ class TrainingClient:
         schedule = schedule_from_config(message.config)
         seed = derive_seed(int(message.config["seed"]), message.round, node_id)
         table = self.client_tables[node_id]
-        result = train_local(self.model, table, self.tokenizer, schedule, seed)
+        dp_sgd = None
+        if "dp_sgd_noise" in message.config:
+            dp_sgd = DPSGDSettings(float(message.config["dp_sgd_noise"]), float(message.config["dp_sgd_clip"]))
+        result = train_local(self.model, table, self.tokenizer, schedule, seed, dp_sgd)
         metrics = {
             "train_loss": result.mean_loss, "examples_seen": float(result.examples_seen),
             "steps": float(result.steps), "flops": float(result.flops), "train_seconds": time.perf_counter() - start,
         }
+        if dp_sgd:
+            metrics["dp_sgd_epsilon"] = self._spend(node_id, dp_sgd, result.steps, schedule.batch_size / len(table),
+                                                    float(message.config["dp_sgd_delta"]))
         return received, self._outgoing(node_id, message, received), metrics
+
+    def _spend(self, node_id: int, settings: DPSGDSettings, steps: int, sample_rate: float, delta: float) -> float:
+        """Account this round's DP-SGD steps on this node's rows; epsilon spent so far."""
+        accountant = self.sgd_accountants.setdefault(node_id, PrivacyAccountant())
+        for _ in range(steps):
+            accountant.step(settings.noise_multiplier, min(1.0, sample_rate))
+        return accountant.epsilon(delta)
 
     def _outgoing(self, node_id: int, message: Message, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The trained tensors as they leave this client: poisoned if it is a simulated attacker, then

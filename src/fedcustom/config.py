@@ -174,6 +174,10 @@ class PrivacyConfig:
     clip_norm: float = opt(1.0, "DP: L2 bound on each client's update (all tensors together).", "--dp-clip")
     noise_multiplier: float = opt(1.0, "DP: Gaussian noise std as a multiple of --dp-clip.", "--dp-noise")
     delta: float = opt(1e-5, "DP: the delta at which epsilon is reported.", "--dp-delta")
+    dp_sgd: bool = opt(False, "Record-level DP inside each client: DP-SGD through Opacus (per-example clipping and "
+                        "noise; lora and prefix only). Independent of --dp.", "--dp-sgd")
+    sgd_clip: float = opt(1.0, "DP-SGD: L2 bound on each example's gradient.", "--dp-sgd-clip")
+    sgd_noise: float = opt(1.0, "DP-SGD: Gaussian noise std as a multiple of --dp-sgd-clip.", "--dp-sgd-noise")
     secagg: bool = opt(False, "Secure aggregation (pairwise masking, Bonawitz et al. 2017): the server learns only "
                        "the sum of the clients' updates.", "--secagg")
     secagg_threshold: float = opt(0.6, "Secure aggregation: share of a round's clients that must survive for the sum "
@@ -434,6 +438,12 @@ def validate_trust(cfg: RunConfig) -> None:
         raise ConfigError(f"--dp central with --strategy {fed.strategy}: central DP replaces the merge with the mean of "
                           f"clipped updates (its sensitivity bound needs it); use --strategy fedavg or --dp local")
     _positive("privacy.secagg_clip (--secagg-clip)", priv.secagg_clip, allow_none=False)
+    if priv.dp_sgd:
+        _positive("privacy.sgd_clip (--dp-sgd-clip)", priv.sgd_clip, allow_none=False)
+        _positive("privacy.sgd_noise (--dp-sgd-noise)", priv.sgd_noise, allow_none=False)
+        if cfg.method.name not in ("lora", "prefix"):
+            raise ConfigError(f"--dp-sgd with --method {cfg.method.name}: Opacus computes per-example gradients for "
+                              f"LoRA's and prefix tuning's modules only; use --method lora or prefix")
     if priv.secagg and priv.dp == "central":
         raise ConfigError("--secagg with --dp central: the server cannot clip updates it never sees; use --dp local "
                           "(clients clip and noise before masking)")

@@ -61,7 +61,7 @@ class Safeguards:
 
     max_update_bytes: int | None = None  # None: validation.default_max_bytes of the global state
     central_dp: CentralDP | None = None
-    local_dp: dict[str, float] = field(default_factory=dict)  # sent in every train message (--dp local)
+    client_config: dict[str, float] = field(default_factory=dict)  # in every train message (--dp local, --dp-sgd)
     accountant: PrivacyAccountant | None = None
     noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
@@ -157,7 +157,7 @@ class FederatedServer:
         """Send the global state to sampled clients, merge valid replies, evaluate the result."""
         start = time.perf_counter()
         chosen = sample_clients(self.runtime.nodes(), self.clients_per_round, self.seed, rnd)
-        config = {**schedule_to_config(self.schedule, self.seed), **self.safeguards.local_dp}
+        config = {**schedule_to_config(self.schedule, self.seed), **self.safeguards.client_config}
         result = RoundResult(round=rnd, eval={}, clients=chosen)
         if self.safeguards.secagg is not None:
             updates, merged = self._secure_round(rnd, chosen, config, result, on_reply)
@@ -180,6 +180,9 @@ class FederatedServer:
             log.warning("round %d: no valid updates; the global state is unchanged", rnd)
         if self.safeguards.accountant is not None:
             result.epsilon = self._account(updates)
+        sgd = [u.metrics["dp_sgd_epsilon"] for u in updates if "dp_sgd_epsilon" in u.metrics]
+        if sgd:
+            result.privacy["dp_sgd_epsilon_max"] = max(sgd)  # the most exposed client's rows so far
         result.eval = self.evaluate(self.global_state)
         result.wall_seconds = time.perf_counter() - start
         return result

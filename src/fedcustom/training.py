@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import weakref
@@ -18,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.data import make_loader
+from fedcustom.privacy.dp_sgd import DPSGDSettings, private_training
 
 T = TypeVar("T")
 
@@ -100,23 +102,27 @@ def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
 
 
 def train_local(
-    model: nn.Module, table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, schedule: LocalSchedule, seed: int
+    model: nn.Module, table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, schedule: LocalSchedule, seed: int,
+    dp_sgd: DPSGDSettings | None = None,
 ) -> TrainResult:
-    """AdamW on the model's trainable parameters over ``table``; dropout and shuffling seeded by ``seed``."""
+    """AdamW on the model's trainable parameters over ``table``; dropout and shuffling seeded by ``seed``;
+    with ``dp_sgd``, per-example clipping and noise (Opacus)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
     torch.manual_seed(seed)
     model.train()
     losses, seen, steps, flops = [], 0, 0, 0
-    for batch in local_batches(table, tokenizer, schedule, seed):
-        if schedule.count_flops:
-            loss, step_flops = _counted_step(model, batch, optimizer)
-            flops += step_flops
-        else:
-            loss = _train_step(model, batch, optimizer)
-        losses.append(loss)
-        seen += len(batch["labels"])
-        steps += 1
+    private = private_training(model, optimizer, dp_sgd, schedule.batch_size) if dp_sgd else None
+    with private or contextlib.nullcontext((model, optimizer)) as (module, step_optimizer):
+        for batch in local_batches(table, tokenizer, schedule, seed):
+            if schedule.count_flops:
+                loss, step_flops = _counted_step(module, batch, step_optimizer)
+                flops += step_flops
+            else:
+                loss = _train_step(module, batch, step_optimizer)
+            losses.append(loss)
+            seen += len(batch["labels"])
+            steps += 1
     return TrainResult(seen, steps, float(np.mean(losses)) if losses else math.nan, int(flops))
 
 

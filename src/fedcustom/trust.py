@@ -10,7 +10,7 @@ from typing import Any
 import datasets
 
 from fedcustom.attacks import flip_labels, malicious_clients
-from fedcustom.client import Adversary, local_dp_config
+from fedcustom.client import Adversary, dp_sgd_config, local_dp_config
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData
 from fedcustom.errors import FedCustomError
@@ -29,7 +29,7 @@ def check_trust_support(cfg: RunConfig, method: Method) -> None:
     """Privacy, attacks and simulated faults need the parameter-sharing round; attacks and faults are simulated
     in this process only."""
     fed, priv, adv = cfg.federation, cfg.privacy, cfg.adversary
-    asked = [name for name, on in [("--dp", priv.dp != "off"), ("--secagg", priv.secagg),
+    asked = [name for name, on in [("--dp", priv.dp != "off"), ("--dp-sgd", priv.dp_sgd), ("--secagg", priv.secagg),
                                    ("--attack", adv.attack != "none"), ("--client-failure-rate", fed.client_failure_rate > 0),
                                    ("--client-latency", fed.client_latency > 0)] if on]
     if asked and method.protocol != "parameter_sharing":
@@ -47,6 +47,8 @@ def safeguards_for(cfg: RunConfig) -> Safeguards:
     """Update size limit and DP settings for the parameter-sharing server."""
     priv, fed = cfg.privacy, cfg.federation
     guards = Safeguards(max_update_bytes=int(fed.max_update_mb * 1e6) if fed.max_update_mb else None)
+    if priv.dp_sgd:
+        guards.client_config.update(dp_sgd_config(priv.sgd_noise, priv.sgd_clip, priv.delta))
     if priv.secagg:
         guards.secagg = SecAggSettings(priv.secagg_clip, priv.secagg_threshold)
     if priv.dp == "off":
@@ -58,7 +60,7 @@ def safeguards_for(cfg: RunConfig) -> Safeguards:
         # The textbook fixed denominator (the expected cohort), whose guarantee matches the accountant exactly.
         guards.central_dp = CentralDP(priv.clip_norm, priv.noise_multiplier, expected_clients=clients_per_round(cfg))
     else:
-        guards.local_dp = local_dp_config(priv.clip_norm, priv.noise_multiplier)
+        guards.client_config.update(local_dp_config(priv.clip_norm, priv.noise_multiplier))
     return guards
 
 
@@ -79,7 +81,9 @@ def client_tables(cfg: RunConfig, data: FederatedData) -> tuple[dict[int, datase
 def trust_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:
     """Privacy spent, secure aggregation and simulated attackers, for summary.json."""
     priv, adv = cfg.privacy, cfg.adversary
-    out: dict[str, Any] = {"dp": priv.dp, "secagg": priv.secagg}
+    out: dict[str, Any] = {"dp": priv.dp, "dp_sgd": priv.dp_sgd, "secagg": priv.secagg}
+    if priv.dp_sgd:
+        out["dp_sgd_epsilon_per_round"] = [r.privacy.get("dp_sgd_epsilon_max") for r in results[1:]]
     if priv.dp != "off":
         out.update(epsilon=results[-1].epsilon, dp_delta=priv.delta, dp_clip=priv.clip_norm,
                    dp_noise_multiplier=priv.noise_multiplier, epsilon_per_round=[r.epsilon for r in results[1:]])

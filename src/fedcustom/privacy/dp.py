@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from opacus.accountants import RDPAccountant
 
 State = dict[str, torch.Tensor]
 
@@ -187,6 +186,8 @@ class PrivacyAccountant:
     """
 
     def __init__(self) -> None:
+        from opacus.accountants import RDPAccountant  # importing opacus takes ~3 s: only runs with DP pay it
+
         self._rdp = RDPAccountant()
 
     def step(self, noise_multiplier: float, sample_rate: float) -> None:
