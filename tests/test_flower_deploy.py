@@ -41,6 +41,13 @@ def _submit(cluster: Cluster, tiny_bert: str, toy_csv: str, out: Path, *extra: s
                  "--output", str(out), "--quiet", *extra])
 
 
+def _start_two_owners(cluster: Cluster, files: list[Path]) -> None:
+    """An insecure SuperLink and two SuperNodes, each with its own data file."""
+    cluster.start_superlink()
+    for i in range(2):
+        cluster.start_supernode(f"owner{i}", f"partition-id={i} data-path='{files[i]}'")
+
+
 def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "round_log.jsonl").read_text().splitlines()]
 
@@ -88,12 +95,9 @@ def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:
 def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path: Path, tiny_bert: str,
                                                                      toy_csv: str) -> None:
     # Prepare
-    files = _node_files(toy_csv, tmp_path)
     out = tmp_path / "out"
     with Cluster(tmp_path) as cluster:
-        cluster.start_superlink()
-        for i in range(2):
-            cluster.start_supernode(f"owner{i}", f"partition-id={i} data-path='{files[i]}'")
+        _start_two_owners(cluster, _node_files(toy_csv, tmp_path))
 
         def kill_owner1_once_round_1_is_logged() -> None:
             deadline = time.monotonic() + 300
@@ -155,3 +159,18 @@ def test_full_fine_tuning_of_packaged_smollm2_round_trips_through_a_superlink(tm
     initial = load_file(str(Path(backbone) / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.isfinite(trained[name]).all() and not torch.equal(trained[name], initial[name])
+
+
+def test_stateful_codec_links_survive_the_per_message_clientapp_processes(tmp_path: Path, tiny_bert: str,
+                                                                         toy_csv: str) -> None:
+    """Round 2's difference is against the state each node reconstructed in round 1: without the state kept in
+    context.state, a fresh ClientApp would not hold it and would reject the round."""
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        _start_two_owners(cluster, _node_files(toy_csv, tmp_path))
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--codec", "delta,topk:0.5,zstd", "--codec-down", "delta,zstd")
+    assert code == 0
+    log = _log(out)
+    assert [r["round"] for r in log] == [0, 1, 2]
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in log[1:])
+    assert log[2]["eval_loss"] < log[0]["eval_loss"]

@@ -66,7 +66,7 @@ def test_flower_simulation_gives_the_embedded_runtimes_global_state(tiny_config,
 
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"method__name": "split", "method__cut_layer": 1}, "--method split keeps per-client state between messages"),
-    ({"codec__up": "delta,zstd"}, "each message runs in a fresh ClientApp process"),
+    ({"model__task": "causal-lm"}, "loads classification data only"),
 ])
 def test_what_a_superlink_cannot_run_yet_is_a_clear_error(tiny_config, overrides, message) -> None:
     from fedcustom.errors import FedCustomError

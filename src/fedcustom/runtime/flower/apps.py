@@ -23,7 +23,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcustom.config import RunConfig, build_config
 from fedcustom.errors import FedCustomError
-from fedcustom.runtime.flower.records import content_to_message, reply_to_content
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedcustom.runtime.flower.records import bytes_record, content_to_message, record_bytes, reply_to_content
 from fedcustom.runtime.flower.runtime import FlowerRuntime
 from fedcustom.runtime.messages import Handler
 
@@ -73,6 +76,30 @@ def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
 class _NodeClient:
     handler: Handler
     partition: int
+    fresh: bool = True  # built in this process and not yet given the state the run kept for this node
+
+
+STATE_TENSORS, STATE_META = "fedcustom.client-tensors", "fedcustom.client-meta"  # keys in context.state
+
+
+def restore_client_state(node: _NodeClient, context: Context) -> None:
+    """Give a freshly built client what this node kept from earlier messages of the run (codec link
+    references and residuals, DP-SGD accountants): a deployed SuperNode runs every message in a new
+    process, and Flower keeps ``context.state`` for the node across them."""
+    if not node.fresh:
+        return
+    node.fresh = False
+    if STATE_META in context.state and hasattr(node.handler, "load_state_dict"):
+        tensors = st_load(record_bytes(context.state[STATE_TENSORS]))
+        node.handler.load_state_dict(tensors, json.loads(str(context.state[STATE_META]["meta"])))
+
+
+def keep_client_state(node: _NodeClient, context: Context) -> None:
+    """Store the client's state in ``context.state`` for the next message of this run."""
+    if hasattr(node.handler, "state_dict"):
+        tensors, meta = node.handler.state_dict()
+        context.state[STATE_TENSORS] = bytes_record(st_save({k: v.contiguous() for k, v in tensors.items()}))
+        context.state[STATE_META] = ConfigRecord({"meta": json.dumps(meta)})
 
 
 _CLIENTS: dict[tuple[int, int], _NodeClient] = {}  # (run id, partition) -> handler: built once per process
@@ -142,7 +169,9 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
         if label_names is None:
             raise FedCustomError(f"message config has no {LABELS_KEY!r}: was it sent by a fedcustom ServerApp?")
         node = node_client(context, cfg or config_from_run_config(context.run_config), label_names)
+        restore_client_state(node, context)
         reply = node.handler(node.partition, dataclasses.replace(ours, config=config))
+        keep_client_state(node, context)
         return FlowerMessage(reply_to_content(reply), reply_to=message)
 
     return app

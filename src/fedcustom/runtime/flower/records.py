@@ -34,6 +34,16 @@ def _payload(content: RecordDict) -> bytes:
     return content[PAYLOAD]["bytes"].numpy().tobytes()
 
 
+def bytes_record(data: bytes) -> ArrayRecord:
+    """Opaque bytes as a chunkable ArrayRecord (payloads, and a client's state between messages)."""
+    return _payload_record(data)
+
+
+def record_bytes(record: ArrayRecord) -> bytes:
+    """Inverse of :func:`bytes_record`."""
+    return record["bytes"].numpy().tobytes()
+
+
 def message_to_content(message: Message, extra_config: dict[str, str] | None = None) -> RecordDict:
     config = ConfigRecord({**message.config, **(extra_config or {}), ROUND: message.round, KIND: message.kind})
     return RecordDict({CONFIG: config, PAYLOAD: _payload_record(message.payload)})
