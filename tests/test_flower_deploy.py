@@ -79,7 +79,11 @@ def test_two_supernodes_with_their_own_data_train_and_the_server_saves_the_adapt
     # Assert: the final adapter is saved in PEFT format, with the prefixes the run trained
     adapter = load_file(str(out / "adapter" / "adapter_model.safetensors"))
     assert any("prompt_embeddings" in k for k in adapter) and all(torch.isfinite(t).all() for t in adapter.values())
-    assert json.loads((out / "summary.json").read_text())["rounds"] == 2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    # Assert: the client statistics are the owners' own files (60 rows each, as they described them)
+    owners = [[int((pd.read_csv(f)["label"] == label).sum()) for label in (0, 1)] for f in files]  # [60, 0], [0, 60]
+    assert summary["client_data"] == [{"client": i, "examples": 60, "label_histogram": owners[i]} for i in range(2)]
 
 
 def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:

@@ -103,6 +103,7 @@ def versions() -> dict[str, str]:
 def summarize(
     cfg: RunConfig, results: list[RoundResult], centralized: dict[str, float] | None,
     model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, wall: float, lr: float,
+    client_data: list[dict],
 ) -> dict[str, Any]:
     """The headline numbers (per client per round unless a key says total)."""
     rounds = results[1:]
@@ -149,7 +150,7 @@ def summarize(
         "train_examples": sum(len(rows) for rows in data.client_indices),
         "eval_examples": len(data.eval),
         "label_names": data.label_names,
-        "client_data": data.client_stats(),
+        "client_data": client_data,
         "config": cfg.to_dict(),
         "versions": versions(),
     }
@@ -181,6 +182,14 @@ class Job:
     @property
     def eval_batch(self) -> int:
         return 2 * self.cfg.train.batch_size
+
+    def client_stats(self) -> list[dict]:
+        """Each client's rows and label histogram: as the SuperNodes describe their own files in a deployment,
+        else from the partition of the run's dataset."""
+        reported = getattr(getattr(self.server, "runtime", None), "node_stats", None)
+        if reported:
+            return [reported[p] for p in sorted(reported)]
+        return self.data.client_stats()
 
     @property
     def model_dir(self) -> Path:
@@ -386,7 +395,7 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
     cfg = job.cfg
     show = not cfg.output.quiet
     if show:
-        console.print(clients_table(job.data.client_stats(), job.data.label_names))
+        console.print(clients_table(job.client_stats(), job.data.label_names))
     results = run_rounds(job, console, show, resumed)
     load_trainable_state(job.model, job.server.global_state)
     if cfg.output.save_model:
@@ -401,7 +410,8 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
             )
         load_trainable_state(job.model, job.server.global_state)
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
-    summary = summarize(cfg, results, centralized, job.model, job.initial, job.data, wall, job.schedule.lr)
+    summary = summarize(cfg, results, centralized, job.model, job.initial, job.data, wall, job.schedule.lr,
+                        job.client_stats())
     write_json(job.out / "summary.json", summary)
     if show:
         console.print(rounds_table(results, centralized, cfg.model.task))

@@ -114,6 +114,16 @@ def partition_of(context: Context) -> int:
     return int(value)
 
 
+def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) -> dict[str, Any]:
+    """How many rows this node holds and how its labels are spread (for the server's client table and
+    summary; the rows themselves stay here)."""
+    from fedcustom.data import load_labeled
+    from fedcustom.data.partition import label_histogram
+
+    rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names).dataset
+    return {"examples": len(rows), "label-histogram": json.dumps(label_histogram(rows["label"], len(label_names)))}
+
+
 def build_node_client(cfg: RunConfig, label_names: list[str], partition: int, data_path: str | None) -> _NodeClient:
     """The handler one data owner runs: the run's model and method, trained on this node's own rows."""
     from fedcustom.client import TrainingClient
@@ -158,8 +168,13 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @app.query("fedcustom_hello")
     def hello(message: FlowerMessage, context: Context) -> FlowerMessage:
-        return FlowerMessage(RecordDict({"hello": ConfigRecord({"partition-id": partition_of(context)})}),
-                             reply_to=message)
+        answer: dict[str, Any] = {"partition-id": partition_of(context)}
+        labels = message.content["hello"].get(LABELS_KEY) if "hello" in message.content else None
+        data_path = context.node_config.get("data-path")
+        if labels is not None and data_path:
+            answer.update(describe_own_data(cfg or config_from_run_config(context.run_config), json.loads(str(labels)),
+                                            str(data_path)))
+        return FlowerMessage(RecordDict({"hello": ConfigRecord(answer)}), reply_to=message)
 
     @app.train()
     def train(message: FlowerMessage, context: Context) -> FlowerMessage:

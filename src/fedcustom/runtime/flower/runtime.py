@@ -7,6 +7,7 @@ this runtime asks every connected node for the partition id it was given in its 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -32,6 +33,7 @@ class FlowerRuntime:
         self.grid = grid
         self.timeout = timeout  # seconds to wait for the replies of one exchange
         self.extra_config = extra_config or {}  # added to every message's config (e.g. the label names)
+        self.node_stats: dict[int, dict] = {}  # partition id -> its own rows and label histogram, as the node says
         self.partitions = self._discover(expected_nodes, connect_timeout)  # partition id -> Flower node id
 
     def _discover(self, expected: int, connect_timeout: float) -> dict[int, int]:
@@ -44,14 +46,19 @@ class FlowerRuntime:
         if len(node_ids) < expected:
             raise FedCustomError(f"federation.clients = {expected}: only {len(node_ids)} SuperNodes connected within "
                                  f"{connect_timeout:.0f} s; start one flower-supernode per client (or lower --clients)")
-        hellos = [FlowerMessage(RecordDict({"hello": ConfigRecord({})}), node, HELLO) for node in node_ids]
+        hello = ConfigRecord(dict(self.extra_config))
+        hellos = [FlowerMessage(RecordDict({"hello": hello}), node, HELLO) for node in node_ids]
         partitions: dict[int, int] = {}
         for reply in self.grid.send_and_receive(hellos, timeout=connect_timeout):
             if reply.has_error():
                 log.warning("node %d did not say which partition it holds: %s", reply.metadata.src_node_id,
                             reply.error.reason)
                 continue
-            partition, node = int(reply.content["hello"]["partition-id"]), reply.metadata.src_node_id
+            answer = reply.content["hello"]
+            partition, node = int(answer["partition-id"]), reply.metadata.src_node_id
+            if "examples" in answer:  # a node with its own data file describes it (counts only, no rows)
+                self.node_stats[partition] = {"client": partition, "examples": int(answer["examples"]),
+                                              "label_histogram": json.loads(str(answer["label-histogram"]))}
             if partition in partitions:
                 raise FedCustomError(f"SuperNodes {partitions[partition]} and {node} both have partition-id={partition} "
                                      f"in their node config; give each data owner its own partition-id")
