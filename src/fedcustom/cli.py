@@ -74,11 +74,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="Reproduce the paper's method comparison (report.md, plots, results.json).",
                            description="Run a benchmark preset: methods x data splits x seeds, each with its "
                                        "centralized baseline; finished runs with the same config are reused.")
-    bench.add_argument("--preset", default="quick", choices=("quick", "paper", "tune", "frameworks", "codecs"),
+    bench.add_argument("--preset", default="quick",
+                       choices=("quick", "paper", "tune", "frameworks", "codecs", "robust", "generative"),
                        help="quick: smoke run (<5 min on 2 CPUs); paper: the full grid (<60 min); "
                             "tune: learning-rate selection on held-out SST-2 train rows; frameworks: FedLLM vs "
                             "KD-FedLLM vs Split-FedLLM, varying cut layer, public set size and clients; codecs: raw vs "
-                            "GradualDiff-Fed vs compressed codec chains for full fine-tuning and LoRA. "
+                            "GradualDiff-Fed vs compressed codec chains for full fine-tuning and LoRA; robust: "
+                            "FedAvg vs median, trimmed mean, Multi-Krum and norm bounding with 0, 10 and 30 "
+                            "percent sign-flip attackers, for prefix tuning and LoRA; generative: full, LoRA, prompt "
+                            "and prefix instruction tuning of SmolLM2 on the packaged ChatterBot corpus, each with "
+                            "its centralized baseline (perplexity, ROUGE-L, MB and client FLOPs per round). "
                             "(default: quick)")
     bench.add_argument("--data-dir", default="../shared/data",
                        help="Folder with sst2/ and ag_news/ (default: ../shared/data)")

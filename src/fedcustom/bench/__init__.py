@@ -10,7 +10,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench import codecs
+from fedcustom.bench import codecs, generative, robust
 from fedcustom.bench.frameworks import VARIANTS, Setting, Variant, all_runs, report, run_frameworks, table
 from fedcustom.bench.grid import cells, run_grid
 from fedcustom.bench.plots import (accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round, codecs_accuracy_vs_cumulative_mb,
@@ -89,6 +89,10 @@ def run_bench(preset_name: str, data_dir: str, output: str, command: str, consol
         return run_frameworks_bench(data_dir, out, command, console)
     if preset_name == "codecs":
         return run_codecs_bench(data_dir, out, command, console)
+    if preset_name == "robust":
+        return run_robust_bench(data_dir, out, command, console)
+    if preset_name == "generative":  # packaged model and data: data_dir is not used
+        return run_generative_bench(out, command, console)
     preset = get_preset(preset_name)
     start = time.perf_counter()
     console.print(f"bench preset {preset.name!r}: {len(cells(preset))} federated runs -> {out}")
@@ -151,5 +155,42 @@ def run_codecs_bench(data_dir: str, out: Path, command: str, console: Console,
     write_json(out / "results.json", result)
     (out / "report.md").write_text(codecs.report(rows, setting, command, result["machine"], wall, len(records)))
     console.print(codecs.table(rows), soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}")
+    return result
+
+
+def run_robust_bench(data_dir: str, out: Path, command: str, console: Console,
+                     setting: robust.RobustSetting = robust.RobustSetting()) -> dict[str, Any]:
+    """FedAvg vs robust strategies under 0/10/30% attackers (bench/robust.py): results.json, report.md, one plot."""
+    start = time.perf_counter()
+    records = robust.run_robust(Path(data_dir).expanduser(), out, console, setting)
+    wall = time.perf_counter() - start
+    rows, norms = robust.rows(records), robust.norm_stats(records, setting)
+    result = {"preset": "robust", "command": command, "versions": versions(), "machine": machine(),
+              "wall_seconds": wall, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "setting": dataclasses.asdict(setting), "rows": rows, "norm_bound": norms, "runs": records}
+    robust.plot_accuracy_vs_attackers(rows, out / robust.PLOT)
+    write_json(out / "results.json", result)
+    (out / "report.md").write_text(robust.report(rows, norms, setting, command, result["machine"], wall, records))
+    console.print(robust.accuracy_table(rows), soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}")
+    return result
+
+
+def run_generative_bench(out: Path, command: str, console: Console,
+                         setting: generative.GenerativeSetting = generative.GenerativeSetting()) -> dict[str, Any]:
+    """Full, LoRA, prompt and prefix tuning of a causal LM vs their centralized baselines (bench/generative.py):
+    results.json, report.md, one plot."""
+    start = time.perf_counter()
+    records = generative.run_generative(out, console, setting)
+    wall = time.perf_counter() - start
+    rows = generative.rows(records)
+    result = {"preset": "generative", "command": command, "versions": versions(), "machine": machine(),
+              "wall_seconds": wall, "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "setting": dataclasses.asdict(setting), "rows": rows, "runs": records}
+    generative.plot_perplexity_vs_round(records, out / generative.PLOT)
+    write_json(out / "results.json", result)
+    (out / "report.md").write_text(generative.report(rows, setting, command, result["machine"], wall, records))
+    console.print(generative.table(rows), soft_wrap=True)
     console.print(f"report: {out / 'report.md'}")
     return result
