@@ -87,7 +87,7 @@ def test_malformed_knowledge_is_rejected_with_the_reason(sent: dict, reason: str
 def test_with_one_client_and_identical_models_distillation_moves_the_global_toward_the_client(kd_config) -> None:
     # Prepare: one client, same backbone and method as the server, so both start from the same model
     job = build_job(kd_config(federation__clients=1, federation__rounds=1, method__local_method="full",
-                              method__distill_epochs=5))
+                              method__distill_epochs=10))
     server: DistillServer = job.server
     texts, replies = server.settings.public, {}
     before = torch.softmax(public_logits(job.model, texts, job.tokenizer, 16, 32) / 2.0, -1)

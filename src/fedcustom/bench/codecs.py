@@ -65,7 +65,7 @@ def run_config(s: CodecSetting, method: str, lr: float, chain: str, seed: int, d
         "federation": {"clients": s.clients, "rounds": s.rounds, "local_epochs": s.local_epochs},
         "codec": {"up": chain, "down": chain},
         "train": {"batch_size": s.batch_size, "lr": lr, "seed": seed},
-        "output": {"dir": str(out / "runs" / method / key / f"seed{seed}"), "quiet": True, "save_model": False},
+        "output": {"dir": str(out / "runs" / method / key / f"seed{seed}"), "quiet": True, "save_model": False, "checkpoint": False},
     })
 
 

@@ -105,7 +105,7 @@ def run_config(setting: Setting, variant: Variant, data_dir: Path, out: Path) ->
                        "local_epochs": variant.local_epochs or setting.local_epochs},
         "train": {"batch_size": setting.batch_size, "lr": variant.lr, "seed": setting.seed,
                   "centralized": variant.centralized},
-        "output": {"dir": str(out / "runs" / variant.key), "quiet": True, "save_model": False},
+        "output": {"dir": str(out / "runs" / variant.key), "quiet": True, "save_model": False, "checkpoint": False},
     })
 
 

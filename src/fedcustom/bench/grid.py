@@ -78,7 +78,7 @@ def cell_config(preset: BenchPreset, cell: Cell, data_dir: Path, out: Path) -> R
         "method": {"name": cell.method, "num_virtual_tokens": preset.num_virtual_tokens, "lora_r": preset.lora_r},
         "federation": {"clients": preset.clients, "rounds": preset.rounds, "local_epochs": preset.local_epochs},
         "train": {"batch_size": preset.batch_size, "lr": cell.lr, "seed": cell.seed, "centralized": cell.centralized},
-        "output": {"dir": str(out / "runs" / cell.name), "quiet": True, "save_model": False},  # logs only
+        "output": {"dir": str(out / "runs" / cell.name), "quiet": True, "save_model": False, "checkpoint": False},  # logs only
     })
 
 

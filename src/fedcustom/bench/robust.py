@@ -88,7 +88,7 @@ def run_config(s: RobustSetting, method: str, lr: float, label: str, fraction: f
         "adversary": {"attack": s.attack, "fraction": fraction, "scale": s.attack_scale},
         "train": {"batch_size": s.batch_size, "lr": lr, "seed": s.seed, "count_flops": False},
         "output": {"dir": str(out / "runs" / method / key / f"attackers{round(100 * fraction)}"), "quiet": True,
-                   "save_model": False},
+                   "save_model": False, "checkpoint": False},
     })
 
 
