@@ -85,6 +85,14 @@ def toy_csv(tmp_path_factory: pytest.TempPathFactory) -> str:
 TINY_LR = {"full": 3e-3, "lora": 3e-3, "prompt": 1e-2, "prefix": 1e-2, "split": 3e-3, "distill": 3e-3}
 
 
+def config_with(values: dict, overrides: dict):
+    """``values`` with ``section__key=value`` overrides applied, built into a RunConfig."""
+    for key, value in overrides.items():
+        section, name = key.split("__")
+        values.setdefault(section, {})[name] = value
+    return build_config(values)
+
+
 @pytest.fixture
 def tiny_config(tmp_path: Path, tiny_bert: str, toy_csv: str):
     """Factory for a small, fast RunConfig; keyword overrides are ``section__key=value``."""
@@ -98,9 +106,6 @@ def tiny_config(tmp_path: Path, tiny_bert: str, toy_csv: str):
             "train": {"batch_size": 16, "seed": 0},
             "output": {"dir": str(tmp_path / "out"), "quiet": True},
         }
-        for key, value in overrides.items():
-            section, name = key.split("__")
-            values.setdefault(section, {})[name] = value
-        return build_config(values)
+        return config_with(values, overrides)
 
     return make

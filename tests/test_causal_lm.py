@@ -20,7 +20,7 @@ from fedcustom.generation import generate
 from fedcustom.models import load_tokenizer
 from fedcustom.runner import build_job, execute
 
-from conftest import FILLER, NEGATIVE, POSITIVE
+from conftest import FILLER, NEGATIVE, POSITIVE, config_with
 
 # Learning rates that move the tiny random LLaMA within 3 rounds.
 CAUSAL_LR = {"full": 3e-3, "lora": 1e-2, "prompt": 3e-2, "prefix": 3e-2}
@@ -58,10 +58,7 @@ def causal_config(tmp_path: Path, tiny_llama: str, toy_jsonl: str):
             "train": {"batch_size": 16, "seed": 0},
             "output": {"dir": str(tmp_path / "out"), "quiet": True},
         }
-        for key, value in overrides.items():
-            section, name = key.split("__")
-            values.setdefault(section, {})[name] = value
-        return build_config(values)
+        return config_with(values, overrides)
 
     return make
 
