@@ -200,3 +200,22 @@ def test_distillation_loss_is_zero_only_at_the_target() -> None:
     targets = torch.softmax(torch.tensor([[1.0, -1.0, 0.5]]), -1)
     assert float(distillation_loss(torch.tensor([[1.0, -1.0, 0.5]]) * 2.0, targets, temperature=2.0)) == pytest.approx(0, abs=1e-6)
     assert float(distillation_loss(torch.zeros(1, 3), targets, temperature=2.0)) > 0.01
+
+
+def test_a_clients_own_models_survive_its_state_round_trip(kd_config) -> None:
+    """What a Flower node keeps in context.state between rounds (each message may run in a new process)."""
+    from safetensors.torch import load as st_load
+
+    from fedcustom.methods.distill.protocol import DistillClient
+
+    job = build_job(kd_config(federation__rounds=1))
+    client: DistillClient = job.server.runtime._handler
+    execute(job)
+    tensors, meta = client.state_dict()
+    fresh = DistillClient(client.model, client.tokenizer, client.codec, client.client_tables, client.settings)
+    fresh.load_state_dict(st_load(st_save(tensors)), json.loads(json.dumps(meta)))
+    assert sorted(fresh.local_states) == [0, 1]
+    for node, state in client.local_states.items():
+        assert state.keys() == fresh.local_states[node].keys()
+        assert all(torch.equal(state[k], fresh.local_states[node][k]) for k in state)
+    assert any(not torch.equal(client.local_states[0][k], client.local_states[1][k]) for k in client.local_states[0])

@@ -86,6 +86,26 @@ def test_two_supernodes_with_their_own_data_train_and_the_server_saves_the_adapt
     assert summary["client_data"] == [{"client": i, "examples": 60, "label_histogram": owners[i]} for i in range(2)]
 
 
+def test_split_learning_runs_across_supernodes_that_start_a_process_per_message(tmp_path: Path, tiny_bert: str,
+                                                                                toy_csv: str) -> None:
+    """U-shaped SplitFed: per batch, activations up, the server's hidden states down, the head's gradient up, the
+    cut's gradient down, each a message to a fresh ClientApp process that resumes the node's session from
+    context.state (and recomputes the batch's forward before back-propagating)."""
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        _start_two_owners(cluster, _node_files(toy_csv, tmp_path))
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--method", "split", "--cut-layer", "1", "--split-head",
+                       "client", "--rounds", "1", "--local-steps", "1", "--lr", "0.003")
+    assert code == 0
+    log = _log(out)
+    assert [r["round"] for r in log] == [0, 1]
+    assert log[1]["clients"] == [0, 1] and log[1]["rejected"] == {}
+    assert log[1]["examples_seen"] == 2 * 16  # two owners, one batch of 16 each
+    assert all(log[1]["client_flops"][c] > 0 and log[1]["bytes_up"][c] > 0 for c in ("0", "1"))
+    assert log[1]["eval_loss"] != log[0]["eval_loss"]
+    assert (out / "model" / "model.safetensors").is_file()
+
+
 def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs")
     rogue = make_node_keypair(tmp_path / "keys", "rogue")

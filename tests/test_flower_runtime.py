@@ -64,23 +64,46 @@ def test_flower_simulation_gives_the_embedded_runtimes_global_state(tiny_config,
     assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    ({"method__name": "split", "method__cut_layer": 1}, "--method split keeps per-client state between messages"),
-    ({"model__task": "causal-lm"}, "loads classification data only"),
-])
-def test_what_a_superlink_cannot_run_yet_is_a_clear_error(tiny_config, overrides, message) -> None:
+@pytest.mark.integration
+@pytest.mark.parametrize("overrides", [
+    {"method__name": "split", "method__cut_layer": 1, "method__split_head": "client", "federation__local_steps": 2},
+    {"method__name": "distill", "method__public_size": 20, "data__max_train_examples": 100},
+], ids=["split-u-shaped", "distill"])
+def test_flower_simulation_runs_the_many_message_protocols_like_the_embedded_runtime(tiny_config, tmp_path,
+                                                                                     overrides) -> None:
+    # Prepare: split exchanges five kinds of message per batch; distillation ships the public texts to the nodes
+    settings = {"train__lr": 3e-3, "federation__local_epochs": 1, "output__save_model": False, **overrides}
+    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
+    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
+    # Execute
+    summaries = [run(embedded), run(simulated)]
+    # Assert: the same rounds, bytes and losses through Flower's messages as in one process
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    assert [r["round"] for r in logs[1]] == [0, 1, 2]
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in logs[1][1:])
+    assert [r["bytes_up"] for r in logs[0]] == [r["bytes_up"] for r in logs[1]]
+    assert [r["train_loss"] for r in logs[0]] == pytest.approx([r["train_loss"] for r in logs[1]], abs=1e-6)
+    assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-6)
+    assert logs[1][-1]["eval_loss"] != logs[1][0]["eval_loss"]
+    assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
+
+
+def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:
+    from fedcustom.methods.distill.protocol import DISTILL
+    from fedcustom.methods.split import protocol as split
+    from fedcustom.runtime.flower.apps import OTHER_KINDS, make_client_app
+
+    sent = {split.BEGIN, split.FORWARD, split.HEAD, split.BACKWARD, split.END, DISTILL}
+    assert set(OTHER_KINDS) == sent
+    registered = set(make_client_app()._registered_funcs)
+    assert {message_type(kind) for kind in sent} | {"train.default", "query.fedcustom_hello"} <= registered
+
+
+def test_what_a_superlink_cannot_run_yet_is_a_clear_error(tiny_config) -> None:
     from fedcustom.errors import FedCustomError
     from fedcustom.runner import build_job
 
-    cfg = tiny_config(federation__runtime="flower", **overrides)
-    with pytest.raises(FedCustomError, match=message):
-        build_job(cfg, runtime=lambda _handler, _labels: None)
-
-
-def test_flower_sim_refuses_split_before_starting_the_simulation(tiny_config, tmp_path) -> None:
-    from fedcustom.errors import FedCustomError
-
-    cfg = tiny_config(federation__runtime="flower-sim", method__name="split", method__cut_layer=1)
-    with pytest.raises(FedCustomError, match="--runtime flower-sim: --method split keeps per-client state"):
-        run(cfg)
-    assert not (tmp_path / "out").exists()  # refused before the ServerApp built anything
+    cfg = tiny_config(federation__runtime="flower", model__task="causal-lm")
+    with pytest.raises(FedCustomError, match="loads classification data only"):
+        build_job(cfg, runtime=lambda _handler, _setup: None)

@@ -3,10 +3,15 @@ payloads that travelled, client halves are FedAvg-merged, and a bad client is dr
 
 from __future__ import annotations
 
+import copy
+import json
 import math
 
 import datasets
+import pytest
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -14,8 +19,7 @@ from conftest import toy_rows
 from fedcustom.codecs import get_codec
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.methods.split import cut_model
-from fedcustom.methods.split.protocol import SplitClient, SplitServer
-from fedcustom.methods.split.protocol import END, FORWARD
+from fedcustom.methods.split.protocol import BACKWARD, END, FORWARD, SplitClient, SplitServer, client_half_state
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
 from fedcustom.strategies.fedavg import FedAvg, weighted_average
 from fedcustom.training import LocalSchedule, evaluate
@@ -106,3 +110,60 @@ def test_client_and_server_flops_add_up_to_the_whole_models_training_flops(tiny_
     assert result.batches == {0: 1}
     assert result.client_flops[0] > 0 and result.server_flops[0] > 0
     assert result.client_flops[0] + result.server_flops[0] == whole.get_total_flops()
+
+
+class Restarting:
+    """A new SplitClient on a new copy of the model for every message, given only the state the previous one
+    saved, through safetensors and JSON: what a SuperNode does, where each message runs in a new process."""
+
+    def __init__(self, make_client) -> None:
+        self.make_client, self.saved, self.recomputed = make_client, None, 0
+
+    def __call__(self, node: int, message: Message) -> Reply:
+        client = self.make_client()
+        if self.saved:
+            client.load_state_dict(st_load(self.saved[0]), json.loads(self.saved[1]))
+        pending = any(s.pending is not None for s in client.sessions.values())
+        reply = client(node, message)
+        self.recomputed += message.kind == BACKWARD and pending
+        tensors, meta = client.state_dict()
+        self.saved = st_save({k: v.contiguous() for k, v in tensors.items()}), json.dumps(meta)
+        return reply
+
+
+@pytest.mark.parametrize("head_on_client", [False, True], ids=["head-on-server", "u-shaped"])
+def test_a_client_rebuilt_for_every_message_trains_exactly_like_one_kept_in_memory(tiny_bert: str,
+                                                                                  head_on_client: bool) -> None:
+    # Prepare: one starting model (with dropout on) and the same rows for both runs
+    torch.manual_seed(0)
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    assert start.config.hidden_dropout_prob > 0
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    rows = toy_rows(60).rename(columns={"sentence": "text"})
+    table = tokenize(datasets.Dataset.from_pandas(rows), tokenizer, 16)
+    tables, codec, schedule = {0: table.select(range(0, 20)), 1: table.select(range(20, 50))}, get_codec("raw"), \
+        LocalSchedule(lr=3e-3, batch_size=BATCH)
+
+    def cut(model):
+        return cut_model(model, 1, head_on_client=head_on_client)
+
+    def train(runtime_handler, split) -> SplitServer:
+        torch.manual_seed(1)  # the server half's dropout draws from the process RNG
+        server = SplitServer(EmbeddedRuntime(runtime_handler, 2), split, FedAvg(), codec, schedule, seed=0)
+        for rnd in (1, 2):
+            assert server.run_round(rnd, [0, 1]).rejected == {}
+        return server
+
+    kept_split = cut(copy.deepcopy(start))
+    restarting = Restarting(lambda: SplitClient(cut(copy.deepcopy(start)), tokenizer, codec, tables))
+    # Execute: the client shares the server's model in memory / a new client per message
+    kept = train(SplitClient(kept_split, tokenizer, codec, tables), kept_split)
+    rebuilt = train(restarting, cut(copy.deepcopy(start)))
+    # Assert: every backward ran in a new client that had to recompute its forward, with the same result
+    assert restarting.recomputed == 2 * (math.ceil(20 / BATCH) + math.ceil(30 / BATCH))
+    for kept_half, rebuilt_half in [(kept.global_client_half, rebuilt.global_client_half),
+                                    (kept.global_server_half, rebuilt.global_server_half)]:
+        assert kept_half.keys() == rebuilt_half.keys()
+        for name, value in kept_half.items():
+            torch.testing.assert_close(rebuilt_half[name], value, rtol=0, atol=1e-6)
+    assert any(not torch.equal(kept.global_client_half[k], v) for k, v in client_half_state(cut(start)).items())

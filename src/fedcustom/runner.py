@@ -36,7 +36,7 @@ from fedcustom.models import load_model, load_tokenizer
 from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, mean, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
-from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime, SimulatedFaults
+from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
 from fedcustom.server import FederatedServer, RoundDriver, RoundResult
 from fedcustom.trust import check_trust_support, client_tables, clients_per_round, safeguards_for, trust_summary
 from fedcustom.strategies import Strategy, get_strategy
@@ -207,7 +207,7 @@ def codecs_for(cfg: RunConfig, method: Method) -> tuple[Codec, Codec]:
     return get_codec(up, "codec.up (--codec)"), get_codec(down, "codec.down (--codec-down)")
 
 
-RuntimeFactory = Callable[[Handler, list[str]], Runtime]  # (the in-process client handler, label names) -> runtime
+RuntimeFactory = Callable[[Handler, ClientSetup], Runtime]  # (the in-process client handler, what clients must know)
 
 
 def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
@@ -222,9 +222,6 @@ def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
 def check_runtime_support(cfg: RunConfig) -> None:
     """A clear error, before any Flower process starts, for what the Flower runtimes cannot run yet."""
     runtime, method = cfg.federation.runtime, get_method(cfg.method.name)
-    if runtime != "embedded" and method.protocol != "parameter_sharing":
-        raise FedCustomError(f"--runtime {runtime}: --method {method.name} keeps per-client state between messages, "
-                             f"which Flower runtimes do not carry yet; use --runtime embedded")
     if runtime != "embedded" and cfg.model.task != "classification":
         raise FedCustomError(f"--runtime {runtime} with --task {cfg.model.task}: the ClientApp loads classification "
                              f"data only for now; use --runtime embedded")
@@ -256,18 +253,20 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
         return evaluate_model()
 
     tables, adversary = client_tables(cfg, data)
+    setup = ClientSetup(data.label_names, data.public)
     client = None
     if method.protocol == "split":
-        server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables, evaluate_model)
+        server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables, evaluate_model,
+                                    lambda handler: runtime(handler, setup))
     elif method.protocol == "distill":
         from fedcustom.methods.distill.federated import build_distill_server
 
         server = build_distill_server(cfg, model, tokenizer, data, codec, schedule, clients_per_round(cfg),
-                                      evaluate_model)
+                                      evaluate_model, lambda handler: runtime(handler, setup))
     else:
         client = TrainingClient(model, tokenizer, codec, tables, codec_down, adversary)
         server = FederatedServer(
-            runtime(client, data.label_names), strategy, codec, initial, evaluate_state, schedule,
+            runtime(client, setup), strategy, codec, initial, evaluate_state, schedule,
             clients_per_round(cfg), cfg.train.seed, codec_down, cfg.federation.min_available, safeguards_for(cfg),
         )
     return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model, client)
@@ -300,15 +299,17 @@ def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokeni
 
 def build_split_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, codec: Codec, strategy: Strategy,
                        schedule: LocalSchedule, tables: dict[int, datasets.Dataset],
-                       evaluate_global: Callable[[], dict[str, float]]) -> RoundDriver:
-    """SplitFed (methods/split): per-batch exchanges through the same embedded runtime."""
+                       evaluate_global: Callable[[], dict[str, float]],
+                       runtime: Callable[[Handler], Runtime] | None = None) -> RoundDriver:
+    """SplitFed (methods/split): per-batch exchanges through the run's runtime (default: embedded)."""
     from fedcustom.methods.split import cut_model
     from fedcustom.methods.split.federated import SplitFederatedServer
     from fedcustom.methods.split.protocol import SplitClient, SplitServer
 
     split = cut_model(model, cfg.method.cut_layer, head_on_client=cfg.method.split_head == "client")
-    runtime = EmbeddedRuntime(SplitClient(split, tokenizer, codec, tables), cfg.federation.clients)
-    inner = SplitServer(runtime, split, strategy, codec, schedule, cfg.train.seed)
+    client = SplitClient(split, tokenizer, codec, tables)
+    carrier = runtime(client) if runtime else EmbeddedRuntime(client, cfg.federation.clients)
+    inner = SplitServer(carrier, split, strategy, codec, schedule, cfg.train.seed)
     return SplitFederatedServer(inner, clients_per_round(cfg), cfg.train.seed, evaluate_global)
 
 

@@ -41,6 +41,15 @@ class Reply:
 Handler = Callable[[int, Message], Reply]
 
 
+@dataclass(frozen=True)
+class ClientSetup:
+    """What a client built elsewhere (a Flower node) must be told to build the same side of the job as the
+    server's: the label names in the server's order and, for distillation, the public texts to label."""
+
+    label_names: list[str]
+    public: list[str] | None = None
+
+
 class Runtime(Protocol):
     """Moves messages between the server and clients; knows nothing about methods."""
 

@@ -15,21 +15,21 @@ from fedcustom.errors import ConfigError
 from fedcustom.methods.base import get_method
 from fedcustom.methods.distill.protocol import DistillClient, DistillServer, KDSettings
 from fedcustom.models import load_model, load_tokenizer
-from fedcustom.runtime import EmbeddedRuntime
+from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime
 from fedcustom.training import LocalSchedule
 
 
-def kd_settings(cfg: RunConfig, data: FederatedData) -> KDSettings:
+def kd_settings(cfg: RunConfig, public: list[str] | None, label_names: list[str]) -> KDSettings:
     """The settings both sides share, checked: a public set with rows, a supported broadcast."""
     m = cfg.method
-    if not data.public:
+    if not public:
         raise ConfigError("method.public_size / --public-dataset: the public set has no rows; KD-FedLLM needs texts "
                           "every party can label")
     heterogeneous = m.client_model is not None and m.client_model != cfg.model.name
     if m.broadcast == "adapter" and heterogeneous:
         raise ConfigError(f"method.broadcast = 'adapter' sends the global tensors, which only fit clients running "
                           f"--model; the clients run {m.client_model!r}: use --broadcast logits")
-    return KDSettings(public=data.public, label_names=data.label_names, max_length=cfg.model.max_length,
+    return KDSettings(public=public, label_names=label_names, max_length=cfg.model.max_length,
                       temperature=m.kd_temperature, topk=m.topk, broadcast=m.broadcast, weighting=m.kd_weighting,
                       distill_epochs=m.distill_epochs)
 
@@ -47,12 +47,13 @@ def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Federate
 
 def build_distill_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: FederatedData, codec: Codec,
                          schedule: LocalSchedule, clients_per_round: int,
-                         evaluate_global: Callable[[], dict[str, float]]) -> DistillServer:
-    """KD-FedLLM over the embedded runtime."""
-    settings = kd_settings(cfg, data)
+                         evaluate_global: Callable[[], dict[str, float]],
+                         runtime: Callable[[Handler], Runtime] | None = None) -> DistillServer:
+    """KD-FedLLM over the run's runtime (default: embedded)."""
+    settings = kd_settings(cfg, data.public, data.label_names)
     client_model, client_tokenizer, client_data = client_side(cfg, model, tokenizer, data)
     tables = {i: client_data.client_table(i) for i in range(cfg.federation.clients)}
-    runtime = EmbeddedRuntime(DistillClient(client_model, client_tokenizer, codec, tables, settings),
-                              cfg.federation.clients)
-    return DistillServer(runtime, model, tokenizer, codec, settings, schedule, clients_per_round, cfg.train.seed,
+    client = DistillClient(client_model, client_tokenizer, codec, tables, settings)
+    carrier = runtime(client) if runtime else EmbeddedRuntime(client, cfg.federation.clients)
+    return DistillServer(carrier, model, tokenizer, codec, settings, schedule, clients_per_round, cfg.train.seed,
                          evaluate_global)

@@ -69,6 +69,16 @@ class DistillClient:
         self.initial = trainable_state(model)
         self.local_states: dict[int, State] = {}
 
+    def state_dict(self) -> tuple[State, dict]:
+        """Each node's own model state, kept between rounds (a Flower node keeps it in its context)."""
+        tensors = {f"{node}/{name}": value for node, state in self.local_states.items() for name, value in state.items()}
+        return tensors, {"nodes": sorted(self.local_states)}
+
+    def load_state_dict(self, tensors: State, meta: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.local_states = {int(node): {name.split("/", 1)[1]: value for name, value in tensors.items()
+                                         if name.split("/", 1)[0] == str(node)} for node in meta["nodes"]}
+
     def __call__(self, node_id: int, message: Message) -> Reply:
         if message.kind != DISTILL:
             return Reply(error=f"unknown message kind {message.kind!r}; this client handles {DISTILL!r}")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import datasets
@@ -59,19 +60,31 @@ def _copy_into(params: dict[str, torch.nn.Parameter], state: State) -> None:
 
 @dataclass
 class _Session:
-    """One client's in-flight round: its optimizer, remaining batches and the graph awaiting a gradient."""
+    """One client's in-flight round: its optimizer, remaining batches and the batch awaiting a gradient."""
 
     optimizer: torch.optim.Optimizer
     batches: Iterator[dict]
     num_examples: int
-    activations: torch.Tensor | None = None
-    labels: torch.Tensor | None = None  # U-shaped: the pending batch's labels, kept on the client
-    mask: torch.Tensor | None = None  # U-shaped: its attention mask (a decoder's head reads the last real token)
+    config: dict  # the begin message's schedule and seed, to rebuild the batches after a restart
+    position: int = 0  # batches drawn so far
+    rng: torch.Tensor | None = None  # this client's own CPU RNG state (dropout), apart from the server's
+    pending: dict[str, torch.Tensor] | None = None  # the batch whose gradient has not come back yet
+    rng_before: torch.Tensor | None = None  # this client's RNG state before the pending batch's forward
+    activations: torch.Tensor | None = None  # its client-half output, with the graph to back-propagate through
     flops: int = 0  # client-half forward + backward FLOPs so far this round
 
 
 class SplitClient:
-    """Handles the four split message kinds for any node id, using that node's own rows."""
+    """Handles the split message kinds for any node id, using that node's own rows.
+
+    Between messages a client holds a session (optimizer, position in its batches, the pending batch). On a
+    Flower SuperNode every message may run in a new process: :meth:`state_dict` and :meth:`load_state_dict`
+    carry the session across, and a client that lost the pending batch's autograd graph recomputes the
+    forward from the saved batch and RNG state (same dropout masks, so the same gradient) before back-propagating.
+
+    Each session draws dropout masks from its own RNG stream, seeded at ``split_begin``, not from the process's
+    global one, which the server half shares in the embedded runtime: the client computes the same in one
+    process or in many, so the runtimes agree. (CPU RNG; on a GPU, dropout draws from CUDA's generator.)"""
 
     def __init__(self, split: SplitModel, tokenizer: PreTrainedTokenizerBase, codec: Codec,
                  client_tables: dict[int, datasets.Dataset]) -> None:
@@ -89,33 +102,55 @@ class SplitClient:
             return Reply(error=f"{message.kind} before {BEGIN} for client {node_id}")
         return handlers[message.kind](node_id, message)
 
-    def begin(self, node_id: int, message: Message) -> Reply:
-        params = self.split.client_parameters()
-        _copy_into(params, self.codec.decode(message.payload))
-        schedule = schedule_from_config(message.config)
-        seed = derive_seed(int(message.config["seed"]), message.round, node_id)
+    def _open(self, node_id: int, config: dict, rnd: int) -> _Session:
+        """A fresh session for ``node_id``: optimizer over the client half, batches from the start."""
+        schedule = schedule_from_config(config)
+        seed = derive_seed(int(config["seed"]), rnd, node_id)
         table = self.client_tables[node_id]
         self.split.model.train()
-        self.sessions[node_id] = _Session(
-            optimizer=torch.optim.AdamW(params.values(), lr=schedule.lr, weight_decay=schedule.weight_decay),
+        session = _Session(
+            optimizer=torch.optim.AdamW(self.split.client_parameters().values(), lr=schedule.lr,
+                                        weight_decay=schedule.weight_decay),
             batches=local_batches(table, self.tokenizer, schedule, seed), num_examples=len(table),
+            config={**config, "round": rnd}, rng=torch.Generator().manual_seed(seed).get_state(),
         )
-        torch.manual_seed(seed)
-        return Reply(num_examples=len(table))
+        self.sessions[node_id] = session
+        return session
+
+    def begin(self, node_id: int, message: Message) -> Reply:
+        _copy_into(self.split.client_parameters(), self.codec.decode(message.payload))
+        session = self._open(node_id, dict(message.config), message.round)
+        return Reply(num_examples=session.num_examples)
+
+    @staticmethod
+    @contextmanager
+    def _own_rng(session: _Session, state: torch.Tensor | None = None) -> Iterator[None]:
+        """Run with the session's RNG (or ``state``, left unchanged), the process's RNG untouched."""
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(session.rng if state is None else state)
+            yield
+            if state is None:
+                session.rng = torch.get_rng_state()
+
+    def _client_forward(self, session: _Session, rng: torch.Tensor | None = None) -> torch.Tensor:
+        """The client half on the pending batch, FLOPs counted; (batch, seq, hidden)."""
+        batch = session.pending
+        with self._own_rng(session, rng), FlopCounterMode(display=False) as counter:
+            activations = self.split.client_forward(batch["input_ids"], batch["attention_mask"],
+                                                    batch.get("token_type_ids"))
+        session.flops += counter.get_total_flops()
+        return activations
 
     def forward(self, node_id: int, message: Message) -> Reply:
         session = self.sessions[node_id]
         batch = next(session.batches, None)
         if batch is None:
             return Reply(metrics={"done": 1.0})
-        with FlopCounterMode(display=False) as counter:
-            session.activations = self.split.client_forward(
-                batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))  # (batch, seq, hidden)
-        session.flops += counter.get_total_flops()
+        session.position += 1
+        session.pending, session.rng_before = batch, session.rng.clone()
+        session.activations = self._client_forward(session)
         wire = {"activations": session.activations.detach(), "attention_mask": batch["attention_mask"]}
-        if self.split.head_on_client:
-            session.labels, session.mask = batch["labels"], batch["attention_mask"]  # U-shaped: labels stay here
-        else:
+        if not self.split.head_on_client:  # U-shaped, the labels stay here
             wire["labels"] = batch["labels"]
         return Reply(payload=self.codec.encode(wire), num_examples=len(batch["labels"]), metrics={"done": 0.0})
 
@@ -123,16 +158,18 @@ class SplitClient:
         """U-shaped: the loss on the server's last hidden states, and its gradient for the server."""
         session = self.sessions[node_id]
         hidden = self.codec.decode(message.payload)["hidden"]  # (batch, seq, hidden)
-        if session.labels is None or len(hidden) != len(session.labels):
+        if session.pending is None or len(hidden) != len(session.pending["labels"]):
             return Reply(error=f"hidden states for {len(hidden)} rows do not match the pending batch")
-        with FlopCounterMode(display=False) as counter:
-            loss, grad = self.split.head_step(hidden, session.mask, session.labels)
+        with self._own_rng(session), FlopCounterMode(display=False) as counter:
+            loss, grad = self.split.head_step(hidden, session.pending["attention_mask"], session.pending["labels"])
         session.flops += counter.get_total_flops()
         return Reply(payload=self.codec.encode({"grad": grad}), metrics={"loss": float(loss)})
 
     def backward(self, node_id: int, message: Message) -> Reply:
         session = self.sessions[node_id]
         grad = self.codec.decode(message.payload)["grad"]
+        if session.activations is None and session.pending is not None:  # restarted since the forward
+            session.activations = self._client_forward(session, rng=session.rng_before)
         if session.activations is None or grad.shape != session.activations.shape:
             return Reply(error=f"gradient of shape {tuple(grad.shape)} does not match the pending activations")
         with FlopCounterMode(display=False) as counter:
@@ -140,13 +177,63 @@ class SplitClient:
         session.flops += counter.get_total_flops()
         session.optimizer.step()
         session.optimizer.zero_grad(set_to_none=True)
-        session.activations = None
+        session.activations = session.pending = session.rng_before = None
         return Reply()
 
     def end(self, node_id: int, message: Message) -> Reply:
         session = self.sessions.pop(node_id)
         return Reply(payload=self.codec.encode(client_half_state(self.split)), num_examples=session.num_examples,
                      metrics={"flops": float(session.flops)})
+
+    def state_dict(self) -> tuple[State, dict]:
+        """The sessions in flight: client-half weights and gradients, optimizer moments, the pending batch, RNG."""
+        tensors: State = {}
+        meta: dict = {"sessions": {}}
+        for node, session in self.sessions.items():
+            for name, param in self.split.client_parameters().items():
+                tensors[f"{node}/param/{name}"] = param.detach().clone()
+                if param.grad is not None:  # U-shaped: the head's gradient waits for the backward's step
+                    tensors[f"{node}/grad/{name}"] = param.grad.clone()
+            for index, moments in session.optimizer.state_dict()["state"].items():
+                tensors.update({f"{node}/opt/{index}/{key}": torch.as_tensor(value).clone()
+                                for key, value in moments.items()})
+            tensors[f"{node}/rng"] = session.rng
+            if session.pending is not None:
+                tensors.update({f"{node}/batch/{key}": value for key, value in session.pending.items()})
+                tensors[f"{node}/rng_before"] = session.rng_before
+            meta["sessions"][str(node)] = {"config": session.config, "position": session.position,
+                                           "flops": session.flops}
+        return tensors, meta
+
+    def load_state_dict(self, tensors: State, meta: dict) -> None:
+        """Inverse of :meth:`state_dict`: reopen each session where it was."""
+        self.sessions = {}
+        for node_key, saved in meta["sessions"].items():
+            node, config = int(node_key), dict(saved["config"])
+            params = self.split.client_parameters()
+            _copy_into(params, {name: tensors[f"{node}/param/{name}"] for name in params})
+            for name, param in params.items():
+                grad = tensors.get(f"{node}/grad/{name}")
+                param.grad = None if grad is None else grad.clone()
+            session = self._open(node, config, int(config.pop("round")))
+            optimizer = session.optimizer.state_dict()
+            optimizer["state"] = _moments(tensors, f"{node}/opt/")
+            session.optimizer.load_state_dict(optimizer)
+            for _ in range(saved["position"]):
+                next(session.batches)
+            session.position, session.flops, session.rng = saved["position"], saved["flops"], tensors[f"{node}/rng"]
+            batch = {key.rsplit("/", 1)[1]: value for key, value in tensors.items() if key.startswith(f"{node}/batch/")}
+            session.pending, session.rng_before = (batch, tensors[f"{node}/rng_before"]) if batch else (None, None)
+
+
+def _moments(tensors: State, prefix: str) -> dict[int, State]:
+    """Optimizer state per parameter index from ``{prefix}{index}/{key}`` entries."""
+    state: dict[int, State] = {}
+    for key, value in tensors.items():
+        if key.startswith(prefix):
+            index, name = key[len(prefix):].split("/", 1)
+            state.setdefault(int(index), {})[name] = value.clone()
+    return state
 
 
 @dataclass

@@ -1,0 +1,134 @@
+"""One data owner's side of a Flower run: the client handler a SuperNode builds from the run's config and its
+own data, and the state it keeps in Flower's ``context.state`` between messages.
+
+A deployed SuperNode runs every message in a new ClientApp process; a simulated one (Ray actor) keeps the
+process. The handler is built once per process and cached; whatever it must remember across messages
+(codec link references, DP-SGD accountants, a split session, a distillation client's own model) travels
+through ``context.state``, which Flower keeps for the node across the run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from fedcustom.config import RunConfig
+from fedcustom.errors import FedCustomError
+from fedcustom.runtime.flower.records import bytes_record, record_bytes
+from fedcustom.runtime.messages import ClientSetup, Handler
+
+log = logging.getLogger(__name__)
+
+STATE_TENSORS, STATE_META = "fedcustom.client-tensors", "fedcustom.client-meta"  # keys in context.state
+
+
+@dataclass
+class NodeClient:
+    handler: Handler
+    partition: int
+    fresh: bool = True  # built in this process and not yet given the state the run kept for this node
+
+
+_CLIENTS: dict[tuple[int, int], NodeClient] = {}  # (run id, partition) -> handler: built once per process
+
+
+def restore_client_state(node: NodeClient, context: Context) -> None:
+    """Give a freshly built client what this node kept from earlier messages of the run."""
+    if not node.fresh:
+        return
+    node.fresh = False
+    if STATE_META in context.state and hasattr(node.handler, "load_state_dict"):
+        tensors = st_load(record_bytes(context.state[STATE_TENSORS]))
+        node.handler.load_state_dict(tensors, json.loads(str(context.state[STATE_META]["meta"])))
+
+
+def keep_client_state(node: NodeClient, context: Context) -> None:
+    """Store the client's state in ``context.state`` for the next message of this run."""
+    if hasattr(node.handler, "state_dict"):
+        tensors, meta = node.handler.state_dict()
+        context.state[STATE_TENSORS] = bytes_record(st_save({k: v.contiguous() for k, v in tensors.items()}))
+        context.state[STATE_META] = ConfigRecord({"meta": json.dumps(meta)})
+
+
+def partition_of(context: Context) -> int:
+    """This SuperNode's client id, from its node config."""
+    value = context.node_config.get("partition-id")
+    if value is None:
+        raise FedCustomError("this SuperNode's node config has no partition-id; start it with "
+                             "--node-config \"partition-id=0 data-path='/path/to/own/data.csv'\"")
+    return int(value)
+
+
+def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) -> dict[str, Any]:
+    """How many rows this node holds and how its labels are spread (for the server's client table and
+    summary; the rows themselves stay here)."""
+    from fedcustom.data import load_labeled
+    from fedcustom.data.partition import label_histogram
+
+    rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names).dataset
+    return {"examples": len(rows), "label-histogram": json.dumps(label_histogram(rows["label"], len(label_names)))}
+
+
+def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None, tokenizer: Any) -> Any:
+    """This node's tokenized rows: its own file, or (simulation) its partition of the run's dataset."""
+    from fedcustom.data import load_labeled, prepare_data
+    from fedcustom.data.features import tokenize
+
+    if data_path:
+        rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, setup.label_names).dataset
+        return tokenize(rows, tokenizer, cfg.model.max_length)
+    data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length)
+    if data.label_names != setup.label_names:
+        raise FedCustomError(f"the server's labels {setup.label_names} differ from this node's {data.label_names}")
+    return data.client_table(partition)
+
+
+def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None) -> NodeClient:
+    """The handler one data owner runs: the run's model and method (for distillation, the clients' model),
+    trained on this node's own rows."""
+    from fedcustom.methods import get_method
+    from fedcustom.models import load_model, load_tokenizer
+    from fedcustom.runner import codecs_for
+
+    method = get_method(cfg.method.name)
+    codec, codec_down = codecs_for(cfg, method)
+    model_name = (cfg.method.client_model or cfg.model.name) if method.protocol == "distill" else cfg.model.name
+    tokenizer = load_tokenizer(model_name)
+    table = _own_table(cfg, setup, partition, data_path, tokenizer)
+    backbone = load_model(model_name, cfg.model.task, setup.label_names, tokenizer, cfg.train.seed)
+    model = method.build(backbone, cfg.method, cfg.model.task)
+    log.info("partition %d: %d local rows from %s", partition, len(table), data_path or "the run's dataset")
+    tables = {partition: table}
+    if method.protocol == "split":
+        from fedcustom.methods.split import cut_model
+        from fedcustom.methods.split.protocol import SplitClient
+
+        split = cut_model(model, cfg.method.cut_layer, head_on_client=cfg.method.split_head == "client")
+        return NodeClient(SplitClient(split, tokenizer, codec, tables), partition)
+    if method.protocol == "distill":
+        from fedcustom.methods.distill.federated import kd_settings
+        from fedcustom.methods.distill.protocol import DistillClient
+
+        settings = kd_settings(cfg, setup.public, setup.label_names)
+        return NodeClient(DistillClient(model, tokenizer, codec, tables, settings), partition)
+    from fedcustom.client import TrainingClient
+
+    return NodeClient(TrainingClient(model, tokenizer, codec, tables, codec_down), partition)
+
+
+def node_client(context: Context, cfg: RunConfig, setup: ClientSetup) -> NodeClient:
+    """This node's handler, built on its first message and kept for the life of the process: a Ray actor
+    in simulation keeps its model loaded; a deployed SuperNode starts a fresh process per message.
+
+    A module-level function on purpose: the ClientApp's nested functions are pickled by value for each
+    simulated message, and a cache they referenced directly would be copied along instead of kept."""
+    key = (context.run_id, partition_of(context))
+    if key not in _CLIENTS:
+        _CLIENTS[key] = build_node_client(cfg, setup, key[1], context.node_config.get("data-path"))
+    return _CLIENTS[key]
