@@ -6,6 +6,7 @@ WordPiece vocabulary written from the toy corpus' own words.
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup would otherwise hang ~45 s before failing
@@ -103,6 +104,45 @@ def tiny_config(tmp_path: Path, tiny_bert: str, toy_csv: str):
             "data": {"dataset": toy_csv, "partition": "iid", "max_eval_examples": 60},
             "method": {"name": "prefix", "num_virtual_tokens": 4},
             "federation": {"clients": 2, "rounds": 2, "local_epochs": 4},
+            "train": {"batch_size": 16, "seed": 0},
+            "output": {"dir": str(tmp_path / "out"), "quiet": True},
+        }
+        return config_with(values, overrides)
+
+    return make
+
+
+def instruction_rows(n: int, seed: int = 0) -> list[dict]:
+    """A learnable mapping: a sentence with a sentiment word -> a fixed two-word answer."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        positive = i % 2 == 0
+        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if positive else NEGATIVE)]
+        rng.shuffle(words)
+        rows.append({"instruction": " ".join(words), "output": "good great" if positive else "bad awful",
+                     "topic": "plot" if i % 3 else "actors"})
+    return rows
+
+
+@pytest.fixture(scope="session")
+def toy_jsonl(tmp_path_factory: pytest.TempPathFactory) -> str:
+    path = tmp_path_factory.mktemp("instructions") / "toy.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in instruction_rows(160)))
+    return str(path)
+
+
+@pytest.fixture
+def causal_config(tmp_path: Path, tiny_llama: str, toy_jsonl: str):
+    """Factory for a small instruction-tuning RunConfig on tiny LLaMA; overrides as in ``tiny_config``."""
+
+    def make(**overrides):
+        values = {
+            "model": {"name": tiny_llama, "task": "causal-lm", "max_length": 16},
+            "data": {"dataset": toy_jsonl, "partition": "iid", "max_eval_examples": 16},
+            "method": {"name": "lora", "num_virtual_tokens": 4},
+            "federation": {"clients": 2, "rounds": 3, "local_epochs": 2},
+            "generation": {"chat_template": False, "max_new_tokens": 3, "eval_generations": 4, "samples": 2},
             "train": {"batch_size": 16, "seed": 0},
             "output": {"dir": str(tmp_path / "out"), "quiet": True},
         }

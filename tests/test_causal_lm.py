@@ -4,7 +4,6 @@ parameter-sharing method learns, the adapter generates, and bad input gets clear
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -20,47 +19,9 @@ from fedcustom.generation import generate
 from fedcustom.models import load_tokenizer
 from fedcustom.runner import build_job, execute
 
-from conftest import FILLER, NEGATIVE, POSITIVE, config_with
 
 # Learning rates that move the tiny random LLaMA within 3 rounds.
 CAUSAL_LR = {"full": 3e-3, "lora": 1e-2, "prompt": 3e-2, "prefix": 3e-2}
-
-
-def instruction_rows(n: int, seed: int = 0) -> list[dict]:
-    """A learnable mapping: a sentence with a sentiment word -> a fixed two-word answer."""
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        positive = i % 2 == 0
-        words = rng.sample(FILLER, 3) + [rng.choice(POSITIVE if positive else NEGATIVE)]
-        rng.shuffle(words)
-        rows.append({"instruction": " ".join(words), "output": "good great" if positive else "bad awful",
-                     "topic": "plot" if i % 3 else "actors"})
-    return rows
-
-
-@pytest.fixture(scope="session")
-def toy_jsonl(tmp_path_factory: pytest.TempPathFactory) -> str:
-    path = tmp_path_factory.mktemp("instructions") / "toy.jsonl"
-    path.write_text("".join(json.dumps(row) + "\n" for row in instruction_rows(160)))
-    return str(path)
-
-
-@pytest.fixture
-def causal_config(tmp_path: Path, tiny_llama: str, toy_jsonl: str):
-    def make(**overrides):
-        values = {
-            "model": {"name": tiny_llama, "task": "causal-lm", "max_length": 16},
-            "data": {"dataset": toy_jsonl, "partition": "iid", "max_eval_examples": 16},
-            "method": {"name": "lora", "num_virtual_tokens": 4},
-            "federation": {"clients": 2, "rounds": 3, "local_epochs": 2},
-            "generation": {"chat_template": False, "max_new_tokens": 3, "eval_generations": 4, "samples": 2},
-            "train": {"batch_size": 16, "seed": 0},
-            "output": {"dir": str(tmp_path / "out"), "quiet": True},
-        }
-        return config_with(values, overrides)
-
-    return make
 
 
 def test_loss_is_masked_to_response_tokens(tiny_llama: str) -> None:

@@ -106,6 +106,22 @@ def test_split_learning_runs_across_supernodes_that_start_a_process_per_message(
     assert (out / "model" / "model.safetensors").is_file()
 
 
+def test_secure_aggregation_on_a_superlink_is_flowers_secaggplus(tmp_path: Path, tiny_bert: str,
+                                                                  toy_csv: str) -> None:
+    """--secagg on a SuperLink: Flower's SecAgg+ workflow on the server and its mod on each node, whose keys and
+    shares live in context.state across the four stages' fresh ClientApp processes."""
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        _start_two_owners(cluster, _node_files(toy_csv, tmp_path))
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--secagg", "--rounds", "1")
+    assert code == 0
+    log = _log(out)
+    assert [r["round"] for r in log] == [0, 1]
+    assert log[1]["clients"] == [0, 1] and log[1]["rejected"] == {} and log[1]["examples_seen"] == 120
+    assert log[1]["eval_loss"] < log[0]["eval_loss"]
+    assert json.loads((out / "summary.json").read_text())["secagg_protocol"] == "flower-secaggplus"
+
+
 def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:
     certs = make_certs(tmp_path / "certs")
     rogue = make_node_keypair(tmp_path / "keys", "rogue")

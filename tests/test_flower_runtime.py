@@ -13,6 +13,7 @@ pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fe
 
 from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 
+from fedcustom.methods import trainable_state  # noqa: E402
 from fedcustom.runner import run  # noqa: E402
 from fedcustom.runtime import Message, Reply  # noqa: E402
 from fedcustom.runtime.flower.records import (  # noqa: E402
@@ -100,10 +101,100 @@ def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:
     assert {message_type(kind) for kind in sent} | {"train.default", "query.fedcustom_hello"} <= registered
 
 
+@pytest.mark.integration
+def test_flower_simulation_instruction_tunes_a_causal_lm_like_the_embedded_runtime(causal_config, tmp_path) -> None:
+    # Prepare
+    settings = {"federation__rounds": 2, "output__save_model": False}
+    embedded = causal_config(**settings, output__dir=str(tmp_path / "embedded"))
+    simulated = causal_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
+    # Execute
+    summaries = [run(embedded), run(simulated)]
+    # Assert: the same losses and perplexities each round
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in logs[1][1:])
+    assert [r["train_loss"] for r in logs[0]] == pytest.approx([r["train_loss"] for r in logs[1]], abs=1e-6)
+    assert summaries[0]["perplexity_per_round"] == pytest.approx(summaries[1]["perplexity_per_round"], rel=1e-6)
+    assert summaries[1]["final_perplexity"] < summaries[1]["initial_perplexity"]
+
+
+def test_a_causal_lm_node_reads_and_describes_its_own_instruction_file(causal_config, tmp_path) -> None:
+    """A deployed node's own rows: chat-templated and response-masked like the server's, a topic the server has
+    never seen is allowed, and the node describes its file by counts only."""
+    from conftest import instruction_rows
+    from fedcustom.data.features import IGNORE_INDEX
+    from fedcustom.runtime import ClientSetup
+    from fedcustom.runtime.flower.node import build_node_client, describe_own_data
+
+    own = tmp_path / "own.jsonl"
+    rows = instruction_rows(12, seed=3) + [{"instruction": "the cast", "output": "good great", "topic": "music"}]
+    own.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    cfg = causal_config()
+    # Execute
+    node = build_node_client(cfg, ClientSetup(["actors", "plot"]), 1, str(own))
+    described = describe_own_data(cfg, ["actors", "plot"], str(own))
+    # Assert
+    table = node.handler.client_tables[1]
+    assert len(table) == 13
+    first = table[0]
+    assert first["labels"][0] == IGNORE_INDEX and first["labels"][-1] != IGNORE_INDEX  # loss on the response only
+    assert described == {"examples": 13, "label-histogram": json.dumps([4, 8])}  # "music" is counted in examples only
+    schedule = {"lr": 1e-2, "batch_size": 4, "epochs": 1, "weight_decay": 0.0, "count_flops": False, "seed": 0}
+    start = node.handler.codec.encode(trainable_state(node.handler.model))
+    reply = node.handler(1, Message("train", 1, start, schedule))
+    assert reply.error is None and reply.num_examples == 13 and reply.metrics["train_loss"] > 0
+
+
 def test_what_a_superlink_cannot_run_yet_is_a_clear_error(tiny_config) -> None:
     from fedcustom.errors import FedCustomError
     from fedcustom.runner import build_job
 
-    cfg = tiny_config(federation__runtime="flower", model__task="causal-lm")
-    with pytest.raises(FedCustomError, match="loads classification data only"):
+    cfg = tiny_config(federation__runtime="flower", privacy__secagg=True)
+    with pytest.raises(FedCustomError, match="--secagg: embedded runtime only"):
         build_job(cfg, runtime=lambda _handler, _setup: None)
+
+
+@pytest.mark.integration
+def test_secagg_on_flower_is_flowers_secaggplus_and_gives_the_fedavg_state(tiny_config, tmp_path, monkeypatch) -> None:
+    import numpy as np
+    from flwr.common import bytes_to_ndarray
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+
+    from fedcustom.runtime.flower import secaggplus
+
+    # Prepare: record every reply the SecAgg+ workflow receives on the server
+    received = []
+    send_and_receive = secaggplus._CountingGrid.send_and_receive
+
+    def recording(self, messages, timeout=None):
+        replies = send_and_receive(self, messages, timeout)
+        received.extend(replies)
+        return replies
+
+    monkeypatch.setattr(secaggplus._CountingGrid, "send_and_receive", recording)
+    settings = {"method__name": "lora", "train__lr": 3e-3, "federation__local_epochs": 1, "federation__clients": 3}
+    plain = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
+    secure = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim",
+                         privacy__secagg=True)
+    # Execute
+    run(plain)
+    run(secure)
+    # Assert: every client counted each round, and round 1's aggregate is plain FedAvg's up to SecAgg+'s quantization
+    # (about 1e-5 here; later rounds drift further, as Adam turns tiny differences in near-zero gradients into
+    # steps of up to the learning rate)
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    assert all(r["clients"] == [0, 1, 2] and r["rejected"] == {} and min(r["bytes_up"].values()) > 0 for r in logs[1][1:])
+    assert logs[1][1]["train_loss"] == pytest.approx(logs[0][1]["train_loss"], abs=1e-9)  # same start, same training
+    assert logs[1][1]["eval_loss"] == pytest.approx(logs[0][1]["eval_loss"], abs=1e-5)
+    assert logs[1][1]["eval_loss"] != logs[0][1]["eval_loss"]  # quantized: it did go through SecAgg+
+    adapters = [load_file(str(tmp_path / d / "adapter" / "adapter_model.safetensors")) for d in ("embedded", "flower-sim")]
+    assert max(float((adapters[1][k] - v).abs().max()) for k, v in adapters[0].items()) < 3 * 3e-3
+    # Assert: the server got masked vectors, never a client's tensors (the mod cleared the FitRes arrays)
+    masked = [r for r in received if Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]]
+    assert len(masked) == 2 * 3
+    assert all(len(record) == 0 for r in masked for record in r.content.array_records.values())
+    ring = np.concatenate([bytes_to_ndarray(b).ravel() for r in masked
+                           for b in r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]])
+    quarters = np.histogram(ring.astype(np.float64) / 2**32, bins=4, range=(0, 1))[0] / len(ring)
+    assert np.allclose(quarters, 0.25, atol=0.03)  # masked values spread over the whole ring, like noise

@@ -145,6 +145,13 @@ class TrainingClient:
         payload = self.codec.encode(state, up)
         return Reply(payload, len(self.client_tables[node_id]), metrics, round=message.round)
 
+    def plain_update(self, node_id: int, message: Message) -> tuple[State, int, dict[str, float]]:
+        """Train as usual and return the update itself (trained minus received tensors), its example count and the
+        metrics, for a secure-aggregation protocol that masks it (Flower's SecAgg+)."""
+        received, state, metrics = self._train(node_id, message)
+        update = {name: state[name].double() - received[name].double() for name in state}
+        return update, len(self.client_tables[node_id]), metrics
+
     def train_masked(self, node_id: int, message: Message) -> Reply:
         """Secure aggregation's third stage: train as usual, upload only the masked update."""
         train_payload, routed = unpack_secure(message.payload)

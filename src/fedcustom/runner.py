@@ -220,12 +220,11 @@ def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
 
 
 def check_runtime_support(cfg: RunConfig) -> None:
-    """A clear error, before any Flower process starts, for what the Flower runtimes cannot run yet."""
-    runtime, method = cfg.federation.runtime, get_method(cfg.method.name)
-    if runtime != "embedded" and cfg.model.task != "classification":
-        raise FedCustomError(f"--runtime {runtime} with --task {cfg.model.task}: the ClientApp loads classification "
-                             f"data only for now; use --runtime embedded")
-    codecs_for(cfg, method)  # its own clear error for chains on methods that send activations or logits
+    """A clear error, before any Flower process starts, for what a run cannot do (trust features that are
+    simulated in this process only; codec chains on methods that send activations or logits)."""
+    method = get_method(cfg.method.name)
+    check_trust_support(cfg, method)
+    codecs_for(cfg, method)
 
 
 def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
@@ -235,7 +234,6 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     ignores the in-process handler it is given."""
     check_runtime_support(cfg)
     method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
-    check_trust_support(cfg, method)
     runtime = runtime or embedded_runtime(cfg)
     codec, codec_down = codecs_for(cfg, method)
     out = prepare_output(cfg.output.dir)

@@ -193,7 +193,8 @@ class FederatedServer:
         tensors (each ClientUpdate's state is empty), and gets the FedAvg state from the masked sum."""
         settings = self.safeguards.secagg
         assert settings is not None
-        secure = SecureRound(self.runtime, rnd, chosen, self.global_state, settings.clip, settings.threshold)
+        protocol = getattr(self.runtime, "secure_round", SecureRound)  # Flower: Flower's SecAgg+
+        secure = protocol(self.runtime, rnd, chosen, self.global_state, settings.clip, settings.threshold)
         outcome = secure.run(lambda nodes: self._broadcast(rnd, nodes, config), on_reply)
         result.bytes_up, result.bytes_down, result.rejected = outcome.bytes_up, outcome.bytes_down, outcome.rejected
         updates = [ClientUpdate(node, {}, reply.num_examples, dict(reply.metrics))

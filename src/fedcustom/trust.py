@@ -35,12 +35,13 @@ def check_trust_support(cfg: RunConfig, method: Method) -> None:
     if asked and method.protocol != "parameter_sharing":
         raise FedCustomError(f"{', '.join(asked)}: apply to the parameter-sharing methods (full, lora, prompt, prefix); "
                              f"--method {method.name} exchanges activations or logits")
-    simulated = [name for name in asked if name in ("--attack", "--client-failure-rate", "--client-latency",
-                                                    "--secagg")]
+    if priv.secagg and fed.runtime != "embedded" and clients_per_round(cfg) < 2:
+        raise FedCustomError(f"--secagg on --runtime {fed.runtime} runs Flower's SecAgg+, which needs at least 2 clients "
+                             f"per round; this run samples {clients_per_round(cfg)}")
+    simulated = [name for name in asked if name in ("--attack", "--client-failure-rate", "--client-latency")]
     if simulated and fed.runtime != "embedded":
-        raise FedCustomError(f"{', '.join(simulated)}: embedded runtime only for now (attacks and faults are simulated "
-                             f"there; on Flower real nodes fail; --secagg keeps key material between messages, which "
-                             f"a SuperNode's per-message ClientApp process does not)")
+        raise FedCustomError(f"{', '.join(simulated)}: embedded runtime only (attacks and faults are simulated there; "
+                             f"on Flower real nodes fail)")
 
 
 def safeguards_for(cfg: RunConfig) -> Safeguards:
@@ -82,6 +83,8 @@ def trust_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:
     """Privacy spent, secure aggregation and simulated attackers, for summary.json."""
     priv, adv = cfg.privacy, cfg.adversary
     out: dict[str, Any] = {"dp": priv.dp, "dp_sgd": priv.dp_sgd, "secagg": priv.secagg}
+    if priv.secagg:  # which implementation masked the updates
+        out["secagg_protocol"] = "flower-secaggplus" if cfg.federation.runtime != "embedded" else "pairwise-masking"
     if priv.dp_sgd:
         out["dp_sgd_epsilon_per_round"] = [r.privacy.get("dp_sgd_epsilon_max") for r in results[1:]]
     if priv.dp != "off":

@@ -17,7 +17,9 @@ import logging
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message as FlowerMessage, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid, ServerApp
 
 from fedcustom.config import RunConfig, build_config
@@ -91,15 +93,35 @@ def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
 
 # ---------------------------------------------------------------------------------------------- client side
 def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None) -> FlowerMessage:
-    """Any of our message kinds: hand it to this node's client, with the state the node kept."""
-    ours = content_to_message(message.content)
+    """Any of our message kinds: hand it to this node's client, with the state the node kept. SecAgg+'s training
+    message (our message inside a legacy FitIns) is answered with the client's update as FitRes parameters, which
+    Flower's mod masks before the reply leaves the node."""
+    secure = "fitins.config" in message.content.config_records
+    if secure:
+        from fedcustom.runtime.flower.secaggplus import fitins_to_message, update_to_fitres
+
+        ours = fitins_to_message(message.content)
+    else:
+        ours = content_to_message(message.content)
     config = dict(ours.config)
     setup = setup_from_config(config)
     node = node_client(context, cfg or config_from_run_config(context.run_config), setup)
     restore_client_state(node, context)
-    reply = node.handler(node.partition, dataclasses.replace(ours, config=config))
+    ours = dataclasses.replace(ours, config=config)
+    if secure:
+        update, num_examples, metrics = node.handler.plain_update(node.partition, ours)
+        content = update_to_fitres(update, num_examples, metrics)
+    else:
+        content = reply_to_content(node.handler(node.partition, ours))
     keep_client_state(node, context)
-    return FlowerMessage(reply_to_content(reply), reply_to=message)
+    return FlowerMessage(content, reply_to=message)
+
+
+def secaggplus_when_asked(message: FlowerMessage, context: Context, call_next: Any) -> FlowerMessage:
+    """Flower's ``secaggplus_mod`` for SecAgg+ messages (``--secagg``); every other message goes straight on."""
+    if RECORD_KEY_CONFIGS in message.content.config_records:
+        return secaggplus_mod(message, context, call_next)
+    return call_next(message, context)
 
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
@@ -116,7 +138,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
                                             str(data_path)))
         return FlowerMessage(RecordDict({"hello": ConfigRecord(answer)}), reply_to=message)
 
-    @app.train()
+    @app.train(mods=[secaggplus_when_asked])
     def train(message: FlowerMessage, context: Context) -> FlowerMessage:
         return handle(message, context, cfg)
 

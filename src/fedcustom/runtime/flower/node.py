@@ -66,13 +66,36 @@ def partition_of(context: Context) -> int:
 
 
 def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) -> dict[str, Any]:
-    """How many rows this node holds and how its labels are spread (for the server's client table and
-    summary; the rows themselves stay here)."""
-    from fedcustom.data import load_labeled
+    """How many rows this node holds and how its labels (causal LM: topics) are spread, for the server's client
+    table and summary; the rows themselves stay here. Topics the server does not know are not in the histogram."""
     from fedcustom.data.partition import label_histogram
+
+    if cfg.model.task == "causal-lm":
+        from fedcustom.data.instructions import load_instructions
+
+        topics = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)["topic"]
+        index = {name: i for i, name in enumerate(label_names)}
+        histogram = [0] * len(label_names)
+        for topic in topics:
+            if (topic or "(no topic)") in index:
+                histogram[index[topic or "(no topic)"]] += 1
+        return {"examples": len(topics), "label-histogram": json.dumps(histogram)}
+    from fedcustom.data import load_labeled
 
     rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names).dataset
     return {"examples": len(rows), "label-histogram": json.dumps(label_histogram(rows["label"], len(label_names)))}
+
+
+def _own_instruction_table(cfg: RunConfig, setup: ClientSetup, data_path: str, tokenizer: Any) -> Any:
+    """A causal-LM node's own instruction rows, chat-templated and tokenized as the server's are."""
+    from fedcustom.data.causal import as_rows, tokenize_rows
+    from fedcustom.data.instructions import load_instructions
+
+    rows = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)
+    topics = list(setup.label_names) + sorted({t or "(no topic)" for t in rows["topic"]} - set(setup.label_names))
+    rows = rows.map(lambda row: {"topic": row["topic"] or "(no topic)"})
+    texts = as_rows(rows, tokenizer, topics, cfg.generation.chat_template)
+    return tokenize_rows(texts, tokenizer, cfg.model.max_length, f"this node's data-path {data_path}")
 
 
 def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None, tokenizer: Any) -> Any:
@@ -80,10 +103,21 @@ def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: st
     from fedcustom.data import load_labeled, prepare_data
     from fedcustom.data.features import tokenize
 
+    causal = cfg.model.task == "causal-lm"
+    if causal:
+        tokenizer.padding_side = "right"  # training batches, as on the server
+    if data_path and causal:
+        return _own_instruction_table(cfg, setup, data_path, tokenizer)
     if data_path:
         rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, setup.label_names).dataset
         return tokenize(rows, tokenizer, cfg.model.max_length)
-    data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length)
+    if causal:
+        from fedcustom.data.causal import prepare_causal_data
+
+        data = prepare_causal_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length,
+                                   cfg.generation.chat_template)
+    else:
+        data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length)
     if data.label_names != setup.label_names:
         raise FedCustomError(f"the server's labels {setup.label_names} differ from this node's {data.label_names}")
     return data.client_table(partition)

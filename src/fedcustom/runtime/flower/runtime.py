@@ -69,6 +69,13 @@ class FlowerRuntime:
         log.info("SuperNodes by partition id: %s", partitions)
         return dict(sorted(partitions.items()))
 
+    @property
+    def secure_round(self) -> type:
+        """How a --secagg round runs here: Flower's SecAgg+ (the server drives it via FederatedServer)."""
+        from fedcustom.runtime.flower.secaggplus import SecAggPlusRound  # torch loads with the job, not the app
+
+        return SecAggPlusRound
+
     def nodes(self) -> list[int]:
         """Partitions whose SuperNode the SuperLink still lists (a dead node drops out after its heartbeats
         lapse, about a minute; until then its messages time out and it is left out of the round)."""
