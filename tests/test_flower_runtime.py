@@ -145,13 +145,19 @@ def test_a_causal_lm_node_reads_and_describes_its_own_instruction_file(causal_co
     assert reply.error is None and reply.num_examples == 13 and reply.metrics["train_loss"] > 0
 
 
-def test_what_a_superlink_cannot_run_yet_is_a_clear_error(tiny_config) -> None:
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"adversary__attack": "sign-flip", "adversary__fraction": 0.5}, "--attack: embedded runtime only"),
+    ({"federation__client_failure_rate": 0.2}, "--client-failure-rate: embedded runtime only"),
+    ({"privacy__secagg": True, "federation__clients_per_round": 1}, "SecAgg\\+, which needs at least 2 clients"),
+])
+def test_what_only_the_embedded_runtime_can_do_is_a_clear_error_on_flower(tiny_config, tmp_path, overrides,
+                                                                        message) -> None:
     from fedcustom.errors import FedCustomError
-    from fedcustom.runner import build_job
 
-    cfg = tiny_config(federation__runtime="flower", privacy__secagg=True)
-    with pytest.raises(FedCustomError, match="--secagg: embedded runtime only"):
-        build_job(cfg, runtime=lambda _handler, _setup: None)
+    cfg = tiny_config(federation__runtime="flower-sim", **overrides)
+    with pytest.raises(FedCustomError, match=message):
+        run(cfg)
+    assert not (tmp_path / "out").exists()  # refused before the simulation started
 
 
 @pytest.mark.integration
