@@ -21,7 +21,7 @@ from fedcustom.runner import build_job, execute
 
 
 # Learning rates that move the tiny random LLaMA within 3 rounds.
-CAUSAL_LR = {"full": 3e-3, "lora": 1e-2, "prompt": 3e-2, "prefix": 3e-2}
+CAUSAL_LR = {"full": 3e-3, "lora": 1e-2, "prompt": 3e-2, "prefix": 3e-2, "split": 3e-3}
 
 
 def test_loss_is_masked_to_response_tokens(tiny_llama: str) -> None:
@@ -42,10 +42,16 @@ def test_loss_is_masked_to_response_tokens(tiny_llama: str) -> None:
         assert all(label == IGNORE_INDEX for label in labels[length:])
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "prompt", "prefix"])
-def test_each_method_learns_the_instructions(causal_config, method: str) -> None:
+SPLIT = {"method__cut_layer": 1}
+METHODS = {"full": {}, "lora": {}, "prompt": {}, "prefix": {}, "split": SPLIT,
+           "split-u-shaped": {**SPLIT, "method__split_head": "client"}}
+
+
+@pytest.mark.parametrize("variant", list(METHODS))
+def test_each_method_learns_the_instructions(causal_config, variant: str) -> None:
     # Prepare
-    cfg = causal_config(method__name=method, train__lr=CAUSAL_LR[method])
+    method = variant.split("-")[0]
+    cfg = causal_config(method__name=method, train__lr=CAUSAL_LR[method], **METHODS[variant])
     # Execute
     job = build_job(cfg)
     summary = execute(job)
@@ -85,8 +91,8 @@ def test_causal_lm_errors_are_clear(causal_config, tmp_path: Path) -> None:
         build_job(causal_config(model__max_length=3))
     with pytest.raises(FedCustomError, match="chat template"):
         build_job(causal_config(generation__chat_template=True))
-    with pytest.raises(ConfigError, match="generative split"):
-        causal_config(method__name="split")
+    with pytest.raises(ConfigError, match="generative distillation is not built yet"):
+        causal_config(method__name="distill")
     with pytest.raises(ConfigError, match="column partitions need --task causal-lm"):
         causal_config(model__task="classification", data__partition="column:topic")
     bad = tmp_path / "bad.jsonl"

@@ -7,7 +7,9 @@ import inspect
 
 import pytest
 import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    AutoModelForSequenceClassification, AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,
+)
 
 from fedcustom.errors import ConfigError
 from fedcustom.methods.split import cut_model
@@ -74,10 +76,56 @@ def test_cut_outside_the_model_is_a_clear_error(tiny_bert: str, cut: int) -> Non
 
 
 def test_unsupported_architecture_is_a_clear_error() -> None:
-    config = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2)
-    with pytest.raises(ConfigError, match="BERT-family encoder classifiers.*LlamaForCausalLM"):
-        cut_model(LlamaForCausalLM(config), 1)
+    config = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2)
+    with pytest.raises(ConfigError, match="BERT-family encoder classifiers.*GPT2LMHeadModel"):
+        cut_model(GPT2LMHeadModel(config), 1)
+
+
+def _causal_lm(tie: bool = False) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("head_on_client", [False, True], ids=["head-on-server", "u-shaped"])
+def test_a_causal_lm_split_computes_the_unsplit_next_token_loss_and_gradients(head_on_client: bool) -> None:
+    # Prepare: two rows, the second padded; labels only on the "response" (-100 on prompt and padding)
+    model = _causal_lm()
+    ids = torch.tensor([[5, 6, 7, 8, 9], [5, 11, 12, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8, 9], [-100, 11, 12, -100, -100]])
+    whole = model(input_ids=ids, attention_mask=mask, labels=labels)
+    whole.loss.backward()
+    expected = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    split = cut_model(model, 1, head_on_client=head_on_client)
+    # Execute: the client's forward, the server's layers (and head), the client's backward
+    activations = split.client_forward(ids, mask)
+    if head_on_client:
+        received = activations.detach().requires_grad_(True)
+        top = split.middle_forward(received, mask)
+        loss, grad_top = split.head_step(top.detach(), mask, labels)
+        top.backward(grad_top)
+        grad_at_cut = received.grad
+    else:
+        step = split.server_step(activations, mask, labels)
+        loss, grad_at_cut = step.loss, step.grad_at_cut
+    activations.backward(grad_at_cut)
+    # Assert: the same loss and every weight's gradient as the unsplit model's
+    torch.testing.assert_close(loss, whole.loss.detach())
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-6, rtol=1e-5)
+    head = set(split.client_parameters() if head_on_client else split.server_parameters())
+    assert "lm_head.weight" in head and "model.norm.weight" in head
+
+
+def test_a_tied_lm_head_must_stay_with_the_embeddings_on_the_client() -> None:
+    with pytest.raises(ConfigError, match="ties its LM head to its input embeddings.*--split-head client"):
+        cut_model(_causal_lm(tie=True), 1)
+    split = cut_model(_causal_lm(tie=True), 1, head_on_client=True)
+    assert "model.embed_tokens.weight" in split.client_parameters() and not any(
+        "embed" in name or "lm_head" in name for name in split.server_parameters())
 
 
 def test_split_forward_equals_unsplit_forward_with_lora_on_the_client_half(tiny_bert: str) -> None:

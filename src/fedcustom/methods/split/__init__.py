@@ -6,8 +6,9 @@ gives those rounds the server interface the runner drives. The client half train
 only LoRA adapters on its layers (``method.split_client = "lora"``), or only key/value prefixes on its
 layers (``"prefix"``, :mod:`~fedcustom.methods.split.prefix`); the server half trains every weight.
 U-shaped (``method.split_head = "client"``), the head runs on the client. Encoders (BERT) and
-decoder-only causal LMs with a classification head (LLaMA) are cut. Not yet done: generative
-(next-token) training and parallel SplitFed-V1 (one server half per client, averaged).
+decoder-only models with a classification head (LLaMA) are cut for classification, decoder-only
+causal LMs for instruction tuning (next-token loss on the response). Not yet done: parallel
+SplitFed-V1 (one server half per client, averaged).
 """
 
 import copy
@@ -30,7 +31,7 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
     trains every weight. The cut is checked here, early."""
     for param in backbone.parameters():
         param.requires_grad_(True)
-    split = cut_model(backbone, cfg.cut_layer)
+    split = cut_model(backbone, cfg.cut_layer, head_on_client=cfg.split_head == "client")
     if cfg.split_client == "full":
         return backbone
     server_half = set(split.server_parameters())  # layers [K, N) and the head (wherever it runs) train fully

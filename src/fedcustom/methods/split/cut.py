@@ -1,8 +1,10 @@
-"""Cut a sequence classifier at transformer layer K into a client half and a server half.
+"""Cut a model at transformer layer K into a client half and a server half.
 
-Encoders (BERT family) and decoder-only causal LMs with a classification head (LLaMA family) are
-supported. Client half: token embeddings and layers ``[0, K)``; server half: layers ``[K, N)`` and
-the head — or, U-shaped, the head stays on the client so labels never leave it. Per batch the
+Encoders (BERT family) and decoder-only models with a classification head (LLaMA family) are cut
+for classification; decoder-only causal LMs (LLaMA family, e.g. SmolLM2) for generative training,
+with the next-token loss on the labelled (response) positions. Client half: token embeddings and
+layers ``[0, K)``; server half: layers ``[K, N)`` and the head — or, U-shaped, the head stays on
+the client so labels never leave it. Per batch the
 client sends the activations at the cut (and the attention mask, which the server needs for its own
 layers); the server returns the gradient of the loss with respect to those activations, and the
 client back-propagates it through its half.
@@ -21,6 +23,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
 
+from fedcustom.data.features import IGNORE_INDEX
 from fedcustom.errors import ConfigError
 
 
@@ -29,7 +32,7 @@ class ServerStep:
     """What the server computes for one batch: the loss, the logits and the gradient at the cut."""
 
     loss: torch.Tensor  # () scalar, detached
-    logits: torch.Tensor  # (batch, labels), detached
+    logits: torch.Tensor  # (batch, labels) or, causal LM, (batch, seq, vocab); detached
     grad_at_cut: torch.Tensor  # (batch, seq, hidden): d loss / d activations, sent back to the client
 
 
@@ -65,6 +68,10 @@ class SplitModel:
         """The classification head on the last hidden states: the logits, (batch, labels)."""
         raise NotImplementedError
 
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of the head's logits (classification: cross-entropy over the labels)."""
+        return nn.functional.cross_entropy(logits, labels)
+
     # Shared -------------------------------------------------------------------------------------
     def _named(self, modules: list[nn.Module]) -> dict[str, nn.Parameter]:
         owned = {id(p) for m in modules for p in m.parameters()}
@@ -90,7 +97,7 @@ class SplitModel:
         trainable weights accumulate in place (the caller steps the server optimizer)."""
         received = activations.detach().requires_grad_(True)  # a leaf: the wire cut the client's graph
         logits = self.server_forward(received, attention_mask)
-        loss = nn.functional.cross_entropy(logits, labels)
+        loss = self.loss(logits, labels)
         loss.backward()
         return ServerStep(loss=loss.detach(), logits=logits.detach(), grad_at_cut=received.grad)
 
@@ -99,7 +106,7 @@ class SplitModel:
         """U-shaped, on the client: head forward and backward on the server's last hidden states.
         Returns the loss and d loss / d hidden, which goes back to the server; head gradients accumulate."""
         received = hidden.detach().requires_grad_(True)  # (batch, seq, hidden)
-        loss = nn.functional.cross_entropy(self.head_forward(received, attention_mask), labels)
+        loss = self.loss(self.head_forward(received, attention_mask), labels)
         loss.backward()
         return loss.detach(), received.grad
 
@@ -195,6 +202,24 @@ class SplitDecoder(SplitModel):
         return logits[torch.arange(len(logits)), last]
 
 
+class SplitCausalLM(SplitDecoder):
+    """A decoder-only causal LM (``LlamaForCausalLM`` and relatives): final norm and LM head on every position,
+    the next-token loss where labels are not -100 (the response tokens), as the unsplit model computes it."""
+
+    def _head_modules(self) -> list[nn.Module]:
+        return [self.decoder.norm, self.hf.lm_head]
+
+    def head_forward(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.hf.lm_head(self.decoder.norm(hidden))  # (batch, seq, vocab)
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Token t predicts token t+1: the mean cross-entropy over labelled next tokens (Hugging Face's
+        ForCausalLMLoss without num_items_in_batch)."""
+        vocab = logits.shape[-1]
+        return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, vocab).float(), labels[:, 1:].reshape(-1),
+                                           ignore_index=IGNORE_INDEX)
+
+
 def unwrap(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a PeftModel (LoRA layers injected in place) or a SplitPrefixModel, else the
     model itself."""
@@ -211,10 +236,15 @@ def cut_model(model: nn.Module, cut_layer: int, head_on_client: bool = False) ->
         kind, layers = SplitEncoder, base.encoder.layer
     elif isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(hf, "score") and hasattr(base, "rotary_emb"):
         kind, layers = SplitDecoder, base.layers
+    elif isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(hf, "lm_head") and hasattr(base, "rotary_emb"):
+        kind, layers = SplitCausalLM, base.layers
+        if hf.lm_head.weight is base.embed_tokens.weight and not head_on_client:
+            raise ConfigError(f"--split-head server: {type(hf).__name__} ties its LM head to its input embeddings, "
+                              f"which the client half holds; keep the head with them: --split-head client")
     else:
         raise ConfigError(f"--cut-layer: split learning supports BERT-family encoder classifiers (encoder.layer, "
-                          f"classifier) and decoder classifiers with rotary positions (layers, score, e.g. LLaMA); "
-                          f"got {type(hf).__name__}")
+                          f"classifier), decoder classifiers (layers, score) and decoder causal LMs (layers, lm_head) "
+                          f"with rotary positions, e.g. LLaMA; got {type(hf).__name__}")
     if not 1 <= cut_layer < len(layers):
         raise ConfigError(f"--cut-layer {cut_layer}: expected 1 to {len(layers) - 1} for a model with "
                           f"{len(layers)} transformer layers (the client and the server each keep at least one)")

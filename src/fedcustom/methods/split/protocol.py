@@ -21,11 +21,11 @@ import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import datasets
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.client import schedule_from_config, schedule_to_config
@@ -34,13 +34,14 @@ from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.methods.split.cut import SplitModel
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
-from fedcustom.training import LocalSchedule, derive_seed, local_batches
+from fedcustom.training import LocalSchedule, counted, derive_seed, local_batches
 from fedcustom.validation import validate_update
 
 log = logging.getLogger(__name__)
 
 BEGIN, FORWARD, HEAD, BACKWARD, END = "split_begin", "split_forward", "split_head", "split_backward", "split_end"
 State = dict[str, torch.Tensor]
+T = TypeVar("T")
 
 
 def _snapshot(params: dict[str, torch.nn.Parameter]) -> State:
@@ -135,10 +136,11 @@ class SplitClient:
     def _client_forward(self, session: _Session, rng: torch.Tensor | None = None) -> torch.Tensor:
         """The client half on the pending batch, FLOPs counted; (batch, seq, hidden)."""
         batch = session.pending
-        with self._own_rng(session, rng), FlopCounterMode(display=False) as counter:
-            activations = self.split.client_forward(batch["input_ids"], batch["attention_mask"],
-                                                    batch.get("token_type_ids"))
-        session.flops += counter.get_total_flops()
+        with self._own_rng(session, rng):
+            activations, flops = counted(self.split.model, ("split_client_forward", *batch["input_ids"].shape),
+                                         lambda: self.split.client_forward(batch["input_ids"], batch["attention_mask"],
+                                                                           batch.get("token_type_ids")))
+        session.flops += flops
         return activations
 
     def forward(self, node_id: int, message: Message) -> Reply:
@@ -160,9 +162,12 @@ class SplitClient:
         hidden = self.codec.decode(message.payload)["hidden"]  # (batch, seq, hidden)
         if session.pending is None or len(hidden) != len(session.pending["labels"]):
             return Reply(error=f"hidden states for {len(hidden)} rows do not match the pending batch")
-        with self._own_rng(session), FlopCounterMode(display=False) as counter:
-            loss, grad = self.split.head_step(hidden, session.pending["attention_mask"], session.pending["labels"])
-        session.flops += counter.get_total_flops()
+        pending = session.pending
+        with self._own_rng(session):
+            (loss, grad), flops = counted(self.split.model, ("split_head", *hidden.shape),
+                                          lambda: self.split.head_step(hidden, pending["attention_mask"],
+                                                                       pending["labels"]))
+        session.flops += flops
         return Reply(payload=self.codec.encode({"grad": grad}), metrics={"loss": float(loss)})
 
     def backward(self, node_id: int, message: Message) -> Reply:
@@ -172,9 +177,9 @@ class SplitClient:
             session.activations = self._client_forward(session, rng=session.rng_before)
         if session.activations is None or grad.shape != session.activations.shape:
             return Reply(error=f"gradient of shape {tuple(grad.shape)} does not match the pending activations")
-        with FlopCounterMode(display=False) as counter:
-            session.activations.backward(grad)
-        session.flops += counter.get_total_flops()
+        activations = session.activations
+        session.flops += counted(self.split.model, ("split_client_backward", *grad.shape),
+                                 lambda: activations.backward(grad))[1]
         session.optimizer.step()
         session.optimizer.zero_grad(set_to_none=True)
         session.activations = session.pending = session.rng_before = None
@@ -295,30 +300,29 @@ class SplitServer:
         result.train_loss = float(np.mean(losses)) if losses else None
         return result
 
-    def _count(self, node: int, result: SplitRoundResult, counter: FlopCounterMode) -> None:
-        result.server_flops[node] = result.server_flops.get(node, 0) + counter.get_total_flops()
+    def _count(self, node: int, result: SplitRoundResult, key: tuple, work: Callable[[], T]) -> T:
+        """Run the server's ``work``, adding its FLOPs (counted once per kind and shape) to ``node``'s."""
+        value, flops = counted(self.split.model, key, work)
+        result.server_flops[node] = result.server_flops.get(node, 0) + flops
+        return value
 
     def _server_step(self, rnd: int, node: int, wire: State, result: SplitRoundResult) -> tuple[float, torch.Tensor]:
         """Server half with the head: forward, loss, backward on the received activations."""
-        with FlopCounterMode(display=False) as counter:
-            step = self.split.server_step(wire["activations"], wire["attention_mask"], wire["labels"])
-        self._count(node, result, counter)
+        step = self._count(node, result, ("split_server_step", *wire["activations"].shape),
+                           lambda: self.split.server_step(wire["activations"], wire["attention_mask"], wire["labels"]))
         return float(step.loss), step.grad_at_cut
 
     def _u_shaped_step(self, rnd: int, node: int, wire: State, result: SplitRoundResult) -> tuple[float, torch.Tensor]:
         """U-shaped: the middle layers forward, the client's head computes the loss on its own labels and
         returns the gradient at the top, the middle layers backward to the cut."""
-        with FlopCounterMode(display=False) as counter:
-            received = wire["activations"].detach().requires_grad_(True)  # (batch, seq, hidden)
-            top = self.split.middle_forward(received, wire["attention_mask"])  # (batch, seq, hidden)
-        self._count(node, result, counter)
+        received = wire["activations"].detach().requires_grad_(True)  # (batch, seq, hidden)
+        top = self._count(node, result, ("split_middle_forward", *received.shape),
+                          lambda: self.split.middle_forward(received, wire["attention_mask"]))  # (batch, seq, hidden)
         head = self._exchange(node, Message(HEAD, rnd, self.codec.encode({"hidden": top.detach()})), result)
         grad_top = self.codec.decode(head.payload).get("grad")
         if grad_top is None or grad_top.shape != top.shape or not torch.isfinite(grad_top).all():
             raise UpdateRejected(f"head gradient: expected finite 'grad' of shape {tuple(top.shape)}")
-        with FlopCounterMode(display=False) as counter:
-            top.backward(grad_top)
-        self._count(node, result, counter)
+        self._count(node, result, ("split_middle_backward", *top.shape), lambda: top.backward(grad_top))
         return float(head.metrics["loss"]), received.grad
 
     def _exchange(self, node: int, message: Message, result: SplitRoundResult) -> Reply:
