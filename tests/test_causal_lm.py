@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
@@ -16,12 +17,14 @@ from fedcustom.data.causal import InstructionRows, tokenize_rows
 from fedcustom.data.features import IGNORE_INDEX
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.generation import generate
+from fedcustom.methods.distill.knowledge import encode_knowledge
+from fedcustom.methods.distill.public_set import TokenPublicSet
 from fedcustom.models import load_tokenizer
 from fedcustom.runner import build_job, execute
 
 
 # Learning rates that move the tiny random LLaMA within 3 rounds.
-CAUSAL_LR = {"full": 3e-3, "lora": 1e-2, "prompt": 3e-2, "prefix": 3e-2, "split": 3e-3}
+CAUSAL_LR = {"full": 3e-3, "lora": 1e-2, "prompt": 3e-2, "prefix": 3e-2, "split": 3e-3, "distill": 1e-2}
 
 
 def test_loss_is_masked_to_response_tokens(tiny_llama: str) -> None:
@@ -44,7 +47,8 @@ def test_loss_is_masked_to_response_tokens(tiny_llama: str) -> None:
 
 SPLIT = {"method__cut_layer": 1}
 METHODS = {"full": {}, "lora": {}, "prompt": {}, "prefix": {}, "split": SPLIT,
-           "split-u-shaped": {**SPLIT, "method__split_head": "client"}}
+           "split-u-shaped": {**SPLIT, "method__split_head": "client"},
+           "distill": {"method__public_size": 24, "method__topk": 4, "method__local_method": "lora"}}
 
 
 @pytest.mark.parametrize("variant", list(METHODS))
@@ -62,6 +66,31 @@ def test_each_method_learns_the_instructions(causal_config, variant: str) -> Non
     assert 0 <= summary["final_rouge_l"] <= 1 and 0 <= summary["final_exact_match"] <= 1
     assert len(lines[-1]["eval_samples"]) == 2 and set(lines[-1]["eval_samples"][0]) == {"prompt", "reference", "generation"}
     assert summary["task"] == "causal-lm" and summary["bytes_up_per_round"] > 0
+
+
+def test_token_knowledge_is_the_next_token_distribution_on_each_public_response_token(tiny_llama: str) -> None:
+    # Prepare: two public pairs with prompts of different lengths (the batch pads one of them)
+    tokenizer = load_tokenizer(tiny_llama)
+    tokenizer.padding_side = "right"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    pairs = [["the movie was good and", "good great"], ["the plot", "bad awful"]]
+    public = TokenPublicSet(pairs, tokenizer, 16)
+    # Execute
+    logits, _ = public.logits(model, batch_size=2, count_flops=False)
+    # Assert: one knowledge row per response token (and EOS), the model's own prediction of that token
+    expected = []
+    for prompt, response in pairs:
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []  # as tokenize_rows appends
+        response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] + eos
+        with torch.no_grad():
+            out = model(input_ids=torch.tensor([prompt_ids + response_ids])).logits[0]
+        expected.append(out[len(prompt_ids) - 1 : len(prompt_ids) - 1 + len(response_ids)])
+    assert public.rows == sum(len(rows) for rows in expected) == len(logits)
+    torch.testing.assert_close(logits, torch.cat(expected), atol=1e-5, rtol=1e-4)
+    # Assert: top-k ids of a vocabulary past int16's range travel as int32
+    assert encode_knowledge(torch.randn(3, 40), 4, 1.0)["topk_indices"].dtype == torch.int16
+    assert encode_knowledge(torch.randn(3, 40_000), 4, 1.0)["topk_indices"].dtype == torch.int32
 
 
 def test_federated_adapter_loads_in_plain_peft_and_changes_generations(causal_config, tiny_llama: str) -> None:
@@ -91,7 +120,7 @@ def test_causal_lm_errors_are_clear(causal_config, tmp_path: Path) -> None:
         build_job(causal_config(model__max_length=3))
     with pytest.raises(FedCustomError, match="chat template"):
         build_job(causal_config(generation__chat_template=True))
-    with pytest.raises(ConfigError, match="generative distillation is not built yet"):
+    with pytest.raises(ConfigError, match="--method distill: set --topk K"):
         causal_config(method__name="distill")
     with pytest.raises(ConfigError, match="column partitions need --task causal-lm"):
         causal_config(model__task="classification", data__partition="column:topic")

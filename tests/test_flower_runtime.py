@@ -102,9 +102,13 @@ def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:
 
 
 @pytest.mark.integration
-def test_flower_simulation_instruction_tunes_a_causal_lm_like_the_embedded_runtime(causal_config, tmp_path) -> None:
-    # Prepare
-    settings = {"federation__rounds": 2, "output__save_model": False}
+@pytest.mark.parametrize("method", [{"method__name": "lora"},
+                                    {"method__name": "distill", "method__public_size": 24, "method__topk": 4}],
+                         ids=["lora", "token-level-distill"])
+def test_flower_simulation_instruction_tunes_a_causal_lm_like_the_embedded_runtime(causal_config, tmp_path,
+                                                                                  method) -> None:
+    # Prepare: distillation ships [prompt, response] pairs to the nodes, which carve the same rows out as the server
+    settings = {"federation__rounds": 2, "output__save_model": False, "train__lr": 1e-2, **method}
     embedded = causal_config(**settings, output__dir=str(tmp_path / "embedded"))
     simulated = causal_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
     # Execute

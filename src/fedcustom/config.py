@@ -466,6 +466,6 @@ def validate_task(cfg: RunConfig) -> None:
     if parse_partition(cfg.data.partition).kind == "column" and not causal:
         raise ConfigError(f"--partition {cfg.data.partition}: column partitions need --task causal-lm (instruction "
                           f"data keeps its metadata columns)")
-    if causal and cfg.method.name == "distill":
-        raise ConfigError("--task causal-lm with --method distill: generative distillation is not built yet; use "
-                          "full, lora, prompt, prefix or split")
+    if causal and cfg.method.name == "distill" and cfg.method.topk is None:
+        raise ConfigError("--task causal-lm with --method distill: set --topk K (the knowledge on each public response "
+                          "token is a distribution over the vocabulary; clients send its top K)")

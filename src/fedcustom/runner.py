@@ -273,13 +273,13 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
 def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:
     """Labelled texts (classification) or instruction rows (causal LM), split over the clients."""
     fed, seed = cfg.federation, cfg.train.seed
+    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
     if cfg.model.task == "causal-lm":
         from fedcustom.data.causal import prepare_causal_data
 
         tokenizer.padding_side = "right"  # training batches; generation pads on the left itself
         return prepare_causal_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length,
-                                   cfg.generation.chat_template)
-    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if method.protocol == "distill" else None
+                                   cfg.generation.chat_template, public)
     return prepare_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length, public)
 
 

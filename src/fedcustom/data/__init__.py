@@ -28,7 +28,9 @@ class FederatedData:
     client_indices: list[list[int]]  # rows of ``train`` each client owns
     label_names: list[str]
     raw_train: datasets.Dataset | None = None  # the same rows as ``train`` as text, label (to re-tokenize)
-    public: list[str] | None = None  # unlabelled public texts (KD-FedLLM), disjoint from every client's rows
+    # KD-FedLLM's public set, disjoint from every client's rows: unlabelled texts (classification) or
+    # [prompt, response] pairs (causal LM: knowledge is the next-token distribution on each response token)
+    public: list[str] | list[list[str]] | None = None
     groups: list[int] | None = None  # causal LM: each training row's topic (``label_names`` names them)
     eval_prompts: list[str] | None = None  # causal LM: the held-out prompts (chat-templated) and their answers
     eval_references: list[str] | None = None

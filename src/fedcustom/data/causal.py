@@ -16,7 +16,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import DataConfig, parse_partition
-from fedcustom.data import FederatedData
+from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.data.instructions import load_instructions
 from fedcustom.data.partition import partition_indices
 from fedcustom.data.by_column import partition_by_column
@@ -100,10 +100,31 @@ def partition_rows(train: datasets.Dataset, topics: list[int], spec: str, num_cl
     return partition_indices(datasets.Dataset.from_dict({"label": topics}), parsed, num_clients, seed)
 
 
+def public_pairs(train: datasets.Dataset, public: PublicSpec, seed: int, tokenizer: PreTrainedTokenizerBase,
+                 chat_template: bool, cfg: DataConfig) -> tuple[list[list[str]], datasets.Dataset]:
+    """KD-FedLLM's public set for a causal LM: ``public.size`` [prompt, response] pairs (prompts chat-templated),
+    from ``public.source`` or carved out of the training rows (which the clients then do not get)."""
+    if public.source:
+        rows = load_instructions(public.source, "train", cfg.text_column, cfg.label_column)
+        rows = rows.select(_split(len(rows), min(public.size, len(rows)), seed)[0])
+    else:
+        if public.size >= len(train):
+            raise FedCustomError(f"method.public_size (--public-size) {public.size}: the training set has only "
+                                 f"{len(train)} rows; lower --public-size or give --public-dataset")
+        kept, carved = _split(len(train), len(train) - public.size, seed + 1)
+        rows, train = train.select(carved), train.select(kept)
+    prompts = [chat_prompt(tokenizer, messages, raw=not chat_template) for messages in rows["messages"]]
+    return [[p, r] for p, r in zip(prompts, rows["response"])], train
+
+
 def prepare_causal_data(cfg: DataConfig, num_clients: int, seed: int, tokenizer: PreTrainedTokenizerBase,
-                        max_length: int, chat_template: bool) -> FederatedData:
-    """Tokenized instruction rows split over clients, and the held-out prompts and references."""
+                        max_length: int, chat_template: bool, public: PublicSpec | None = None) -> FederatedData:
+    """Tokenized instruction rows split over clients, and the held-out prompts and references (and, for
+    KD-FedLLM, the public [prompt, response] pairs)."""
     train, evaluation = load_instruction_splits(cfg, seed)
+    pairs = None
+    if public is not None:
+        pairs, train = public_pairs(train, public, seed, tokenizer, chat_template, cfg)
     topic_names = sorted(set(train["topic"]) | set(evaluation["topic"]))
     train_rows = as_rows(train, tokenizer, topic_names, chat_template)
     eval_rows = as_rows(evaluation, tokenizer, topic_names, chat_template)
@@ -116,4 +137,5 @@ def prepare_causal_data(cfg: DataConfig, num_clients: int, seed: int, tokenizer:
         groups=train_rows.topics,
         eval_prompts=eval_rows.prompts,
         eval_references=eval_rows.responses,
+        public=pairs,
     )

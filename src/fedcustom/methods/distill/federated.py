@@ -31,7 +31,7 @@ def kd_settings(cfg: RunConfig, public: list[str] | None, label_names: list[str]
                           f"--model; the clients run {m.client_model!r}: use --broadcast logits")
     return KDSettings(public=public, label_names=label_names, max_length=cfg.model.max_length,
                       temperature=m.kd_temperature, topk=m.topk, broadcast=m.broadcast, weighting=m.kd_weighting,
-                      distill_epochs=m.distill_epochs)
+                      distill_epochs=m.distill_epochs, task=cfg.model.task)
 
 
 def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: FederatedData) -> tuple[nn.Module, Any, FederatedData]:
@@ -40,8 +40,14 @@ def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Federate
     if name is None or name == cfg.model.name:
         return model, tokenizer, data  # one module in memory; each side loads its own state before use
     client_tokenizer = load_tokenizer(name)
+    if cfg.model.task == "causal-lm" and client_tokenizer.get_vocab() != tokenizer.get_vocab():
+        raise ConfigError(f"method.client_model {name!r}: token-level distillation of a causal LM needs the clients "
+                          f"to share the server's tokenizer, and {name!r} tokenizes differently from {cfg.model.name!r}")
     backbone = load_model(name, cfg.model.task, data.label_names, client_tokenizer, cfg.train.seed)
     client_model = get_method(cfg.method.local_method).build(backbone, cfg.method, cfg.model.task)
+    if cfg.model.task == "causal-lm":
+        client_tokenizer.padding_side = "right"
+        return client_model, client_tokenizer, data  # the same tokenizer: the same token ids
     return client_model, client_tokenizer, data.retokenized(client_tokenizer, cfg.model.max_length)
 
 

@@ -44,7 +44,8 @@ def encode_knowledge(logits: torch.Tensor, topk: int | None, temperature: float)
     if topk is None or topk >= logits.shape[1]:
         return {"logits": logits.contiguous()}
     probs, indices = torch.softmax(logits / temperature, dim=-1).topk(topk, dim=-1)  # (rows, k) each
-    return {"topk_probs": probs.contiguous(), "topk_indices": indices.to(torch.int16).contiguous()}
+    index_type = torch.int16 if logits.shape[1] <= torch.iinfo(torch.int16).max else torch.int32  # a vocabulary
+    return {"topk_probs": probs.contiguous(), "topk_indices": indices.to(index_type).contiguous()}
 
 
 def decode_knowledge(sent: Knowledge, rows: int, labels: int, temperature: float) -> torch.Tensor:
@@ -85,16 +86,18 @@ def _check_finite(name: str, tensor: torch.Tensor) -> None:
 
 def aggregate_soft_labels(soft: list[torch.Tensor], num_examples: list[int], weighting: str) -> torch.Tensor:
     """Average of the clients' (rows, labels) soft labels: uniform, by data size, or per row by confidence."""
-    stacked = torch.stack(soft)  # (clients, rows, labels)
-    if weighting == "uniform":
-        weights = torch.ones(len(soft), 1, 1)
-    elif weighting == "examples":
-        weights = torch.tensor(num_examples, dtype=torch.float32).view(-1, 1, 1)
-    elif weighting == "confidence":
-        weights = stacked.max(dim=-1, keepdim=True).values  # (clients, rows, 1): each client's top probability
-    else:
+    if weighting not in ("uniform", "examples", "confidence"):
         raise ValueError(f"kd weighting {weighting!r}: expected uniform, examples or confidence")
-    return (weights * stacked).sum(0) / weights.sum(0)
+    # A running sum, not a stack: over a vocabulary (causal LM) each client's soft labels are large.
+    total, weight_sum = torch.zeros_like(soft[0]), torch.zeros(soft[0].shape[0], 1)
+    for probs, examples in zip(soft, num_examples):
+        if weighting == "confidence":
+            weight = probs.max(dim=-1, keepdim=True).values  # (rows, 1): the client's top probability
+        else:
+            weight = torch.full((probs.shape[0], 1), float(examples if weighting == "examples" else 1))
+        total += weight * probs
+        weight_sum += weight
+    return total / weight_sum
 
 
 def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -29,8 +29,9 @@ from fedcustom.codecs import Codec
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.methods.base import load_trainable_state, trainable_state
 from fedcustom.methods.distill.knowledge import (
-    aggregate_soft_labels, counted_public_logits, decode_knowledge, distill_into, encode_knowledge,
+    aggregate_soft_labels, decode_knowledge, encode_knowledge,
 )
+from fedcustom.methods.distill.public_set import knowledge_classes, public_set
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.server import RoundResult, check_reply, sample_clients
 from fedcustom.training import LocalSchedule, derive_seed, train_local
@@ -44,9 +45,9 @@ State = dict[str, torch.Tensor]
 
 @dataclass(frozen=True)
 class KDSettings:
-    """What both sides agree on: the public texts, the label space and how knowledge is encoded."""
+    """What both sides agree on: the public set, the label space and how knowledge is encoded."""
 
-    public: list[str]
+    public: list  # texts (classification) or [prompt, response] pairs (causal LM)
     label_names: list[str]
     max_length: int
     temperature: float
@@ -54,6 +55,7 @@ class KDSettings:
     broadcast: str  # "logits" or "adapter"
     weighting: str  # "uniform", "examples" or "confidence"
     distill_epochs: int
+    task: str = "classification"  # causal-lm: knowledge is the next-token distribution on each public response token
 
 
 class DistillClient:
@@ -66,6 +68,8 @@ class DistillClient:
         self.codec = codec
         self.client_tables = client_tables
         self.settings = settings
+        self.public = public_set(settings.public, settings.task, tokenizer, settings.max_length)
+        self.classes = knowledge_classes(model, settings)
         self.initial = trainable_state(model)
         self.local_states: dict[int, State] = {}
 
@@ -99,16 +103,18 @@ class DistillClient:
         load_trainable_state(self.model, state)
         digest_flops = 0
         if received is not None and message.config["broadcast"] == "logits":
-            targets = received["soft_labels"]  # (public rows, labels)
-            if tuple(targets.shape) != (len(s.public), len(s.label_names)):
-                return Reply(error=f"soft_labels of shape {tuple(targets.shape)}, expected "
-                                   f"{(len(s.public), len(s.label_names))}")
-            _, digest_flops = distill_into(self.model, s.public, targets, self.tokenizer, s.max_length, schedule.lr,
-                                           schedule.batch_size, DIGEST_EPOCHS, s.temperature, seed,
-                                           schedule.count_flops)
+            expected = (self.public.rows, self.classes)
+            try:  # dense soft labels (classification), or top-k ones over a vocabulary (causal LM)
+                targets = received["soft_labels"] if "soft_labels" in received else \
+                    decode_knowledge(received, *expected, s.temperature)
+            except UpdateRejected as exc:
+                return Reply(error=f"global knowledge: {exc}")
+            if tuple(targets.shape) != expected:
+                return Reply(error=f"soft_labels of shape {tuple(targets.shape)}, expected {expected}")
+            _, digest_flops = self.public.distill(self.model, targets, schedule.lr, schedule.batch_size, DIGEST_EPOCHS,
+                                                  s.temperature, seed, schedule.count_flops)
         result = train_local(self.model, self.client_tables[node_id], self.tokenizer, schedule, seed)
-        logits, label_flops = counted_public_logits(self.model, s.public, self.tokenizer, s.max_length,
-                                                    2 * schedule.batch_size, schedule.count_flops)
+        logits, label_flops = self.public.logits(self.model, 2 * schedule.batch_size, schedule.count_flops)
         self.local_states[node_id] = trainable_state(self.model)
         payload = self.codec.encode(encode_knowledge(logits, s.topk, s.temperature))
         metrics = {
@@ -129,6 +135,8 @@ class DistillServer:
         self.tokenizer = tokenizer
         self.codec = codec
         self.settings = settings
+        self.public = public_set(settings.public, settings.task, tokenizer, settings.max_length)
+        self.classes = knowledge_classes(model, settings)
         self.schedule = schedule
         self.clients_per_round = clients_per_round
         self.seed = seed
@@ -171,16 +179,18 @@ class DistillServer:
         """Distill ``targets`` into the global model and prepare the next broadcast; returns server FLOPs."""
         s, sched = self.settings, self.schedule
         seed = derive_seed(self.seed, rnd, 0xD15)
-        loss, flops = distill_into(self.model, s.public, targets, self.tokenizer, s.max_length, sched.lr,
-                                   sched.batch_size, s.distill_epochs, s.temperature, seed, sched.count_flops)
+        loss, flops = self.public.distill(self.model, targets, sched.lr, sched.batch_size, s.distill_epochs,
+                                          s.temperature, seed, sched.count_flops)
         log.info("round %d: server distillation loss %.4f", rnd, loss)
         self._global = trainable_state(self.model)
         if s.broadcast == "adapter":
             self.broadcast = self.codec.encode(self._global)
             return flops
-        logits, label_flops = counted_public_logits(self.model, s.public, self.tokenizer, s.max_length,
-                                                    2 * sched.batch_size, sched.count_flops)
-        self.broadcast = self.codec.encode({"soft_labels": torch.softmax(logits / s.temperature, dim=-1)})
+        logits, label_flops = self.public.logits(self.model, 2 * sched.batch_size, sched.count_flops)
+        if s.task == "causal-lm":  # a vocabulary per response token: the top-k soft labels only
+            self.broadcast = self.codec.encode(encode_knowledge(logits, s.topk, s.temperature))
+        else:
+            self.broadcast = self.codec.encode({"soft_labels": torch.softmax(logits / s.temperature, dim=-1)})
         return flops + label_flops
 
     def _accept(self, replies: dict[int, Reply], result: RoundResult) -> list[tuple[int, torch.Tensor, int]]:
@@ -192,7 +202,7 @@ class DistillServer:
             result.bytes_up[node] = len(reply.payload)
             try:
                 check_reply(reply)
-                soft = decode_knowledge(self.codec.decode(reply.payload), len(s.public), len(s.label_names),
+                soft = decode_knowledge(self.codec.decode(reply.payload), self.public.rows, self.classes,
                                         s.temperature)
             except (PayloadError, UpdateRejected) as exc:
                 log.warning("round %d: rejected knowledge from client %d: %s", result.round, node, exc)

@@ -111,13 +111,19 @@ def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: st
     if data_path:
         rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, setup.label_names).dataset
         return tokenize(rows, tokenizer, cfg.model.max_length)
+    from fedcustom.data import PublicSpec
+    from fedcustom.methods import get_method
+
+    # the server's own preparation: a causal LM's public set is carved out of the rows before they are split
+    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) \
+        if get_method(cfg.method.name).protocol == "distill" else None
     if causal:
         from fedcustom.data.causal import prepare_causal_data
 
         data = prepare_causal_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length,
-                                   cfg.generation.chat_template)
+                                   cfg.generation.chat_template, public)
     else:
-        data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length)
+        data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length, public)
     if data.label_names != setup.label_names:
         raise FedCustomError(f"the server's labels {setup.label_names} differ from this node's {data.label_names}")
     return data.client_table(partition)

@@ -1,0 +1,139 @@
+"""What the parties of KD-FedLLM label and distil on: the public set, as rows of knowledge.
+
+For classification a knowledge row is a public text and its classes are the labels
+(:class:`TextPublicSet`). For a causal LM a knowledge row is one response token of a public
+[prompt, response] pair and its classes are the vocabulary (:class:`TokenPublicSet`): each party's
+next-token distribution at that position, as the model computes it with teacher forcing, so
+token-level distillation pulls a model toward the others' answers. Both give the same two
+operations, so the protocol does not care which task it runs.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+
+from fedcustom.data.causal import InstructionRows, tokenize_rows
+from fedcustom.data.features import IGNORE_INDEX, make_loader
+from fedcustom.methods.distill.knowledge import counted_public_logits, distill_into, distillation_loss
+from fedcustom.training import counted
+
+
+class PublicSet(Protocol):
+    rows: int  # knowledge rows: public texts, or response tokens
+
+    def logits(self, model: nn.Module, batch_size: int, count_flops: bool) -> tuple[torch.Tensor, int]:
+        """The model's logits on every knowledge row, in order, (rows, classes) fp32; and the FLOPs counted."""
+        ...
+
+    def distill(self, model: nn.Module, targets: torch.Tensor, lr: float, batch_size: int, epochs: int,
+                temperature: float, seed: int, count_flops: bool) -> tuple[float, int]:
+        """Train the model's trainable tensors toward ``targets`` (rows, classes); mean loss and FLOPs."""
+        ...
+
+
+class TextPublicSet:
+    """Classification: one knowledge row per public text."""
+
+    def __init__(self, texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        self.texts, self.tokenizer, self.max_length = texts, tokenizer, max_length
+        self.rows = len(texts)
+
+    def logits(self, model: nn.Module, batch_size: int, count_flops: bool) -> tuple[torch.Tensor, int]:
+        return counted_public_logits(model, self.texts, self.tokenizer, self.max_length, batch_size, count_flops)
+
+    def distill(self, model: nn.Module, targets: torch.Tensor, lr: float, batch_size: int, epochs: int,
+                temperature: float, seed: int, count_flops: bool) -> tuple[float, int]:
+        return distill_into(model, self.texts, targets, self.tokenizer, self.max_length, lr, batch_size, epochs,
+                            temperature, seed, count_flops)
+
+
+def response_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The logits that predict a response token: (positions, vocab), row by row in order (position t predicts
+    token t + 1, as in the next-token loss)."""
+    return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
+
+
+class TokenPublicSet:
+    """Causal LM: one knowledge row per response token of each public [prompt, response] pair."""
+
+    def __init__(self, pairs: list[list[str]], tokenizer: PreTrainedTokenizerBase, max_length: int) -> None:
+        prompts, responses = [p for p, _ in pairs], [r for _, r in pairs]
+        self.table = tokenize_rows(InstructionRows(prompts, responses, [0] * len(pairs)), tokenizer, max_length,
+                                   "the public set")
+        self.tokenizer = tokenizer
+        counts = [sum(1 for label in labels[1:] if label != IGNORE_INDEX) for labels in self.table["labels"]]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)]).astype(int)  # row i: knowledge rows offsets[i:i+1]
+        self.rows = int(self.offsets[-1])
+
+    def _batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        """Public rows ``rows`` in that order, padded (right) into one batch."""
+        return next(iter(make_loader(self.table.select(rows), self.tokenizer, len(rows), seed=None)))
+
+    def logits(self, model: nn.Module, batch_size: int, count_flops: bool) -> tuple[torch.Tensor, int]:
+        model.eval()
+        parts, flops = [], 0
+        with torch.no_grad():
+            for start in range(0, len(self.table), batch_size):
+                batch = self._batch(list(range(start, min(start + batch_size, len(self.table)))))
+                labels = batch.pop("labels")
+
+                def forward(batch: dict = batch) -> torch.Tensor:
+                    return model(**batch).logits.float()
+
+                if count_flops:
+                    logits, batch_flops = counted(model, ("infer-lm", *batch["input_ids"].shape), forward)
+                else:
+                    logits, batch_flops = forward(), 0
+                parts.append(response_positions(logits, labels))
+                flops += batch_flops
+        return torch.cat(parts), flops
+
+    def distill(self, model: nn.Module, targets: torch.Tensor, lr: float, batch_size: int, epochs: int,
+                temperature: float, seed: int, count_flops: bool) -> tuple[float, int]:
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=lr)
+        torch.manual_seed(seed)
+        model.train()
+        losses, flops = [], 0
+        for epoch in range(epochs):
+            order = torch.randperm(len(self.table), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+            for start in range(0, len(order), batch_size):
+                rows = order[start : start + batch_size]
+                batch = self._batch(rows)
+                labels = batch.pop("labels")
+                wanted = torch.cat([targets[self.offsets[r]:self.offsets[r + 1]] for r in rows])
+
+                def step(batch: dict = batch, labels: torch.Tensor = labels, wanted: torch.Tensor = wanted) -> float:
+                    student = response_positions(model(**batch).logits, labels)
+                    loss = distillation_loss(student, wanted, temperature)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    return loss.item()
+
+                if count_flops:
+                    loss, step_flops = counted(model, ("distill-lm", *batch["input_ids"].shape), step)
+                    flops += step_flops
+                else:
+                    loss = step()
+                losses.append(loss)
+        return (sum(losses) / len(losses) if losses else float("nan")), int(flops)
+
+
+def public_set(public: list, task: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PublicSet:
+    """The public set of a task: texts (classification) or [prompt, response] pairs (causal LM)."""
+    if task == "causal-lm":
+        return TokenPublicSet(public, tokenizer, max_length)
+    return TextPublicSet(public, tokenizer, max_length)
+
+
+def knowledge_classes(model: nn.Module, settings) -> int:  # noqa: ANN001 - KDSettings (protocol imports this module)
+    """Classes per knowledge row: the labels (classification) or the model's vocabulary (causal LM)."""
+    if settings.task == "causal-lm":
+        return int(model.config.vocab_size)
+    return len(settings.label_names)
