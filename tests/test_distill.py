@@ -53,6 +53,10 @@ def test_topk_soft_labels_decode_to_distributions_that_keep_the_top_k() -> None:
     rest = (1 - top.values.sum(-1)) / 2  # the remaining mass, spread over the 2 other labels
     mask = torch.ones_like(soft, dtype=torch.bool).scatter_(1, top.indices, False)
     torch.testing.assert_close(soft[mask].view(2, 2), rest.unsqueeze(1).expand(2, 2))
+    # renormalized (token-level knowledge over a vocabulary): all the mass on the top k, in the same proportions
+    renormalized = decode_knowledge(sent, rows=2, labels=4, temperature=1.0, renormalize=True)
+    assert (renormalized[mask] == 0).all()
+    torch.testing.assert_close(renormalized.gather(1, top.indices), top.values / top.values.sum(-1, keepdim=True))
 
 
 def test_aggregation_weights_by_examples_and_by_confidence() -> None:

@@ -107,8 +107,9 @@ class MethodConfig:
     broadcast: str = opt("logits", "KD-FedLLM: what the server sends back each round: logits (the global model's soft "
                          "labels on the public set, which clients distill from) or adapter (its trainable tensors; "
                          "needs the clients' backbone to be --model).", "--broadcast", ("logits", "adapter"))
-    kd_temperature: float = opt(2.0, "KD-FedLLM: softmax temperature of soft labels and of the distillation loss.",
-                                "--kd-temperature")
+    kd_temperature: float | None = opt(None, "KD-FedLLM: softmax temperature of soft labels and of the distillation "
+                                       "loss; default 2 (classification) or 1 (causal LM: next-token distributions, "
+                                       "as in LLM distillation).", "--kd-temperature")
     distill_epochs: int = opt(3, "KD-FedLLM: passes of server-side distillation over the public set per round.",
                               "--distill-epochs")
     num_virtual_tokens: int = opt(20, "Prompt/prefix length in virtual tokens.", "--num-virtual-tokens")
@@ -385,11 +386,12 @@ def validate(cfg: RunConfig) -> None:
         ("federation.local_epochs (--local-epochs)", fed.local_epochs), ("train.batch_size", train.batch_size),
         ("model.max_length", cfg.model.max_length), ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
         ("method.lora_r", cfg.method.lora_r), ("method.public_size (--public-size)", cfg.method.public_size),
-        ("method.kd_temperature", cfg.method.kd_temperature), ("method.distill_epochs", cfg.method.distill_epochs),
+        ("method.distill_epochs", cfg.method.distill_epochs),
         ("federation.min_available (--min-available)", fed.min_available),
         ("federation.round_timeout (--round-timeout)", fed.round_timeout),
     ]:
         _positive(where, value, allow_none=False)
+    _positive("method.kd_temperature (--kd-temperature)", cfg.method.kd_temperature)
     for where, value in [
         ("federation.local_steps", fed.local_steps), ("federation.clients_per_round", fed.clients_per_round),
         ("train.lr", train.lr), ("data.max_train_examples", data.max_train_examples),

@@ -19,6 +19,15 @@ from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime
 from fedcustom.training import LocalSchedule
 
 
+def kd_temperature(cfg: RunConfig) -> float:
+    """--kd-temperature, else 2 for classification (Hinton et al.) and 1 for next-token distributions: softened
+    over a whole vocabulary they teach a causal LM to hedge (SmolLM2 on chatterbot, 1 round: held-out perplexity
+    15.95 -> 26.2 with T = 2, -> 15.76 with T = 1)."""
+    if cfg.method.kd_temperature is not None:
+        return cfg.method.kd_temperature
+    return 1.0 if cfg.model.task == "causal-lm" else 2.0
+
+
 def kd_settings(cfg: RunConfig, public: list[str] | None, label_names: list[str]) -> KDSettings:
     """The settings both sides share, checked: a public set with rows, a supported broadcast."""
     m = cfg.method
@@ -30,7 +39,7 @@ def kd_settings(cfg: RunConfig, public: list[str] | None, label_names: list[str]
         raise ConfigError(f"method.broadcast = 'adapter' sends the global tensors, which only fit clients running "
                           f"--model; the clients run {m.client_model!r}: use --broadcast logits")
     return KDSettings(public=public, label_names=label_names, max_length=cfg.model.max_length,
-                      temperature=m.kd_temperature, topk=m.topk, broadcast=m.broadcast, weighting=m.kd_weighting,
+                      temperature=kd_temperature(cfg), topk=m.topk, broadcast=m.broadcast, weighting=m.kd_weighting,
                       distill_epochs=m.distill_epochs, task=cfg.model.task)
 
 

@@ -48,8 +48,12 @@ def encode_knowledge(logits: torch.Tensor, topk: int | None, temperature: float)
     return {"topk_probs": probs.contiguous(), "topk_indices": indices.to(index_type).contiguous()}
 
 
-def decode_knowledge(sent: Knowledge, rows: int, labels: int, temperature: float) -> torch.Tensor:
-    """A client's upload as soft labels, (rows, labels) summing to 1 per row; UpdateRejected if malformed."""
+def decode_knowledge(sent: Knowledge, rows: int, labels: int, temperature: float,
+                     renormalize: bool = False) -> torch.Tensor:
+    """A client's upload as soft labels, (rows, labels) summing to 1 per row; UpdateRejected if malformed.
+
+    Top-k soft labels spread the mass outside the top k evenly over the other labels, or with ``renormalize``
+    put all of it on the top k (over a vocabulary the even spread would smooth every row toward uniform)."""
     if sent.keys() == {"logits"}:
         logits = sent["logits"]
         _check_shape("logits", logits, (rows, labels), labels)
@@ -66,6 +70,8 @@ def decode_knowledge(sent: Knowledge, rows: int, labels: int, temperature: float
         raise UpdateRejected(f"topk_probs: expected 1 <= k < {labels} probabilities per row summing to at most 1")
     if (indices < 0).any() or (indices >= labels).any() or (indices.sort(-1).values.diff(dim=-1) == 0).any():
         raise UpdateRejected(f"topk_indices: expected distinct label ids in [0, {labels}) per row")
+    if renormalize:
+        return torch.zeros(rows, labels).scatter_(1, indices, probs / probs.sum(-1, keepdim=True).clamp_min(1e-12))
     rest = (1 - probs.sum(-1, keepdim=True)).clamp_min(0) / (labels - k)  # (rows, 1)
     dense = rest.expand(rows, labels).clone()
     return dense.scatter_(1, indices, probs)

@@ -106,7 +106,7 @@ class DistillClient:
             expected = (self.public.rows, self.classes)
             try:  # dense soft labels (classification), or top-k ones over a vocabulary (causal LM)
                 targets = received["soft_labels"] if "soft_labels" in received else \
-                    decode_knowledge(received, *expected, s.temperature)
+                    decode_knowledge(received, *expected, s.temperature, renormalize=s.task == "causal-lm")
             except UpdateRejected as exc:
                 return Reply(error=f"global knowledge: {exc}")
             if tuple(targets.shape) != expected:
@@ -203,7 +203,7 @@ class DistillServer:
             try:
                 check_reply(reply)
                 soft = decode_knowledge(self.codec.decode(reply.payload), self.public.rows, self.classes,
-                                        s.temperature)
+                                        s.temperature, renormalize=s.task == "causal-lm")
             except (PayloadError, UpdateRejected) as exc:
                 log.warning("round %d: rejected knowledge from client %d: %s", result.round, node, exc)
                 result.rejected[node] = str(exc)
