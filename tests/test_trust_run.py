@@ -150,6 +150,37 @@ def test_resume_after_an_interrupted_round_gives_the_uninterrupted_result(tiny_c
     assert [line["bytes_up"] for line in cut_log] == [line["bytes_up"] for line in log_lines(whole.out)]
 
 
+@pytest.mark.parametrize("method", [
+    {"method__name": "split", "method__cut_layer": 1, "method__split_head": "client"},
+    {"method__name": "distill", "method__public_size": 40, "data__max_train_examples": 150},
+], ids=["split", "distill"])
+def test_split_and_distill_runs_resume_to_the_uninterrupted_result(tiny_config, tmp_path, monkeypatch, method) -> None:
+    """Their servers' own state (split: both global halves and the server optimizer's moments; distill: the global
+    tensors, the next broadcast, and each embedded client's own model) goes into the checkpoint."""
+    settings = dict(federation__rounds=3, federation__local_epochs=1, train__lr=3e-3, **method)
+    whole, summary = run_job(tiny_config(**settings, output__dir=str(tmp_path / "whole")))
+    server_type = type(whole.server)
+    original = server_type.run_round
+
+    def crash_in_round_3(self, rnd, on_reply=None):
+        if rnd == 3:
+            raise Interrupted
+        return original(self, rnd, on_reply)
+
+    monkeypatch.setattr(server_type, "run_round", crash_in_round_3)
+    with pytest.raises(Interrupted):
+        run_job(tiny_config(**settings, output__dir=str(tmp_path / "cut")))
+    monkeypatch.setattr(server_type, "run_round", original)
+    # Execute
+    resumed = resume(str(tmp_path / "cut"))
+    # Assert: the same round log (but wall times) and final accuracy as the run that was never interrupted
+    def without_times(lines: list[dict]) -> list[dict]:
+        return [{k: v for k, v in line.items() if k != "wall_seconds"} for line in lines]
+
+    assert without_times(log_lines(tmp_path / "cut")) == without_times(log_lines(whole.out))
+    assert resumed["accuracy_per_round"] == summary["accuracy_per_round"]
+
+
 def test_resume_errors_name_the_folder(tmp_path) -> None:
     with pytest.raises(FedCustomError, match="no checkpoint.safetensors"):
         resume(str(tmp_path))

@@ -173,11 +173,12 @@ class Job:
     client: TrainingClient | None = None  # the in-process clients of a parameter-sharing run (their codec links)
 
     def checkpoint_parts(self) -> dict[str, Any]:
-        """What a checkpoint must hold: the server, and the embedded clients' own state."""
-        if not isinstance(self.server, FederatedServer):
-            return {}
-        embedded = self.cfg.federation.runtime == "embedded" and self.client is not None
-        return {"server": self.server, **({"clients": self.client} if embedded else {})}
+        """What a checkpoint must hold: the server, and the state of clients that live in this process."""
+        parts: dict[str, Any] = {"server": self.server}
+        runtime = getattr(self.server, "runtime", None)
+        if isinstance(runtime, EmbeddedRuntime) and hasattr(runtime.handler, "state_dict"):
+            parts["clients"] = runtime.handler
+        return parts
 
     @property
     def eval_batch(self) -> int:

@@ -78,7 +78,7 @@ class SecAggSettings:
 
 
 class RoundDriver(Protocol):
-    """What the runner drives: FederatedServer here, SplitFederatedServer for split learning."""
+    """What the runner drives: FederatedServer here, SplitFederatedServer (split learning), DistillServer (KD)."""
 
     runtime: Runtime
     clients_per_round: int
@@ -89,6 +89,12 @@ class RoundDriver(Protocol):
     def evaluate_initial(self) -> RoundResult: ...
 
     def run_round(self, rnd: int, on_reply: Callable[[int], None] | None = None) -> RoundResult: ...
+
+    def state_dict(self) -> tuple[State, dict]:
+        """What a checkpoint keeps of the server (tensors, JSON)."""
+        ...
+
+    def load_state_dict(self, tensors: State, meta: dict) -> None: ...
 
 
 def check_reply(reply: Reply) -> None:

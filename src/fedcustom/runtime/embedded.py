@@ -52,6 +52,11 @@ class EmbeddedRuntime:
         self._nodes = list(range(num_nodes))
         self._faults = faults
 
+    @property
+    def handler(self) -> Handler:
+        """The in-process clients (their state goes into checkpoints)."""
+        return self._handler
+
     def nodes(self) -> list[int]:
         return list(self._nodes)
 

@@ -149,6 +149,21 @@ class DistillServer:
     def global_state(self) -> State:
         return {k: v.clone() for k, v in self._global.items()}
 
+    def state_dict(self) -> tuple[State, dict]:
+        """The global tensors, the next broadcast and the last aggregated soft labels (for checkpoints)."""
+        tensors = {f"global/{k}": v for k, v in self._global.items()}
+        tensors["broadcast"] = torch.frombuffer(bytearray(self.broadcast), dtype=torch.uint8) if self.broadcast \
+            else torch.zeros(0, dtype=torch.uint8)
+        if self.last_targets is not None:
+            tensors["last_targets"] = self.last_targets
+        return tensors, {}
+
+    def load_state_dict(self, tensors: State, meta: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self._global = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("global/")}
+        self.broadcast = tensors["broadcast"].numpy().tobytes()
+        self.last_targets = tensors.get("last_targets")
+
     def evaluate_initial(self) -> RoundResult:
         load_trainable_state(self.model, self._global)
         return RoundResult(round=0, eval=self.evaluate())

@@ -24,6 +24,13 @@ class SplitFederatedServer:
         self.seed = seed
         self.evaluate = evaluate
 
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """The server's state for checkpoints (the clients keep none between rounds)."""
+        return self.inner.state_dict()
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        self.inner.load_state_dict(tensors, meta)
+
     @property
     def global_state(self) -> dict[str, torch.Tensor]:
         """The whole global model: the merged client half plus the server half."""

@@ -275,6 +275,22 @@ class SplitServer:
         self.optimizer = torch.optim.AdamW(split.server_parameters().values(), lr=schedule.lr,
                                            weight_decay=schedule.weight_decay)
 
+    def state_dict(self) -> tuple[State, dict]:
+        """The global halves and the server optimizer's moments (for checkpoints)."""
+        tensors = {f"client_half/{k}": v for k, v in self.global_client_half.items()}
+        tensors.update({f"server_half/{k}": v for k, v in self.global_server_half.items()})
+        for index, moments in self.optimizer.state_dict()["state"].items():
+            tensors.update({f"opt/{index}/{key}": torch.as_tensor(value).clone() for key, value in moments.items()})
+        return tensors, {}
+
+    def load_state_dict(self, tensors: State, meta: dict) -> None:
+        """Inverse of :meth:`state_dict`."""
+        self.global_client_half = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("client_half/")}
+        self.global_server_half = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith("server_half/")}
+        optimizer = self.optimizer.state_dict()
+        optimizer["state"] = _moments(tensors, "opt/")
+        self.optimizer.load_state_dict(optimizer)
+
     def load_global(self) -> None:
         """Put the global model (merged client half, server half) into the model, e.g. to evaluate it."""
         _copy_into(self.split.client_parameters(), self.global_client_half)
