@@ -42,13 +42,14 @@ def tiny_setting(model: str, dataset: str, **overrides) -> GenerativeSetting:
 
 def test_generative_preset_writes_report_results_and_plot(tmp_path: Path, tiny_llama: str, qa_jsonl: str) -> None:
     # Prepare
-    setting = tiny_setting(tiny_llama, qa_jsonl)
+    setting = tiny_setting(tiny_llama, qa_jsonl, cut_layer=1, public_size=8, topk=4,
+                           methods=(("lora", 1e-2), ("prompt", 3e-2), ("split", 3e-3), ("distill", 1e-2)))
     out = tmp_path / "generative"
     out.mkdir()
     # Execute
     result = run_generative_bench(out, "fedcustom bench --preset generative", Console(quiet=True), setting)
     # Assert: one row per method, carrying what each run's summary measured (federated and centralized)
-    assert [r["method"] for r in result["rows"]] == ["lora", "prompt"]
+    assert [r["method"] for r in result["rows"]] == ["lora", "prompt", "split", "distill"]
     for row in result["rows"]:
         summary = json.loads((out / "runs" / row["method"] / "summary.json").read_text())
         assert summary["task"] == "causal-lm" and summary["learning_rate"] == row["lr"]

@@ -81,8 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "KD-FedLLM vs Split-FedLLM, varying cut layer, public set size and clients; codecs: raw vs "
                             "GradualDiff-Fed vs compressed codec chains for full fine-tuning and LoRA; robust: "
                             "FedAvg vs median, trimmed mean, Multi-Krum and norm bounding with 0, 10 and 30 "
-                            "percent sign-flip attackers, for prefix tuning and LoRA; generative: full, LoRA, prompt "
-                            "and prefix instruction tuning of SmolLM2 on the packaged ChatterBot corpus, each with "
+                            "percent sign-flip attackers, for prefix tuning and LoRA; generative: full, LoRA, prompt, "
+                            "prefix, split and KD instruction tuning of SmolLM2 on the packaged ChatterBot corpus, each with "
                             "its centralized baseline (perplexity, ROUGE-L, MB and client FLOPs per round). "
                             "(default: quick)")
     bench.add_argument("--data-dir", default="../shared/data",

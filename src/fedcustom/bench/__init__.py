@@ -179,7 +179,7 @@ def run_robust_bench(data_dir: str, out: Path, command: str, console: Console,
 
 def run_generative_bench(out: Path, command: str, console: Console,
                          setting: generative.GenerativeSetting = generative.GenerativeSetting()) -> dict[str, Any]:
-    """Full, LoRA, prompt and prefix tuning of a causal LM vs their centralized baselines (bench/generative.py):
+    """Full, LoRA, prompt, prefix, split and KD tuning of a causal LM vs their centralized baselines (bench/generative.py):
     results.json, report.md, one plot."""
     start = time.perf_counter()
     records = generative.run_generative(out, console, setting)

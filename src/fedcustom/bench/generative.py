@@ -1,8 +1,11 @@
-"""`fedcustom bench --preset generative`: federated instruction tuning of a causal LM, four methods.
+"""`fedcustom bench --preset generative`: federated instruction tuning of a causal LM, six methods.
 
-Full fine-tuning, LoRA (Hu et al. ICLR 2022), prompt tuning (Lester et al. EMNLP 2021) and prefix
-tuning (Li & Liang ACL 2021) of the packaged SmolLM2-135M-Instruct (Allal et al. 2025) on the
-packaged ChatterBot Q/A corpus, each with its centralized baseline (same model, method, optimizer
+Full fine-tuning, LoRA (Hu et al. ICLR 2022), prompt tuning (Lester et al. EMNLP 2021), prefix
+tuning (Li & Liang ACL 2021), U-shaped split learning (Split-FedLLM, arXiv 2501.04436; SmolLM2 ties
+its LM head to its embeddings, so the head stays on the client) and token-level KD-FedLLM (top-k
+next-token distributions on a public set carved from the training rows) of the packaged
+SmolLM2-135M-Instruct (Allal et al. 2025) on the packaged ChatterBot Q/A corpus, each with its
+centralized baseline (same model, method, optimizer
 and example passes on the union of the clients' rows). Per method: held-out response perplexity,
 ROUGE-L (Lin 2004) and exact match of greedy generations, before and after federated training and
 for the centralized baseline, with the bytes and client FLOPs one round costs. FedAvg over the
@@ -34,6 +37,8 @@ KEYS = (*(f"{stage}_{m}" for m in METRICS for stage in ("initial", "final", "cen
         *(f"{m}_per_round" for m in METRICS), "bytes_up_per_round", "bytes_down_per_round", "client_flops_per_round",
         "trainable_params", "total_params", "train_examples", "eval_examples", "round_wall_seconds", "wall_seconds")
 PLOT = "perplexity_vs_round.png"
+METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "prompt": "prompt tuning", "prefix": "prefix tuning",
+                "split": "U-shaped split learning", "distill": "token-level KD-FedLLM"}
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,20 @@ class GenerativeSetting:
     lora_r: int = 8
     seed: int = 0
     # the upper ends of the usual ranges for a ~135M LM, since each client takes only 4 steps in all; not tuned
-    methods: tuple[tuple[str, float], ...] = (("full", 5e-5), ("lora", 1e-3), ("prompt", 3e-2), ("prefix", 1e-2))
+    methods: tuple[tuple[str, float], ...] = (("full", 5e-5), ("lora", 1e-3), ("prompt", 3e-2), ("prefix", 1e-2),
+                                              ("split", 5e-5), ("distill", 1e-3))
+    cut_layer: int = 4  # split: the clients run the embeddings, layers [0, 4) and (tied to the embeddings) the LM head
+    public_size: int = 24  # distill: public [prompt, response] pairs, carved out of the training rows
+    topk: int = 8  # distill: next-token probabilities sent per public response token
+
+
+def method_options(s: GenerativeSetting, method: str) -> dict[str, Any]:
+    """The [method] settings one method needs beyond the shared ones."""
+    if method == "split":
+        return {"cut_layer": s.cut_layer, "split_head": "client"}
+    if method == "distill":
+        return {"public_size": s.public_size, "topk": s.topk, "local_method": "lora"}
+    return {}
 
 
 def run_config(s: GenerativeSetting, method: str, lr: float, out: Path) -> RunConfig:
@@ -71,7 +89,8 @@ def run_config(s: GenerativeSetting, method: str, lr: float, out: Path) -> RunCo
         "model": {"name": s.model, "task": "causal-lm", "max_length": s.max_length},
         "data": {"dataset": s.dataset, "partition": s.partition, "max_train_examples": s.max_train,
                  "max_eval_examples": s.max_eval},
-        "method": {"name": method, "num_virtual_tokens": s.num_virtual_tokens, "lora_r": s.lora_r},
+        "method": {"name": method, "num_virtual_tokens": s.num_virtual_tokens, "lora_r": s.lora_r,
+                   **method_options(s, method)},
         "federation": {"clients": s.clients, "rounds": s.rounds, "local_steps": s.local_steps},
         "generation": {"chat_template": s.chat_template, "max_new_tokens": s.max_new_tokens,
                        "eval_generations": s.eval_generations},
@@ -175,6 +194,11 @@ def _setup(s: GenerativeSetting) -> list[str]:
         "union of the clients' rows for the same number of example passes as the federated run.",
         "- Bytes: the encoded payload (raw fp32 trainable tensors) per client per round. Client FLOPs: one client's "
         "training in one round, counted with torch's FlopCounterMode.",
+        f"- Split: the clients run the embeddings, layers [0, {s.cut_layer}) and the LM head (tied to the embeddings); "
+        "bytes are every per-batch message plus the client half at the start and end of a round. Distill: "
+        f"{s.public_size} public pairs carved out of the training rows (the clients keep the rest), top-{s.topk} "
+        "next-token probabilities per public response token up, the global model's own top-k down; LoRA on both "
+        "sides; the centralized baseline trains LoRA on the clients' rows.",
     ]
 
 
@@ -182,8 +206,8 @@ def report(result_rows: list[dict], setting: GenerativeSetting, command: str, ma
            records: list[dict]) -> str:
     run_minutes = sum(r["wall_seconds"] or 0.0 for r in records) / 60
     parts = ["# fedcustom bench — preset `generative`", "",
-             "Federated instruction tuning of a causal LM: full fine-tuning, LoRA, prompt and prefix tuning, each "
-             "against its centralized baseline.", "",
+             "Federated instruction tuning of a causal LM: " + ", ".join(METHOD_NAMES.get(m, m) for m, _ in setting.methods)
+             + ", each against its centralized baseline.", "",
              f"Command: `{command}`  ", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch threads "
              f"{machine['torch_threads']}; {len(records)} runs ({sum(r['reused'] for r in records)} reused), "
              f"{run_minutes:.1f} min of runs in all, this invocation {wall / 60:.1f} min.", "", "## Setup", "",
