@@ -25,6 +25,14 @@ from fedcustom.errors import FedCustomError
 from fedcustom.generation import chat_prompt
 
 
+NO_TOPIC = "(no topic)"  # the topic name of rows without one
+
+
+def topic_name(topic: str) -> str:
+    """A row's topic as a label name (rows without a topic share :data:`NO_TOPIC`)."""
+    return topic or NO_TOPIC
+
+
 @dataclass(frozen=True)
 class InstructionRows:
     """Rows as text: the prompt (chat-templated), the reference response, and an integer topic."""
@@ -133,7 +141,7 @@ def prepare_causal_data(cfg: DataConfig, num_clients: int, seed: int, tokenizer:
         train=tokenize_rows(train_rows, tokenizer, max_length, f"--dataset {cfg.dataset}"),
         eval=tokenize_rows(eval_rows, tokenizer, max_length, f"evaluation rows of {cfg.eval_dataset or cfg.dataset}"),
         client_indices=indices,
-        label_names=[name or "(no topic)" for name in topic_names],
+        label_names=[topic_name(name) for name in topic_names],
         groups=train_rows.topics,
         eval_prompts=eval_rows.prompts,
         eval_references=eval_rows.responses,

@@ -71,15 +71,13 @@ def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) ->
     from fedcustom.data.partition import label_histogram
 
     if cfg.model.task == "causal-lm":
+        from fedcustom.data.causal import topic_name
         from fedcustom.data.instructions import load_instructions
 
         topics = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)["topic"]
         index = {name: i for i, name in enumerate(label_names)}
-        histogram = [0] * len(label_names)
-        for topic in topics:
-            if (topic or "(no topic)") in index:
-                histogram[index[topic or "(no topic)"]] += 1
-        return {"examples": len(topics), "label-histogram": json.dumps(histogram)}
+        known = [index[topic_name(t)] for t in topics if topic_name(t) in index]
+        return {"examples": len(topics), "label-histogram": json.dumps(label_histogram(known, len(label_names)))}
     from fedcustom.data import load_labeled
 
     rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names).dataset
@@ -88,12 +86,12 @@ def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) ->
 
 def _own_instruction_table(cfg: RunConfig, setup: ClientSetup, data_path: str, tokenizer: Any) -> Any:
     """A causal-LM node's own instruction rows, chat-templated and tokenized as the server's are."""
-    from fedcustom.data.causal import as_rows, tokenize_rows
+    from fedcustom.data.causal import as_rows, tokenize_rows, topic_name
     from fedcustom.data.instructions import load_instructions
 
     rows = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)
-    topics = list(setup.label_names) + sorted({t or "(no topic)" for t in rows["topic"]} - set(setup.label_names))
-    rows = rows.map(lambda row: {"topic": row["topic"] or "(no topic)"})
+    rows = rows.map(lambda row: {"topic": topic_name(row["topic"])})
+    topics = list(setup.label_names) + sorted(set(rows["topic"]) - set(setup.label_names))
     texts = as_rows(rows, tokenizer, topics, cfg.generation.chat_template)
     return tokenize_rows(texts, tokenizer, cfg.model.max_length, f"this node's data-path {data_path}")
 

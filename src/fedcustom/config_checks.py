@@ -1,0 +1,111 @@
+"""Range and consistency checks of a built RunConfig: what no type hint can express (positive counts, shares
+in (0, 1], settings only one method, task or privacy mode understands). :func:`fedcustom.config.build_config`
+runs :func:`validate` on every config it builds."""
+
+from __future__ import annotations
+
+from fedcustom.config import RunConfig, parse_partition
+from fedcustom.errors import ConfigError
+
+
+def _positive(where: str, value: float | None, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{where}: expected a number > 0, got {value}")
+
+
+def validate(cfg: RunConfig) -> None:
+    """Range checks that no type hint can express."""
+    parse_partition(cfg.data.partition)
+    fed, train, data = cfg.federation, cfg.train, cfg.data
+    for where, value in [
+        ("federation.clients (--clients)", fed.clients), ("federation.rounds (--rounds)", fed.rounds),
+        ("federation.local_epochs (--local-epochs)", fed.local_epochs), ("train.batch_size", train.batch_size),
+        ("model.max_length", cfg.model.max_length), ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
+        ("method.lora_r", cfg.method.lora_r), ("method.public_size (--public-size)", cfg.method.public_size),
+        ("method.distill_epochs", cfg.method.distill_epochs),
+        ("federation.min_available (--min-available)", fed.min_available),
+        ("federation.round_timeout (--round-timeout)", fed.round_timeout),
+    ]:
+        _positive(where, value, allow_none=False)
+    _positive("method.kd_temperature (--kd-temperature)", cfg.method.kd_temperature)
+    for where, value in [
+        ("federation.local_steps", fed.local_steps), ("federation.clients_per_round", fed.clients_per_round),
+        ("train.lr", train.lr), ("data.max_train_examples", data.max_train_examples),
+        ("data.max_eval_examples", data.max_eval_examples), ("method.topk (--topk)", cfg.method.topk),
+    ]:
+        _positive(where, value)
+    if not 0 < fed.fraction <= 1:
+        raise ConfigError(f"federation.fraction (--fraction): expected 0 < fraction <= 1, got {fed.fraction}")
+    if fed.clients_per_round is not None and fed.clients_per_round > fed.clients:
+        raise ConfigError(
+            f"federation.clients_per_round: {fed.clients_per_round} exceeds the {fed.clients} clients"
+        )
+    from fedcustom.codecs.chain import parse_chain  # the chain grammar lives with the codecs
+
+    parse_chain(cfg.codec.up, "codec.up (--codec)")
+    parse_chain(cfg.codec.down or cfg.codec.up, "codec.down (--codec-down)")
+    validate_trust(cfg)
+    validate_task(cfg)
+    if not 0 < data.eval_fraction < 1:
+        raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
+
+
+def validate_trust(cfg: RunConfig) -> None:
+    """Privacy, adversary and fault settings: ranges and combinations that cannot work together."""
+    fed, priv, adv = cfg.federation, cfg.privacy, cfg.adversary
+    from fedcustom.strategies import get_strategy  # the strategy grammar lives with the strategies
+
+    get_strategy(fed.strategy)
+    _positive("federation.max_update_mb (--max-update-mb)", fed.max_update_mb)
+    for where, value in [("federation.client_failure_rate (--client-failure-rate)", fed.client_failure_rate),
+                         ("adversary.fraction (--attack-fraction)", adv.fraction)]:
+        if not 0 <= value < 1:
+            raise ConfigError(f"{where}: expected 0 <= value < 1, got {value}")
+    if fed.client_latency < 0:
+        raise ConfigError(f"federation.client_latency (--client-latency): expected >= 0, got {fed.client_latency}")
+    _positive("privacy.clip_norm (--dp-clip)", priv.clip_norm, allow_none=False)
+    if priv.noise_multiplier < 0:
+        raise ConfigError(f"privacy.noise_multiplier (--dp-noise): expected >= 0, got {priv.noise_multiplier}")
+    if not 0 < priv.delta < 1:
+        raise ConfigError(f"privacy.delta (--dp-delta): expected 0 < delta < 1, got {priv.delta}")
+    if not 0 < priv.secagg_threshold <= 1:
+        raise ConfigError(f"privacy.secagg_threshold: expected 0 < share <= 1, got {priv.secagg_threshold}")
+    if adv.attack != "none" and adv.scale <= 0:
+        raise ConfigError(f"adversary.scale (--attack-scale): expected > 0, got {adv.scale}")
+    if priv.dp == "central" and fed.strategy != "fedavg":
+        raise ConfigError(f"--dp central with --strategy {fed.strategy}: central DP replaces the merge with the mean of "
+                          f"clipped updates (its sensitivity bound needs it); use --strategy fedavg or --dp local")
+    _positive("privacy.secagg_clip (--secagg-clip)", priv.secagg_clip, allow_none=False)
+    if priv.dp_sgd:
+        _positive("privacy.sgd_clip (--dp-sgd-clip)", priv.sgd_clip, allow_none=False)
+        _positive("privacy.sgd_noise (--dp-sgd-noise)", priv.sgd_noise, allow_none=False)
+        if cfg.method.name not in ("lora", "prefix"):
+            raise ConfigError(f"--dp-sgd with --method {cfg.method.name}: Opacus computes per-example gradients for "
+                              f"LoRA's and prefix tuning's modules only; use --method lora or prefix")
+    if priv.secagg and priv.dp == "central":
+        raise ConfigError("--secagg with --dp central: the server cannot clip updates it never sees; use --dp local "
+                          "(clients clip and noise before masking)")
+    if priv.secagg and cfg.codec.up != "raw":
+        raise ConfigError(f"--secagg with --codec {cfg.codec.up}: secure aggregation uploads its own masked fixed-point "
+                          f"encoding; leave --codec raw (--codec-down may compress the broadcast)")
+    if priv.secagg and fed.strategy != "fedavg":
+        raise ConfigError(f"--secagg with --strategy {fed.strategy}: under secure aggregation the server sees only "
+                          f"the sum of updates, so only fedavg can run; robust strategies need each update")
+
+
+def validate_task(cfg: RunConfig) -> None:
+    """Settings that only one task understands."""
+    gen, causal = cfg.generation, cfg.model.task == "causal-lm"
+    for where, value in [("generation.max_new_tokens (--max-new-tokens)", gen.max_new_tokens),
+                         ("generation.eval_generations (--eval-generations)", gen.eval_generations)]:
+        _positive(where, value, allow_none=False)
+    if gen.samples < 0:
+        raise ConfigError(f"generation.samples: expected >= 0, got {gen.samples}")
+    if parse_partition(cfg.data.partition).kind == "column" and not causal:
+        raise ConfigError(f"--partition {cfg.data.partition}: column partitions need --task causal-lm (instruction "
+                          f"data keeps its metadata columns)")
+    if causal and cfg.method.name == "distill" and cfg.method.topk is None:
+        raise ConfigError("--task causal-lm with --method distill: set --topk K (the knowledge on each public response "
+                          "token is a distribution over the vocabulary; clients send its top K)")

@@ -1,0 +1,91 @@
+"""summary.json: the headline numbers of a finished run, with what produced them (config, library versions,
+machine)."""
+
+from __future__ import annotations
+
+import platform
+from importlib.metadata import version
+from typing import Any
+
+import torch
+from torch import nn
+
+from fedcustom.codecs import get_codec
+from fedcustom.config import RunConfig
+from fedcustom.data import FederatedData
+from fedcustom.methods import get_method
+from fedcustom.report import TASK_METRICS, mean
+from fedcustom.server import RoundResult
+from fedcustom.trust import clients_per_round, trust_summary
+
+PAYLOAD_NOTES = {
+    "parameter_sharing": "bytes are the encoded safetensors payload of the method's trainable tensors, task head included",
+    "split": "bytes are every per-batch message (activations, masks and labels up; gradients down) plus the client "
+             "half's weights at the start and end of a round; server FLOPs are per client served",
+    "distill": "bytes up are the encoded logits (or top-k soft labels) on the public set; bytes down the broadcast "
+               "(global soft labels, or the global adapter); server FLOPs (distillation) are split evenly over the "
+               "clients whose knowledge was used",
+}
+
+
+def versions() -> dict[str, str]:
+    """Library versions and machine, so a result says what produced it."""
+    libs = {name: version(name) for name in ("fedcustom", "torch", "transformers", "peft", "datasets", "flwr-datasets")}
+    return {**libs, "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
+            "cpu_threads": str(torch.get_num_threads())}
+
+
+def summarize(
+    cfg: RunConfig, results: list[RoundResult], centralized: dict[str, float] | None,
+    model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, wall: float, lr: float,
+    client_data: list[dict],
+) -> dict[str, Any]:
+    """The headline numbers (per client per round unless a key says total)."""
+    rounds = results[1:]
+    metrics = {}
+    for key, _ in TASK_METRICS[cfg.model.task]:
+        metrics.update({f"initial_{key}": results[0].eval[key], f"final_{key}": results[-1].eval[key],
+                        f"{key}_per_round": [r.eval[key] for r in results],  # index 0 = the initial model
+                        f"centralized_{key}": centralized[key] if centralized else None})
+    up = [b for r in rounds for b in r.bytes_up.values()]
+    down = [b for r in rounds for b in r.bytes_down.values()]
+    flops = [f for r in rounds for f in r.client_flops.values()]
+    server_flops = [f for r in rounds for f in r.server_flops.values()]
+    trainable = sum(t.numel() for t in initial.values())
+    return {
+        "method": cfg.method.name,
+        "model": cfg.model.name,
+        "dataset": cfg.data.dataset,
+        "partition": cfg.data.partition,
+        "clients": cfg.federation.clients,
+        "clients_per_round": clients_per_round(cfg),
+        "rounds": len(rounds),
+        "learning_rate": lr,
+        "task": cfg.model.task,
+        **metrics,
+        "round_wall_seconds": [r.wall_seconds for r in rounds],
+        "centralized": centralized,
+        "bytes_up_per_round": mean(up),
+        "bytes_down_per_round": mean(down),
+        "bytes_up_total": sum(up),
+        "bytes_down_total": sum(down),
+        "payload_note": PAYLOAD_NOTES[get_method(cfg.method.name).protocol],
+        "codec_up": str(getattr(get_codec(cfg.codec.up), "name", cfg.codec.up)),
+        "codec_down": str(getattr(get_codec(cfg.codec.down or cfg.codec.up), "name", cfg.codec.down or cfg.codec.up)),
+        "client_flops_per_round": mean(flops),
+        "server_flops_per_round": mean(server_flops) if server_flops else None,  # per client served (split, distill)
+        "public_examples": len(data.public) if data.public else None,
+        "trainable_params": trainable,
+        "trainable_bytes_fp32": sum(t.numel() * 4 for t in initial.values()),
+        "total_params": sum(p.numel() for p in model.parameters()),
+        "rejected_updates": sum(len(r.rejected) for r in rounds),
+        "strategy": cfg.federation.strategy,
+        **trust_summary(cfg, results),
+        "wall_seconds": wall,
+        "train_examples": sum(len(rows) for rows in data.client_indices),
+        "eval_examples": len(data.eval),
+        "label_names": data.label_names,
+        "client_data": client_data,
+        "config": cfg.to_dict(),
+        "versions": versions(),
+    }
