@@ -143,3 +143,11 @@ def test_public_set_from_another_corpus_uses_its_texts_only(tiny_bert: str, toy_
     data = prepare_data(DataConfig(dataset=toy_csv, partition="iid"), 2, 0, load_tokenizer(tiny_bert), 16,
                         PublicSpec(size=20, source=str(corpus)))
     assert len(data.public) == 20 and all(t.startswith("unlabelled text") for t in data.public)
+
+
+def test_numeric_looking_text_stays_text_and_numeric_labels_keep_numeric_order(tmp_path) -> None:
+    path = tmp_path / "codes.csv"
+    path.write_text("text,label\n007,10\n1.50,2\nhello,10\n0042,2\n")
+    data = load_labeled(str(path))
+    assert data.dataset["text"] == ["007", "1.50", "hello", "0042"]
+    assert data.label_names == ["2", "10"] and data.dataset["label"] == [1, 0, 1, 0]

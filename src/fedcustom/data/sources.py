@@ -64,15 +64,17 @@ PACKAGED_DATASETS: dict[str, Callable[[], tuple[pd.DataFrame, list[str]]]] = {
 
 
 def _read_file(path: Path) -> pd.DataFrame:
+    """A local file with text kept as text: no "007" -> 7 or "1.50" -> 1.5 (labels are ordered numerically
+    later, where they all are numbers)."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".tsv":
             # GLUE-style TSV: quotes are literal text, not field delimiters.
-            return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, keep_default_na=False)
+            return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
         if suffix == ".csv":
-            return pd.read_csv(path, keep_default_na=False)
+            return pd.read_csv(path, dtype=str, keep_default_na=False)
         if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl")
+            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
         return pd.read_parquet(path)
     except Exception as exc:  # pandas raises many types; the user needs the file name and cause
         raise FedCustomError(f"dataset file {path}: could not be read as {suffix[1:]} ({exc})") from None
@@ -139,8 +141,7 @@ def to_labeled(
         raise FedCustomError(f"dataset {source}: {int(raw.isna().sum())} rows have no label")
     as_str = raw.astype(str)
     if label_names is None:
-        values = sorted(raw.unique().tolist())  # numeric labels sort numerically, strings alphabetically
-        label_names = [str(v) for v in values]
+        label_names = _label_order([str(v) for v in raw.unique().tolist()])
     index = {name: i for i, name in enumerate(label_names)}
     unknown = sorted(set(as_str) - set(index))
     if unknown:
@@ -150,6 +151,14 @@ def to_labeled(
     labels = np.array([index[v] for v in as_str], dtype=np.int64)
     table = datasets.Dataset.from_dict({"text": texts.tolist(), "label": labels.tolist()})
     return LabeledData(table, list(label_names))
+
+
+def _label_order(values: list[str]) -> list[str]:
+    """Numeric labels in numeric order ("2" before "10"), others alphabetically."""
+    try:
+        return sorted(values, key=float)
+    except ValueError:
+        return sorted(values)
 
 
 def load_labeled(
