@@ -116,23 +116,29 @@ class Interrupted(Exception):
     pass
 
 
+def run_interrupted(cfg, server_type: type, crash_round: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run ``cfg`` until ``server_type`` starts round ``crash_round``, which raises Interrupted (the checkpoint of the
+    round before stays on disk)."""
+    original = server_type.run_round
+
+    def crash(self, rnd, on_reply=None):
+        if rnd == crash_round:
+            raise Interrupted
+        return original(self, rnd, on_reply)
+
+    monkeypatch.setattr(server_type, "run_round", crash)
+    with pytest.raises(Interrupted):
+        run_job(cfg)
+    monkeypatch.setattr(server_type, "run_round", original)
+
+
 def test_resume_after_an_interrupted_round_gives_the_uninterrupted_result(tiny_config, tmp_path, monkeypatch) -> None:
     # Prepare: stateful codecs on both links (delta references, top-k residuals), 3 clients, 3 rounds
     settings = dict(federation__clients=3, federation__rounds=3, codec__up="delta,topk:0.5",
                     privacy__dp="central", privacy__noise_multiplier=0.3, privacy__clip_norm=5.0,
                     train__lr=TINY_LR["prefix"])
     whole, summary = run_job(tiny_config(**settings, output__dir=str(tmp_path / "whole")))
-    original = FederatedServer.run_round
-
-    def crash_in_round_2(self, rnd, on_reply=None):
-        if rnd == 2:
-            raise Interrupted
-        return original(self, rnd, on_reply)
-
-    monkeypatch.setattr(FederatedServer, "run_round", crash_in_round_2)
-    with pytest.raises(Interrupted):
-        run_job(tiny_config(**settings, output__dir=str(tmp_path / "cut")))
-    monkeypatch.setattr(FederatedServer, "run_round", original)
+    run_interrupted(tiny_config(**settings, output__dir=str(tmp_path / "cut")), FederatedServer, 2, monkeypatch)
     # Execute
     resumed = resume(str(tmp_path / "cut"))
     # Assert: the same global tensors, accuracies, byte counts and privacy spent
@@ -159,18 +165,7 @@ def test_split_and_distill_runs_resume_to_the_uninterrupted_result(tiny_config, 
     tensors, the next broadcast, and each embedded client's own model) goes into the checkpoint."""
     settings = dict(federation__rounds=3, federation__local_epochs=1, train__lr=3e-3, **method)
     whole, summary = run_job(tiny_config(**settings, output__dir=str(tmp_path / "whole")))
-    server_type = type(whole.server)
-    original = server_type.run_round
-
-    def crash_in_round_3(self, rnd, on_reply=None):
-        if rnd == 3:
-            raise Interrupted
-        return original(self, rnd, on_reply)
-
-    monkeypatch.setattr(server_type, "run_round", crash_in_round_3)
-    with pytest.raises(Interrupted):
-        run_job(tiny_config(**settings, output__dir=str(tmp_path / "cut")))
-    monkeypatch.setattr(server_type, "run_round", original)
+    run_interrupted(tiny_config(**settings, output__dir=str(tmp_path / "cut")), type(whole.server), 3, monkeypatch)
     # Execute
     resumed = resume(str(tmp_path / "cut"))
     # Assert: the same round log (but wall times) and final accuracy as the run that was never interrupted

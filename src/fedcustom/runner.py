@@ -98,7 +98,6 @@ class Job:
     server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
     out: Path
     evaluate_model: Callable[[], dict[str, Any]]  # the task's metrics of ``model`` as it is now
-    client: TrainingClient | None = None  # the in-process clients of a parameter-sharing run (their codec links)
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint must hold: the server, and the state of clients that live in this process."""
@@ -181,7 +180,6 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
 
     tables, adversary = client_tables(cfg, data)
     setup = ClientSetup(data.label_names, data.public)
-    client = None
     if method.protocol == "split":
         server = build_split_server(cfg, model, tokenizer, codec, strategy, schedule, tables, evaluate_model,
                                     lambda handler: runtime(handler, setup))
@@ -196,7 +194,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
             runtime(client, setup), strategy, codec, initial, evaluate_state, schedule,
             clients_per_round(cfg), cfg.train.seed, codec_down, cfg.federation.min_available, safeguards_for(cfg),
         )
-    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model, client)
+    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model)
 
 
 def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:

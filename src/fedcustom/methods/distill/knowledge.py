@@ -9,7 +9,7 @@ labels) and averages the clients' distributions.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -112,6 +112,52 @@ def distillation_loss(student_logits: torch.Tensor, targets: torch.Tensor, tempe
     return nn.functional.kl_div(log_probs, targets, reduction="batchmean") * temperature**2
 
 
+def distill_batches(model: nn.Module, batches: Iterable[tuple[dict, torch.Tensor]],
+                    student: Callable[[dict], torch.Tensor], lr: float, temperature: float, seed: int,
+                    count_flops: bool, kind: str) -> tuple[float, int]:
+    """AdamW on the model's trainable tensors, one step per (batch, wanted soft labels) pair, pulling
+    ``student(batch)`` (rows, classes) toward the wanted rows. Returns the mean distillation loss and the FLOPs
+    counted per ``kind`` and batch shape (0 when ``count_flops`` is off)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr)
+    torch.manual_seed(seed)
+    model.train()
+    losses, flops = [], 0
+    for batch, wanted in batches:
+
+        def step(batch: dict = batch, wanted: torch.Tensor = wanted) -> float:
+            loss = distillation_loss(student(batch), wanted, temperature)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            return loss.item()
+
+        if count_flops:
+            loss, step_flops = counted(model, (kind, *batch["input_ids"].shape), step)
+            flops += step_flops
+        else:
+            loss = step()
+        losses.append(loss)
+    return (sum(losses) / len(losses) if losses else float("nan")), int(flops)
+
+
+def logits_over(model: nn.Module, batches: Iterable[dict], forward: Callable[[dict], torch.Tensor],
+                count_flops: bool, kind: str) -> tuple[torch.Tensor, int]:
+    """``forward(batch)`` for every batch with dropout off and no gradients, concatenated; and the FLOPs counted
+    per ``kind`` and batch shape (0 when ``count_flops`` is off)."""
+    model.eval()
+    parts, flops = [], 0
+    with torch.no_grad():
+        for batch in batches:
+            if count_flops:
+                logits, batch_flops = counted(model, (kind, *batch["input_ids"].shape), lambda b=batch: forward(b))
+            else:
+                logits, batch_flops = forward(batch), 0
+            parts.append(logits)
+            flops += batch_flops
+    return torch.cat(parts), flops
+
+
 def distill_into(model: nn.Module, texts: list[str], targets: torch.Tensor, tokenizer: PreTrainedTokenizerBase,
                  max_length: int, lr: float, batch_size: int, epochs: int, temperature: float, seed: int,
                  count_flops: bool) -> tuple[float, int]:
@@ -119,42 +165,14 @@ def distill_into(model: nn.Module, texts: list[str], targets: torch.Tensor, toke
 
     Returns the mean distillation loss and the FLOPs counted (0 when ``count_flops`` is off).
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr)
-    torch.manual_seed(seed)
-    model.train()
-    losses, flops = [], 0
-    for epoch in range(epochs):
-        for rows, batch in public_batches(texts, tokenizer, max_length, batch_size, seed=seed + epoch):
-
-            def step(batch: dict = batch, rows: torch.Tensor = rows) -> float:
-                loss = distillation_loss(model(**batch).logits, targets[rows], temperature)
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                return loss.item()
-
-            if count_flops:
-                loss, step_flops = counted(model, ("distill", *batch["input_ids"].shape), step)
-                flops += step_flops
-            else:
-                loss = step()
-            losses.append(loss)
-    return (sum(losses) / len(losses) if losses else float("nan")), int(flops)
+    batches = ((batch, targets[rows]) for epoch in range(epochs)
+               for rows, batch in public_batches(texts, tokenizer, max_length, batch_size, seed=seed + epoch))
+    return distill_batches(model, batches, lambda batch: model(**batch).logits, lr, temperature, seed, count_flops,
+                           "distill")
 
 
 def counted_public_logits(model: nn.Module, texts: list[str], tokenizer: PreTrainedTokenizerBase, max_length: int,
                           batch_size: int, count_flops: bool) -> tuple[torch.Tensor, int]:
     """:func:`public_logits` and the FLOPs of computing them (0 when ``count_flops`` is off)."""
-    model.eval()
-    parts, flops = [], 0
-    with torch.no_grad():
-        for _, batch in public_batches(texts, tokenizer, max_length, batch_size):
-            forward = lambda batch=batch: model(**batch).logits.float()  # noqa: E731
-            if count_flops:
-                logits, batch_flops = counted(model, ("infer", *batch["input_ids"].shape), forward)
-            else:
-                logits, batch_flops = forward(), 0
-            parts.append(logits)
-            flops += batch_flops
-    return torch.cat(parts), flops
+    batches = (batch for _, batch in public_batches(texts, tokenizer, max_length, batch_size))
+    return logits_over(model, batches, lambda batch: model(**batch).logits.float(), count_flops, "infer")

@@ -10,6 +10,7 @@ operations, so the protocol does not care which task it runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Protocol
 
 import numpy as np
@@ -19,8 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.data.causal import InstructionRows, tokenize_rows
 from fedcustom.data.features import IGNORE_INDEX, make_loader
-from fedcustom.methods.distill.knowledge import counted_public_logits, distill_into, distillation_loss
-from fedcustom.training import counted
+from fedcustom.methods.distill.knowledge import counted_public_logits, distill_batches, distill_into, logits_over
 
 
 class PublicSet(Protocol):
@@ -75,54 +75,29 @@ class TokenPublicSet:
         return next(iter(make_loader(self.table.select(rows), self.tokenizer, len(rows), seed=None)))
 
     def logits(self, model: nn.Module, batch_size: int, count_flops: bool) -> tuple[torch.Tensor, int]:
-        model.eval()
-        parts, flops = [], 0
-        with torch.no_grad():
-            for start in range(0, len(self.table), batch_size):
-                batch = self._batch(list(range(start, min(start + batch_size, len(self.table)))))
-                labels = batch.pop("labels")
-
-                def forward(batch: dict = batch) -> torch.Tensor:
-                    return model(**batch).logits.float()
-
-                if count_flops:
-                    logits, batch_flops = counted(model, ("infer-lm", *batch["input_ids"].shape), forward)
-                else:
-                    logits, batch_flops = forward(), 0
-                parts.append(response_positions(logits, labels))
-                flops += batch_flops
-        return torch.cat(parts), flops
+        batches = (self._batch(list(range(start, min(start + batch_size, len(self.table)))))
+                   for start in range(0, len(self.table), batch_size))
+        return logits_over(model, batches, lambda batch: response_positions(_logits(model, batch).float(),
+                                                                           batch["labels"]),
+                           count_flops, "infer-lm")
 
     def distill(self, model: nn.Module, targets: torch.Tensor, lr: float, batch_size: int, epochs: int,
                 temperature: float, seed: int, count_flops: bool) -> tuple[float, int]:
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=lr)
-        torch.manual_seed(seed)
-        model.train()
-        losses, flops = [], 0
-        for epoch in range(epochs):
-            order = torch.randperm(len(self.table), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
-            for start in range(0, len(order), batch_size):
-                rows = order[start : start + batch_size]
-                batch = self._batch(rows)
-                labels = batch.pop("labels")
-                wanted = torch.cat([targets[self.offsets[r]:self.offsets[r + 1]] for r in rows])
+        def batches() -> Iterator[tuple[dict, torch.Tensor]]:
+            for epoch in range(epochs):
+                order = torch.randperm(len(self.table), generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+                for start in range(0, len(order), batch_size):
+                    rows = order[start : start + batch_size]
+                    yield self._batch(rows), torch.cat([targets[self.offsets[r]:self.offsets[r + 1]] for r in rows])
 
-                def step(batch: dict = batch, labels: torch.Tensor = labels, wanted: torch.Tensor = wanted) -> float:
-                    student = response_positions(model(**batch).logits, labels)
-                    loss = distillation_loss(student, wanted, temperature)
-                    loss.backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                    return loss.item()
+        return distill_batches(model, batches(), lambda batch: response_positions(_logits(model, batch),
+                                                                                  batch["labels"]),
+                               lr, temperature, seed, count_flops, "distill-lm")
 
-                if count_flops:
-                    loss, step_flops = counted(model, ("distill-lm", *batch["input_ids"].shape), step)
-                    flops += step_flops
-                else:
-                    loss = step()
-                losses.append(loss)
-        return (sum(losses) / len(losses) if losses else float("nan")), int(flops)
+
+def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The model's logits on a batch whose labels mark the response tokens (the model is not given them)."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
 
 
 def public_set(public: list, task: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PublicSet:
