@@ -24,14 +24,16 @@ from fedcustom.runtime.flower.records import (  # noqa: E402
 def test_messages_and_replies_survive_the_flower_records_bytes_for_bytes() -> None:
     # Prepare
     payload = bytes(range(256)) * 1000
-    message = Message("train", 3, payload, {"lr": 0.01, "epochs": 2, "count_flops": True, "codec_base": 0})
-    reply = Reply(payload=payload[::-1], num_examples=17, metrics={"train_loss": 0.25, "flops": 1e12})
+    message = Message("train", 3, payload, {"lr": 0.01, "epochs": 2, "count_flops": True, "codec_base": 0},
+                      attachment=payload[:999])
+    reply = Reply(payload=payload[::-1], num_examples=17, metrics={"train_loss": 0.25, "flops": 1e12},
+                  attachment=payload[5:77])
     # Execute
     message_back = content_to_message(message_to_content(message, {"extra": "x"}))
     reply_back = content_to_reply(reply_to_content(reply))
     failed_back = content_to_reply(reply_to_content(Reply(error="out of memory")))
     # Assert
-    assert message_back == Message("train", 3, payload, {**message.config, "extra": "x"})
+    assert message_back == Message("train", 3, payload, {**message.config, "extra": "x"}, payload[:999])
     assert reply_back == reply
     assert failed_back.error == "out of memory" and failed_back.payload == b""
     assert message_type("train") == "train" and message_type("split_forward") == "train.split_forward"
@@ -45,9 +47,15 @@ def test_content_from_something_else_is_a_clear_error() -> None:
 
 
 @pytest.mark.integration
-def test_flower_simulation_gives_the_embedded_runtimes_global_state(tiny_config, tmp_path) -> None:
-    # Prepare: the same job twice, only the runtime differs
-    settings = {"method__name": "lora", "train__lr": 3e-3, "federation__local_epochs": 1}
+@pytest.mark.parametrize("overrides", [
+    {},
+    {"federation__scaffold": True, "federation__server_opt": "adam", "federation__server_lr": 3e-3,
+     "federation__prox_mu": 0.1, "federation__rounds": 3},
+], ids=["fedavg", "scaffold-fedprox-adam"])
+def test_flower_simulation_gives_the_embedded_runtimes_global_state(tiny_config, tmp_path, overrides) -> None:
+    # Prepare: the same job twice, only the runtime differs (SCAFFOLD: each node keeps its control variate in its
+    # context.state, and the control variates travel as attachment records)
+    settings = {"method__name": "lora", "train__lr": 3e-3, "federation__local_epochs": 1, **overrides}
     embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
     simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
     # Execute

@@ -19,8 +19,17 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.integration
 
 
-def write_config(path: Path, model: str, data: str, out: Path) -> Path:
-    """Rounds long enough (~1-2 s) that a kill lands inside one; stateful codecs and central DP on."""
+# What the server and clients must carry across the kill: central DP's accountant, or (DP and SCAFFOLD's clear-text
+# control variates do not mix) a server optimizer's moments and every client's control variate.
+STATEFUL = {  # (lines added to [federation], a [privacy] table)
+    "dp": ("", '[privacy]\ndp = "central"\nclip_norm = 5.0\nnoise_multiplier = 0.3\n'),
+    "adam-scaffold": ('server_opt = "adam"\nserver_lr = 0.01\nscaffold = true\n', ""),
+}
+
+
+def write_config(path: Path, model: str, data: str, out: Path, stateful: str = "dp") -> Path:
+    """Rounds long enough (~1-2 s) that a kill lands inside one; stateful codecs and server state on."""
+    federation, privacy = STATEFUL[stateful]
     path.write_text(f"""
 [model]
 name = "{model}"
@@ -36,13 +45,9 @@ num_virtual_tokens = 4
 clients = 3
 rounds = 3
 local_epochs = 30
-[codec]
+{federation}[codec]
 up = "delta,topk:0.5"
-[privacy]
-dp = "central"
-clip_norm = 5.0
-noise_multiplier = 0.3
-[train]
+{privacy}[train]
 batch_size = 16
 lr = 0.01
 [output]
@@ -72,12 +77,14 @@ def finish(proc: subprocess.Popen) -> str:
     return output
 
 
-def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+@pytest.mark.parametrize("stateful", list(STATEFUL))
+def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Path, tiny_bert: str, toy_csv: str,
+                                                                     stateful: str) -> None:
     # Prepare: the reference run, never interrupted
     whole = tmp_path / "whole"
-    finish(fedcustom("run", "--config", str(write_config(tmp_path / "whole.toml", tiny_bert, toy_csv, whole))))
+    finish(fedcustom("run", "--config", str(write_config(tmp_path / "whole.toml", tiny_bert, toy_csv, whole, stateful))))
     cut = tmp_path / "cut"
-    proc = fedcustom("run", "--config", str(write_config(tmp_path / "cut.toml", tiny_bert, toy_csv, cut)))
+    proc = fedcustom("run", "--config", str(write_config(tmp_path / "cut.toml", tiny_bert, toy_csv, cut, stateful)))
     # Execute: SIGKILL once round 1 is checkpointed, while round 2 trains
     try:
         deadline = time.monotonic() + 240
@@ -104,7 +111,8 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
 
     assert log(cut) == log(whole)
     summary = json.loads((cut / "summary.json").read_text())
-    assert summary["rounds"] == 3 and summary["epsilon"] > 0
+    assert summary["rounds"] == 3
+    assert summary["epsilon"] > 0 if stateful == "dp" else summary["settings"]["scaffold"]
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:

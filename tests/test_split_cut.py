@@ -135,7 +135,7 @@ def test_split_forward_equals_unsplit_forward_with_lora_on_the_client_half(tiny_
 
     model, batch = _model_and_batch(tiny_bert)
     model = get_method("split").build(model, MethodConfig(name="split", cut_layer=1, split_client="lora"),
-                                      "classification").eval()
+                                      "classification", None).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
@@ -196,7 +196,7 @@ def test_client_half_prefixes_act_as_peft_prefix_tuning_on_those_layers(backbone
     table = peft_model.prompt_encoder["default"].embedding.weight  # (P, layers * 2 * heads * head_dim)
     per_layer = table.view(4, config.num_layers, 2, config.num_attention_heads, -1).permute(1, 2, 3, 0, 4)
     wrapped = get_method("split").build(model, MethodConfig(name="split", cut_layer=1, split_client="prefix",
-                                                            num_virtual_tokens=4), "classification")
+                                                            num_virtual_tokens=4), "classification", None)
     with torch.no_grad():
         wrapped.client_prefix.weight.copy_(per_layer[:1])
     split = cut_model(wrapped, cut_layer=1)

@@ -20,7 +20,7 @@ def _setup(tiny_bert: str):
     tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
     table = tokenize(datasets.Dataset.from_pandas(toy_rows(40)).rename_column("sentence", "text"), tokenizer, 32)
     model = get_method("lora").build(load_model(tiny_bert, "classification", ["neg", "pos"], tokenizer, 0),
-                                     MethodConfig(name="lora"), "classification")
+                                     MethodConfig(name="lora"), "classification", tokenizer)
     return tokenizer, table, model
 
 

@@ -16,7 +16,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.attacks import MODEL_POISONING, poison_update
-from fedcustom.checkpoint import pack_links, unpack_links
+from fedcustom import scaffold
+from fedcustom.checkpoint import SEP, group, pack_links, unpack_links
 from fedcustom.codecs import Codec, Link, uses_delta
 from fedcustom.methods import load_trainable_state, trainable_state
 from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
@@ -25,7 +26,7 @@ from fedcustom.privacy.secagg import ADVERTISE, SHARE, UNMASK
 from fedcustom.privacy.secure_round import TRAIN_MASKED, SecureClientSide
 from fedcustom.privacy.secure_round import unpack as unpack_secure
 from fedcustom.runtime import Message, Reply
-from fedcustom.training import LocalSchedule, derive_seed, train_local
+from fedcustom.training import DriftControl, LocalSchedule, derive_seed, train_local
 
 TRAIN = "train"
 SECAGG_KINDS = (ADVERTISE, SHARE, UNMASK)
@@ -46,14 +47,26 @@ class CodecOutOfSync(Exception):
     """The server's difference is against a state this client does not hold; the server resets the link."""
 
 
-def schedule_to_config(schedule: LocalSchedule, seed: int) -> dict[str, int | float | bool]:
-    """The round settings the server puts in a train message's config."""
-    config: dict[str, int | float | bool] = {
-        "lr": schedule.lr, "batch_size": schedule.batch_size, "epochs": schedule.epochs,
-        "weight_decay": schedule.weight_decay, "count_flops": schedule.count_flops, "seed": seed,
+def schedule_to_config(schedule: LocalSchedule, seed: int, rnd: int | None = None) -> dict[str, int | float | bool | str]:
+    """The round settings the server puts in a train message's config; ``rnd`` sets the rate of that round
+    (warm-up and decay over the run), else the base rate."""
+    config: dict[str, int | float | bool | str] = {
+        "lr": schedule.lr if rnd is None else schedule.lr_at_round(rnd), "batch_size": schedule.batch_size,
+        "epochs": schedule.epochs, "weight_decay": schedule.weight_decay, "count_flops": schedule.count_flops,
+        "seed": seed,
     }
+    if schedule.optimizer != "adamw":
+        config["optimizer"] = schedule.optimizer
     if schedule.steps is not None:
         config["steps"] = schedule.steps
+    return config
+
+
+def drift_config(prox_mu: float, scaffold: bool) -> dict[str, float | bool]:
+    """What a train message carries when clients correct their drift (FedProx, SCAFFOLD)."""
+    config: dict[str, float | bool] = {"prox_mu": prox_mu} if prox_mu > 0 else {}
+    if scaffold:
+        config["scaffold"] = True
     return config
 
 
@@ -73,7 +86,19 @@ def schedule_from_config(config: dict) -> LocalSchedule:
         lr=float(config["lr"]), batch_size=int(config["batch_size"]), epochs=int(config["epochs"]),
         steps=int(config["steps"]) if "steps" in config else None,
         weight_decay=float(config["weight_decay"]), count_flops=bool(config["count_flops"]),
+        optimizer=str(config.get("optimizer", "adamw")),
     )
+
+
+@dataclass(frozen=True)
+class LocalOutcome:
+    """One local session: where the client started, what it sends, its metrics and (SCAFFOLD) the change of
+    its control variate, encoded."""
+
+    received: State
+    state: State
+    metrics: dict[str, float]
+    control_change: bytes = b""
 
 
 class TrainingClient:
@@ -95,19 +120,24 @@ class TrainingClient:
         # Each node's own ends of its links (in a deployment a client holds just its own two).
         self.links_down: dict[int, Link] = {}
         self.links_up: dict[int, Link] = {}
+        self.controls: dict[int, State] = {}  # SCAFFOLD: each node's own control variate c_i
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Every node's ends of its codec links (for checkpoints of an embedded run)."""
+        """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
         tensors: dict[str, torch.Tensor] = {}
         meta = {"links_down": pack_links("down", self.links_down, tensors),
                 "links_up": pack_links("up", self.links_up, tensors),
-                "sgd_accountants": {str(n): a.state_dict() for n, a in self.sgd_accountants.items()}}
+                "sgd_accountants": {str(n): a.state_dict() for n, a in self.sgd_accountants.items()},
+                "controls": sorted(self.controls)}
+        for node, control in self.controls.items():
+            tensors.update({f"control.{node}{SEP}{k}": v for k, v in control.items()})
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Inverse of :meth:`state_dict`."""
         self.links_down = unpack_links("down", meta["links_down"], tensors)
         self.links_up = unpack_links("up", meta["links_up"], tensors)
+        self.controls = {int(node): group(tensors, f"control.{node}") for node in meta.get("controls", [])}
         self.sgd_accountants = {}
         for node, state in meta.get("sgd_accountants", {}).items():
             self.sgd_accountants[int(node)] = PrivacyAccountant()
@@ -139,29 +169,31 @@ class TrainingClient:
 
     def train(self, node_id: int, message: Message) -> Reply:
         """Load the global tensors, run the local schedule, reply with the trained tensors."""
-        received, state, metrics = self._train(node_id, message)
+        outcome = self._train(node_id, message)
         up = self.links_up.setdefault(node_id, Link())
-        up.reference = received if uses_delta(self.codec) else None  # the difference starts where we started
-        payload = self.codec.encode(state, up)
-        return Reply(payload, len(self.client_tables[node_id]), metrics, round=message.round)
+        up.reference = outcome.received if uses_delta(self.codec) else None  # the difference starts where we started
+        payload = self.codec.encode(outcome.state, up)
+        return Reply(payload, len(self.client_tables[node_id]), outcome.metrics, round=message.round,
+                     attachment=outcome.control_change)
 
     def plain_update(self, node_id: int, message: Message) -> tuple[State, int, dict[str, float]]:
         """Train as usual and return the update itself (trained minus received tensors), its example count and the
         metrics, for a secure-aggregation protocol that masks it (Flower's SecAgg+)."""
-        received, state, metrics = self._train(node_id, message)
-        update = {name: state[name].double() - received[name].double() for name in state}
-        return update, len(self.client_tables[node_id]), metrics
+        outcome = self._train(node_id, message)
+        update = {name: outcome.state[name].double() - outcome.received[name].double() for name in outcome.state}
+        return update, len(self.client_tables[node_id]), outcome.metrics
 
     def train_masked(self, node_id: int, message: Message) -> Reply:
         """Secure aggregation's third stage: train as usual, upload only the masked update."""
         train_payload, routed = unpack_secure(message.payload)
-        received, state, metrics = self._train(node_id, dataclasses.replace(message, payload=train_payload))
+        outcome = self._train(node_id, dataclasses.replace(message, payload=train_payload))
         num_examples = len(self.client_tables[node_id])
-        payload = self.secure.masked_update(node_id, message, routed, received, state, num_examples)
-        return Reply(payload, num_examples, metrics, round=message.round)
+        payload = self.secure.masked_update(node_id, message, routed, outcome.received, outcome.state, num_examples)
+        return Reply(payload, num_examples, outcome.metrics, round=message.round)
 
-    def _train(self, node_id: int, message: Message) -> tuple[State, State, dict[str, float]]:
-        """(the state this client started from, the state it sends, its metrics)."""
+    def _train(self, node_id: int, message: Message) -> LocalOutcome:
+        """Decode, train on this node's rows (with any drift correction the server asked for), and say what
+        leaves the client."""
         start = time.perf_counter()
         received = self._receive(node_id, message)
         load_trainable_state(self.model, received)
@@ -171,7 +203,11 @@ class TrainingClient:
         dp_sgd = None
         if "dp_sgd_noise" in message.config:
             dp_sgd = DPSGDSettings(float(message.config["dp_sgd_noise"]), float(message.config["dp_sgd_clip"]))
-        result = train_local(self.model, table, self.tokenizer, schedule, seed, dp_sgd)
+        server_control = scaffold.decode(message.attachment, received, "the server's control variate") \
+            if message.config.get("scaffold") else None
+        own_control = self.controls.get(node_id) or scaffold.zeros_like(received) if server_control else None
+        drift = self._drift(message.config, received, server_control, own_control)
+        result = train_local(self.model, table, self.tokenizer, schedule, seed, dp_sgd, drift)
         metrics = {
             "train_loss": result.mean_loss, "examples_seen": float(result.examples_seen),
             "steps": float(result.steps), "flops": float(result.flops), "train_seconds": time.perf_counter() - start,
@@ -179,7 +215,25 @@ class TrainingClient:
         if dp_sgd:
             metrics["dp_sgd_epsilon"] = self._spend(node_id, dp_sgd, result.steps, schedule.batch_size / len(table),
                                                     float(message.config["dp_sgd_delta"]))
-        return received, self._outgoing(node_id, message, received), metrics
+        change = b""
+        if server_control is not None and own_control is not None:
+            new = scaffold.client_update(own_control, server_control, received, trainable_state(self.model),
+                                         result.steps, schedule.lr)
+            change = scaffold.encode({k: new[k] - own_control[k] for k in new})
+            self.controls[node_id] = new
+        return LocalOutcome(received, self._outgoing(node_id, message, received), metrics, change)
+
+    @staticmethod
+    def _drift(config: dict, received: State, server_control: State | None,
+               own_control: State | None) -> DriftControl | None:
+        """FedProx's anchor and SCAFFOLD's correction c - c_i, when the server asked for them."""
+        prox = float(config["prox_mu"]) if "prox_mu" in config else None
+        if prox is None and server_control is None:
+            return None
+        correction = None
+        if server_control is not None and own_control is not None:
+            correction = {k: server_control[k] - own_control[k] for k in server_control}
+        return DriftControl(anchor=received if prox is not None else None, prox_mu=prox, correction=correction)
 
     def _spend(self, node_id: int, settings: DPSGDSettings, steps: int, sample_rate: float, delta: float) -> float:
         """Account this round's DP-SGD steps on this node's rows; epsilon spent so far."""

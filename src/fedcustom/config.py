@@ -34,8 +34,10 @@ class ModelConfig:
     task: str = opt("classification", "classification (a head on the backbone, labelled texts) or causal-lm "
                     "(instruction tuning of a decoder-only LM: prompts and responses, loss on the response).",
                     "--task", ("classification", "causal-lm"))
-    max_length: int = opt(64, "Maximum tokens per example; longer texts are truncated (causal-lm: prompt plus "
-                          "response; a prompt that leaves no room for the response is an error).", "--max-length")
+    max_length: int | None = opt(None, "Maximum tokens per example; longer texts are truncated (causal-lm: prompt "
+                                 "plus response; a prompt that leaves no room for the response is an error). Default: "
+                                 "64 for classification, 512 for causal-lm (chat-templated prompts are long).",
+                                 "--max-length")
 
 
 @dataclass(frozen=True)
@@ -114,6 +116,12 @@ class MethodConfig:
     distill_epochs: int = opt(3, "KD-FedLLM: passes of server-side distillation over the public set per round.",
                               "--distill-epochs")
     num_virtual_tokens: int = opt(20, "Prompt/prefix length in virtual tokens.", "--num-virtual-tokens")
+    prefix_init: str = opt("task", "Prefix tuning: start the prefixes as the backbone's own keys and values of real "
+                           "tokens: task (a sentence naming the task, e.g. its labels), vocab (tokens drawn from the "
+                           "vocabulary), text:TEXT, or random (PEFT's N(0, 1); the only choice with "
+                           "--prefix-projection).", "--prefix-init")
+    prompt_init: str = opt("task", "Prompt tuning: start the soft tokens as real token embeddings: task, vocab, "
+                           "text:TEXT or random (as --prefix-init).", "--prompt-init")
     prefix_projection: bool = opt(False, "Prefix tuning: reparameterize prefixes through an MLP.", "--prefix-projection")
     projection_hidden: int | None = opt(None, "Hidden size of the prefix MLP; default: the model's hidden size.")
     lora_r: int = opt(8, "LoRA rank.", "--lora-r")
@@ -133,10 +141,32 @@ class FederationConfig:
     rounds: int = opt(5, "Number of federated rounds.", "--rounds")
     clients_per_round: int | None = opt(None, "Clients sampled per round; overrides --fraction.", "--clients-per-round")
     fraction: float = opt(1.0, "Share of clients sampled each round.", "--fraction")
-    local_epochs: int = opt(1, "Passes over its own data each client makes per round.", "--local-epochs")
+    local_epochs: int | None = opt(None, "Passes over its own data each client makes per round; default: the "
+                                   "method's recommended count (see fedcustom.methods.defaults).", "--local-epochs")
     local_steps: int | None = opt(None, "Optimizer steps per client per round; overrides --local-epochs.", "--local-steps")
     strategy: str = opt("fedavg", "Server aggregation strategy: fedavg, median, trimmed-mean:BETA, krum:F, "
                         "multi-krum:F[:M] or norm-bound:C (see fedcustom.strategies).", "--strategy")
+    server_opt: str | None = opt(None, "Server optimizer applied to each round's aggregate as a pseudo-gradient "
+                                 "(Reddi et al., ICLR 2021): fedavg (x <- x + lr * (aggregate - x)), avgm (FedAvgM, "
+                                 "server momentum), adam, yogi or adagrad; default: the method's recommended one.",
+                                 "--server-opt", ("fedavg", "avgm", "adam", "yogi", "adagrad"))
+    server_lr: float | None = opt(None, "Server learning rate; default: the method's recommended rate for its "
+                                  "server optimizer (1 for fedavg, which is then plain FedAvg).", "--server-lr")
+    server_momentum: float = opt(0.9, "avgm: server momentum.", "--server-momentum")
+    server_betas: tuple[float, ...] = opt((0.9, 0.99), "adam, yogi: the moment decays beta1,beta2 (adagrad ignores "
+                                          "them).", "--server-betas")
+    server_eps: float = opt(1e-3, "adam, yogi, adagrad: the adaptivity tau added to the root of the second moment.",
+                            "--server-eps")
+    prox_mu: float = opt(0.0, "FedProx (Li et al., MLSys 2020): weight mu of the proximal term mu/2 ||w - w_global||^2 "
+                         "added to every client's loss; 0 is off.", "--prox-mu")
+    scaffold: bool = opt(False, "SCAFFOLD (Karimireddy et al., ICML 2020): control variates correct client drift; the "
+                         "server's travels down and each client's change travels up with every update (counted).",
+                         "--scaffold")
+    early_stop_patience: int | None = opt(None, "Stop once the global eval metric (accuracy; causal-lm: ROUGE-L) has "
+                                          "not improved by more than --early-stop-min-delta for this many rounds.",
+                                          "--early-stop-patience")
+    early_stop_min_delta: float = opt(0.0, "Early stopping: the smallest gain that counts as an improvement.",
+                                      "--early-stop-min-delta")
     runtime: str = opt("embedded", "How messages travel: embedded (one process), flower-sim (Flower's simulation "
                        "engine, Ray) or flower (a ServerApp on a real SuperLink; submit with `fedcustom submit`).",
                        "--runtime", ("embedded", "flower-sim", "flower"))
@@ -215,11 +245,26 @@ class CodecConfig:
 class TrainConfig:
     """Local optimisation, seeding and the centralized baseline."""
 
-    lr: float | None = opt(None, "Learning rate; default: the method's recommended rate.", "--lr")
+    lr: float | None = opt(None, "Client learning rate; default: the method's recommended rate.", "--lr")
+    lr_schedule: str = opt("constant", "Client learning rate over the whole run, after warm-up: constant, cosine or "
+                           "linear decay (set per round; the same-passes centralized baseline follows the same "
+                           "shape over its steps).", "--lr-schedule", ("constant", "cosine", "linear"))
+    warmup_rounds: int = opt(0, "Rounds over which the client learning rate rises linearly to --lr.", "--warmup-rounds")
+    optimizer: str = opt("adamw", "Local optimizer: adamw, or sgd (plain SGD, as FedProx and SCAFFOLD are stated).",
+                         "--optimizer", ("adamw", "sgd"))
     batch_size: int = opt(32, "Examples per optimizer step.", "--batch-size")
     weight_decay: float = opt(0.0, "AdamW weight decay.", "--weight-decay")
     seed: int = opt(0, "Seed for model init, partitioning, sampling and shuffling.", "--seed")
-    centralized: bool = opt(False, "Also train the centralized baseline on the union of client data.", "--centralized")
+    centralized: bool = opt(False, "Also train the centralized baseline on the union of client data for the same "
+                            "number of example passes as the federated run.", "--centralized")
+    centralized_converged: bool = opt(False, "Also train the centralized upper bound: epochs over the union of client "
+                                      "data until the accuracy on a held-out validation slice stops improving; its "
+                                      "best epoch is scored on the eval set.", "--centralized-converged")
+    centralized_max_epochs: int = opt(20, "Converged centralized baseline: most epochs.")
+    centralized_patience: int = opt(3, "Converged centralized baseline: epochs without a better validation score "
+                                    "before it stops.")
+    centralized_val_fraction: float = opt(0.1, "Converged centralized baseline: share of the union held out "
+                                          "(stratified) as its validation slice.")
     count_flops: bool = opt(True, "Count client FLOPs with torch's FLOP counter (about 10% slower).", "--count-flops")
 
 
@@ -255,6 +300,7 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+DEFAULT_MAX_LENGTH = {"classification": 64, "causal-lm": 512}  # tokens, when model.max_length is unset
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
 
 
@@ -309,10 +355,7 @@ def _coerce(section: str, name: str, value: Any, hint: Any) -> Any:
     base = next((a for a in args if a is not type(None)), hint) if isinstance(hint, types.UnionType) else hint
     origin = typing.get_origin(base)
     if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else value
-        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
-            raise ConfigError(f"config key {where}: expected a list of strings, got {value!r}")
-        return tuple(i.strip() for i in items if i.strip())
+        return _coerce_tuple(where, value, typing.get_args(base)[0])
     if base is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"config key {where}: expected true or false, got {value!r}")
@@ -322,6 +365,21 @@ def _coerce(section: str, name: str, value: Any, hint: Any) -> Any:
     if not isinstance(value, base) or isinstance(value, bool) and base is not bool:
         raise ConfigError(f"config key {where}: expected {base.__name__}, got {value!r}")
     return value
+
+
+def _coerce_tuple(where: str, value: Any, item: type) -> tuple:
+    """A list, or a comma-separated string, as a tuple of ``item`` (str or float)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if item is str:
+        if not isinstance(items, (list, tuple)) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"config key {where}: expected a list of strings, got {value!r}")
+        return tuple(i.strip() for i in items if i.strip())
+    try:
+        if not isinstance(items, (list, tuple)) or any(isinstance(i, bool) for i in items):
+            raise ValueError
+        return tuple(float(i) for i in items)
+    except ValueError:
+        raise ConfigError(f"config key {where}: expected a list of numbers, got {value!r}") from None
 
 
 def _build_section(section: str, values: dict[str, Any]) -> Any:
@@ -334,7 +392,7 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
             raise ConfigError(f"unknown config key {section}.{key}; expected one of: {', '.join(known)}")
         value = _coerce(section, key, value, hints[key])
         choices = known[key].metadata.get("choices")
-        if choices and value not in choices:
+        if choices and value is not None and value not in choices:
             raise ConfigError(f"config key {section}.{key}: {value!r} is not one of {', '.join(choices)}")
         kwargs[key] = value
     return cls(**kwargs)
@@ -348,6 +406,9 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
         if not isinstance(table, dict):
             raise ConfigError(f"config section [{section}] must be a table of keys")
     cfg = RunConfig(**{s: _build_section(s, values.get(s, {})) for s in SECTIONS})
+    if cfg.model.max_length is None:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=DEFAULT_MAX_LENGTH.get(
+            cfg.model.task, 64)))
     from fedcustom.config_checks import validate  # the checks need the classes above
 
     validate(cfg)

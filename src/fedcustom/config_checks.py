@@ -21,7 +21,7 @@ def validate(cfg: RunConfig) -> None:
     fed, train, data = cfg.federation, cfg.train, cfg.data
     for where, value in [
         ("federation.clients (--clients)", fed.clients), ("federation.rounds (--rounds)", fed.rounds),
-        ("federation.local_epochs (--local-epochs)", fed.local_epochs), ("train.batch_size", train.batch_size),
+        ("train.batch_size", train.batch_size),
         ("model.max_length", cfg.model.max_length), ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
         ("method.lora_r", cfg.method.lora_r), ("method.public_size (--public-size)", cfg.method.public_size),
         ("method.distill_epochs", cfg.method.distill_epochs),
@@ -32,6 +32,7 @@ def validate(cfg: RunConfig) -> None:
     _positive("method.kd_temperature (--kd-temperature)", cfg.method.kd_temperature)
     for where, value in [
         ("federation.local_steps", fed.local_steps), ("federation.clients_per_round", fed.clients_per_round),
+        ("federation.local_epochs (--local-epochs)", fed.local_epochs),
         ("train.lr", train.lr), ("data.max_train_examples", data.max_train_examples),
         ("data.max_eval_examples", data.max_eval_examples), ("method.topk (--topk)", cfg.method.topk),
     ]:
@@ -48,6 +49,7 @@ def validate(cfg: RunConfig) -> None:
     parse_chain(cfg.codec.down or cfg.codec.up, "codec.down (--codec-down)")
     validate_trust(cfg)
     validate_task(cfg)
+    validate_convergence(cfg)
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
 
@@ -109,3 +111,34 @@ def validate_task(cfg: RunConfig) -> None:
     if causal and cfg.method.name == "distill" and cfg.method.topk is None:
         raise ConfigError("--task causal-lm with --method distill: set --topk K (the knowledge on each public response "
                           "token is a distribution over the vocabulary; clients send its top K)")
+
+
+def validate_convergence(cfg: RunConfig) -> None:
+    """Server optimizer, drift correction, rate schedule, early stopping and the converged baseline: ranges."""
+    fed, train, method = cfg.federation, cfg.train, cfg.method
+    from fedcustom.methods.soft_init import check_init_spec  # the init grammar lives with the method
+
+    check_init_spec(method.prefix_init, "method.prefix_init (--prefix-init)")
+    check_init_spec(method.prompt_init, "method.prompt_init (--prompt-init)")
+    _positive("federation.server_lr (--server-lr)", fed.server_lr)
+    _positive("federation.server_eps (--server-eps)", fed.server_eps, allow_none=False)
+    _positive("federation.early_stop_patience (--early-stop-patience)", fed.early_stop_patience)
+    if not 0 <= fed.server_momentum < 1:
+        raise ConfigError(f"federation.server_momentum (--server-momentum): expected 0 <= momentum < 1, got "
+                          f"{fed.server_momentum}")
+    if len(fed.server_betas) != 2 or not all(0 <= b < 1 for b in fed.server_betas):
+        raise ConfigError(f"federation.server_betas (--server-betas): expected two numbers in [0, 1) as BETA1,BETA2, "
+                          f"got {','.join(f'{b:g}' for b in fed.server_betas) or 'nothing'}")
+    for where, value in [("federation.prox_mu (--prox-mu)", fed.prox_mu),
+                         ("federation.early_stop_min_delta (--early-stop-min-delta)", fed.early_stop_min_delta),
+                         ("train.warmup_rounds (--warmup-rounds)", train.warmup_rounds)]:
+        if not value >= 0:
+            raise ConfigError(f"{where}: expected a number >= 0, got {value}")
+    if train.warmup_rounds >= fed.rounds and train.warmup_rounds > 0:
+        raise ConfigError(f"train.warmup_rounds (--warmup-rounds): {train.warmup_rounds} leaves no round at the full "
+                          f"rate of a {fed.rounds}-round run; expected fewer than --rounds")
+    _positive("train.centralized_max_epochs", train.centralized_max_epochs, allow_none=False)
+    _positive("train.centralized_patience", train.centralized_patience, allow_none=False)
+    if not 0 < train.centralized_val_fraction <= 0.5:
+        raise ConfigError(f"train.centralized_val_fraction: expected 0 < fraction <= 0.5, got "
+                          f"{train.centralized_val_fraction}")

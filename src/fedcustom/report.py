@@ -123,9 +123,12 @@ def clients_table(stats: list[dict], label_names: list[str]) -> Table:
     return table
 
 
-def rounds_table(results: list[RoundResult], centralized: dict[str, float] | None,
+BASELINE_TITLES = {"same_passes": "centralized (same passes)", "converged": "centralized (converged)"}
+
+
+def rounds_table(results: list[RoundResult], baselines: dict[str, dict[str, Any]] | None,
                  task: str = "classification") -> Table:
-    """The global model's metrics per round with bytes and FLOPs per client, plus the centralized baseline."""
+    """The global model's metrics per round with bytes and FLOPs per client, plus the centralized baselines."""
     table = Table(title="Federated rounds (bytes and FLOPs are per participating client)")
     server_side = any(r.server_flops for r in results)  # split learning: the server trains too
     metrics = TASK_METRICS[task]
@@ -141,11 +144,12 @@ def rounds_table(results: list[RoundResult], centralized: dict[str, float] | Non
             human_bytes(mean(list(r.bytes_down.values()))) if r.bytes_down else "-",
             flops(r.client_flops), *([flops(r.server_flops)] if server_side else []), f"{r.wall_seconds:.1f}",
         )
-    if centralized is not None:
+    for name, base in (baselines or {}).items():
+        loss = base.get("train_loss")
         table.add_row(
-            "centralized", *(f"{centralized[key]:.4f}" for key, _ in metrics),
-            f"{centralized['train_loss']:.4f}", "-", "-", f"{centralized['flops']:.3e}",
-            *(["-"] if server_side else []), f"{centralized['wall_seconds']:.1f}", style="bold",
+            BASELINE_TITLES[name], *(f"{base[key]:.4f}" for key, _ in metrics),
+            "-" if loss is None else f"{loss:.4f}", "-", "-", f"{base['flops']:.3e}",
+            *(["-"] if server_side else []), f"{base['wall_seconds']:.1f}", style="bold",
         )
     return table
 

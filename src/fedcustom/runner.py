@@ -9,8 +9,6 @@ Output folder:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,25 +21,25 @@ from peft import PeftModel
 from rich.console import Console
 from torch import nn
 
+from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcustom.client import TrainingClient
 from fedcustom.codecs import Codec, get_codec
 from fedcustom.config import RunConfig, build_config
+from fedcustom.convergence import EarlyStop, check_convergence_support, convergence_for, local_schedule, resolved_settings
 from fedcustom.data import FederatedData, PublicSpec, prepare_data
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, save_trained, trainable_state
 from fedcustom.models import load_model, load_tokenizer
 from fedcustom.report import (
-    RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
+    TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
 from fedcustom.server import FederatedServer, RoundDriver, RoundResult
 from fedcustom.summary import summarize
 from fedcustom.trust import check_trust_support, client_tables, clients_per_round, safeguards_for
 from fedcustom.strategies import Strategy, get_strategy
-from fedcustom.training import LocalSchedule, derive_seed, evaluate, train_local
-
-CENTRALIZED_STREAM = 2  # seed stream of the centralized baseline
+from fedcustom.training import LocalSchedule, evaluate
 
 
 def prepare_output(path: str) -> Path:
@@ -55,33 +53,6 @@ def prepare_output(path: str) -> Path:
     except OSError as exc:
         raise FedCustomError(f"output directory {path}: not writable ({exc.strerror or exc})") from None
     return out
-
-
-def local_schedule(cfg: RunConfig, method: Method) -> LocalSchedule:
-    """The per-round client schedule; the learning rate defaults to the method's."""
-    return LocalSchedule(
-        lr=cfg.train.lr or method.default_lr(cfg.method), batch_size=cfg.train.batch_size,
-        epochs=cfg.federation.local_epochs, steps=cfg.federation.local_steps,
-        weight_decay=cfg.train.weight_decay, count_flops=cfg.train.count_flops,
-    )
-
-
-def run_centralized(
-    model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, tokenizer: Any,
-    schedule: LocalSchedule, example_passes: int, seed: int, evaluate_model: Callable[[], dict[str, Any]],
-) -> dict[str, Any]:
-    """Same model, method and optimizer from the same start, on the union of client data, for the
-    same number of example passes as the federated run (one optimizer across all steps)."""
-    start = time.perf_counter()
-    load_trainable_state(model, initial)
-    union = data.train.select(sorted(itertools.chain.from_iterable(data.client_indices)))
-    exact = dataclasses.replace(schedule, steps=None, examples=example_passes)
-    result = train_local(model, union, tokenizer, exact, derive_seed(seed, CENTRALIZED_STREAM))
-    metrics = evaluate_model()
-    return {
-        **metrics, "train_loss": result.mean_loss, "steps": result.steps, "examples_seen": result.examples_seen,
-        "flops": result.flops, "wall_seconds": time.perf_counter() - start,
-    }
 
 
 @dataclass
@@ -149,9 +120,11 @@ def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
 
 def check_runtime_support(cfg: RunConfig) -> None:
     """A clear error, before any Flower process starts, for what a run cannot do (trust features that are
-    simulated in this process only; codec chains on methods that send activations or logits)."""
+    simulated in this process only; codec chains, server optimizers and drift correction on methods that send
+    activations or logits)."""
     method = get_method(cfg.method.name)
     check_trust_support(cfg, method)
+    check_convergence_support(cfg, method)
     codecs_for(cfg, method)
 
 
@@ -168,7 +141,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     tokenizer = load_tokenizer(cfg.model.name)
     data = prepare_task_data(cfg, method, tokenizer)
     backbone = load_model(cfg.model.name, cfg.model.task, data.label_names, tokenizer, cfg.train.seed)
-    model = method.build(backbone, cfg.method, cfg.model.task)
+    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
     initial = trainable_state(model)
     schedule = local_schedule(cfg, method)
 
@@ -193,6 +166,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
         server = FederatedServer(
             runtime(client, setup), strategy, codec, initial, evaluate_state, schedule,
             clients_per_round(cfg), cfg.train.seed, codec_down, cfg.federation.min_available, safeguards_for(cfg),
+            convergence_for(cfg, method, schedule),
         )
     return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model)
 
@@ -253,7 +227,10 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
 
     if not resumed:
         checkpoint(0)
+    stop = early_stop(job.cfg)
     rounds, per_round, first = job.cfg.federation.rounds, job.server.clients_per_round, len(results)
+    if stop and len(results) > 1 and stop.should_stop(results):
+        return results  # a resumed run that had already stopped early
     live = show and console.is_terminal  # a log gets one plain line per round instead of a live bar
     with round_progress(console, rounds, per_round, live) as progress:
         if progress:
@@ -269,7 +246,39 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
                 progress.advance(0)
             if show and not live:
                 console.print(round_line(results[-1], rounds, job.cfg.model.task))
+            if stop and stop.should_stop(results):
+                if show:
+                    console.print(f"early stop after round {rnd}: no gain in {stop.metric} for {stop.patience} rounds "
+                                  f"(best: round {stop.best_round(results)})")
+                break
     return results
+
+
+def early_stop(cfg: RunConfig) -> EarlyStop | None:
+    """The run's early-stopping rule on its task's headline metric, or None."""
+    patience = cfg.federation.early_stop_patience
+    if patience is None:
+        return None
+    metric = TASK_METRICS[cfg.model.task][0][0]
+    return EarlyStop(metric, True, patience, cfg.federation.early_stop_min_delta)
+
+
+def run_baselines(job: Job, results: list[RoundResult], console: Console | None) -> dict[str, dict[str, Any]]:
+    """The centralized baselines the config asks for ("same_passes", "converged"); the global state is loaded
+    back into the model afterwards."""
+    cfg, baselines = job.cfg, {}
+    status = console.status if console else (lambda _text: contextlib.nullcontext())
+    if cfg.train.centralized:
+        passes = sum(r.examples_seen for r in results)
+        with status("training the centralized baseline (same example passes)"):
+            baselines["same_passes"] = run_same_passes(job.model, job.initial, job.data, job.tokenizer, job.schedule,
+                                                       passes, cfg.train.seed, job.evaluate_model)
+    if cfg.train.centralized_converged:
+        with status("training the centralized baseline to convergence"):
+            baselines["converged"] = run_converged(cfg, job.model, job.initial, job.data, job.tokenizer, job.schedule,
+                                                   job.evaluate_model)
+    load_trainable_state(job.model, job.server.global_state)
+    return baselines
 
 
 def default_console() -> Console:
@@ -327,19 +336,12 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
     if cfg.output.save_model:
         (job.method.save or save_trained)(job.model, job.model_dir)
         job.tokenizer.save_pretrained(job.model_dir)
-    centralized = None
-    if cfg.train.centralized:
-        passes = sum(r.examples_seen for r in results)
-        with console.status("training the centralized baseline") if show else contextlib.nullcontext():
-            centralized = run_centralized(
-                job.model, job.initial, job.data, job.tokenizer, job.schedule, passes, cfg.train.seed, job.evaluate_model
-            )
-        load_trainable_state(job.model, job.server.global_state)
+    baselines = run_baselines(job, results, console if show else None)
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
-    summary = summarize(cfg, results, centralized, job.model, job.initial, job.data, wall, job.schedule.lr,
-                        job.client_stats())
+    summary = summarize(cfg, results, baselines, job.model, job.initial, job.data, wall,
+                        resolved_settings(cfg, job.method, job.schedule), job.client_stats(), early_stop(cfg))
     write_json(job.out / "summary.json", summary)
     if show:
-        console.print(rounds_table(results, centralized, cfg.model.task))
+        console.print(rounds_table(results, baselines, cfg.model.task))
         console.print(f"wall time {summary['wall_seconds']:.1f} s; results in {job.out}")
     return summary

@@ -18,14 +18,16 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from fedcustom import scaffold
 from fedcustom.checkpoint import SEP, group, pack_links, unpack_links
-from fedcustom.client import TRAIN, schedule_to_config
+from fedcustom.client import TRAIN, drift_config, schedule_to_config
 from fedcustom.codecs import Codec, Link, is_lossless, is_stateless, uses_delta
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant, noise_generator
 from fedcustom.privacy.secure_round import SecureRound
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
+from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
 from fedcustom.training import LocalSchedule, derive_seed
 from fedcustom.validation import check_envelope, default_max_bytes, validate_update
 
@@ -67,6 +69,16 @@ class Safeguards:
     dp_delta: float = 1e-5
     sample_rate: float = 1.0  # share of clients sampled per round, for privacy amplification
     secagg: SecAggSettings | None = None
+
+
+@dataclass
+class Convergence:
+    """How the server steers convergence besides the strategy: the server optimizer that applies each round's
+    aggregate, SCAFFOLD's control variates and FedProx's proximal weight (sent to clients)."""
+
+    optimizer: ServerOptimizer = field(default_factory=lambda: ServerOptimizer(ServerOptSettings()))
+    scaffold: bool = False
+    prox_mu: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -120,6 +132,7 @@ class FederatedServer:
         self, runtime: Runtime, strategy: Strategy, codec: Codec, initial_state: State,
         evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
         codec_down: Codec | None = None, min_available: int = 1, safeguards: Safeguards | None = None,
+        convergence: Convergence | None = None,
     ) -> None:
         self.runtime = runtime
         self.min_available = min_available  # fewest valid updates that change the global state
@@ -134,6 +147,8 @@ class FederatedServer:
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.safeguards = safeguards or Safeguards()
+        self.convergence = convergence or Convergence()
+        self.control = scaffold.ServerControl(self.global_state) if self.convergence.scaffold else None
         self.max_update_bytes = self.safeguards.max_update_bytes or default_max_bytes(self.global_state)
         if hasattr(codec, "max_decoded_bytes"):  # a zstd frame may claim any size: bound what it may expand to
             codec.max_decoded_bytes = default_max_bytes(self.global_state)
@@ -146,9 +161,13 @@ class FederatedServer:
         """Global tensors, both codec links per client and the accountant (for checkpoints)."""
         tensors = {f"global{SEP}{k}": v for k, v in self.global_state.items()}
         accountant = self.safeguards.accountant
+        opt_tensors, opt_meta = self.convergence.optimizer.state_dict()
+        tensors.update({f"server_opt{SEP}{k}": v for k, v in opt_tensors.items()})
+        if self.control is not None:
+            tensors.update({f"control{SEP}{k}": v for k, v in self.control.c.items()})
         meta = {"links_down": pack_links("down", self.links_down, tensors),
                 "links_up": pack_links("up", self.links_up, tensors),
-                "accountant": accountant.state_dict() if accountant else None}
+                "accountant": accountant.state_dict() if accountant else None, "server_opt": opt_meta}
         return tensors, meta
 
     def load_state_dict(self, tensors: State, meta: dict) -> None:
@@ -158,27 +177,36 @@ class FederatedServer:
         self.links_up = unpack_links("up", meta["links_up"], tensors)
         if self.safeguards.accountant and meta["accountant"] is not None:
             self.safeguards.accountant.load_state_dict(meta["accountant"])
+        self.convergence.optimizer.load_state_dict(group(tensors, "server_opt"), meta["server_opt"])
+        if self.control is not None:
+            self.control.c = group(tensors, "control")
 
     def run_round(self, rnd: int, on_reply: Callable[[int], None] | None = None) -> RoundResult:
         """Send the global state to sampled clients, merge valid replies, evaluate the result."""
         start = time.perf_counter()
         chosen = sample_clients(self.runtime.nodes(), self.clients_per_round, self.seed, rnd)
-        config = {**schedule_to_config(self.schedule, self.seed), **self.safeguards.client_config}
+        steer = self.convergence
+        config = {**schedule_to_config(self.schedule, self.seed, rnd), **drift_config(steer.prox_mu, steer.scaffold),
+                  **self.safeguards.client_config}
         result = RoundResult(round=rnd, eval={}, clients=chosen)
+        controls: dict[int, State] = {}
         if self.safeguards.secagg is not None:
             updates, merged = self._secure_round(rnd, chosen, config, result, on_reply)
         else:
             messages = self._broadcast(rnd, chosen, config)
             replies = self.runtime.send_and_receive(messages, on_reply)
-            updates, merged = self._accept(replies, result, messages), None
-            result.bytes_down = {node: len(messages[node].payload) for node in chosen}
+            (updates, controls), merged = self._accept(replies, result, messages), None
+            result.bytes_down = {node: len(messages[node].payload) + len(messages[node].attachment) for node in chosen}
         for node in result.rejected:
             self.links_down.pop(node, None)  # its state is unknown now: the next broadcast starts from zero
         if 0 < len(updates) < self.min_available:
             log.warning("round %d: %d valid updates, fewer than min_available = %d; the global state is unchanged",
                         rnd, len(updates), self.min_available)
         elif updates:
-            self.global_state = merged if merged is not None else self._merge(rnd, updates, result)
+            aggregate = merged if merged is not None else self._merge(rnd, updates, result)
+            self.global_state = steer.optimizer.step(self.global_state, aggregate)
+            if self.control is not None:
+                self.control.apply([controls[u.node_id] for u in updates], len(self.runtime.nodes()))
             weights = np.array([u.num_examples for u in updates], dtype=np.float64)
             losses = np.array([u.metrics["train_loss"] for u in updates])
             result.train_loss = float(np.average(losses, weights=weights))
@@ -233,16 +261,17 @@ class FederatedServer:
 
     def _broadcast(self, rnd: int, chosen: list[int], config: dict) -> dict[int, Message]:
         """One train message per client: the global state, encoded along that client's link."""
+        attachment = scaffold.encode(self.control.c) if self.control is not None else b""
         if is_stateless(self.codec_down):
             payload = self.codec_down.encode(self.global_state)
-            return {node: Message(TRAIN, rnd, payload, config) for node in chosen}
+            return {node: Message(TRAIN, rnd, payload, config, attachment) for node in chosen}
         messages = {}
         for node in chosen:
             link = self.links_down.setdefault(node, Link(error_feedback=False))  # the reference carries the rest
             base = link.round  # the round the client's reference dates from (0: none)
             payload = self.codec_down.encode(self.global_state, link)
             link.round = rnd
-            messages[node] = Message(TRAIN, rnd, payload, {**config, "codec_base": base})
+            messages[node] = Message(TRAIN, rnd, payload, {**config, "codec_base": base}, attachment)
         return messages
 
     def _client_start(self, node: int, message: Message) -> State:
@@ -267,18 +296,22 @@ class FederatedServer:
             return state  # the client started from the exact global: nothing to re-base (and bit-exact)
         return {k: self.global_state[k] + (state[k] - start[k]) for k in state}
 
-    def _accept(self, replies: dict[int, Reply], result: RoundResult, messages: dict[int, Message]) -> list[ClientUpdate]:
-        """Decode and validate each reply; record byte counts, FLOPs and rejections."""
-        updates = []
+    def _accept(self, replies: dict[int, Reply], result: RoundResult,
+                messages: dict[int, Message]) -> tuple[list[ClientUpdate], dict[int, State]]:
+        """Decode and validate each reply (and, with SCAFFOLD, its control-variate change); record byte counts,
+        FLOPs and rejections."""
+        updates, controls = [], {}
         for node in sorted(set(result.clients) - replies.keys()):
             log.warning("round %d: no reply from client %d", result.round, node)
             result.rejected[node] = "no reply"
         for node, reply in sorted(replies.items()):
-            result.bytes_up[node] = len(reply.payload)
+            result.bytes_up[node] = len(reply.payload) + len(reply.attachment)
             try:
                 check_envelope(reply, result.round, self.max_update_bytes)
                 state = self._decode(node, reply, messages[node])
                 validate_update(state, self.global_state)
+                if self.control is not None:
+                    controls[node] = scaffold.decode(reply.attachment, self.global_state, "control variate change")
             except (PayloadError, UpdateRejected) as exc:
                 log.warning("round %d: rejected update from client %d: %s", result.round, node, exc)
                 result.rejected[node] = str(exc)
@@ -286,4 +319,4 @@ class FederatedServer:
             updates.append(ClientUpdate(node, state, reply.num_examples, dict(reply.metrics)))
             result.client_flops[node] = int(reply.metrics.get("flops", 0))
             result.examples_seen += int(reply.metrics.get("examples_seen", 0))
-        return updates
+        return updates, controls

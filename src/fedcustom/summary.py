@@ -10,7 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fedcustom.centralized import gaps
 from fedcustom.codecs import get_codec
+from fedcustom.convergence import EarlyStop
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData
 from fedcustom.methods import get_method
@@ -28,6 +30,16 @@ PAYLOAD_NOTES = {
 }
 
 
+def early_stop_summary(stop: EarlyStop | None, results: list[RoundResult], rounds: int) -> dict[str, Any] | None:
+    """Whether the run stopped before its last configured round, when, and its best round."""
+    if stop is None:
+        return None
+    best = stop.best_round(results)
+    return {"metric": stop.metric, "patience": stop.patience, "min_delta": stop.min_delta,
+            "stopped": results[-1].round < rounds, "last_round": results[-1].round, "best_round": best,
+            f"best_{stop.metric}": next(r.eval[stop.metric] for r in results if r.round == best)}
+
+
 def versions() -> dict[str, str]:
     """Library versions and machine, so a result says what produced it."""
     libs = {name: version(name) for name in ("fedcustom", "torch", "transformers", "peft", "datasets", "flwr-datasets")}
@@ -36,17 +48,20 @@ def versions() -> dict[str, str]:
 
 
 def summarize(
-    cfg: RunConfig, results: list[RoundResult], centralized: dict[str, float] | None,
-    model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, wall: float, lr: float,
-    client_data: list[dict],
+    cfg: RunConfig, results: list[RoundResult], baselines: dict[str, dict[str, Any]],
+    model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, wall: float, settings: dict[str, Any],
+    client_data: list[dict], stop: EarlyStop | None = None,
 ) -> dict[str, Any]:
     """The headline numbers (per client per round unless a key says total)."""
     rounds = results[1:]
     metrics = {}
+    same, converged = baselines.get("same_passes"), baselines.get("converged")
     for key, _ in TASK_METRICS[cfg.model.task]:
         metrics.update({f"initial_{key}": results[0].eval[key], f"final_{key}": results[-1].eval[key],
                         f"{key}_per_round": [r.eval[key] for r in results],  # index 0 = the initial model
-                        f"centralized_{key}": centralized[key] if centralized else None})
+                        f"centralized_{key}": same[key] if same else None,
+                        f"centralized_converged_{key}": converged[key] if converged else None})
+    headline = TASK_METRICS[cfg.model.task][0][0]
     up = [b for r in rounds for b in r.bytes_up.values()]
     down = [b for r in rounds for b in r.bytes_down.values()]
     flops = [f for r in rounds for f in r.client_flops.values()]
@@ -60,11 +75,15 @@ def summarize(
         "clients": cfg.federation.clients,
         "clients_per_round": clients_per_round(cfg),
         "rounds": len(rounds),
-        "learning_rate": lr,
+        "learning_rate": settings["client_lr"],
+        "settings": settings,  # the training settings after the method's recommended defaults were filled in
         "task": cfg.model.task,
         **metrics,
+        **gaps(results[-1].eval[headline], same, converged, headline),
+        "early_stop": early_stop_summary(stop, results, cfg.federation.rounds),
         "round_wall_seconds": [r.wall_seconds for r in rounds],
-        "centralized": centralized,
+        "centralized": same,
+        "centralized_converged": converged,
         "bytes_up_per_round": mean(up),
         "bytes_down_per_round": mean(down),
         "bytes_up_total": sum(up),

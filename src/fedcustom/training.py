@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class LocalSchedule:
-    """How long and how fast one training session runs."""
+    """How long and how fast one training session runs, and how the rate moves over the whole run."""
 
     lr: float
     batch_size: int
@@ -35,6 +35,42 @@ class LocalSchedule:
     examples: int | None = None  # when set, overrides both: exactly this many example passes
     weight_decay: float = 0.0
     count_flops: bool = True
+    optimizer: str = "adamw"  # or "sgd"
+    decay: str = "constant"  # the rate over the run after warm-up: constant, cosine or linear
+    warmup_rounds: int = 0
+    rounds: int = 1  # the run's length, which ``decay`` spans
+    per_step: bool = False  # apply warm-up and decay over this session's own steps (the centralized baseline)
+
+    def lr_at_round(self, rnd: int) -> float:
+        """The client rate of federated round ``rnd`` (1-based); constant within the round."""
+        return self.lr * lr_multiplier(self.decay, self.warmup_rounds, self.rounds, rnd)
+
+
+def lr_multiplier(decay: str, warmup: int, total: int, t: int) -> float:
+    """Share of the base rate at step (or round) ``t`` of ``total`` (1-based): a linear rise over the first
+    ``warmup``, then constant, cosine or linear decay that stays above zero at ``t = total``."""
+    if t <= warmup:
+        return t / (warmup + 1)
+    progress = (t - warmup - 1) / max(1, total - warmup)  # 0 at the first step after warm-up, < 1 at the last
+    if decay == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if decay == "linear":
+        return 1.0 - progress
+    return 1.0
+
+
+@dataclass(frozen=True)
+class DriftControl:
+    """Client-drift correction inside one local session.
+
+    FedProx (Li et al., 2020) adds ``prox_mu / 2 * ||w - anchor||^2`` to the loss, i.e. ``prox_mu * (w - anchor)``
+    to every gradient. SCAFFOLD (Karimireddy et al., 2020, Algorithm 1) steps along ``g + c - c_i``; here the
+    correction ``c - c_i`` (``correction``) is added to each optimizer step's update as ``-lr * (c - c_i)``, which
+    for plain SGD is exactly the paper's step, and for AdamW corrects the drift in the space the steps are taken."""
+
+    anchor: dict[str, torch.Tensor] | None = None  # the received global tensors (FedProx)
+    prox_mu: float | None = None
+    correction: dict[str, torch.Tensor] | None = None  # c - c_i per trainable tensor (SCAFFOLD)
 
 
 @dataclass(frozen=True)
@@ -76,12 +112,38 @@ def local_batches(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, s
 _STEP_FLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
-def _train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> float:
+def _train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+                drift: _DriftHooks | None = None) -> float:
     loss = model(**batch).loss
     loss.backward()
+    if drift:
+        drift.before_step()
     optimizer.step()
+    if drift:
+        drift.after_step(optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
+
+
+class _DriftHooks:
+    """A DriftControl bound to the model's trainable parameters (by name)."""
+
+    def __init__(self, model: nn.Module, drift: DriftControl) -> None:
+        params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self.prox = [(p, drift.anchor[name]) for name, p in params.items()] if drift.prox_mu is not None else []
+        self.mu = drift.prox_mu or 0.0
+        self.correction = [(p, drift.correction[name]) for name, p in params.items()] if drift.correction else []
+
+    @torch.no_grad()
+    def before_step(self) -> None:
+        for param, anchor in self.prox:  # d/dw of mu/2 ||w - anchor||^2
+            if param.grad is not None:
+                param.grad.add_(param - anchor, alpha=self.mu)
+
+    @torch.no_grad()
+    def after_step(self, lr: float) -> None:
+        for param, correction in self.correction:
+            param.sub_(correction, alpha=lr)
 
 
 def counted(model: nn.Module, key: tuple, step: Callable[[], T]) -> tuple[T, int]:
@@ -96,30 +158,63 @@ def counted(model: nn.Module, key: tuple, step: Callable[[], T]) -> tuple[T, int
     return value, shapes[key]
 
 
-def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer) -> tuple[float, int]:
+def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
+                  drift: _DriftHooks | None = None) -> tuple[float, int]:
     """One training step and its FLOPs (counted once per batch shape)."""
-    return counted(model, ("train", *batch["input_ids"].shape), lambda: _train_step(model, batch, optimizer))
+    return counted(model, ("train", *batch["input_ids"].shape), lambda: _train_step(model, batch, optimizer, drift))
+
+
+def make_optimizer(params: list[nn.Parameter], schedule: LocalSchedule) -> torch.optim.Optimizer:
+    """AdamW (default) or plain SGD over ``params`` at the schedule's rate."""
+    if schedule.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+
+
+def planned_steps(table_rows: int, schedule: LocalSchedule) -> int:
+    """How many optimizer steps a session over ``table_rows`` rows takes."""
+    if schedule.examples is not None:
+        return math.ceil(schedule.examples / schedule.batch_size)
+    if schedule.steps is not None:
+        return schedule.steps
+    return schedule.epochs * math.ceil(table_rows / schedule.batch_size)
+
+
+def _step_scheduler(optimizer: torch.optim.Optimizer, schedule: LocalSchedule, rows: int) -> Callable[[], None]:
+    """Per-step warm-up and decay when ``schedule.per_step`` (warm-up takes the same share of the steps as of
+    the run's rounds); a no-op otherwise."""
+    if not schedule.per_step or (schedule.decay == "constant" and schedule.warmup_rounds == 0):
+        return lambda: None
+    total = planned_steps(rows, schedule)
+    warmup = round(total * schedule.warmup_rounds / max(1, schedule.rounds))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda done: lr_multiplier(schedule.decay, warmup, total, done + 1))
+    return scheduler.step
 
 
 def train_local(
     model: nn.Module, table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, schedule: LocalSchedule, seed: int,
-    dp_sgd: DPSGDSettings | None = None,
+    dp_sgd: DPSGDSettings | None = None, drift: DriftControl | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> TrainResult:
-    """AdamW on the model's trainable parameters over ``table``; dropout and shuffling seeded by ``seed``;
-    with ``dp_sgd``, per-example clipping and noise (Opacus)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    """AdamW (or SGD) on the model's trainable parameters over ``table``; dropout and shuffling seeded by
+    ``seed``; with ``dp_sgd``, per-example clipping and noise (Opacus); with ``drift``, FedProx's proximal term
+    and SCAFFOLD's correction. An ``optimizer`` given continues (its moments carry over); else a fresh one."""
+    optimizer = optimizer or make_optimizer([p for p in model.parameters() if p.requires_grad], schedule)
+    advance = _step_scheduler(optimizer, schedule, len(table))
     torch.manual_seed(seed)
     model.train()
     losses, seen, steps, flops = [], 0, 0, 0
+    hooks = _DriftHooks(model, drift) if drift else None
     private = private_training(model, optimizer, dp_sgd, schedule.batch_size) if dp_sgd else None
     with private or contextlib.nullcontext((model, optimizer)) as (module, step_optimizer):
         for batch in local_batches(table, tokenizer, schedule, seed):
             if schedule.count_flops:
-                loss, step_flops = _counted_step(module, batch, step_optimizer)
+                loss, step_flops = _counted_step(module, batch, step_optimizer, hooks)
                 flops += step_flops
             else:
-                loss = _train_step(module, batch, step_optimizer)
+                loss = _train_step(module, batch, step_optimizer, hooks)
+            advance()
             losses.append(loss)
             seen += len(batch["labels"])
             steps += 1

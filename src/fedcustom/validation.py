@@ -24,7 +24,7 @@ PER_TENSOR_ALLOWANCE = 1024  # header bytes per tensor name (name, dtype, shape,
 
 def check_envelope(reply: Reply, expected_round: int, max_bytes: int | None) -> None:
     """Raise UpdateRejected unless the reply is well-formed before decoding: the client reported no
-    error, the payload is at most ``max_bytes`` (None: no limit), it answers ``expected_round``,
+    error, the payload (and its attachment, each) is at most ``max_bytes`` (None: no limit), it answers ``expected_round``,
     ``num_examples`` is a positive int and every metric is a finite, non-negative number.
 
     A reply without a round (``reply.round is None``) is accepted: clients older than the round
@@ -33,9 +33,9 @@ def check_envelope(reply: Reply, expected_round: int, max_bytes: int | None) -> 
     a round that is present and different is (a reply replayed or delayed from another round)."""
     if reply.error:
         raise UpdateRejected(f"client reported an error: {reply.error}")
-    size = len(reply.payload)
-    if max_bytes is not None and size > max_bytes:
-        raise UpdateRejected(f"payload of {size} bytes exceeds the limit of {max_bytes} bytes")
+    for what, size in (("payload", len(reply.payload)), ("attachment", len(reply.attachment))):
+        if max_bytes is not None and size > max_bytes:
+            raise UpdateRejected(f"{what} of {size} bytes exceeds the limit of {max_bytes} bytes")
     if reply.round is not None and reply.round != expected_round:
         when = "stale" if _is_int(reply.round) and reply.round < expected_round else "unexpected"
         raise UpdateRejected(f"{when} round: the reply answers round {reply.round!r}, expected round {expected_round}")

@@ -110,7 +110,9 @@ def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
     count as the same when ``cfg`` leaves them at their defaults (they did not exist, so they were off)."""
     if not isinstance(previous, dict):
         return False
-    defaults, current = RunConfig().to_dict(), cfg.to_dict()
+    previous = json.loads(json.dumps(previous))
+    plain = lambda c: json.loads(json.dumps(c.to_dict()))  # noqa: E731  (tuples as the JSON lists they were saved as)
+    defaults, current = plain(RunConfig()), plain(cfg)
     for section, values in current.items():
         recorded = previous.get(section, {})
         if set(recorded) - set(values):

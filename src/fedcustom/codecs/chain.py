@@ -153,7 +153,9 @@ class CodecChain:
             parts = {"values": flat.contiguous()} if self.exact_delta else quantize(flat, self.spec.coding)
             for part, tensor in parts.items():
                 tensors[f"{name}::{part}"] = tensor
-        payload = st_save(tensors, metadata={"shapes": json.dumps(shapes), "chain": self.name})
+        # One metadata key, its names sorted: safetensors writes its metadata map in hash order, and a state's
+        # tensor order differs after a resume, so the same state used to encode to other bytes (and sizes).
+        payload = st_save(tensors, metadata={"shapes": json.dumps(shapes, sort_keys=True)})
         if self.spec.delta:  # (topk implies delta) the sender needs what the receiver will rebuild
             # Lossless: the receiver rebuilds exactly ``update``; no need to parse our own payload back.
             delivered = update if self.spec.lossless else self._reconstruct(st_load(payload), shapes, sparse)

@@ -16,7 +16,8 @@ from fedcustom.data.partition import label_histogram, partition_indices
 from fedcustom.data.public import carve_public, load_public
 from fedcustom.data.sources import PACKAGED_DATASETS, LabeledData, load_labeled
 
-__all__ = ["FederatedData", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data"]
+__all__ = ["FederatedData", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data",
+           "stratified_split"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class FederatedData:
         ]
 
 
-def _stratified_split(labels: list[int], keep: int, seed: int) -> tuple[list[int], list[int]]:
+def stratified_split(labels: list[int], keep: int, seed: int) -> tuple[list[int], list[int]]:
     """Indices (kept, rest) with label shares preserved when every label has two or more rows."""
     index = np.arange(len(labels))
     counts = np.bincount(labels)
@@ -70,7 +71,7 @@ def _subsample(data: LabeledData, limit: int | None, seed: int) -> tuple[Labeled
     """(kept, spare): at most ``limit`` rows, label shares preserved, and the rows left out."""
     if limit is None or limit >= len(data):
         return data, LabeledData(data.dataset.select([]), data.label_names)
-    kept, rest = _stratified_split(data.dataset["label"], limit, seed)
+    kept, rest = stratified_split(data.dataset["label"], limit, seed)
     return LabeledData(data.dataset.select(kept), data.label_names), LabeledData(data.dataset.select(rest), data.label_names)
 
 
@@ -90,7 +91,7 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
         evaluation = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, train.label_names, cfg.eval_split)
         return train, evaluation
     keep = len(train) - max(1, round(len(train) * cfg.eval_fraction))
-    kept, held_out = _stratified_split(train.dataset["label"], keep, _split_seed(cfg, seed))
+    kept, held_out = stratified_split(train.dataset["label"], keep, _split_seed(cfg, seed))
     table = train.dataset
     return LabeledData(table.select(kept), train.label_names), LabeledData(table.select(held_out), train.label_names)
 

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 from peft import TaskType
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.errors import FedCustomError
 
 PEFT_TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
-Builder = Callable[[nn.Module, MethodConfig, str], nn.Module]
+Builder = Callable[[nn.Module, MethodConfig, str, PreTrainedTokenizerBase], nn.Module]
 
 
 @dataclass(frozen=True)
@@ -29,12 +30,16 @@ class Method:
     """A registered customization method."""
 
     name: str
-    build: Builder  # (backbone, method config, task) -> trainable model
+    build: Builder  # (backbone, method config, task, tokenizer) -> trainable model
     default_lr: Callable[[MethodConfig], float]  # AdamW rate that trains MiniLM well on SST-2 (OFFLINE.md)
     description: str
     protocol: str = "parameter_sharing"  # or "split" (methods/split), "distill" (methods/distill)
     save: Callable[[nn.Module, Path], None] | None = None  # default: save_trained
     saves_whole_model: bool = False  # True when ``save`` writes a whole HF model even from a PEFT model
+    # Recommended federated settings when the config leaves them unset (measured: fedcustom.methods.defaults)
+    local_epochs: int = 1
+    server_opt: str = "fedavg"
+    server_lr: float | None = None  # None: 1 for fedavg and avgm, else a multiple of the client rate
 
 
 _REGISTRY: dict[str, Method] = {}

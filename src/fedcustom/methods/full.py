@@ -7,12 +7,13 @@ largest payload, highest client compute.
 from __future__ import annotations
 
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.methods.base import Method, register
 
 
-def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
+def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     """The backbone itself with all parameters trainable."""
     for param in backbone.parameters():
         param.requires_grad_(True)

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from peft import LoraConfig, get_peft_model
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.methods.base import Method, peft_task_type, register
 
 
-def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
+def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     """PEFT LoRA model; PEFT's defaults pick the target modules unless ``lora_targets`` is set."""
     config = LoraConfig(
         task_type=peft_task_type(task),

@@ -4,15 +4,22 @@ from __future__ import annotations
 
 from peft import PromptTuningConfig, get_peft_model
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.methods.base import Method, peft_task_type, register
+from fedcustom.methods.soft_init import init_token_ids, initialise_prompt
 
 
-def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
-    """PEFT prompt-tuning model with ``num_virtual_tokens`` randomly initialised soft tokens."""
+def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
+    """PEFT prompt-tuning model with ``num_virtual_tokens`` soft tokens, initialised from real token embeddings
+    (``cfg.prompt_init``, as PEFT's TEXT initialisation; see :mod:`fedcustom.methods.soft_init`)."""
+    ids = init_token_ids(cfg.prompt_init, tokenizer, cfg.num_virtual_tokens, backbone, task)
     config = PromptTuningConfig(task_type=peft_task_type(task), num_virtual_tokens=cfg.num_virtual_tokens)
-    return get_peft_model(backbone, config)
+    model = get_peft_model(backbone, config)
+    if ids is not None:
+        initialise_prompt(model, ids)
+    return model
 
 
 METHOD = register(Method("prompt", build, default_lr=lambda cfg: 3e-2, description="soft input prompt + head"))

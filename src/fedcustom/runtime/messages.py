@@ -22,6 +22,7 @@ class Message:
     round: int
     payload: bytes = b""
     config: dict[str, Scalar] = field(default_factory=dict)
+    attachment: bytes = b""  # tensors beside the payload that no codec touches (SCAFFOLD's control variate)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class Reply:
     metrics: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     round: int | None = None
+    attachment: bytes = b""  # as Message.attachment (SCAFFOLD: the change of the client's control variate)
 
 
 Handler = Callable[[int, Message], Reply]

@@ -8,14 +8,15 @@ clients' backbone may differ from the server's (``method.client_model``).
 """
 
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.methods.base import Method, get_method, register
 
 
-def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
+def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     """The global (and each client's) model: ``cfg.local_method`` applied to the backbone."""
-    return get_method(cfg.local_method).build(backbone, cfg, task)
+    return get_method(cfg.local_method).build(backbone, cfg, task, tokenizer)
 
 
 def default_lr(cfg: MethodConfig) -> float:

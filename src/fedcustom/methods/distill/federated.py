@@ -53,7 +53,7 @@ def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Federate
         raise ConfigError(f"method.client_model {name!r}: token-level distillation of a causal LM needs the clients "
                           f"to share the server's tokenizer, and {name!r} tokenizes differently from {cfg.model.name!r}")
     backbone = load_model(name, cfg.model.task, data.label_names, client_tokenizer, cfg.train.seed)
-    client_model = get_method(cfg.method.local_method).build(backbone, cfg.method, cfg.model.task)
+    client_model = get_method(cfg.method.local_method).build(backbone, cfg.method, cfg.model.task, client_tokenizer)
     if cfg.model.task == "causal-lm":
         client_tokenizer.padding_side = "right"
         return client_model, client_tokenizer, data  # the same tokenizer: the same token ids

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
+from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.errors import ConfigError
@@ -26,7 +27,7 @@ from fedcustom.methods.split.prefix import SplitPrefixModel, prefix_for
 __all__ = ["METHOD", "SplitDecoder", "SplitEncoder", "SplitModel", "SplitPrefixModel", "cut_model"]
 
 
-def build(backbone: nn.Module, cfg: MethodConfig, task: str) -> nn.Module:
+def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
     """The client half trains all its weights, LoRA on its layers or prefixes on its layers; the server half
     trains every weight. The cut is checked here, early."""
     for param in backbone.parameters():

@@ -140,7 +140,7 @@ def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_p
     tokenizer = load_tokenizer(model_name)
     table = _own_table(cfg, setup, partition, data_path, tokenizer)
     backbone = load_model(model_name, cfg.model.task, setup.label_names, tokenizer, cfg.train.seed)
-    model = method.build(backbone, cfg.method, cfg.model.task)
+    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
     log.info("partition %d: %d local rows from %s", partition, len(table), data_path or "the run's dataset")
     tables = {partition: table}
     if method.protocol == "split":

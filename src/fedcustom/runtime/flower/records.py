@@ -15,6 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from fedcustom.runtime.messages import Message, Reply
 
 CONFIG, PAYLOAD, REPLY, METRICS = "fedcustom.config", "fedcustom.payload", "fedcustom.reply", "fedcustom.metrics"
+ATTACHMENT = "fedcustom.attachment"  # present only when a message or reply carries one
 ROUND, KIND = "fedcustom.round", "fedcustom.kind"  # reserved keys in the config record
 DEFAULT_KIND = "train"  # Flower's message type for it is plain "train"; other kinds are "train.<kind>"
 
@@ -28,10 +29,16 @@ def _payload_record(payload: bytes) -> ArrayRecord:
     return ArrayRecord({"bytes": Array.from_numpy_ndarray(np.frombuffer(payload, dtype=np.uint8))})
 
 
-def _payload(content: RecordDict) -> bytes:
-    if PAYLOAD not in content:
+def _payload(content: RecordDict, key: str = PAYLOAD) -> bytes:
+    if key not in content:
         return b""
-    return content[PAYLOAD]["bytes"].numpy().tobytes()
+    return content[key]["bytes"].numpy().tobytes()
+
+
+def _with_attachment(records: dict, attachment: bytes) -> RecordDict:
+    if attachment:
+        records[ATTACHMENT] = _payload_record(attachment)
+    return RecordDict(records)
 
 
 def bytes_record(data: bytes) -> ArrayRecord:
@@ -46,7 +53,7 @@ def record_bytes(record: ArrayRecord) -> bytes:
 
 def message_to_content(message: Message, extra_config: dict[str, str] | None = None) -> RecordDict:
     config = ConfigRecord({**message.config, **(extra_config or {}), ROUND: message.round, KIND: message.kind})
-    return RecordDict({CONFIG: config, PAYLOAD: _payload_record(message.payload)})
+    return _with_attachment({CONFIG: config, PAYLOAD: _payload_record(message.payload)}, message.attachment)
 
 
 def content_to_message(content: RecordDict) -> Message:
@@ -56,7 +63,8 @@ def content_to_message(content: RecordDict) -> Message:
                          f"was it sent by a fedcustom server?")
     config = dict(content[CONFIG])
     rnd, kind = int(config.pop(ROUND)), str(config.pop(KIND))
-    return Message(kind=kind, round=rnd, payload=_payload(content), config=config)
+    return Message(kind=kind, round=rnd, payload=_payload(content), config=config,
+                   attachment=_payload(content, ATTACHMENT))
 
 
 def reply_to_content(reply: Reply) -> RecordDict:
@@ -64,7 +72,8 @@ def reply_to_content(reply: Reply) -> RecordDict:
     if reply.round is not None:  # absent, not a sentinel, so records stay readable by older servers
         status[ROUND] = int(reply.round)
     metrics = MetricRecord({k: float(v) for k, v in reply.metrics.items()})
-    return RecordDict({REPLY: ConfigRecord(status), METRICS: metrics, PAYLOAD: _payload_record(reply.payload)})
+    return _with_attachment({REPLY: ConfigRecord(status), METRICS: metrics, PAYLOAD: _payload_record(reply.payload)},
+                            reply.attachment)
 
 
 def content_to_reply(content: RecordDict) -> Reply:
@@ -80,7 +89,8 @@ def content_to_reply(content: RecordDict) -> Reply:
             raise TypeError(f"num_examples and {ROUND} must be ints, got {num_examples!r} and {rnd!r}")
         metrics = dict(content[METRICS]) if METRICS in content else {}
         return Reply(payload=_payload(content), num_examples=num_examples, round=rnd,
-                     metrics={str(k): _metric(v) for k, v in metrics.items()}, error=str(status["error"]) or None)
+                     attachment=_payload(content, ATTACHMENT), error=str(status["error"]) or None,
+                     metrics={str(k): _metric(v) for k, v in metrics.items()})
     except (KeyError, TypeError, ValueError, EOFError, OSError, AttributeError) as exc:
         return Reply(error=f"malformed reply content: {type(exc).__name__}: {exc}")
 

@@ -1,0 +1,103 @@
+"""Wiring of what makes a federated run converge: the method's recommended settings where the config leaves
+them unset, the server optimizer, client-drift correction (FedProx, SCAFFOLD), the client learning-rate
+schedule and early stopping. The mechanisms live in fedcustom.strategies.server_opt, fedcustom.training and
+fedcustom.scaffold."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from fedcustom.config import RunConfig
+from fedcustom.errors import FedCustomError
+from fedcustom.methods import Method
+from fedcustom.server import Convergence, RoundResult
+from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
+from fedcustom.training import LocalSchedule
+
+# Server rate of the adaptive optimizers as a multiple of the client rate when none is given: each round the
+# server then moves every coordinate by about this many client steps (Reddi et al. tune it per task).
+ADAPTIVE_SERVER_LR_FACTOR = 1.0
+
+
+def local_schedule(cfg: RunConfig, method: Method) -> LocalSchedule:
+    """The per-round client schedule: the method's recommended rate and epochs unless the config sets them."""
+    fed, train = cfg.federation, cfg.train
+    return LocalSchedule(
+        lr=train.lr or method.default_lr(cfg.method), batch_size=train.batch_size,
+        epochs=fed.local_epochs or method.local_epochs, steps=fed.local_steps,
+        weight_decay=train.weight_decay, count_flops=train.count_flops, optimizer=train.optimizer,
+        decay=train.lr_schedule, warmup_rounds=train.warmup_rounds, rounds=fed.rounds,
+    )
+
+
+def server_opt_settings(cfg: RunConfig, method: Method, client_lr: float) -> ServerOptSettings:
+    """The server optimizer: the config's, else the method's recommended one, with its rate."""
+    fed = cfg.federation
+    name = fed.server_opt or method.server_opt
+    lr = fed.server_lr
+    if lr is None and fed.server_opt in (None, method.server_opt):
+        lr = method.server_lr
+    if lr is None:
+        lr = 1.0 if name in ("fedavg", "avgm") else ADAPTIVE_SERVER_LR_FACTOR * client_lr
+    beta1, beta2 = fed.server_betas
+    return ServerOptSettings(name, lr, fed.server_momentum, beta1, beta2, fed.server_eps)
+
+
+def convergence_for(cfg: RunConfig, method: Method, schedule: LocalSchedule) -> Convergence:
+    """What the parameter-sharing server applies besides its strategy."""
+    fed = cfg.federation
+    return Convergence(ServerOptimizer(server_opt_settings(cfg, method, schedule.lr)), fed.scaffold, fed.prox_mu)
+
+
+def check_convergence_support(cfg: RunConfig, method: Method) -> None:
+    """Server optimizers and drift correction need the parameter-sharing round; SCAFFOLD's control variates
+    travel in the clear, so it does not combine with secure aggregation or client-level DP."""
+    fed, priv = cfg.federation, cfg.privacy
+    asked = [name for name, on in [("--server-opt", fed.server_opt not in (None, "fedavg")),
+                                   ("--server-lr", fed.server_lr is not None), ("--prox-mu", fed.prox_mu > 0),
+                                   ("--scaffold", fed.scaffold)] if on]
+    if asked and method.protocol != "parameter_sharing":
+        raise FedCustomError(f"{', '.join(asked)}: apply to the parameter-sharing methods (full, lora, prompt, "
+                             f"prefix); --method {method.name} exchanges activations or logits")
+    if fed.scaffold and (priv.secagg or priv.dp != "off"):
+        raise FedCustomError("--scaffold with --secagg or --dp: each client's control-variate change travels in the "
+                             "clear beside its update and would reveal what secure aggregation and DP hide")
+    if fed.prox_mu > 0 and priv.dp_sgd:
+        raise FedCustomError("--prox-mu with --dp-sgd: Opacus computes each step from per-example gradients of the "
+                             "loss alone, so the proximal term would be dropped; use --scaffold or leave --prox-mu 0")
+
+
+def resolved_settings(cfg: RunConfig, method: Method, schedule: LocalSchedule) -> dict[str, Any]:
+    """The training settings the run used after defaults were filled in (for summary.json)."""
+    opt = server_opt_settings(cfg, method, schedule.lr)
+    return {"client_lr": schedule.lr, "local_epochs": schedule.epochs, "local_steps": schedule.steps,
+            "batch_size": schedule.batch_size, "optimizer": schedule.optimizer, "lr_schedule": schedule.decay,
+            "warmup_rounds": schedule.warmup_rounds, "server_opt": opt.name, "server_lr": opt.lr,
+            "prox_mu": cfg.federation.prox_mu, "scaffold": cfg.federation.scaffold}
+
+
+@dataclass(frozen=True)
+class EarlyStop:
+    """Stop once the headline metric has not improved by more than ``min_delta`` for ``patience`` rounds."""
+
+    metric: str
+    higher_is_better: bool
+    patience: int
+    min_delta: float = 0.0
+
+    def best_round(self, results: list[RoundResult]) -> int:
+        """The round (0 = initial model) whose metric is the best so far; the earliest on ties."""
+        best = 0
+        for i, result in enumerate(results):
+            if self._better(result.eval[self.metric], results[best].eval[self.metric]):
+                best = i
+        return results[best].round
+
+    def should_stop(self, results: list[RoundResult]) -> bool:
+        """True when the last ``patience`` rounds brought no improvement over the best before them."""
+        return results[-1].round - self.best_round(results) >= self.patience
+
+    def _better(self, value: float, than: float) -> bool:
+        gain = value - than if self.higher_is_better else than - value
+        return gain > self.min_delta

@@ -1,0 +1,152 @@
+"""Client-drift correction: FedProx's proximal term and SCAFFOLD's control variates (Karimireddy et al., ICML 2020,
+Algorithm 1, option II), run through the real client, server and embedded runtime on a tiny quadratic."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from transformers import AutoTokenizer
+
+from fedcustom.client import TrainingClient
+from fedcustom.codecs import RawCodec
+from fedcustom.data.features import tokenize
+from fedcustom.runtime import EmbeddedRuntime
+from fedcustom.scaffold import ServerControl, client_update
+from fedcustom.server import Convergence, FederatedServer
+from fedcustom.strategies import FedAvg
+from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
+from fedcustom.training import DriftControl, LocalSchedule, train_local
+
+from conftest import toy_rows
+
+# Client i minimises f_i(w) = 1/2 sum_j a_ij (w_j - t_ij)^2: different curvatures and optima, so plain local
+# SGD drifts toward each client's own optimum.
+CURVATURE = np.array([[1.0, 0.2, 3.0], [0.5, 2.0, 0.3]])
+TARGET = np.array([[1.0, -2.0, 0.5], [-3.0, 1.0, 2.0]])
+
+
+class Quadratic(nn.Module):
+    """A 'model' whose loss on a batch is the quadratic of the client its rows belong to (label = client id)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+
+    def forward(self, labels: torch.Tensor, **_: torch.Tensor) -> SimpleNamespace:
+        a, t = torch.tensor(CURVATURE)[labels[0]], torch.tensor(TARGET)[labels[0]]
+        return SimpleNamespace(loss=0.5 * (a * (self.w - t) ** 2).sum())
+
+
+def client_tables(tiny_bert: str) -> tuple[dict[int, datasets.Dataset], AutoTokenizer]:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    tables = {}
+    for node in (0, 1):
+        rows = toy_rows(8).rename(columns={"sentence": "text"}).assign(label=node)
+        tables[node] = tokenize(datasets.Dataset.from_pandas(rows), tokenizer, 16)
+    return tables, tokenizer
+
+
+def reference_scaffold(rounds: int, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Algorithm 1 (option II, full participation, global rate 1, equal client weights) in numpy."""
+    x, c, ci = np.zeros(3), np.zeros(3), [np.zeros(3), np.zeros(3)]
+    for _ in range(rounds):
+        ys, changes = [], []
+        for i in (0, 1):
+            y = x.copy()
+            for _ in range(steps):
+                y = y - lr * (CURVATURE[i] * (y - TARGET[i]) - ci[i] + c)
+            new = ci[i] - c + (x - y) / (steps * lr)
+            changes.append(new - ci[i])
+            ci[i] = new
+            ys.append(y)
+        x = (ys[0] + ys[1]) / 2
+        c = c + (changes[0] + changes[1]) / 2
+    return x, c, ci
+
+
+def test_scaffold_through_client_and_server_follows_algorithm_1(tiny_bert: str) -> None:
+    # Prepare: 8 rows per client in batches of 4 -> 2 steps an epoch, 2 epochs -> K = 4 SGD steps per round
+    tables, tokenizer = client_tables(tiny_bert)
+    model = Quadratic()
+    client = TrainingClient(model, tokenizer, RawCodec(), tables)
+    schedule = LocalSchedule(lr=0.1, batch_size=4, epochs=2, count_flops=False, optimizer="sgd")
+    server = FederatedServer(EmbeddedRuntime(client, 2), FedAvg(), RawCodec(), {"w": torch.zeros(3, dtype=torch.float64)},
+                             lambda s: {"accuracy": 0.0}, schedule, clients_per_round=2, seed=0,
+                             convergence=Convergence(scaffold=True))
+    # Execute
+    results = [server.run_round(r) for r in (1, 2, 3)]
+    # Assert: the global state, the server's control variate and each client's own match the reference
+    x, c, ci = reference_scaffold(rounds=3, steps=4, lr=0.1)
+    assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
+    assert np.allclose(server.control.c["w"].numpy(), c, atol=1e-10)
+    assert all(np.allclose(client.controls[i]["w"].numpy(), ci[i], atol=1e-10) for i in (0, 1))
+    # ... and the control variates' bytes are counted both ways: more than the model payload alone
+    payload = len(RawCodec().encode({"w": torch.zeros(3, dtype=torch.float64)}))
+    assert all(b >= 2 * payload for r in results for b in [*r.bytes_up.values(), *r.bytes_down.values()])
+
+
+def test_scaffold_corrects_drift_that_plain_local_sgd_suffers(tiny_bert: str) -> None:
+    # The global optimum of f_0 + f_1 is the curvature-weighted mean of the targets; with many local steps FedAvg
+    # settles elsewhere, SCAFFOLD at the optimum.
+    tables, tokenizer = client_tables(tiny_bert)
+    optimum = (CURVATURE * TARGET).sum(0) / CURVATURE.sum(0)
+
+    def final(scaffold: bool) -> np.ndarray:
+        model = Quadratic()
+        client = TrainingClient(model, tokenizer, RawCodec(), tables)
+        schedule = LocalSchedule(lr=0.1, batch_size=4, epochs=5, count_flops=False, optimizer="sgd")
+        server = FederatedServer(EmbeddedRuntime(client, 2), FedAvg(), RawCodec(),
+                                 {"w": torch.zeros(3, dtype=torch.float64)}, lambda s: {"accuracy": 0.0}, schedule,
+                                 clients_per_round=2, seed=0, convergence=Convergence(scaffold=scaffold))
+        for rnd in range(1, 31):
+            server.run_round(rnd)
+        return server.global_state["w"].numpy()
+
+    assert np.abs(final(True) - optimum).max() < 1e-3 < np.abs(final(False) - optimum).max()
+
+
+def test_client_control_update_is_option_ii() -> None:
+    own, server, x, y = ({"w": torch.tensor([v])} for v in (0.5, 0.25, 1.0, 0.2))
+    new = client_update(own, server, x, y, steps=4, lr=0.1)
+    assert new["w"].item() == pytest.approx(0.5 - 0.25 + (1.0 - 0.2) / 0.4)
+    control = ServerControl({"w": torch.zeros(1)})
+    control.apply([{"w": torch.tensor([1.0])}, {"w": torch.tensor([3.0])}], total_clients=8)
+    assert control.c["w"].item() == pytest.approx(4.0 / 8)  # |S|/N times the mean change
+
+
+def _lora_setup(tiny_bert: str):
+    from fedcustom.config import MethodConfig
+    from fedcustom.methods import get_method, trainable_state
+    from fedcustom.models import load_model
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    table = tokenize(datasets.Dataset.from_pandas(toy_rows(40)).rename_column("sentence", "text"), tokenizer, 32)
+    model = get_method("lora").build(load_model(tiny_bert, "classification", ["neg", "pos"], tokenizer, 0),
+                                     MethodConfig(name="lora"), "classification", tokenizer)
+    return tokenizer, table, model, trainable_state(model)
+
+
+def _distance(model: nn.Module, anchor: dict[str, torch.Tensor]) -> float:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    return sum(float((params[n].detach() - anchor[n]).pow(2).sum()) for n in anchor) ** 0.5
+
+
+def test_fedprox_with_mu_zero_is_fedavg_and_a_larger_mu_stays_closer(tiny_bert: str) -> None:
+    from fedcustom.methods import load_trainable_state, trainable_state
+
+    tokenizer, table, model, start = _lora_setup(tiny_bert)
+    schedule = LocalSchedule(lr=1e-2, batch_size=8, epochs=2, count_flops=False)
+    ends = {}
+    for name, drift in [("plain", None), ("mu0", DriftControl(anchor=start, prox_mu=0.0)),
+                        ("mu10", DriftControl(anchor=start, prox_mu=10.0))]:
+        load_trainable_state(model, start)
+        train_local(model, table, tokenizer, schedule, seed=3, drift=drift)
+        ends[name] = (trainable_state(model), _distance(model, start))
+    plain, mu0 = ends["plain"][0], ends["mu0"][0]
+    assert all(torch.equal(plain[k], mu0[k]) for k in plain)  # the proximal path with mu = 0 changes nothing
+    assert ends["mu10"][1] < 0.5 * ends["plain"][1]
