@@ -16,6 +16,7 @@ from fedcustom.bench.grid import cells, run_grid
 from fedcustom.bench.plots import (accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round, codecs_accuracy_vs_cumulative_mb,
                                    frameworks_accuracy_vs_mb, frameworks_flops)
 from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
+from fedcustom.bench.sweep import Sweep, as_json, load_sweep, run_sweep, sweep_names
 from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, main_table, paper_table, skew_dataset,
                                     skew_table, targets, variants)
 from fedcustom.report import write_json
@@ -82,10 +83,13 @@ def write_report(out: Path, preset: BenchPreset, rows: list[dict], result: dict[
     (out / "report.md").write_text("\n".join(parts))
 
 
-def run_bench(preset_name: str, data_dir: str, output: str, command: str, console: Console | None = None) -> dict[str, Any]:
+def run_bench(preset_name: str, data_dir: str, output: str, command: str, console: Console | None = None,
+              stages: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
     """Run the preset's grid, then write results.json, report.md and the PNG plots into ``output``."""
     out = prepare_output(output)
     console = console or Console()
+    if preset_name in sweep_names() or preset_name.endswith(".toml"):
+        return run_sweep_bench(load_sweep(preset_name), data_dir, out, command, console, stages, jobs)
     if preset_name == "frameworks":
         return run_frameworks_bench(data_dir, out, command, console)
     if preset_name == "codecs":
@@ -193,5 +197,27 @@ def run_generative_bench(out: Path, command: str, console: Console,
     write_json(out / "results.json", result)
     (out / "report.md").write_text(generative.report(rows, setting, command, result["machine"], wall, records))
     console.print(generative.table(rows), soft_wrap=True)
+    console.print(f"report: {out / 'report.md'}")
+    return result
+
+
+def run_sweep_bench(sweep: Sweep, data_dir: str, out: Path, command: str, console: Console,
+                    stages: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
+    """A declarative sweep (fedcustom/bench/sweeps/*.toml): its stages' runs, then results.json and the report its
+    ``report`` module writes (with its plots)."""
+    import importlib
+
+    start = time.perf_counter()
+    records = run_sweep(sweep, Path(data_dir).expanduser(), out, console, stages, jobs)
+    runs = [r for stage in records.values() for r in stage]
+    writer = importlib.import_module(f"fedcustom.bench.{sweep.report}")
+    result = {"preset": sweep.name, "command": command, "versions": versions(), "machine": machine(),
+              "wall_seconds": time.perf_counter() - start, "runs": len(runs),
+              "reused": sum(r["reused"] for r in runs),
+              "cells_wall_seconds": sum(r["summary"].get("wall_seconds") or 0.0 for r in runs),
+              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "sweep": as_json(sweep), "targets": writer.targets(records.get("report", [])), "stages": records}
+    write_json(out / "results.json", result)
+    (out / "report.md").write_text(writer.report(sweep, records, result, out))
     console.print(f"report: {out / 'report.md'}")
     return result

@@ -1,0 +1,152 @@
+"""Declarative sweeps: axes expanded in order, a stage that picks an axis value from an earlier stage's results,
+finished runs reused, stages run in parts, and the converge report from real (tiny) runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from rich.console import Console
+
+from fedcustom.bench import run_sweep_bench
+from fedcustom.bench.sweep import Pick, best_per_group, cells, load_sweep, parse_sweep, sweep_names
+from fedcustom.errors import ConfigError
+
+from conftest import TINY_LR
+
+SWEEP = """
+name = "tiny-converge"
+report = "converge"
+[base.model]
+name = "{model}"
+max_length = 16
+[base.data]
+dataset = "{data}"
+max_eval_examples = 40
+[base.method]
+num_virtual_tokens = 4
+[base.federation]
+clients = 2
+rounds = 4
+local_epochs = 4
+early_stop_patience = 2
+[base.train]
+batch_size = 16
+lr = {lr}
+centralized_max_epochs = 3
+[[axis.setting]]
+label = "sst2-iid"
+dataset = "sst2"
+split = "iid"
+[axis.setting.set]
+data.partition = "iid"
+train.centralized_converged = true
+[[axis.setting]]
+label = "ag_news-iid"
+dataset = "ag_news"
+split = "iid"
+[axis.setting.set]
+data.partition = "iid"
+train.centralized_converged = true
+[[axis.setting]]
+label = "ag_news-dirichlet0.1"
+dataset = "ag_news"
+split = "dirichlet:0.1"
+[axis.setting.set]
+data.partition = "dirichlet:0.1"
+[[axis.method]]
+label = "prefix"
+[axis.method.set]
+method.name = "prefix"
+[[axis.variant]]
+label = "frozen"
+[axis.variant.set]
+train.lr = 1e-12
+[[axis.variant]]
+label = "fedavg"
+[axis.variant.set]
+federation.server_opt = "fedavg"
+[[axis.seed]]
+label = "tune"
+[axis.seed.set]
+train.seed = 100
+[[axis.seed]]
+label = "seed0"
+[axis.seed.set]
+train.seed = 0
+[[axis.seed]]
+label = "seed1"
+[axis.seed.set]
+train.seed = 1
+[stages.tune]
+axis.seed = ["tune"]
+axis.setting = ["sst2-iid", "ag_news-dirichlet0.1"]
+[stages.tune.set]
+train.centralized_converged = false
+[stages.report]
+axis.seed = ["seed0", "seed1"]
+[stages.report.pick]
+axis = "variant"
+from = "tune"
+by = ["method", "dataset"]
+metric = "final_accuracy"
+"""
+
+
+@pytest.fixture
+def sweep_file(tmp_path: Path, tiny_bert: str, toy_csv: str) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(SWEEP.replace("{model}", tiny_bert).replace("{data}", toy_csv).replace("{lr}", str(TINY_LR["prefix"])))
+    return path
+
+
+def test_axes_expand_in_order_and_a_pick_takes_the_best_value_per_group(sweep_file: Path) -> None:
+    sweep = load_sweep(str(sweep_file))
+    tune, report = sweep.stages
+    tuning = cells(sweep, tune)
+    assert [c.name for c in tuning] == ["sst2-iid/prefix/frozen/tune", "sst2-iid/prefix/fedavg/tune",
+                                        "ag_news-dirichlet0.1/prefix/frozen/tune", "ag_news-dirichlet0.1/prefix/fedavg/tune"]
+    assert tuning[0].values["train"] == {"batch_size": 16, "lr": 1e-12, "centralized_max_epochs": 3,
+                                         "centralized_converged": False, "seed": 100}
+    records = [{"labels": c.labels, "tags": c.tags, "summary": {"final_accuracy": score}}
+               for c, score in zip(tuning, [0.5, 0.7, 0.6, 0.4])]
+    picked = best_per_group(records, sweep, report.pick)
+    assert {k: v.label for k, v in picked.items()} == {("prefix", "sst2"): "fedavg", ("prefix", "ag_news"): "frozen"}
+    names = [c.name for c in cells(sweep, report, picked)]
+    assert names[:2] == ["sst2-iid/prefix/fedavg/seed0", "sst2-iid/prefix/fedavg/seed1"]
+    assert "ag_news-dirichlet0.1/prefix/frozen/seed1" in names and len(names) == 6
+
+
+def test_the_converge_sweep_runs_in_parts_reuses_its_runs_and_reports_targets(sweep_file: Path, tmp_path: Path) -> None:
+    # Prepare
+    sweep, out = load_sweep(str(sweep_file)), tmp_path / "out"
+    out.mkdir()
+    # Execute: the tuning stage alone, then everything (the tuning runs reused), then again (all reused)
+    first = run_sweep_bench(sweep, ".", out, "first", Console(quiet=True), stages=["tune"])
+    second = run_sweep_bench(sweep, ".", out, "second", Console(quiet=True))
+    third = run_sweep_bench(sweep, ".", out, "third", Console(quiet=True))
+    # Assert
+    assert first["runs"] == 4 and first["reused"] == 0 and first["stages"]["report"] == []
+    assert second["runs"] == 10 and second["reused"] == 4 and third["reused"] == 10
+    report = [r for r in second["stages"]["report"]]
+    assert {r["labels"]["variant"] for r in report if r["tags"]["dataset"] == "sst2"} == {"fedavg"}  # frozen learns nothing
+    iid = [r for r in report if r["tags"]["setting"] == "sst2-iid"]
+    assert all(r["summary"]["centralized_converged_accuracy"] is not None for r in iid)
+    text = (out / "report.md").read_text()
+    assert "prefix tuning within 0.5 points" in text and "| prefix | sst2-iid | fedavg |" in text
+    assert [t["met"] in (True, False) for t in second["targets"]] == [True, True]
+    assert json.loads((out / "results.json").read_text())["preset"] == "tiny-converge"
+    assert all((out / name).is_file() for name in ("accuracy_vs_round.png", "accuracy_by_split.png"))
+
+
+def test_malformed_sweeps_are_refused_clearly() -> None:
+    with pytest.raises(ConfigError, match="malformed"):
+        parse_sweep({"name": "x", "report": "converge"})
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_sweep({"name": "x", "report": "converge", "axis": {"seed": [{"label": "a"}]},
+                     "stages": {"s": {"axis": {"seed": ["b"]}}}})
+    with pytest.raises(ConfigError, match="no such file"):
+        load_sweep("nonexistent-sweep")
+    assert "converge" in sweep_names()
+    assert Pick("variant", "tune", ("method",), "final_accuracy").axis == "variant"
