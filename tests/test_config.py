@@ -105,7 +105,8 @@ def test_cli_runs_and_writes_summary(base_args: list[str], tmp_path: Path) -> No
         assert summary[key] is not None, key
     assert summary["method"] == "lora" and summary["rounds"] == 1
     assert summary["client_flops_per_round"] > 0
-    assert summary["centralized"]["examples_seen"] == sum(c["examples"] for c in summary["client_data"])
+    epochs = summary["settings"]["local_epochs"]  # the method's recommended count (no --local-epochs given)
+    assert summary["centralized"]["examples_seen"] == epochs * sum(c["examples"] for c in summary["client_data"])
 
 
 def test_codec_flags_parse_and_bad_chains_exit_2(capsys, tmp_path) -> None:

@@ -100,8 +100,8 @@ def test_both_centralized_baselines_are_reported_with_their_gaps(tiny_config) ->
 def test_unset_settings_come_from_the_method_and_are_recorded(tiny_config) -> None:
     cfg = tiny_config(federation__local_epochs=None, train__lr=None)
     job = build_job(cfg)
-    method = get_method("prefix")
-    assert job.schedule.epochs == method.local_epochs and job.schedule.lr == method.default_lr(cfg.method)
+    recommended = get_method("prefix").recommended(cfg.method, "classification")
+    assert job.schedule.epochs == recommended.local_epochs and job.schedule.lr == recommended.lr
 
 
 @pytest.mark.parametrize("overrides, message", [

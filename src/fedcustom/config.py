@@ -252,7 +252,7 @@ class TrainConfig:
     warmup_rounds: int = opt(0, "Rounds over which the client learning rate rises linearly to --lr.", "--warmup-rounds")
     optimizer: str = opt("adamw", "Local optimizer: adamw, or sgd (plain SGD, as FedProx and SCAFFOLD are stated).",
                          "--optimizer", ("adamw", "sgd"))
-    batch_size: int = opt(32, "Examples per optimizer step.", "--batch-size")
+    batch_size: int = opt(16, "Examples per optimizer step.", "--batch-size")
     weight_decay: float = opt(0.0, "AdamW weight decay.", "--weight-decay")
     seed: int = opt(0, "Seed for model init, partitioning, sampling and shuffling.", "--seed")
     centralized: bool = opt(False, "Also train the centralized baseline on the union of client data for the same "

@@ -23,9 +23,10 @@ ADAPTIVE_SERVER_LR_FACTOR = 1.0
 def local_schedule(cfg: RunConfig, method: Method) -> LocalSchedule:
     """The per-round client schedule: the method's recommended rate and epochs unless the config sets them."""
     fed, train = cfg.federation, cfg.train
+    recommended = method.recommended(cfg.method, cfg.model.task)
     return LocalSchedule(
-        lr=train.lr or method.default_lr(cfg.method), batch_size=train.batch_size,
-        epochs=fed.local_epochs or method.local_epochs, steps=fed.local_steps,
+        lr=train.lr or recommended.lr, batch_size=train.batch_size,
+        epochs=fed.local_epochs or recommended.local_epochs, steps=fed.local_steps,
         weight_decay=train.weight_decay, count_flops=train.count_flops, optimizer=train.optimizer,
         decay=train.lr_schedule, warmup_rounds=train.warmup_rounds, rounds=fed.rounds,
     )
@@ -34,10 +35,11 @@ def local_schedule(cfg: RunConfig, method: Method) -> LocalSchedule:
 def server_opt_settings(cfg: RunConfig, method: Method, client_lr: float) -> ServerOptSettings:
     """The server optimizer: the config's, else the method's recommended one, with its rate."""
     fed = cfg.federation
-    name = fed.server_opt or method.server_opt
+    recommended = method.recommended(cfg.method, cfg.model.task)
+    name = fed.server_opt or recommended.server_opt
     lr = fed.server_lr
-    if lr is None and fed.server_opt in (None, method.server_opt):
-        lr = method.server_lr
+    if lr is None and fed.server_opt in (None, recommended.server_opt):
+        lr = recommended.server_lr
     if lr is None:
         lr = 1.0 if name in ("fedavg", "avgm") else ADAPTIVE_SERVER_LR_FACTOR * client_lr
     beta1, beta2 = fed.server_betas

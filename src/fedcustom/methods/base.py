@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.errors import FedCustomError
+from fedcustom.methods.defaults import Recommended, recommended
 
 PEFT_TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
@@ -31,18 +32,19 @@ class Method:
 
     name: str
     build: Builder  # (backbone, method config, task, tokenizer) -> trainable model
-    default_lr: Callable[[MethodConfig], float]  # AdamW rate that trains MiniLM well on SST-2 (OFFLINE.md)
+    recommended: Callable[[MethodConfig, str], Recommended]  # settings for unset config keys (methods.defaults)
     description: str
     protocol: str = "parameter_sharing"  # or "split" (methods/split), "distill" (methods/distill)
     save: Callable[[nn.Module, Path], None] | None = None  # default: save_trained
     saves_whole_model: bool = False  # True when ``save`` writes a whole HF model even from a PEFT model
-    # Recommended federated settings when the config leaves them unset (measured: fedcustom.methods.defaults)
-    local_epochs: int = 1
-    server_opt: str = "fedavg"
-    server_lr: float | None = None  # None: 1 for fedavg and avgm, else a multiple of the client rate
 
 
 _REGISTRY: dict[str, Method] = {}
+
+
+def table_defaults(name: str) -> Callable[[MethodConfig, str], Recommended]:
+    """A method's row of the shared table in :mod:`fedcustom.methods.defaults`."""
+    return lambda cfg, task: recommended(name, task, projection=name == "prefix" and cfg.prefix_projection)
 
 
 def register(method: Method) -> Method:

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
-from fedcustom.methods.base import Method, register
+from fedcustom.methods.base import Method, register, table_defaults
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
@@ -20,4 +20,4 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
     return backbone
 
 
-METHOD = register(Method("full", build, default_lr=lambda cfg: 3e-5, description="all weights"))
+METHOD = register(Method("full", build, table_defaults("full"), description="all weights"))

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
-from fedcustom.methods.base import Method, peft_task_type, register
+from fedcustom.methods.base import Method, peft_task_type, register, table_defaults
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
@@ -26,4 +26,4 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
     return get_peft_model(backbone, config)
 
 
-METHOD = register(Method("lora", build, default_lr=lambda cfg: 1e-3, description="low-rank adapters + head"))
+METHOD = register(Method("lora", build, table_defaults("lora"), description="low-rank adapters + head"))

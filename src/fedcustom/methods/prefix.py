@@ -12,7 +12,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
-from fedcustom.methods.base import Method, peft_task_type, register
+from fedcustom.methods.base import Method, peft_task_type, register, table_defaults
 from fedcustom.methods.soft_init import init_token_ids, initialise_prefix
 
 
@@ -34,9 +34,4 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
     return model
 
 
-def default_lr(cfg: MethodConfig) -> float:
-    """1e-2 for raw prefixes; the MLP reparameterization collapses above 1e-3 (OFFLINE.md)."""
-    return 1e-3 if cfg.prefix_projection else 1e-2
-
-
-METHOD = register(Method("prefix", build, default_lr, description="per-layer key/value prefixes + head"))
+METHOD = register(Method("prefix", build, table_defaults("prefix"), description="per-layer key/value prefixes + head"))

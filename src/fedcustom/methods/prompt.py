@@ -7,7 +7,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
-from fedcustom.methods.base import Method, peft_task_type, register
+from fedcustom.methods.base import Method, peft_task_type, register, table_defaults
 from fedcustom.methods.soft_init import init_token_ids, initialise_prompt
 
 
@@ -22,4 +22,4 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
     return model
 
 
-METHOD = register(Method("prompt", build, default_lr=lambda cfg: 3e-2, description="soft input prompt + head"))
+METHOD = register(Method("prompt", build, table_defaults("prompt"), description="soft input prompt + head"))

@@ -7,11 +7,14 @@ client's model are trained with ``method.local_method`` (full, LoRA, prompt or p
 clients' backbone may differ from the server's (``method.client_model``).
 """
 
+import dataclasses
+
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.methods.base import Method, get_method, register
+from fedcustom.methods.defaults import Recommended
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
@@ -19,10 +22,10 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
     return get_method(cfg.local_method).build(backbone, cfg, task, tokenizer)
 
 
-def default_lr(cfg: MethodConfig) -> float:
-    """The local method's rate, used for local training and for distillation alike."""
-    return get_method(cfg.local_method).default_lr(cfg)
+def recommended(cfg: MethodConfig, task: str) -> Recommended:
+    """The local method's settings (its rate serves local training and distillation alike), one local epoch."""
+    return dataclasses.replace(get_method(cfg.local_method).recommended(cfg, task), local_epochs=1)
 
 
-METHOD = register(Method("distill", build, default_lr, protocol="distill",
+METHOD = register(Method("distill", build, recommended, protocol="distill",
                          description="KD-FedLLM: soft labels on a public set, distilled into the global model"))

@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.errors import ConfigError
-from fedcustom.methods.base import Method, peft_task_type, register
+from fedcustom.methods.base import Method, peft_task_type, register, table_defaults
 from fedcustom.methods.split.cut import SplitDecoder, SplitEncoder, SplitModel, cut_model
 from fedcustom.methods.split.prefix import SplitPrefixModel, prefix_for
 
@@ -62,6 +62,6 @@ def save(model: nn.Module, out_dir: Path) -> None:
     model.save_pretrained(out_dir)
 
 
-METHOD = register(Method("split", build, default_lr=lambda cfg: 1e-4, protocol="split", save=save,
+METHOD = register(Method("split", build, table_defaults("split"), protocol="split", save=save,
                          saves_whole_model=True,
                          description="Split-FedLLM: the client runs layers [0, K), the server the rest"))
