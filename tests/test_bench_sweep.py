@@ -34,6 +34,7 @@ early_stop_patience = 2
 [base.train]
 batch_size = 16
 lr = {lr}
+lr_schedule = "constant"
 centralized_max_epochs = 3
 [[axis.setting]]
 label = "sst2-iid"
@@ -107,8 +108,8 @@ def test_axes_expand_in_order_and_a_pick_takes_the_best_value_per_group(sweep_fi
     tuning = cells(sweep, tune)
     assert [c.name for c in tuning] == ["sst2-iid/prefix/frozen/tune", "sst2-iid/prefix/fedavg/tune",
                                         "ag_news-dirichlet0.1/prefix/frozen/tune", "ag_news-dirichlet0.1/prefix/fedavg/tune"]
-    assert tuning[0].values["train"] == {"batch_size": 16, "lr": 1e-12, "centralized_max_epochs": 3,
-                                         "centralized_converged": False, "seed": 100}
+    assert tuning[0].values["train"] == {"batch_size": 16, "lr": 1e-12, "lr_schedule": "constant",
+                                         "centralized_max_epochs": 3, "centralized_converged": False, "seed": 100}
     records = [{"labels": c.labels, "tags": c.tags, "summary": {"final_accuracy": score}}
                for c, score in zip(tuning, [0.5, 0.7, 0.6, 0.4])]
     picked = best_per_group(records, sweep, report.pick)

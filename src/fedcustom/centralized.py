@@ -76,7 +76,8 @@ def run_converged(cfg: RunConfig, model: nn.Module, initial: dict[str, torch.Ten
     load_trainable_state(model, initial)
     seed = derive_seed(train.seed, CENTRALIZED_STREAM, 1)
     rows, validation = validation_split(union_of_clients(data), train.centralized_val_fraction, seed)
-    epoch = dataclasses.replace(schedule, epochs=1, steps=None, examples=None, decay="constant", warmup_rounds=0)
+    epoch = dataclasses.replace(schedule, lr=train.centralized_lr or schedule.lr, epochs=1, steps=None, examples=None,
+                                decay="constant", warmup_rounds=0)
     best = (validation_score(cfg, model, validation, tokenizer), 0, trainable_state(model))
     scores, seen, flops = [best[0]], 0, 0
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], epoch)  # one for every epoch

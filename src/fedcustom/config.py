@@ -82,7 +82,7 @@ class DataConfig:
 class MethodConfig:
     """What each client trains and sends (see fedcustom.methods)."""
 
-    name: str = opt("prefix", "Customization method: full, lora, prompt, prefix, split (Split-FedLLM) or distill "
+    name: str = opt("lora", "Customization method: full, lora, prompt, prefix, split (Split-FedLLM) or distill "
                     "(KD-FedLLM).", "--method")
     cut_layer: int = opt(3, "Split learning: transformer layers run by the client; the server runs the rest.",
                          "--cut-layer")
@@ -246,9 +246,9 @@ class TrainConfig:
     """Local optimisation, seeding and the centralized baseline."""
 
     lr: float | None = opt(None, "Client learning rate; default: the method's recommended rate.", "--lr")
-    lr_schedule: str = opt("constant", "Client learning rate over the whole run, after warm-up: constant, cosine or "
-                           "linear decay (set per round; the same-passes centralized baseline follows the same "
-                           "shape over its steps).", "--lr-schedule", ("constant", "cosine", "linear"))
+    lr_schedule: str = opt("cosine", "Client learning rate over the whole run, after warm-up: constant, cosine or "
+                           "linear decay over --rounds (set per round; the same-passes centralized baseline follows "
+                           "the same shape over its steps).", "--lr-schedule", ("constant", "cosine", "linear"))
     warmup_rounds: int = opt(0, "Rounds over which the client learning rate rises linearly to --lr.", "--warmup-rounds")
     optimizer: str = opt("adamw", "Local optimizer: adamw, or sgd (plain SGD, as FedProx and SCAFFOLD are stated).",
                          "--optimizer", ("adamw", "sgd"))
@@ -260,6 +260,9 @@ class TrainConfig:
     centralized_converged: bool = opt(False, "Also train the centralized upper bound: epochs over the union of client "
                                       "data until the accuracy on a held-out validation slice stops improving; its "
                                       "best epoch is scored on the eval set.", "--centralized-converged")
+    centralized_lr: float | None = opt(None, "Converged centralized baseline: its learning rate (constant); default: "
+                                       "the client rate. A rate tuned for federated clients can be too high for "
+                                       "hundreds of sequential steps.", "--centralized-lr")
     centralized_max_epochs: int = opt(20, "Converged centralized baseline: most epochs.")
     centralized_patience: int = opt(3, "Converged centralized baseline: epochs without a better validation score "
                                     "before it stops.")

@@ -137,6 +137,7 @@ def validate_convergence(cfg: RunConfig) -> None:
     if train.warmup_rounds >= fed.rounds and train.warmup_rounds > 0:
         raise ConfigError(f"train.warmup_rounds (--warmup-rounds): {train.warmup_rounds} leaves no round at the full "
                           f"rate of a {fed.rounds}-round run; expected fewer than --rounds")
+    _positive("train.centralized_lr (--centralized-lr)", train.centralized_lr)
     _positive("train.centralized_max_epochs", train.centralized_max_epochs, allow_none=False)
     _positive("train.centralized_patience", train.centralized_patience, allow_none=False)
     if not 0 < train.centralized_val_fraction <= 0.5:

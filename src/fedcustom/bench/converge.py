@@ -195,17 +195,23 @@ def setup_lines(sweep: Sweep, seeds: list[str]) -> list[str]:
         f"batch {train.get('batch_size')}; at most {fed.get('rounds')} rounds, stopped once the global accuracy has "
         f"not improved by more than {fed.get('early_stop_min_delta')} for {fed.get('early_stop_patience')} rounds "
         "(the reported accuracy is the last round's, not the best).",
-        "- Client learning rates, prefix/prompt initialisation and LoRA rank are each method's defaults "
-        "(`fedcustom.methods.defaults`).",
-        "- Centralized baseline: the same method on the union of the clients' rows, one epoch at a time until the "
-        "accuracy on a 10% validation slice held out of that union stops improving for 3 epochs (at most 20); the "
-        "best epoch is scored on the same test rows as the federated model.",
+        f"- Client rate schedule `{train.get('lr_schedule', 'cosine')}` over the rounds; client rates (AdamW) "
+        f"{rates(sweep, 'lr')}; prefix and prompt initialisation and LoRA rank are the methods' defaults.",
+        "- Centralized baseline: the same method on the union of the clients' rows, one epoch at a time at a constant "
+        f"rate ({rates(sweep, 'centralized_lr')}: the rates measured best for centralized training in OFFLINE.md) "
+        "until the accuracy on a 10% validation slice held out of that union stops improving for 3 epochs (at most "
+        "20); the best epoch is scored on the same test rows as the federated model.",
         "- SST-2: training rows drawn per seed from `sst2/train.tsv`; accuracy on the 872-row validation file. "
         "AG News: the 7,600-row file split with seed 0 into 6,000 rows to draw training rows from and 1,600 held "
         "out, of which a fixed 800 are scored.",
         f"- Reported seeds: {', '.join(seeds)}; the server optimizer / drift correction of each method and corpus was "
         "picked on seed 100 (SST-2 IID and AG News Dirichlet 0.1 runs).",
     ]
+
+
+def rates(sweep: Sweep, key: str) -> str:
+    """The ``train.<key>`` each method value of the sweep sets, as text."""
+    return ", ".join(f"{v.label} {v.settings.get('train', {}).get(key, 'default')}" for v in sweep.axes.get("method", ()))
 
 
 def plot(records: list[dict], out: Path) -> None:
