@@ -43,3 +43,30 @@ def _eval_label_shares(summary: dict) -> list[float]:
     """Label shares of the held-out set (stratified like the training rows)."""
     totals = [sum(c["label_histogram"][i] for c in summary["client_data"]) for i in range(len(summary["label_names"]))]
     return [t / sum(totals) for t in totals]
+
+
+def chatterbot_topics(path: Path) -> Path:
+    """The 6-topic chatterbot CSV of benchmarks/defaults (a corpus no default was tuned on)."""
+    import runpy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "defaults" / "topics_csv.py"
+    return runpy.run_path(str(script))["chatterbot_topics"](path)
+
+
+def test_a_new_users_run_with_only_the_basic_flags_learns(tmp_path: Path) -> None:
+    """Issue 17's scenario: only --method, --model, --dataset, --clients, --rounds and --partition (plus the sizes of
+    a quick run) on a 6-class corpus; every training setting comes from the method's recommended defaults."""
+    from fedcustom.cli import main
+
+    # Prepare
+    data = chatterbot_topics(tmp_path / "topics.csv")
+    # Execute
+    code = main(["run", "--method", "lora", "--model", "minilm", "--dataset", str(data), "--clients", "10",
+                 "--rounds", "3", "--partition", "dirichlet:0.5", "--max-train-examples", "600",
+                 "--max-eval-examples", "300", "--output", str(tmp_path / "out"), "--quiet", "--no-count-flops"])
+    # Assert: far above the majority class after 3 rounds, and the defaults it ran with are on record
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    majority = max(_eval_label_shares(summary))
+    assert summary["final_accuracy"] > majority + 0.15, (summary["accuracy_per_round"], majority)
+    assert summary["settings"]["local_epochs"] == 3 and summary["settings"]["lr_schedule"] == "cosine"

@@ -17,9 +17,9 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench.grid import same_config
+from fedcustom.bench.grid import pinned, same_config
 from fedcustom.bench.report import MB
-from fedcustom.config import RunConfig, build_config
+from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
 from fedcustom.runner import build_job, execute
 
@@ -57,7 +57,7 @@ CHAINS: dict[str, str] = {  # label -> chain, used in both directions
 
 def run_config(s: CodecSetting, method: str, lr: float, chain: str, seed: int, data_dir: Path, out: Path) -> RunConfig:
     key = chain.replace(",", "_").replace(":", "")
-    return build_config({
+    return pinned({
         "model": {"name": s.model, "max_length": s.max_length},
         "data": {"dataset": str(data_dir / s.train), "eval_dataset": str(data_dir / s.eval), "partition": "iid",
                  "max_train_examples": s.max_train},

@@ -17,9 +17,9 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench.grid import same_config
+from fedcustom.bench.grid import pinned, same_config
 from fedcustom.bench.report import MB
-from fedcustom.config import RunConfig, build_config
+from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
 from fedcustom.runner import build_job, execute
 
@@ -96,7 +96,7 @@ def all_runs(variants: tuple[Variant, ...] = VARIANTS) -> list[Variant]:
 
 def run_config(setting: Setting, variant: Variant, data_dir: Path, out: Path) -> RunConfig:
     """The RunConfig of one run (the same as `fedcustom run` flags)."""
-    return build_config({
+    return pinned({
         "model": {"name": setting.model, "max_length": setting.max_length},
         "data": {"dataset": str(data_dir / setting.train), "eval_dataset": str(data_dir / setting.eval),
                  "partition": setting.partition, "max_train_examples": setting.max_train},

@@ -27,9 +27,9 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 from rich.console import Console
 
-from fedcustom.bench.grid import same_config
+from fedcustom.bench.grid import pinned, same_config
 from fedcustom.bench.report import MB
-from fedcustom.config import RunConfig, build_config
+from fedcustom.config import RunConfig
 from fedcustom.runner import build_job, execute
 
 METRICS = ("perplexity", "rouge_l", "exact_match")
@@ -85,7 +85,7 @@ def method_options(s: GenerativeSetting, method: str) -> dict[str, Any]:
 
 
 def run_config(s: GenerativeSetting, method: str, lr: float, out: Path) -> RunConfig:
-    return build_config({
+    return pinned({
         "model": {"name": s.model, "task": "causal-lm", "max_length": s.max_length},
         "data": {"dataset": s.dataset, "partition": s.partition, "max_train_examples": s.max_train,
                  "max_eval_examples": s.max_eval},

@@ -68,7 +68,7 @@ def check_data(preset: BenchPreset, data_dir: Path) -> None:
 def cell_config(preset: BenchPreset, cell: Cell, data_dir: Path, out: Path) -> RunConfig:
     """The RunConfig of one cell (the same thing `fedcustom run` would take as flags)."""
     ds = cell.dataset
-    return build_config({
+    return pinned({
         "model": {"name": preset.model, "max_length": ds.max_length},
         "data": {
             "dataset": str(data_dir / ds.train), "eval_dataset": str(data_dir / ds.eval) if ds.eval else None,
@@ -105,9 +105,22 @@ def forward_flops_ratio(job: Any) -> float:
     return train_count.get_total_flops() / forward_count.get_total_flops()
 
 
+# What every preset measured before the convergence work ran with, where the defaults have moved since (a constant
+# client rate, PEFT's random prefix and prompt initialisation). Those presets pin these settings, so that their
+# committed results still regenerate from their commands; a recorded config that predates a key had this value.
+LEGACY: dict[str, dict[str, Any]] = {"train": {"lr_schedule": "constant"},
+                                     "method": {"prefix_init": "random", "prompt_init": "random"}}
+
+
+def pinned(values: dict[str, dict[str, Any]]) -> RunConfig:
+    """``build_config`` of a preset's values with the legacy settings above pinned (the values win)."""
+    merged = {section: {**LEGACY.get(section, {}), **table} for section, table in values.items()}
+    return build_config({**{s: dict(t) for s, t in LEGACY.items() if s not in merged}, **merged})
+
+
 def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
-    """Whether a finished run's recorded config is ``cfg``. Keys added to the config since that run
-    count as the same when ``cfg`` leaves them at their defaults (they did not exist, so they were off)."""
+    """Whether a finished run's recorded config is ``cfg``. Keys added to the config since that run count as the
+    same when ``cfg`` sets them to what the run did without them: their default, or their LEGACY value."""
     if not isinstance(previous, dict):
         return False
     previous = json.loads(json.dumps(previous))
@@ -118,7 +131,8 @@ def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
         if set(recorded) - set(values):
             return False
         for key, value in values.items():
-            if recorded.get(key, defaults[section][key]) != value:
+            missing = LEGACY.get(section, {}).get(key, defaults[section][key])  # the key did not exist yet
+            if recorded.get(key, missing) != value:
                 return False
     return not set(previous) - set(current)
 

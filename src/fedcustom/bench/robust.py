@@ -26,8 +26,8 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
-from fedcustom.bench.grid import same_config
-from fedcustom.config import RunConfig, build_config
+from fedcustom.bench.grid import pinned, same_config
+from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
 from fedcustom.report import write_json
 from fedcustom.runner import build_job, execute
@@ -78,7 +78,7 @@ def strategy_spec(setting: RobustSetting, method: str, label: str) -> str:
 def run_config(s: RobustSetting, method: str, lr: float, label: str, fraction: float, data_dir: Path,
                out: Path) -> RunConfig:
     key = label.replace(":", "")
-    return build_config({
+    return pinned({
         "model": {"name": s.model, "max_length": s.max_length},
         "data": {"dataset": str(data_dir / s.train), "eval_dataset": str(data_dir / s.eval), "partition": "iid",
                  "max_train_examples": s.max_train},
