@@ -17,9 +17,9 @@ from fedcustom.data.causal import InstructionRows, tokenize_rows
 from fedcustom.data.features import IGNORE_INDEX
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.generation import generate
-from fedcustom.methods.distill.knowledge import encode_knowledge
-from fedcustom.methods.distill.public_set import TokenPublicSet
 from fedcustom.models import load_tokenizer
+from fedcustom.protocols.distill.knowledge import encode_knowledge
+from fedcustom.protocols.distill.public_set import TokenPublicSet
 from fedcustom.runner import build_job, execute
 
 

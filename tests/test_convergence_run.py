@@ -11,9 +11,10 @@ from fedcustom.codecs import RawCodec
 from fedcustom.convergence import EarlyStop
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import get_method
+from fedcustom.protocols.sharing.server import FederatedServer
+from fedcustom.rounds import RoundResult
 from fedcustom.runner import build_job, resume
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
-from fedcustom.server import FederatedServer, RoundResult
 from fedcustom.strategies import FedAvg
 from fedcustom.training import LocalSchedule, lr_multiplier
 

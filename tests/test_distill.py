@@ -10,10 +10,10 @@ from safetensors.torch import save as st_save
 
 from fedcustom.codecs import RawCodec
 from fedcustom.errors import ConfigError, FedCustomError, UpdateRejected
-from fedcustom.methods.distill.knowledge import (
+from fedcustom.protocols.distill.knowledge import (
     aggregate_soft_labels, decode_knowledge, distillation_loss, encode_knowledge, public_logits,
 )
-from fedcustom.methods.distill.protocol import DistillServer
+from fedcustom.protocols.distill.protocol import DistillServer
 from fedcustom.runner import build_job, execute
 from fedcustom.runtime import Reply
 
@@ -210,7 +210,7 @@ def test_a_clients_own_models_survive_its_state_round_trip(kd_config) -> None:
     """What a Flower node keeps in context.state between rounds (each message may run in a new process)."""
     from safetensors.torch import load as st_load
 
-    from fedcustom.methods.distill.protocol import DistillClient
+    from fedcustom.protocols.distill.protocol import DistillClient
 
     job = build_job(kd_config(federation__rounds=1))
     client: DistillClient = job.server.runtime._handler

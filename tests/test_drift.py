@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from transformers import AutoTokenizer
 
-from fedcustom.client import TrainingClient
 from fedcustom.codecs import RawCodec
 from fedcustom.data.features import tokenize
+from fedcustom.protocols.sharing.client import TrainingClient
+from fedcustom.protocols.sharing.server import Convergence, FederatedServer
 from fedcustom.runtime import EmbeddedRuntime
 from fedcustom.scaffold import ServerControl, client_update
-from fedcustom.server import Convergence, FederatedServer
 from fedcustom.strategies import FedAvg
 from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
 from fedcustom.training import DriftControl, LocalSchedule, train_local

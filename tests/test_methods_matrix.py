@@ -15,11 +15,11 @@ from peft import PeftModel
 from safetensors.torch import save as st_save
 from transformers import AutoModelForSequenceClassification
 
-from fedcustom.client import schedule_to_config
 from fedcustom.codecs import RawCodec
 from fedcustom.methods import get_method, method_names, trainable_state
 from fedcustom.runner import build_job, execute
 from fedcustom.runtime import Message
+from fedcustom.wire import schedule_to_config
 
 from conftest import TINY_LR
 

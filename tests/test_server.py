@@ -7,8 +7,8 @@ import torch
 
 from fedcustom.codecs import RawCodec
 from fedcustom.errors import PayloadError, UpdateRejected
+from fedcustom.protocols.sharing.server import FederatedServer
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
-from fedcustom.server import FederatedServer
 from fedcustom.strategies import ClientUpdate, FedAvg, weighted_average
 from fedcustom.training import LocalSchedule
 from fedcustom.validation import validate_update

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fedcustom.codecs import RawCodec
+from fedcustom.protocols.sharing.server import Convergence, FederatedServer
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
-from fedcustom.server import Convergence, FederatedServer
 from fedcustom.strategies import FedAvg, Median
 from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
 from fedcustom.training import LocalSchedule

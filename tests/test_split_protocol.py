@@ -19,7 +19,7 @@ from conftest import toy_rows
 from fedcustom.codecs import get_codec
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.methods.split import cut_model
-from fedcustom.methods.split.protocol import BACKWARD, END, FORWARD, SplitClient, SplitServer, client_half_state
+from fedcustom.protocols.split.protocol import BACKWARD, END, FORWARD, SplitClient, SplitServer, client_half_state
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
 from fedcustom.strategies.fedavg import FedAvg, weighted_average
 from fedcustom.training import LocalSchedule, evaluate

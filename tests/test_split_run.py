@@ -55,7 +55,7 @@ def test_rounds_table_shows_server_flops_only_when_the_server_trained() -> None:
     from rich.console import Console
 
     from fedcustom.report import rounds_table
-    from fedcustom.server import RoundResult
+    from fedcustom.rounds import RoundResult
 
     def render(result: RoundResult) -> str:
         console = Console(width=200, record=True)

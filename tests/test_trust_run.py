@@ -12,9 +12,9 @@ import torch
 from fedcustom.attacks import malicious_clients
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.privacy.dp import PrivacyAccountant, update_norm
+from fedcustom.protocols.sharing.server import FederatedServer
 from fedcustom.runner import build_job, execute, resume
 from fedcustom.trust import client_tables
-from fedcustom.server import FederatedServer
 from conftest import TINY_LR
 
 

@@ -135,7 +135,7 @@ def submit_run(cfg: RunConfig, args: argparse.Namespace) -> int:
         from fedcustom.runtime.flower.submit import Connection, submit
     except ImportError as exc:
         raise FedCustomError(f"fedcustom submit needs Flower: pip install 'fedcustom[flower]' ({exc})") from None
-    from fedcustom.runner import check_runtime_support
+    from fedcustom.assemble import check_runtime_support
 
     cfg = dataclasses.replace(cfg, federation=dataclasses.replace(cfg.federation, runtime="flower"))
     check_runtime_support(cfg)  # here, not after the SuperLink has started a ServerApp

@@ -11,7 +11,9 @@ from typing import Any
 from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method
-from fedcustom.server import Convergence, RoundResult
+from fedcustom.protocols import require_server_features
+from fedcustom.protocols.sharing.server import Convergence
+from fedcustom.rounds import RoundResult
 from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
 from fedcustom.training import LocalSchedule
 
@@ -59,9 +61,7 @@ def check_convergence_support(cfg: RunConfig, method: Method) -> None:
     asked = [name for name, on in [("--server-opt", fed.server_opt not in (None, "fedavg")),
                                    ("--server-lr", fed.server_lr is not None), ("--prox-mu", fed.prox_mu > 0),
                                    ("--scaffold", fed.scaffold)] if on]
-    if asked and method.protocol != "parameter_sharing":
-        raise FedCustomError(f"{', '.join(asked)}: apply to the parameter-sharing methods (full, lora, prompt, "
-                             f"prefix); --method {method.name} exchanges activations or logits")
+    require_server_features(asked, method)
     if fed.scaffold and (priv.secagg or priv.dp != "off"):
         raise FedCustomError("--scaffold with --secagg or --dp: each client's control-variate change travels in the "
                              "clear beside its update and would reveal what secure aggregation and DP hide")

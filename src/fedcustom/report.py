@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from fedcustom.server import RoundResult
+from fedcustom.rounds import RoundResult
 
 
 # What each task's evaluation reports (key, column title); the first is the headline number.

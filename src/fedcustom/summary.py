@@ -12,22 +12,14 @@ from torch import nn
 
 from fedcustom.centralized import gaps
 from fedcustom.codecs import get_codec
-from fedcustom.convergence import EarlyStop
 from fedcustom.config import RunConfig
+from fedcustom.convergence import EarlyStop
 from fedcustom.data import FederatedData
 from fedcustom.methods import get_method
+from fedcustom.protocols import protocol_of
 from fedcustom.report import TASK_METRICS, mean
-from fedcustom.server import RoundResult
+from fedcustom.rounds import RoundResult
 from fedcustom.trust import clients_per_round, trust_summary
-
-PAYLOAD_NOTES = {
-    "parameter_sharing": "bytes are the encoded safetensors payload of the method's trainable tensors, task head included",
-    "split": "bytes are every per-batch message (activations, masks and labels up; gradients down) plus the client "
-             "half's weights at the start and end of a round; server FLOPs are per client served",
-    "distill": "bytes up are the encoded logits (or top-k soft labels) on the public set; bytes down the broadcast "
-               "(global soft labels, or the global adapter); server FLOPs (distillation) are split evenly over the "
-               "clients whose knowledge was used",
-}
 
 
 def early_stop_summary(stop: EarlyStop | None, results: list[RoundResult], rounds: int) -> dict[str, Any] | None:
@@ -88,7 +80,7 @@ def summarize(
         "bytes_down_per_round": mean(down),
         "bytes_up_total": sum(up),
         "bytes_down_total": sum(down),
-        "payload_note": PAYLOAD_NOTES[get_method(cfg.method.name).protocol],
+        "payload_note": protocol_of(get_method(cfg.method.name)).payload_note,
         "codec_up": str(getattr(get_codec(cfg.codec.up), "name", cfg.codec.up)),
         "codec_down": str(getattr(get_codec(cfg.codec.down or cfg.codec.up), "name", cfg.codec.down or cfg.codec.up)),
         "client_flops_per_round": mean(flops),

@@ -10,13 +10,16 @@ from typing import Any
 import datasets
 
 from fedcustom.attacks import flip_labels, malicious_clients
-from fedcustom.client import Adversary, dp_sgd_config, local_dp_config
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant
-from fedcustom.server import RoundResult, Safeguards, SecAggSettings
+from fedcustom.protocols import require_server_features
+from fedcustom.protocols.sharing.client import Adversary
+from fedcustom.protocols.sharing.server import Safeguards, SecAggSettings
+from fedcustom.rounds import RoundResult
+from fedcustom.wire import dp_sgd_config, local_dp_config
 
 
 def clients_per_round(cfg: RunConfig) -> int:
@@ -32,9 +35,7 @@ def check_trust_support(cfg: RunConfig, method: Method) -> None:
     asked = [name for name, on in [("--dp", priv.dp != "off"), ("--dp-sgd", priv.dp_sgd), ("--secagg", priv.secagg),
                                    ("--attack", adv.attack != "none"), ("--client-failure-rate", fed.client_failure_rate > 0),
                                    ("--client-latency", fed.client_latency > 0)] if on]
-    if asked and method.protocol != "parameter_sharing":
-        raise FedCustomError(f"{', '.join(asked)}: apply to the parameter-sharing methods (full, lora, prompt, prefix); "
-                             f"--method {method.name} exchanges activations or logits")
+    require_server_features(asked, method)
     if priv.secagg and fed.runtime != "embedded" and clients_per_round(cfg) < 2:
         raise FedCustomError(f"--secagg on --runtime {fed.runtime} runs Flower's SecAgg+, which needs at least 2 clients "
                              f"per round; this run samples {clients_per_round(cfg)}")

@@ -19,8 +19,8 @@ from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
 from fedcustom.bench.sweep import Sweep, as_json, load_sweep, run_sweep, sweep_names
 from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, main_table, paper_table, skew_dataset,
                                     skew_table, targets, variants)
+from fedcustom.assemble import prepare_output
 from fedcustom.report import write_json
-from fedcustom.runner import prepare_output
 from fedcustom.summary import versions
 
 __all__ = ["PRESETS", "get_preset", "run_bench"]

@@ -1,8 +1,8 @@
 """KD-FedLLM (arXiv 2501.04436): clients share knowledge as soft labels on a public set, not parameters.
 
-:mod:`~fedcustom.methods.distill.knowledge` holds the tensor math (encode, validate, aggregate,
-distill), :mod:`~fedcustom.methods.distill.protocol` the rounds, and
-:mod:`~fedcustom.methods.distill.federated` wires them from a run config. The global model and each
+:mod:`~fedcustom.protocols.distill.knowledge` holds the tensor math (encode, validate, aggregate,
+distill), :mod:`~fedcustom.protocols.distill.protocol` the rounds, and
+:mod:`~fedcustom.protocols.distill.plugin` wires them from a run config. The global model and each
 client's model are trained with ``method.local_method`` (full, LoRA, prompt or prefix tuning); the
 clients' backbone may differ from the server's (``method.client_model``).
 """

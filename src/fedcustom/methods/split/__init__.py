@@ -1,7 +1,7 @@
 """Split-FedLLM (arXiv 2501.04436): the model is cut in two, clients run the bottom, the server the top.
 
-:mod:`~fedcustom.methods.split.cut` cuts the model, :mod:`~fedcustom.methods.split.protocol` runs
-SplitFed rounds over the runtime's send/receive primitive, :mod:`~fedcustom.methods.split.federated`
+:mod:`~fedcustom.methods.split.cut` cuts the model, :mod:`~fedcustom.protocols.split.protocol` runs
+SplitFed rounds over the runtime's send/receive primitive, :mod:`~fedcustom.protocols.split.driver`
 gives those rounds the server interface the runner drives. The client half trains every weight, or
 only LoRA adapters on its layers (``method.split_client = "lora"``), or only key/value prefixes on its
 layers (``"prefix"``, :mod:`~fedcustom.methods.split.prefix`); the server half trains every weight.

@@ -25,7 +25,8 @@ from flwr.serverapp import Grid, ServerApp
 from fedcustom.config import RunConfig, build_config
 from fedcustom.errors import FedCustomError
 from fedcustom.runtime.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
-from fedcustom.runtime.flower.records import content_to_message, reply_to_content
+from fedcustom.protocols import message_kinds
+from fedcustom.runtime.flower.records import DEFAULT_KIND, content_to_message, reply_to_content
 from fedcustom.runtime.flower.runtime import FlowerRuntime
 from fedcustom.runtime.messages import ClientSetup, Handler
 
@@ -34,9 +35,6 @@ log = logging.getLogger(__name__)
 CONFIG_KEY = "fedcustom-config"  # run config: the resolved RunConfig as JSON
 LABELS_KEY = "fedcustom.labels"  # message config: the server's label names as JSON (clients need the same order)
 PUBLIC_KEY = "fedcustom.public"  # message config: the public texts as JSON (distillation: every party labels them)
-# Our message kinds besides "train" (split learning, distillation), named here so that loading the app does not
-# import torch; a test checks them against the protocols' own constants.
-OTHER_KINDS = ("split_begin", "split_forward", "split_head", "split_backward", "split_end", "distill_round")
 
 
 def config_to_run_config(cfg: RunConfig) -> dict[str, str]:
@@ -142,7 +140,9 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     def train(message: FlowerMessage, context: Context) -> FlowerMessage:
         return handle(message, context, cfg)
 
-    for kind in OTHER_KINDS:  # Flower routes message type "train.<kind>" to the function registered as <kind>
+    # every protocol's kinds besides the default (the registry names them without importing torch); Flower
+    # routes message type "train.<kind>" to the function registered as <kind>
+    for kind in [k for k in message_kinds() if k != DEFAULT_KIND]:
         app.train(kind)(lambda message, context: handle(message, context, cfg))
     return app
 

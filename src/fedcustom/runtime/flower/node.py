@@ -97,8 +97,9 @@ def _own_instruction_table(cfg: RunConfig, setup: ClientSetup, data_path: str, t
 
 
 def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None, tokenizer: Any) -> Any:
-    """This node's tokenized rows: its own file, or (simulation) its partition of the run's dataset."""
-    from fedcustom.data import load_labeled, prepare_data
+    """This node's tokenized rows: its own file, or (simulation) its partition of the run's dataset, prepared as
+    the server prepares it."""
+    from fedcustom.data import load_labeled
     from fedcustom.data.features import tokenize
 
     causal = cfg.model.task == "causal-lm"
@@ -109,55 +110,26 @@ def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: st
     if data_path:
         rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, setup.label_names).dataset
         return tokenize(rows, tokenizer, cfg.model.max_length)
-    from fedcustom.data import PublicSpec
+    from fedcustom.assemble import prepare_task_data
     from fedcustom.methods import get_method
 
-    # the server's own preparation: a causal LM's public set is carved out of the rows before they are split
-    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) \
-        if get_method(cfg.method.name).protocol == "distill" else None
-    if causal:
-        from fedcustom.data.causal import prepare_causal_data
-
-        data = prepare_causal_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length,
-                                   cfg.generation.chat_template, public)
-    else:
-        data = prepare_data(cfg.data, cfg.federation.clients, cfg.train.seed, tokenizer, cfg.model.max_length, public)
+    data = prepare_task_data(cfg, get_method(cfg.method.name), tokenizer)
     if data.label_names != setup.label_names:
         raise FedCustomError(f"the server's labels {setup.label_names} differ from this node's {data.label_names}")
     return data.client_table(partition)
 
 
 def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None) -> NodeClient:
-    """The handler one data owner runs: the run's model and method (for distillation, the clients' model),
-    trained on this node's own rows."""
-    from fedcustom.methods import get_method
-    from fedcustom.models import load_model, load_tokenizer
-    from fedcustom.runner import codecs_for
+    """The handler one data owner runs (the job assembler's client for this run's protocol), trained on this
+    node's own rows."""
+    from fedcustom.assemble import build_client
 
-    method = get_method(cfg.method.name)
-    codec, codec_down = codecs_for(cfg, method)
-    model_name = (cfg.method.client_model or cfg.model.name) if method.protocol == "distill" else cfg.model.name
-    tokenizer = load_tokenizer(model_name)
-    table = _own_table(cfg, setup, partition, data_path, tokenizer)
-    backbone = load_model(model_name, cfg.model.task, setup.label_names, tokenizer, cfg.train.seed)
-    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
-    log.info("partition %d: %d local rows from %s", partition, len(table), data_path or "the run's dataset")
-    tables = {partition: table}
-    if method.protocol == "split":
-        from fedcustom.methods.split import cut_model
-        from fedcustom.methods.split.protocol import SplitClient
+    def own_rows(tokenizer: Any) -> dict[int, Any]:
+        table = _own_table(cfg, setup, partition, data_path, tokenizer)
+        log.info("partition %d: %d local rows from %s", partition, len(table), data_path or "the run's dataset")
+        return {partition: table}
 
-        split = cut_model(model, cfg.method.cut_layer, head_on_client=cfg.method.split_head == "client")
-        return NodeClient(SplitClient(split, tokenizer, codec, tables), partition)
-    if method.protocol == "distill":
-        from fedcustom.methods.distill.federated import kd_settings
-        from fedcustom.methods.distill.protocol import DistillClient
-
-        settings = kd_settings(cfg, setup.public, setup.label_names)
-        return NodeClient(DistillClient(model, tokenizer, codec, tables, settings), partition)
-    from fedcustom.client import TrainingClient
-
-    return NodeClient(TrainingClient(model, tokenizer, codec, tables, codec_down), partition)
+    return NodeClient(build_client(cfg, setup, own_rows), partition)
 
 
 def node_client(context: Context, cfg: RunConfig, setup: ClientSetup) -> NodeClient:

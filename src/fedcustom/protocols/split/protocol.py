@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from fedcustom.client import schedule_from_config, schedule_to_config
 from fedcustom.codecs import Codec
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.methods.split.cut import SplitModel
@@ -36,6 +35,7 @@ from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
 from fedcustom.training import LocalSchedule, counted, derive_seed, local_batches
 from fedcustom.validation import validate_update
+from fedcustom.wire import schedule_from_config, schedule_to_config
 
 log = logging.getLogger(__name__)
 

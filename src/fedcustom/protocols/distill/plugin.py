@@ -1,22 +1,20 @@
-"""Wire a KD-FedLLM job from a run config: the clients' models (possibly another backbone), the
-public set, the embedded runtime and the server."""
+"""Build the KD-FedLLM server and client from a run's parts (see :mod:`fedcustom.protocols`): the clients' models
+(possibly another backbone) and the settings both sides share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 
-from fedcustom.codecs import Codec
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData
 from fedcustom.errors import ConfigError
 from fedcustom.methods.base import get_method
-from fedcustom.methods.distill.protocol import DistillClient, DistillServer, KDSettings
 from fedcustom.models import load_model, load_tokenizer
-from fedcustom.runtime import EmbeddedRuntime, Handler, Runtime
-from fedcustom.training import LocalSchedule
+from fedcustom.protocols.distill.protocol import DistillClient, DistillServer, KDSettings
+from fedcustom.protocols.parts import ClientParts, ServerParts
+from fedcustom.trust import clients_per_round
 
 
 def kd_temperature(cfg: RunConfig) -> float:
@@ -60,15 +58,23 @@ def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Federate
     return client_model, client_tokenizer, data.retokenized(client_tokenizer, cfg.model.max_length)
 
 
-def build_distill_server(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: FederatedData, codec: Codec,
-                         schedule: LocalSchedule, clients_per_round: int,
-                         evaluate_global: Callable[[], dict[str, float]],
-                         runtime: Callable[[Handler], Runtime] | None = None) -> DistillServer:
-    """KD-FedLLM over the run's runtime (default: embedded)."""
+def client_model(cfg: RunConfig) -> str:
+    """The clients' backbone: ``method.client_model`` (possibly smaller than the server's), else the run's."""
+    return cfg.method.client_model or cfg.model.name
+
+
+def build_client(parts: ClientParts) -> DistillClient:
+    """A client on its own node: its model is already the clients' backbone (``client_model``)."""
+    settings = kd_settings(parts.cfg, parts.setup.public, parts.setup.label_names)
+    return DistillClient(parts.model, parts.tokenizer, parts.codec, parts.tables, settings)
+
+
+def build_server(parts: ServerParts) -> DistillServer:
+    """The global model on the server; the in-process clients train the clients' backbone."""
+    cfg, data = parts.cfg, parts.data
     settings = kd_settings(cfg, data.public, data.label_names)
-    client_model, client_tokenizer, client_data = client_side(cfg, model, tokenizer, data)
+    client_model_, client_tokenizer, client_data = client_side(cfg, parts.model, parts.tokenizer, data)
     tables = {i: client_data.client_table(i) for i in range(cfg.federation.clients)}
-    client = DistillClient(client_model, client_tokenizer, codec, tables, settings)
-    carrier = runtime(client) if runtime else EmbeddedRuntime(client, cfg.federation.clients)
-    return DistillServer(carrier, model, tokenizer, codec, settings, schedule, clients_per_round, cfg.train.seed,
-                         evaluate_global)
+    client = DistillClient(client_model_, client_tokenizer, parts.codec, tables, settings)
+    return DistillServer(parts.runtime(client), parts.model, parts.tokenizer, parts.codec, settings, parts.schedule,
+                         clients_per_round(cfg), cfg.train.seed, parts.evaluate_model)

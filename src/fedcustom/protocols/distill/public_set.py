@@ -20,7 +20,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.data.causal import InstructionRows, tokenize_rows
 from fedcustom.data.features import IGNORE_INDEX, make_loader
-from fedcustom.methods.distill.knowledge import counted_public_logits, distill_batches, distill_into, logits_over
+from fedcustom.protocols.distill.knowledge import counted_public_logits, distill_batches, distill_into, logits_over
 
 
 class PublicSet(Protocol):

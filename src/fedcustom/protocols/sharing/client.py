@@ -15,8 +15,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom import scaffold
+from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom.checkpoint import SEP, group, pack_links, unpack_links
 from fedcustom.codecs import Codec, Link, uses_delta
 from fedcustom.methods import load_trainable_state, trainable_state
@@ -26,9 +26,9 @@ from fedcustom.privacy.secagg import ADVERTISE, SHARE, UNMASK
 from fedcustom.privacy.secure_round import TRAIN_MASKED, SecureClientSide
 from fedcustom.privacy.secure_round import unpack as unpack_secure
 from fedcustom.runtime import Message, Reply
-from fedcustom.training import DriftControl, LocalSchedule, derive_seed, train_local
+from fedcustom.training import DriftControl, derive_seed, train_local
+from fedcustom.wire import TRAIN, schedule_from_config
 
-TRAIN = "train"
 SECAGG_KINDS = (ADVERTISE, SHARE, UNMASK)
 State = dict[str, torch.Tensor]
 ATTACK_STREAM = 5  # separates a simulated attacker's noise from its training seed
@@ -45,49 +45,6 @@ class Adversary:
 
 class CodecOutOfSync(Exception):
     """The server's difference is against a state this client does not hold; the server resets the link."""
-
-
-def schedule_to_config(schedule: LocalSchedule, seed: int, rnd: int | None = None) -> dict[str, int | float | bool | str]:
-    """The round settings the server puts in a train message's config; ``rnd`` sets the rate of that round
-    (warm-up and decay over the run), else the base rate."""
-    config: dict[str, int | float | bool | str] = {
-        "lr": schedule.lr if rnd is None else schedule.lr_at_round(rnd), "batch_size": schedule.batch_size,
-        "epochs": schedule.epochs, "weight_decay": schedule.weight_decay, "count_flops": schedule.count_flops,
-        "seed": seed,
-    }
-    if schedule.optimizer != "adamw":
-        config["optimizer"] = schedule.optimizer
-    if schedule.steps is not None:
-        config["steps"] = schedule.steps
-    return config
-
-
-def drift_config(prox_mu: float, scaffold: bool) -> dict[str, float | bool]:
-    """What a train message carries when clients correct their drift (FedProx, SCAFFOLD)."""
-    config: dict[str, float | bool] = {"prox_mu": prox_mu} if prox_mu > 0 else {}
-    if scaffold:
-        config["scaffold"] = True
-    return config
-
-
-def dp_sgd_config(noise_multiplier: float, max_grad_norm: float, delta: float) -> dict[str, float]:
-    """What a train message carries when clients train with DP-SGD (--dp-sgd)."""
-    return {"dp_sgd_noise": noise_multiplier, "dp_sgd_clip": max_grad_norm, "dp_sgd_delta": delta}
-
-
-def local_dp_config(clip_norm: float, noise_multiplier: float) -> dict[str, float]:
-    """What a train message carries when clients must privatize their own updates (--dp local)."""
-    return {"dp_clip": clip_norm, "dp_noise": noise_multiplier}
-
-
-def schedule_from_config(config: dict) -> LocalSchedule:
-    """Inverse of :func:`schedule_to_config`."""
-    return LocalSchedule(
-        lr=float(config["lr"]), batch_size=int(config["batch_size"]), epochs=int(config["epochs"]),
-        steps=int(config["steps"]) if "steps" in config else None,
-        weight_decay=float(config["weight_decay"]), count_flops=bool(config["count_flops"]),
-        optimizer=str(config.get("optimizer", "adamw")),
-    )
 
 
 @dataclass(frozen=True)

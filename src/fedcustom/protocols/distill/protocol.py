@@ -24,16 +24,16 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedcustom.client import schedule_from_config, schedule_to_config
 from fedcustom.codecs import Codec
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.methods.base import load_trainable_state, trainable_state
-from fedcustom.methods.distill.knowledge import (
+from fedcustom.wire import schedule_from_config, schedule_to_config
+from fedcustom.protocols.distill.knowledge import (
     aggregate_soft_labels, decode_knowledge, encode_knowledge,
 )
-from fedcustom.methods.distill.public_set import knowledge_classes, public_set
+from fedcustom.protocols.distill.public_set import knowledge_classes, public_set
+from fedcustom.rounds import RoundResult, check_reply, sample_clients
 from fedcustom.runtime import Message, Reply, Runtime
-from fedcustom.server import RoundResult, check_reply, sample_clients
 from fedcustom.training import LocalSchedule, derive_seed, train_local
 
 log = logging.getLogger(__name__)

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import torch
 
 from fedcustom.methods.base import trainable_state
-from fedcustom.methods.split.protocol import SplitServer
-from fedcustom.server import RoundResult, sample_clients
+from fedcustom.protocols.split.protocol import SplitServer
+from fedcustom.rounds import RoundResult, sample_clients
 
 
 class SplitFederatedServer:

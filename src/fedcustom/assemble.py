@@ -1,0 +1,183 @@
+"""The job assembler: from a RunConfig to the parts of a federated job (tokenizer, data, model, codecs, the
+protocol's server and clients). `fedcustom run` (:mod:`fedcustom.runner`) and a Flower node
+(:mod:`fedcustom.deploy.flower.node`) both build through here; which server and client a method gets is the
+protocol plug-in's business (:mod:`fedcustom.protocols`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import torch
+from peft import PeftModel
+from torch import nn
+
+from fedcustom.codecs import Codec, get_codec
+from fedcustom.config import RunConfig
+from fedcustom.convergence import check_convergence_support, local_schedule
+from fedcustom.data import FederatedData, PublicSpec, prepare_data
+from fedcustom.errors import FedCustomError
+from fedcustom.methods import Method, get_method, trainable_state
+from fedcustom.models import load_model, load_tokenizer
+from fedcustom.protocols import protocol_of
+from fedcustom.protocols.parts import ClientParts, ServerParts
+from fedcustom.rounds import RoundDriver
+from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
+from fedcustom.strategies import get_strategy
+from fedcustom.training import LocalSchedule, evaluate
+from fedcustom.trust import check_trust_support, client_tables
+
+
+def prepare_output(path: str) -> Path:
+    """Create the output folder and prove it is writable before any training starts."""
+    out = Path(path).expanduser()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise FedCustomError(f"output directory {path}: not writable ({exc.strerror or exc})") from None
+    return out
+
+
+@dataclass
+class Job:
+    """A built federated job: the shared model, the data, and the server that drives it."""
+
+    cfg: RunConfig
+    method: Method
+    model: nn.Module
+    tokenizer: Any
+    data: FederatedData
+    initial: dict[str, torch.Tensor]
+    schedule: LocalSchedule
+    server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
+    out: Path
+    evaluate_model: Callable[[], dict[str, Any]]  # the task's metrics of ``model`` as it is now
+
+    def checkpoint_parts(self) -> dict[str, Any]:
+        """What a checkpoint must hold: the server, and the state of clients that live in this process."""
+        parts: dict[str, Any] = {"server": self.server}
+        runtime = getattr(self.server, "runtime", None)
+        if isinstance(runtime, EmbeddedRuntime) and hasattr(runtime.handler, "state_dict"):
+            parts["clients"] = runtime.handler
+        return parts
+
+    @property
+    def eval_batch(self) -> int:
+        return 2 * self.cfg.train.batch_size
+
+    def client_stats(self) -> list[dict]:
+        """Each client's rows and label histogram: as the SuperNodes describe their own files in a deployment,
+        else from the partition of the run's dataset."""
+        reported = getattr(getattr(self.server, "runtime", None), "node_stats", None)
+        if reported:
+            return [reported[p] for p in sorted(reported)]
+        return self.data.client_stats()
+
+    @property
+    def model_dir(self) -> Path:
+        """Where the final global adapter (PEFT methods) or whole model (full, split) is saved."""
+        whole = self.method.saves_whole_model or not isinstance(self.model, PeftModel)
+        return self.out / ("model" if whole else "adapter")
+
+
+def codecs_for(cfg: RunConfig, method: Method) -> tuple[Codec, Codec]:
+    """(client-to-server, server-to-client) codecs; chains apply to parameter-sharing methods only."""
+    up, down = cfg.codec.up, cfg.codec.down or cfg.codec.up
+    if not protocol_of(method).codec_chains and (up, down) != ("raw", "raw"):
+        raise FedCustomError(f"--codec {up} / --codec-down {down}: codec chains apply to parameter-sharing methods "
+                             f"(full, lora, prompt, prefix); {method.name} sends activations or logits raw")
+    return get_codec(up, "codec.up (--codec)"), get_codec(down, "codec.down (--codec-down)")
+
+
+RuntimeFactory = Callable[[Handler, ClientSetup], Runtime]  # (the in-process client handler, what clients must know)
+
+
+def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
+    """The default: every client is called in this process (with simulated failures and latency if asked)."""
+    fed = cfg.federation
+    faults = None
+    if fed.client_failure_rate or fed.client_latency:
+        faults = SimulatedFaults(fed.client_failure_rate, fed.client_latency, fed.round_timeout, cfg.train.seed)
+    return lambda handler, _labels: EmbeddedRuntime(handler, fed.clients, faults)
+
+
+def check_runtime_support(cfg: RunConfig) -> None:
+    """A clear error, before any Flower process starts, for what a run cannot do (trust features that are
+    simulated in this process only; codec chains, server optimizers and drift correction on methods that send
+    activations or logits)."""
+    method = get_method(cfg.method.name)
+    check_trust_support(cfg, method)
+    check_convergence_support(cfg, method)
+    codecs_for(cfg, method)
+
+
+def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
+    """Load tokenizer, data and model; wire clients, runtime and server. No training yet.
+
+    ``runtime`` carries the messages (default: embedded); a runtime whose clients live elsewhere (Flower)
+    ignores the in-process handler it is given."""
+    check_runtime_support(cfg)
+    method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
+    runtime = runtime or embedded_runtime(cfg)
+    codec, codec_down = codecs_for(cfg, method)
+    out = prepare_output(cfg.output.dir)
+    tokenizer = load_tokenizer(cfg.model.name)
+    data = prepare_task_data(cfg, method, tokenizer)
+    backbone = load_model(cfg.model.name, cfg.model.task, data.label_names, tokenizer, cfg.train.seed)
+    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
+    initial = trainable_state(model)
+    schedule = local_schedule(cfg, method)
+
+    evaluate_model = task_evaluator(cfg, model, data, tokenizer)
+    tables, adversary = client_tables(cfg, data)
+    setup = ClientSetup(data.label_names, data.public)
+    parts = ServerParts(cfg, method, model, tokenizer, codec, codec_down, tables, setup, adversary, data=data,
+                        initial=initial, schedule=schedule, strategy=strategy, evaluate_model=evaluate_model,
+                        runtime=lambda handler: runtime(handler, setup))
+    server = protocol_of(method).plugin().build_server(parts)
+    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model)
+
+
+def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dict[int, datasets.Dataset]]) -> Any:
+    """A client handler outside the server's process (a Flower node): the protocol's client for the backbone its
+    clients train, over the rows ``tables(tokenizer)`` gives (this node's own)."""
+    method = get_method(cfg.method.name)
+    protocol = protocol_of(method).plugin()
+    codec, codec_down = codecs_for(cfg, method)
+    name = protocol.client_model(cfg)
+    tokenizer = load_tokenizer(name)
+    rows = tables(tokenizer)
+    backbone = load_model(name, cfg.model.task, setup.label_names, tokenizer, cfg.train.seed)
+    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
+    return protocol.build_client(ClientParts(cfg, method, model, tokenizer, codec, codec_down, rows, setup))
+
+
+def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:
+    """Labelled texts (classification) or instruction rows (causal LM), split over the clients."""
+    fed, seed = cfg.federation, cfg.train.seed
+    public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if protocol_of(method).public_set else None
+    if cfg.model.task == "causal-lm":
+        from fedcustom.data.causal import prepare_causal_data
+
+        tokenizer.padding_side = "right"  # training batches; generation pads on the left itself
+        return prepare_causal_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length,
+                                   cfg.generation.chat_template, public)
+    return prepare_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length, public)
+
+
+def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokenizer: Any) -> Callable[[], dict]:
+    """Accuracy and macro-F1 (classification); perplexity, exact match and ROUGE-L of generations (causal LM)."""
+    batch = 2 * cfg.train.batch_size
+    if cfg.model.task == "causal-lm":
+        from fedcustom.causal_lm import GenerationSettings, evaluate_causal
+
+        gen = cfg.generation
+        settings = GenerationSettings(gen.max_new_tokens, gen.eval_generations, gen.samples)
+        return lambda: evaluate_causal(model, data, tokenizer, batch, settings)
+    return lambda: evaluate(model, data.eval, tokenizer, batch)
