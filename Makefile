@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/fedcustom run --config configs/main.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -W ignore::UserWarning
+	$(BIN)/python -m pytest -q -W ignore::UserWarning --durations=20
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not integration"

@@ -13,8 +13,8 @@ pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fe
 
 from flwr.app import ConfigRecord, RecordDict  # noqa: E402
 
+from fedcustom.launch import run  # noqa: E402
 from fedcustom.methods import trainable_state  # noqa: E402
-from fedcustom.runner import run  # noqa: E402
 from fedcustom.runtime import Message, Reply  # noqa: E402
 from fedcustom.runtime.flower.records import (  # noqa: E402
     content_to_message, content_to_reply, message_to_content, message_type, reply_to_content,
@@ -102,7 +102,7 @@ def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:
     from fedcustom.protocols import message_kinds
     from fedcustom.protocols.distill.protocol import DISTILL
     from fedcustom.protocols.split import protocol as split
-    from fedcustom.runtime.flower.apps import make_client_app
+    from fedcustom.deploy.flower.apps import make_client_app
     from fedcustom.wire import TRAIN
 
     sent = {TRAIN, split.BEGIN, split.FORWARD, split.HEAD, split.BACKWARD, split.END, DISTILL}
@@ -138,7 +138,7 @@ def test_a_causal_lm_node_reads_and_describes_its_own_instruction_file(causal_co
     from conftest import instruction_rows
     from fedcustom.data.features import IGNORE_INDEX
     from fedcustom.runtime import ClientSetup
-    from fedcustom.runtime.flower.node import build_node_client, describe_own_data
+    from fedcustom.deploy.flower.node import build_node_client, describe_own_data
 
     own = tmp_path / "own.jsonl"
     rows = instruction_rows(12, seed=3) + [{"instruction": "the cast", "output": "good great", "topic": "music"}]

@@ -132,7 +132,7 @@ def check_preset(preset: str, jobs: int) -> None:
 def submit_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     """`fedcustom submit`: the job as a ServerApp on a SuperLink."""
     try:
-        from fedcustom.runtime.flower.submit import Connection, submit
+        from fedcustom.deploy.flower.submit import Connection, submit
     except ImportError as exc:
         raise FedCustomError(f"fedcustom submit needs Flower: pip install 'fedcustom[flower]' ({exc})") from None
     from fedcustom.assemble import check_runtime_support
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides_from_args(args))
         if args.command == "submit":
             return submit_run(cfg, args)
-        from fedcustom.runner import run  # heavy imports (torch, transformers) only once the config is valid
+        from fedcustom.launch import run
 
         run(cfg)
     except FedCustomError as exc:

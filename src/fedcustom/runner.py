@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedcustom.assemble import Job, build_job, check_runtime_support
+from fedcustom.assemble import Job, build_job
 from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcustom.config import RunConfig, build_config
@@ -110,16 +110,12 @@ def default_console() -> Console:
 
 
 def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
-    """Run the federated job (and the centralized baseline when asked); return the summary."""
+    """Run the federated job in this process (embedded runtime; and the centralized baseline when asked); return
+    the summary. :func:`fedcustom.launch.run` picks the runtime the config names."""
     start = time.perf_counter()
-    if cfg.federation.runtime == "flower-sim":
-        from fedcustom.runtime.flower.sim import run_flower_simulation  # flwr loads only for Flower runs
-
-        check_runtime_support(cfg)
-        return run_flower_simulation(cfg)
-    if cfg.federation.runtime == "flower":
-        raise FedCustomError("--runtime flower runs as a ServerApp on a SuperLink: submit it with "
-                             "`fedcustom submit --superlink HOST:8000 --config FILE` (see README, Deploy across machines)")
+    if cfg.federation.runtime != "embedded":
+        raise FedCustomError(f"--runtime {cfg.federation.runtime}: fedcustom.runner runs the embedded runtime; "
+                             f"run Flower runtimes with fedcustom.launch.run (what `fedcustom run` calls)")
     return execute(build_job(cfg), console, start)
 
 

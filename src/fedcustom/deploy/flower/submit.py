@@ -21,8 +21,8 @@ from pathlib import Path
 
 from fedcustom import __version__
 from fedcustom.config import RunConfig
+from fedcustom.deploy.flower.apps import CONFIG_KEY, config_to_run_config
 from fedcustom.errors import FedCustomError
-from fedcustom.runtime.flower.apps import CONFIG_KEY, config_to_run_config
 
 CONNECTION = "fedcustom"
 APP_PYPROJECT = f"""[build-system]
@@ -43,8 +43,8 @@ packages = ["."]
 publisher = "fedcustom"
 
 [tool.flwr.app.components]
-serverapp = "fedcustom.runtime.flower.apps:server_app"
-clientapp = "fedcustom.runtime.flower.apps:client_app"
+serverapp = "fedcustom.deploy.flower.apps:server_app"
+clientapp = "fedcustom.deploy.flower.apps:client_app"
 
 [tool.flwr.app.config]
 {CONFIG_KEY} = ""

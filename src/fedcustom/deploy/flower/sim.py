@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from fedcustom.config import RunConfig
+from fedcustom.deploy.flower.apps import make_client_app, make_server_app
 from fedcustom.errors import FedCustomError
-from fedcustom.runtime.flower.apps import make_client_app, make_server_app
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 
 from fedcustom.config import RunConfig, build_config
+from fedcustom.deploy.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
 from fedcustom.errors import FedCustomError
-from fedcustom.runtime.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
 from fedcustom.protocols import message_kinds
 from fedcustom.runtime.flower.records import DEFAULT_KIND, content_to_message, reply_to_content
 from fedcustom.runtime.flower.runtime import FlowerRuntime

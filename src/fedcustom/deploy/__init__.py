@@ -1,0 +1,1 @@
+"""Running fedcustom jobs on a federated engine across processes and machines (today: Flower)."""
