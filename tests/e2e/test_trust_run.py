@@ -1,5 +1,5 @@
 """End-to-end runs with the trust features on: DP, attacks against robust strategies, simulated
-faults, and checkpoint/resume (in process; tests/test_resume.py kills a real process)."""
+faults, and checkpoint/resume (in process; tests/e2e/test_resume.py kills a real process)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ def chatterbot_topics(path: Path) -> Path:
     """The 6-topic chatterbot CSV of benchmarks/defaults (a corpus no default was tuned on)."""
     import runpy
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "defaults" / "topics_csv.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "defaults" / "topics_csv.py"
     return runpy.run_path(str(script))["chatterbot_topics"](path)
 
 

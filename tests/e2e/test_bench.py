@@ -14,7 +14,7 @@ from fedcustom.bench.report import build_rows, targets
 from fedcustom.cli import main
 from fedcustom.errors import ConfigError
 
-DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
+DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data"
 
 
 def _record(method: str, split: str, seed: int, acc: float, central: float | None) -> dict:
