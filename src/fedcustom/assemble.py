@@ -15,6 +15,7 @@ import torch
 from peft import PeftModel
 from torch import nn
 
+from fedcustom.checkpoint import Checkpointable
 from fedcustom.codecs import Codec, get_codec
 from fedcustom.config import RunConfig
 from fedcustom.convergence import check_convergence_support, local_schedule
@@ -62,9 +63,9 @@ class Job:
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint must hold: the server, and the state of clients that live in this process."""
         parts: dict[str, Any] = {"server": self.server}
-        runtime = getattr(self.server, "runtime", None)
-        if isinstance(runtime, EmbeddedRuntime) and hasattr(runtime.handler, "state_dict"):
-            parts["clients"] = runtime.handler
+        clients = self.server.runtime.local_handler
+        if isinstance(clients, Checkpointable):
+            parts["clients"] = clients
         return parts
 
     @property

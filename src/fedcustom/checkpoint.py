@@ -14,22 +14,18 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from fedcustom.codecs import Link
 from fedcustom.errors import FedCustomError
+from fedcustom.tensorstate import Tensors
 
 CHECKPOINT = "checkpoint.safetensors"
 FORMAT = 1
-SEP = "|"  # between a tensor's group and its name (parameter names contain dots, never bars)
-
-Tensors = dict[str, torch.Tensor]
-
-
+@runtime_checkable
 class Checkpointable(Protocol):
     """A part of the run with state of its own: the server, or the in-process clients."""
 
@@ -48,39 +44,6 @@ class Checkpoint:
     wall_seconds: float  # time already spent before the interruption
     parts: dict[str, tuple[Tensors, dict[str, Any]]]
     rng_state: torch.Tensor  # torch's global generator after the checkpoint's round
-
-
-def pack_links(prefix: str, links: dict[int, Link], tensors: Tensors) -> dict[str, Any]:
-    """Put each link's tensors into ``tensors`` under ``prefix``; return the rest as JSON."""
-    meta = {}
-    for node, link in links.items():
-        key = f"{prefix}.{node}"
-        for name, value in (link.reference or {}).items():
-            tensors[f"{key}.reference{SEP}{name}"] = value
-        for name, value in link.residual.items():
-            tensors[f"{key}.residual{SEP}{name}"] = value
-        meta[str(node)] = {"round": link.round, "error_feedback": link.error_feedback,
-                           "has_reference": link.reference is not None}
-    return meta
-
-
-def unpack_links(prefix: str, meta: dict[str, Any], tensors: Tensors) -> dict[int, Link]:
-    """Inverse of :func:`pack_links`."""
-    links = {}
-    for node, info in meta.items():
-        key = f"{prefix}.{node}"
-        links[int(node)] = Link(
-            reference=group(tensors, f"{key}.reference") if info["has_reference"] else None,
-            residual=group(tensors, f"{key}.residual"), round=int(info["round"]),
-            error_feedback=bool(info["error_feedback"]),
-        )
-    return links
-
-
-def group(tensors: Tensors, prefix: str) -> Tensors:
-    """The tensors stored under ``prefix``, with their own names."""
-    start = prefix + SEP
-    return {k[len(start):]: v for k, v in tensors.items() if k.startswith(start)}
 
 
 def save_checkpoint(out: Path, rnd: int, config: dict[str, Any], records: list[dict[str, Any]], wall: float,

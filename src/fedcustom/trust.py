@@ -15,6 +15,7 @@ from fedcustom.data import FederatedData
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant
+from fedcustom.privacy.secure_round import SecureRound
 from fedcustom.protocols import require_server_features
 from fedcustom.protocols.sharing.client import Adversary
 from fedcustom.protocols.sharing.server import Safeguards, SecAggSettings
@@ -45,6 +46,15 @@ def check_trust_support(cfg: RunConfig, method: Method) -> None:
                              f"on Flower real nodes fail)")
 
 
+def secure_round_for(cfg: RunConfig) -> type:
+    """How a --secagg round runs: in this process (embedded), or as Flower's SecAgg+ on a Flower runtime."""
+    if cfg.federation.runtime == "embedded":
+        return SecureRound
+    from fedcustom.runtime.flower.secaggplus import SecAggPlusRound  # flwr loads only for Flower runs
+
+    return SecAggPlusRound
+
+
 def safeguards_for(cfg: RunConfig) -> Safeguards:
     """Update size limit and DP settings for the parameter-sharing server."""
     priv, fed = cfg.privacy, cfg.federation
@@ -52,7 +62,7 @@ def safeguards_for(cfg: RunConfig) -> Safeguards:
     if priv.dp_sgd:
         guards.client_config.update(dp_sgd_config(priv.sgd_noise, priv.sgd_clip, priv.delta))
     if priv.secagg:
-        guards.secagg = SecAggSettings(priv.secagg_clip, priv.secagg_threshold)
+        guards.secagg = SecAggSettings(priv.secagg_clip, priv.secagg_threshold, secure_round_for(cfg))
     if priv.dp == "off":
         return guards
     guards.accountant = PrivacyAccountant()

@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import zstandard
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from fedcustom.codecs.link import Link
 from fedcustom.codecs.quantize import VALUE_CODINGS, dequantize, expected_parts, quantize
 from fedcustom.codecs.raw import load_safetensors
 from fedcustom.errors import ConfigError, PayloadError
@@ -90,37 +91,6 @@ def parse_chain(spec: str, where: str = "--codec") -> ChainSpec:
                      zstd="zstd" in values)
 
 
-@dataclass
-class Link:
-    """One end's memory of one directed link (server to client c, or client c to server)."""
-
-    reference: State | None = None  # the state both ends agree on (delta)
-    residual: State = field(default_factory=dict)  # sender only: what was not delivered yet (topk)
-    round: int = 0  # the round ``reference`` was agreed in; 0: none yet (the next delta is against zero)
-    # Error feedback: on a link whose reference follows the receiver's reconstruction from round to round
-    # (server to client), the next difference already contains everything not yet delivered, so adding a
-    # residual would send it twice; only links whose reference is reset each round (client to server,
-    # where each update starts from the new global) keep one.
-    error_feedback: bool = True
-
-
-def uses_delta(codec: object) -> bool:
-    """Whether ``codec`` sends differences (and so needs both ends to keep a reference per link)."""
-    return bool(getattr(getattr(codec, "spec", None), "delta", False))
-
-
-def is_lossless(codec: object) -> bool:
-    """Whether the receiver gets exactly the sender's tensors (raw, or a chain without topk and quantization)."""
-    spec = getattr(codec, "spec", None)
-    return spec is None or spec.lossless
-
-
-def is_stateless(codec: object) -> bool:
-    """Whether ``codec`` encodes the same state to the same bytes for every link (no delta, no residual)."""
-    spec = getattr(codec, "spec", None)
-    return spec is None or (not spec.delta and spec.topk is None)
-
-
 class CodecChain:
     """Encodes and decodes named fp32 tensors along one link with the chain's stages."""
 
@@ -130,6 +100,25 @@ class CodecChain:
         # Largest safetensors blob decode accepts (after zstd): bounds what a small compressed payload
         # can make the receiver allocate. A server sets it from the state it expects.
         self.max_decoded_bytes = max_decoded_bytes
+
+    @property
+    def lossless(self) -> bool:
+        """The receiver gets exactly the sender's tensors (no topk, no quantization)."""
+        return self.spec.lossless
+
+    @property
+    def stateless(self) -> bool:
+        """The same state encodes to the same bytes on every link (no reference, no residual)."""
+        return not self.spec.delta and self.spec.topk is None
+
+    @property
+    def delta(self) -> bool:
+        """Sends differences against a reference both ends of a link keep."""
+        return self.spec.delta
+
+    def limit_decoded(self, max_bytes: int) -> None:
+        """Bound what ``decode`` may expand a payload to (a zstd frame may claim any size)."""
+        self.max_decoded_bytes = max_bytes
 
     def encode(self, state: State, link: Link | None = None) -> bytes:
         """Bytes for ``state``; updates the sender's residual (topk) and reference (delta) on ``link``."""

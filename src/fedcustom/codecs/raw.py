@@ -17,9 +17,17 @@ from fedcustom.errors import PayloadError
 
 
 class Codec(Protocol):
-    """Turns ``{name: tensor}`` into bytes and back; ``decode`` raises PayloadError on bad bytes."""
+    """Turns ``{name: tensor}`` into bytes and back; ``decode`` raises PayloadError on bad bytes. It declares what
+    the server and clients must know to keep its links (``link``: a :class:`~fedcustom.codecs.link.Link`)."""
 
     name: str
+    lossless: bool  # the receiver gets exactly the sender's tensors
+    stateless: bool  # the same state encodes to the same bytes on every link (no reference, no residual)
+    delta: bool  # sends differences against a reference both ends of a link keep
+
+    def limit_decoded(self, max_bytes: int) -> None:
+        """Bound what ``decode`` may expand a payload to."""
+        ...
 
     def encode(self, state: dict[str, torch.Tensor], link: Any = None) -> bytes: ...
 
@@ -30,6 +38,10 @@ class RawCodec:
     """Tensors as they are (fp32 for trained tensors), in safetensors format."""
 
     name = "raw"
+    lossless, stateless, delta = True, True, False
+
+    def limit_decoded(self, max_bytes: int) -> None:
+        """Nothing to bound: raw decoding never produces more than the payload itself."""
 
     def encode(self, state: dict[str, torch.Tensor], link: Any = None) -> bytes:
         return st_save({k: v.detach().contiguous().cpu() for k, v in state.items()})

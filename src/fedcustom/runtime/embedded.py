@@ -53,7 +53,7 @@ class EmbeddedRuntime:
         self._faults = faults
 
     @property
-    def handler(self) -> Handler:
+    def local_handler(self) -> Handler:
         """The in-process clients (their state goes into checkpoints)."""
         return self._handler
 

@@ -55,6 +55,11 @@ class ClientSetup:
 class Runtime(Protocol):
     """Moves messages between the server and clients; knows nothing about methods."""
 
+    @property
+    def local_handler(self) -> Handler | None:
+        """The client handler that runs in this process (embedded), whose state a checkpoint keeps; else None."""
+        ...
+
     def nodes(self) -> list[int]:
         """Ids of the clients that can be reached."""
         ...

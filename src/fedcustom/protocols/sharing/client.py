@@ -17,8 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom import scaffold
 from fedcustom.attacks import MODEL_POISONING, poison_update
-from fedcustom.checkpoint import SEP, group, pack_links, unpack_links
-from fedcustom.codecs import Codec, Link, uses_delta
+from fedcustom.codecs import Codec, Link, links_from_state, links_state
 from fedcustom.methods import load_trainable_state, trainable_state
 from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
 from fedcustom.privacy.dp_sgd import DPSGDSettings
@@ -26,6 +25,7 @@ from fedcustom.privacy.secagg import ADVERTISE, SHARE, UNMASK
 from fedcustom.privacy.secure_round import TRAIN_MASKED, SecureClientSide
 from fedcustom.privacy.secure_round import unpack as unpack_secure
 from fedcustom.runtime import Message, Reply
+from fedcustom.tensorstate import SEP, group
 from fedcustom.training import DriftControl, derive_seed, train_local
 from fedcustom.wire import TRAIN, schedule_from_config
 
@@ -82,8 +82,8 @@ class TrainingClient:
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
         tensors: dict[str, torch.Tensor] = {}
-        meta = {"links_down": pack_links("down", self.links_down, tensors),
-                "links_up": pack_links("up", self.links_up, tensors),
+        meta = {"links_down": links_state("down", self.links_down, tensors),
+                "links_up": links_state("up", self.links_up, tensors),
                 "sgd_accountants": {str(n): a.state_dict() for n, a in self.sgd_accountants.items()},
                 "controls": sorted(self.controls)}
         for node, control in self.controls.items():
@@ -92,8 +92,8 @@ class TrainingClient:
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
         """Inverse of :meth:`state_dict`."""
-        self.links_down = unpack_links("down", meta["links_down"], tensors)
-        self.links_up = unpack_links("up", meta["links_up"], tensors)
+        self.links_down = links_from_state("down", meta["links_down"], tensors)
+        self.links_up = links_from_state("up", meta["links_up"], tensors)
         self.controls = {int(node): group(tensors, f"control.{node}") for node in meta.get("controls", [])}
         self.sgd_accountants = {}
         for node, state in meta.get("sgd_accountants", {}).items():
@@ -112,7 +112,7 @@ class TrainingClient:
 
     def _receive(self, node_id: int, message: Message) -> dict:
         """Decode the global state; a difference is applied to this node's last reconstruction."""
-        if not uses_delta(self.codec_down):
+        if not self.codec_down.delta:
             return self.codec_down.decode(message.payload)
         base = int(message.config.get("codec_base", 0))
         link = self.links_down.get(node_id) if base else None
@@ -128,7 +128,7 @@ class TrainingClient:
         """Load the global tensors, run the local schedule, reply with the trained tensors."""
         outcome = self._train(node_id, message)
         up = self.links_up.setdefault(node_id, Link())
-        up.reference = outcome.received if uses_delta(self.codec) else None  # the difference starts where we started
+        up.reference = outcome.received if self.codec.delta else None  # the difference starts where we started
         payload = self.codec.encode(outcome.state, up)
         return Reply(payload, len(self.client_tables[node_id]), outcome.metrics, round=message.round,
                      attachment=outcome.control_change)

@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcustom import scaffold
-from fedcustom.checkpoint import SEP, group, pack_links, unpack_links
-from fedcustom.codecs import Codec, Link, is_lossless, is_stateless, uses_delta
+from fedcustom.codecs import Codec, Link, links_from_state, links_state
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant, noise_generator
 from fedcustom.privacy.secure_round import SecureRound
@@ -26,6 +25,7 @@ from fedcustom.rounds import RoundResult, State, sample_clients
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
 from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
+from fedcustom.tensorstate import SEP, group
 from fedcustom.training import LocalSchedule
 from fedcustom.validation import check_envelope, default_max_bytes, validate_update
 from fedcustom.wire import TRAIN, drift_config, schedule_to_config
@@ -61,10 +61,12 @@ class Convergence:
 
 @dataclass(frozen=True)
 class SecAggSettings:
-    """Secure aggregation: per-element bound on a client's weighted update, and the share that must survive."""
+    """Secure aggregation: per-element bound on a client's weighted update, the share that must survive, and the
+    round that runs it (this process's SecureRound; on Flower, Flower's SecAgg+, chosen by the assembler)."""
 
     clip: float
     threshold: float
+    protocol: type = SecureRound
 
 
 class FederatedServer:
@@ -92,8 +94,7 @@ class FederatedServer:
         self.convergence = convergence or Convergence()
         self.control = scaffold.ServerControl(self.global_state) if self.convergence.scaffold else None
         self.max_update_bytes = self.safeguards.max_update_bytes or default_max_bytes(self.global_state)
-        if hasattr(codec, "max_decoded_bytes"):  # a zstd frame may claim any size: bound what it may expand to
-            codec.max_decoded_bytes = default_max_bytes(self.global_state)
+        codec.limit_decoded(default_max_bytes(self.global_state))  # a zstd frame may claim any size
 
     def evaluate_initial(self) -> RoundResult:
         """Round 0: how the untrained global state scores."""
@@ -107,16 +108,16 @@ class FederatedServer:
         tensors.update({f"server_opt{SEP}{k}": v for k, v in opt_tensors.items()})
         if self.control is not None:
             tensors.update({f"control{SEP}{k}": v for k, v in self.control.c.items()})
-        meta = {"links_down": pack_links("down", self.links_down, tensors),
-                "links_up": pack_links("up", self.links_up, tensors),
+        meta = {"links_down": links_state("down", self.links_down, tensors),
+                "links_up": links_state("up", self.links_up, tensors),
                 "accountant": accountant.state_dict() if accountant else None, "server_opt": opt_meta}
         return tensors, meta
 
     def load_state_dict(self, tensors: State, meta: dict) -> None:
         """Inverse of :meth:`state_dict`."""
         self.global_state = group(tensors, "global")
-        self.links_down = unpack_links("down", meta["links_down"], tensors)
-        self.links_up = unpack_links("up", meta["links_up"], tensors)
+        self.links_down = links_from_state("down", meta["links_down"], tensors)
+        self.links_up = links_from_state("up", meta["links_up"], tensors)
         if self.safeguards.accountant and meta["accountant"] is not None:
             self.safeguards.accountant.load_state_dict(meta["accountant"])
         self.convergence.optimizer.load_state_dict(group(tensors, "server_opt"), meta["server_opt"])
@@ -169,8 +170,7 @@ class FederatedServer:
         tensors (each ClientUpdate's state is empty), and gets the FedAvg state from the masked sum."""
         settings = self.safeguards.secagg
         assert settings is not None
-        protocol = getattr(self.runtime, "secure_round", SecureRound)  # Flower: Flower's SecAgg+
-        secure = protocol(self.runtime, rnd, chosen, self.global_state, settings.clip, settings.threshold)
+        secure = settings.protocol(self.runtime, rnd, chosen, self.global_state, settings.clip, settings.threshold)
         outcome = secure.run(lambda nodes: self._broadcast(rnd, nodes, config), on_reply)
         result.bytes_up, result.bytes_down, result.rejected = outcome.bytes_up, outcome.bytes_down, outcome.rejected
         updates = [ClientUpdate(node, {}, reply.num_examples, dict(reply.metrics))
@@ -204,7 +204,7 @@ class FederatedServer:
     def _broadcast(self, rnd: int, chosen: list[int], config: dict) -> dict[int, Message]:
         """One train message per client: the global state, encoded along that client's link."""
         attachment = scaffold.encode(self.control.c) if self.control is not None else b""
-        if is_stateless(self.codec_down):
+        if self.codec_down.stateless:
             payload = self.codec_down.encode(self.global_state)
             return {node: Message(TRAIN, rnd, payload, config, attachment) for node in chosen}
         messages = {}
@@ -218,7 +218,7 @@ class FederatedServer:
 
     def _client_start(self, node: int, message: Message) -> State:
         """The state the client reconstructed from ``message``: where its uploaded difference starts."""
-        if uses_delta(self.codec_down):
+        if self.codec_down.delta:
             return self.links_down[node].reference
         return self.codec_down.decode(message.payload)
 
@@ -228,13 +228,13 @@ class FederatedServer:
         With a lossy broadcast the client started from an approximation of the global; averaging its
         state would drag the global back toward that approximation, so its update (trained minus
         where it started) is applied to the exact global instead (FedAvg of updates)."""
-        if is_lossless(self.codec_down) and not uses_delta(self.codec):
+        if self.codec_down.lossless and not self.codec.delta:
             return self.codec.decode(reply.payload)
         start = self._client_start(node, message)
         link = self.links_up.setdefault(node, Link())
-        link.reference = start if uses_delta(self.codec) else None
+        link.reference = start if self.codec.delta else None
         state = self.codec.decode(reply.payload, link)
-        if is_lossless(self.codec_down):
+        if self.codec_down.lossless:
             return state  # the client started from the exact global: nothing to re-base (and bit-exact)
         return {k: self.global_state[k] + (state[k] - start[k]) for k in state}
 

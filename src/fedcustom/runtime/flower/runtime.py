@@ -70,11 +70,9 @@ class FlowerRuntime:
         return dict(sorted(partitions.items()))
 
     @property
-    def secure_round(self) -> type:
-        """How a --secagg round runs here: Flower's SecAgg+ (the server drives it via FederatedServer)."""
-        from fedcustom.runtime.flower.secaggplus import SecAggPlusRound  # torch loads with the job, not the app
-
-        return SecAggPlusRound
+    def local_handler(self) -> None:
+        """The clients live on the SuperNodes (each keeps its own state between messages)."""
+        return None
 
     def nodes(self) -> list[int]:
         """Partitions whose SuperNode the SuperLink still lists (a dead node drops out after its heartbeats
