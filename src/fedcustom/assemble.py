@@ -19,7 +19,7 @@ from fedcustom.checkpoint import Checkpointable
 from fedcustom.codecs import Codec, get_codec
 from fedcustom.config import RunConfig
 from fedcustom.convergence import check_convergence_support, local_schedule
-from fedcustom.data import FederatedData, PublicSpec, prepare_data
+from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, trainable_state
 from fedcustom.models import load_model, load_tokenizer
@@ -28,7 +28,8 @@ from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
 from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
 from fedcustom.strategies import get_strategy
-from fedcustom.training import LocalSchedule, evaluate
+from fedcustom.tasks import get_task
+from fedcustom.training import LocalSchedule
 from fedcustom.trust import check_trust_support, client_tables
 
 
@@ -161,24 +162,11 @@ def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dic
 
 def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:
     """Labelled texts (classification) or instruction rows (causal LM), split over the clients."""
-    fed, seed = cfg.federation, cfg.train.seed
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if protocol_of(method).public_set else None
-    if cfg.model.task == "causal-lm":
-        from fedcustom.data.causal import prepare_causal_data
-
-        tokenizer.padding_side = "right"  # training batches; generation pads on the left itself
-        return prepare_causal_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length,
-                                   cfg.generation.chat_template, public)
-    return prepare_data(cfg.data, fed.clients, seed, tokenizer, cfg.model.max_length, public)
+    return get_task(cfg.model.task).prepare_data(cfg, tokenizer, public)
 
 
 def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokenizer: Any) -> Callable[[], dict]:
-    """Accuracy and macro-F1 (classification); perplexity, exact match and ROUGE-L of generations (causal LM)."""
-    batch = 2 * cfg.train.batch_size
-    if cfg.model.task == "causal-lm":
-        from fedcustom.causal_lm import GenerationSettings, evaluate_causal
-
-        gen = cfg.generation
-        settings = GenerationSettings(gen.max_new_tokens, gen.eval_generations, gen.samples)
-        return lambda: evaluate_causal(model, data, tokenizer, batch, settings)
-    return lambda: evaluate(model, data.eval, tokenizer, batch)
+    """The task's metrics of ``model`` as it is when called (accuracy and macro-F1; perplexity, exact match and
+    ROUGE-L of generations)."""
+    return get_task(cfg.model.task).evaluator(cfg, model, data, tokenizer)

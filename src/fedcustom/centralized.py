@@ -24,7 +24,8 @@ from torch import nn
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData, stratified_split
 from fedcustom.methods import load_trainable_state, trainable_state
-from fedcustom.training import LocalSchedule, derive_seed, evaluate, make_optimizer, train_local
+from fedcustom.tasks import get_task
+from fedcustom.training import LocalSchedule, derive_seed, make_optimizer, train_local
 
 CENTRALIZED_STREAM = 2  # seed stream of the centralized baselines
 Metrics = dict[str, Any]
@@ -59,12 +60,7 @@ def validation_split(union: datasets.Dataset, fraction: float, seed: int) -> tup
 
 def validation_score(cfg: RunConfig, model: nn.Module, table: datasets.Dataset, tokenizer: Any) -> float:
     """Higher is better: accuracy (classification) or minus the response loss (causal LM)."""
-    batch = 2 * cfg.train.batch_size
-    if cfg.model.task == "causal-lm":
-        from fedcustom.causal_lm import response_loss
-
-        return -response_loss(model, table, tokenizer, batch)
-    return evaluate(model, table, tokenizer, batch)["accuracy"]
+    return get_task(cfg.model.task).validation_score(cfg, model, table, tokenizer)
 
 
 def run_converged(cfg: RunConfig, model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData,

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcustom.errors import ConfigError
+from fedcustom.tasks import task_names
 
 
 def opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ...] | None = None) -> Any:
@@ -33,7 +34,7 @@ class ModelConfig:
     name: str = opt("minilm", "Hugging Face model name, local path, or packaged alias (minilm).", "--model")
     task: str = opt("classification", "classification (a head on the backbone, labelled texts) or causal-lm "
                     "(instruction tuning of a decoder-only LM: prompts and responses, loss on the response).",
-                    "--task", ("classification", "causal-lm"))
+                    "--task", task_names())
     max_length: int | None = opt(None, "Maximum tokens per example; longer texts are truncated (causal-lm: prompt "
                                  "plus response; a prompt that leaves no room for the response is an error). Default: "
                                  "64 for classification, 512 for causal-lm (chat-templated prompts are long).",
@@ -303,7 +304,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-DEFAULT_MAX_LENGTH = {"classification": 64, "causal-lm": 512}  # tokens, when model.max_length is unset
 SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fields(RunConfig)}  # type: ignore[misc]
 
 
@@ -410,8 +410,10 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
             raise ConfigError(f"config section [{section}] must be a table of keys")
     cfg = RunConfig(**{s: _build_section(s, values.get(s, {})) for s in SECTIONS})
     if cfg.model.max_length is None:
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=DEFAULT_MAX_LENGTH.get(
-            cfg.model.task, 64)))
+        from fedcustom.tasks import get_task
+
+        default = get_task(cfg.model.task).default_max_length
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=default))
     from fedcustom.config_checks import validate  # the checks need the classes above
 
     validate(cfg)

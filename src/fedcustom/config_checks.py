@@ -99,17 +99,19 @@ def validate_trust(cfg: RunConfig) -> None:
 
 def validate_task(cfg: RunConfig) -> None:
     """Settings that only one task understands."""
-    gen, causal = cfg.generation, cfg.model.task == "causal-lm"
+    from fedcustom.tasks import get_task
+
+    gen, task = cfg.generation, get_task(cfg.model.task)
     for where, value in [("generation.max_new_tokens (--max-new-tokens)", gen.max_new_tokens),
                          ("generation.eval_generations (--eval-generations)", gen.eval_generations)]:
         _positive(where, value, allow_none=False)
     if gen.samples < 0:
         raise ConfigError(f"generation.samples: expected >= 0, got {gen.samples}")
-    if parse_partition(cfg.data.partition).kind == "column" and not causal:
+    if parse_partition(cfg.data.partition).kind == "column" and not task.instruction_data:
         raise ConfigError(f"--partition {cfg.data.partition}: column partitions need --task causal-lm (instruction "
                           f"data keeps its metadata columns)")
-    if causal and cfg.method.name == "distill" and cfg.method.topk is None:
-        raise ConfigError("--task causal-lm with --method distill: set --topk K (the knowledge on each public response "
+    if task.knowledge_over_vocabulary and cfg.method.name == "distill" and cfg.method.topk is None:
+        raise ConfigError(f"--task {task.name} with --method distill: set --topk K (the knowledge on each public response "
                           "token is a distribution over the vocabulary; clients send its top K)")
 
 

@@ -39,7 +39,6 @@ PACKAGED_MODELS: dict[str, PackagedModel] = {
     ),
 }
 
-TASKS = ("classification", "causal-lm")
 
 
 def model_aliases() -> list[str]:
@@ -107,13 +106,18 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 def load_model(
     name: str, task: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> PreTrainedModel:
-    """The backbone with a freshly initialised task head, seeded so every run starts alike."""
-    if task not in TASKS:
-        raise FedCustomError(f"task {task!r}: expected one of {', '.join(TASKS)}")
+    """The backbone with a freshly initialised task head (the task's own, :mod:`fedcustom.tasks`), seeded so every
+    run starts alike."""
+    from fedcustom.tasks import get_task
+
+    head = get_task(task)
     quiet_transformers()
     torch.manual_seed(seed)
-    if task == "causal-lm":
-        return _load_causal_lm(name, tokenizer)
+    return head.load_backbone(name, label_names, tokenizer)
+
+
+def load_classifier(name: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+    """The backbone with a sequence-classification head over ``label_names``."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model(name),
@@ -128,7 +132,7 @@ def load_model(
     return model
 
 
-def _load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
     """A decoder-only LM with its own LM head, in fp32 (clients train and average it)."""
     try:
         model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32)

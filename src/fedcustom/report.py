@@ -14,13 +14,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedcustom.rounds import RoundResult
+from fedcustom.tasks import get_task, task_names
 
 
 # What each task's evaluation reports (key, column title); the first is the headline number.
-TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {
-    "classification": (("accuracy", "accuracy"), ("macro_f1", "macro-F1")),
-    "causal-lm": (("rouge_l", "ROUGE-L"), ("perplexity", "perplexity"), ("exact_match", "exact match")),
-}
+TASK_METRICS: dict[str, tuple[tuple[str, str], ...]] = {name: get_task(name).metrics for name in task_names()}
 
 
 def round_record(result: RoundResult) -> dict[str, Any]:

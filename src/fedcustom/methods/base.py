@@ -21,7 +21,6 @@ from fedcustom.config import MethodConfig
 from fedcustom.errors import FedCustomError
 from fedcustom.methods.defaults import Recommended, recommended
 
-PEFT_TASK_TYPES = {"classification": TaskType.SEQ_CLS, "causal-lm": TaskType.CAUSAL_LM}
 
 Builder = Callable[[nn.Module, MethodConfig, str, PreTrainedTokenizerBase], nn.Module]
 
@@ -69,9 +68,9 @@ def method_names(protocol: str | None = None) -> list[str]:
 
 def peft_task_type(task: str) -> TaskType:
     """PEFT's task type for one of our tasks."""
-    if task not in PEFT_TASK_TYPES:
-        raise FedCustomError(f"task {task!r}: expected one of {', '.join(PEFT_TASK_TYPES)}")
-    return PEFT_TASK_TYPES[task]
+    from fedcustom.tasks import get_task
+
+    return TaskType(get_task(task).peft_task_type)
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -51,8 +51,11 @@ CAUSAL_LM: dict[str, Recommended] = {
 }
 
 
+TABLES = {"classification": CLASSIFICATION, "causal-lm": CAUSAL_LM}  # by task name (fedcustom.tasks)
+
+
 def recommended(name: str, task: str, projection: bool = False) -> Recommended:
     """The table's row for ``name`` (``prefix`` with ``projection``: its own row) and ``task``."""
-    table = CAUSAL_LM if task == "causal-lm" else CLASSIFICATION
+    table = TABLES[task]
     key = f"{name}+projection" if name == "prefix" and projection else name
     return table[key]

@@ -37,10 +37,9 @@ def check_init_spec(spec: str, where: str) -> None:
 
 def task_text(backbone: nn.Module, task: str) -> str:
     """A plain sentence that names the task: the label names of a classifier, or an instruction to answer."""
-    if task == "classification":
-        labels = [str(v) for _, v in sorted(getattr(backbone.config, "id2label", {}).items())]
-        return "Classify the text as " + ", ".join(labels) + "." if labels else "Classify the text."
-    return "Answer the question helpfully and accurately."
+    from fedcustom.tasks import get_task
+
+    return get_task(task).task_text(backbone)
 
 
 def init_token_ids(spec: str, tokenizer: PreTrainedTokenizerBase, count: int, backbone: nn.Module,

@@ -67,49 +67,20 @@ def partition_of(context: Context) -> int:
 
 def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) -> dict[str, Any]:
     """How many rows this node holds and how its labels (causal LM: topics) are spread, for the server's client
-    table and summary; the rows themselves stay here. Topics the server does not know are not in the histogram."""
-    from fedcustom.data.partition import label_histogram
+    table and summary; the rows themselves stay here."""
+    from fedcustom.tasks import get_task
 
-    if cfg.model.task == "causal-lm":
-        from fedcustom.data.causal import topic_name
-        from fedcustom.data.instructions import load_instructions
-
-        topics = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)["topic"]
-        index = {name: i for i, name in enumerate(label_names)}
-        known = [index[topic_name(t)] for t in topics if topic_name(t) in index]
-        return {"examples": len(topics), "label-histogram": json.dumps(label_histogram(known, len(label_names)))}
-    from fedcustom.data import load_labeled
-
-    rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names).dataset
-    return {"examples": len(rows), "label-histogram": json.dumps(label_histogram(rows["label"], len(label_names)))}
-
-
-def _own_instruction_table(cfg: RunConfig, setup: ClientSetup, data_path: str, tokenizer: Any) -> Any:
-    """A causal-LM node's own instruction rows, chat-templated and tokenized as the server's are."""
-    from fedcustom.data.causal import as_rows, tokenize_rows, topic_name
-    from fedcustom.data.instructions import load_instructions
-
-    rows = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)
-    rows = rows.map(lambda row: {"topic": topic_name(row["topic"])})
-    topics = list(setup.label_names) + sorted(set(rows["topic"]) - set(setup.label_names))
-    texts = as_rows(rows, tokenizer, topics, cfg.generation.chat_template)
-    return tokenize_rows(texts, tokenizer, cfg.model.max_length, f"this node's data-path {data_path}")
+    own = get_task(cfg.model.task).describe_own_data(cfg, label_names, data_path)
+    return {"examples": own["examples"], "label-histogram": json.dumps(own["histogram"])}
 
 
 def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None, tokenizer: Any) -> Any:
     """This node's tokenized rows: its own file, or (simulation) its partition of the run's dataset, prepared as
     the server prepares it."""
-    from fedcustom.data import load_labeled
-    from fedcustom.data.features import tokenize
-
-    causal = cfg.model.task == "causal-lm"
-    if causal:
-        tokenizer.padding_side = "right"  # training batches, as on the server
-    if data_path and causal:
-        return _own_instruction_table(cfg, setup, data_path, tokenizer)
     if data_path:
-        rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, setup.label_names).dataset
-        return tokenize(rows, tokenizer, cfg.model.max_length)
+        from fedcustom.tasks import get_task
+
+        return get_task(cfg.model.task).own_table(cfg, setup.label_names, data_path, tokenizer)
     from fedcustom.assemble import prepare_task_data
     from fedcustom.methods import get_method
 

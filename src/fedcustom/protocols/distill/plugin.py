@@ -14,16 +14,16 @@ from fedcustom.methods.base import get_method
 from fedcustom.models import load_model, load_tokenizer
 from fedcustom.protocols.distill.protocol import DistillClient, DistillServer, KDSettings
 from fedcustom.protocols.parts import ClientParts, ServerParts
+from fedcustom.tasks import get_task
 from fedcustom.trust import clients_per_round
 
 
 def kd_temperature(cfg: RunConfig) -> float:
-    """--kd-temperature, else 2 for classification (Hinton et al.) and 1 for next-token distributions: softened
-    over a whole vocabulary they teach a causal LM to hedge (SmolLM2 on chatterbot, 1 round: held-out perplexity
-    15.95 -> 26.2 with T = 2, -> 15.76 with T = 1)."""
+    """--kd-temperature, else the task's (2 for classification, 1 for next-token distributions: see
+    :mod:`fedcustom.tasks.causal_lm`)."""
     if cfg.method.kd_temperature is not None:
         return cfg.method.kd_temperature
-    return 1.0 if cfg.model.task == "causal-lm" else 2.0
+    return get_task(cfg.model.task).kd_temperature
 
 
 def kd_settings(cfg: RunConfig, public: list[str] | None, label_names: list[str]) -> KDSettings:
@@ -47,12 +47,13 @@ def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Federate
     if name is None or name == cfg.model.name:
         return model, tokenizer, data  # one module in memory; each side loads its own state before use
     client_tokenizer = load_tokenizer(name)
-    if cfg.model.task == "causal-lm" and client_tokenizer.get_vocab() != tokenizer.get_vocab():
+    over_vocabulary = get_task(cfg.model.task).knowledge_over_vocabulary
+    if over_vocabulary and client_tokenizer.get_vocab() != tokenizer.get_vocab():
         raise ConfigError(f"method.client_model {name!r}: token-level distillation of a causal LM needs the clients "
                           f"to share the server's tokenizer, and {name!r} tokenizes differently from {cfg.model.name!r}")
     backbone = load_model(name, cfg.model.task, data.label_names, client_tokenizer, cfg.train.seed)
     client_model = get_method(cfg.method.local_method).build(backbone, cfg.method, cfg.model.task, client_tokenizer)
-    if cfg.model.task == "causal-lm":
+    if over_vocabulary:
         client_tokenizer.padding_side = "right"
         return client_model, client_tokenizer, data  # the same tokenizer: the same token ids
     return client_model, client_tokenizer, data.retokenized(client_tokenizer, cfg.model.max_length)

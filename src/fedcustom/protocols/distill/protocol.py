@@ -57,6 +57,13 @@ class KDSettings:
     distill_epochs: int
     task: str = "classification"  # causal-lm: knowledge is the next-token distribution on each public response token
 
+    @property
+    def over_vocabulary(self) -> bool:
+        """Knowledge is a distribution over the vocabulary per public response token (renormalized top-k)."""
+        from fedcustom.tasks import get_task
+
+        return get_task(self.task).knowledge_over_vocabulary
+
 
 class DistillClient:
     """Handles ``distill_round`` for any node id; keeps each node's own model state between rounds."""
@@ -106,7 +113,7 @@ class DistillClient:
             expected = (self.public.rows, self.classes)
             try:  # dense soft labels (classification), or top-k ones over a vocabulary (causal LM)
                 targets = received["soft_labels"] if "soft_labels" in received else \
-                    decode_knowledge(received, *expected, s.temperature, renormalize=s.task == "causal-lm")
+                    decode_knowledge(received, *expected, s.temperature, renormalize=s.over_vocabulary)
             except UpdateRejected as exc:
                 return Reply(error=f"global knowledge: {exc}")
             if tuple(targets.shape) != expected:
@@ -202,7 +209,7 @@ class DistillServer:
             self.broadcast = self.codec.encode(self._global)
             return flops
         logits, label_flops = self.public.logits(self.model, 2 * sched.batch_size, sched.count_flops)
-        if s.task == "causal-lm":  # a vocabulary per response token: the top-k soft labels only
+        if s.over_vocabulary:  # a vocabulary per response token: the top-k soft labels only
             self.broadcast = self.codec.encode(encode_knowledge(logits, s.topk, s.temperature))
         else:
             self.broadcast = self.codec.encode({"soft_labels": torch.softmax(logits / s.temperature, dim=-1)})
@@ -218,7 +225,7 @@ class DistillServer:
             try:
                 check_reply(reply)
                 soft = decode_knowledge(self.codec.decode(reply.payload), self.public.rows, self.classes,
-                                        s.temperature, renormalize=s.task == "causal-lm")
+                                        s.temperature, renormalize=s.over_vocabulary)
             except (PayloadError, UpdateRejected) as exc:
                 log.warning("round %d: rejected knowledge from client %d: %s", result.round, node, exc)
                 result.rejected[node] = str(exc)

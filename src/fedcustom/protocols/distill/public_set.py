@@ -102,13 +102,13 @@ def _logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def public_set(public: list, task: str, tokenizer: PreTrainedTokenizerBase, max_length: int) -> PublicSet:
     """The public set of a task: texts (classification) or [prompt, response] pairs (causal LM)."""
-    if task == "causal-lm":
-        return TokenPublicSet(public, tokenizer, max_length)
-    return TextPublicSet(public, tokenizer, max_length)
+    from fedcustom.tasks import get_task
+
+    return get_task(task).public_set(public, tokenizer, max_length)
 
 
 def knowledge_classes(model: nn.Module, settings) -> int:  # noqa: ANN001 - KDSettings (protocol imports this module)
     """Classes per knowledge row: the labels (classification) or the model's vocabulary (causal LM)."""
-    if settings.task == "causal-lm":
+    if settings.over_vocabulary:
         return int(model.config.vocab_size)
     return len(settings.label_names)

@@ -1,0 +1,57 @@
+"""The interface every task implements (see :mod:`fedcustom.tasks`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+Metrics = dict[str, float]
+
+
+class Task:
+    """What a run learns. Subclasses set the class attributes and implement the methods."""
+
+    name: str
+    metrics: tuple[tuple[str, str], ...]  # (key in the eval dict, column title); the first is the headline metric
+    peft_task_type: str  # peft.TaskType value
+    default_max_length: int  # tokens, when model.max_length is unset
+    instruction_data: bool = False  # rows are [prompt, response] pairs with metadata columns (column partitions)
+    knowledge_over_vocabulary: bool = False  # distillation: knowledge is a next-token distribution per response token
+    kd_temperature: float = 2.0  # distillation temperature when --kd-temperature is unset
+
+    @property
+    def headline_metric(self) -> str:
+        """The metric early stopping and round lines follow."""
+        return self.metrics[0][0]
+
+    def load_backbone(self, name: str, label_names: list[str], tokenizer: Any) -> Any:
+        """The pretrained backbone with this task's head (seeded by the caller)."""
+        raise NotImplementedError
+
+    def prepare_data(self, cfg: Any, tokenizer: Any, public: Any) -> Any:
+        """The run's rows split over its clients (``fedcustom.data.FederatedData``), with a public set if asked."""
+        raise NotImplementedError
+
+    def own_table(self, cfg: Any, label_names: list[str], data_path: str, tokenizer: Any) -> Any:
+        """A Flower node's own rows from its own file, tokenized as the server tokenizes."""
+        raise NotImplementedError
+
+    def describe_own_data(self, cfg: Any, label_names: list[str], data_path: str) -> dict[str, Any]:
+        """How many rows a node holds and how its labels are spread (for the server's client table)."""
+        raise NotImplementedError
+
+    def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
+        """The task's metrics of ``model`` as it is when called."""
+        raise NotImplementedError
+
+    def validation_score(self, cfg: Any, model: Any, table: Any, tokenizer: Any) -> float:
+        """Higher is better: what the converged centralized baseline early-stops on."""
+        raise NotImplementedError
+
+    def public_set(self, public: list, tokenizer: Any, max_length: int) -> Any:
+        """What KD-FedLLM's parties label (``fedcustom.protocols.distill.public_set``)."""
+        raise NotImplementedError
+
+    def task_text(self, backbone: Any) -> str:
+        """A plain sentence naming the task (prefix and prompt initialisation)."""
+        raise NotImplementedError
