@@ -118,7 +118,7 @@ def test_frameworks_preset_compares_the_three_families_and_sweeps(tmp_path: Path
 
 
 def test_a_finished_run_is_reused_only_when_its_config_is_the_same() -> None:
-    from fedcustom.bench.grid import same_config
+    from fedcustom.bench.reuse import same_config
     from fedcustom.config import build_config
 
     cfg = build_config({"method": {"name": "lora"}})

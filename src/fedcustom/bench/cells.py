@@ -18,7 +18,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedcustom.bench.grid import same_config
+from fedcustom.bench.reuse import same_config
 from fedcustom.bench.sweep import Cell
 from fedcustom.config import build_config
 

@@ -17,11 +17,11 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench.grid import pinned, same_config
 from fedcustom.bench.report import MB
+from fedcustom.bench.reuse import run_or_reuse
+from fedcustom.bench.settings import Sst2Setting
 from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
-from fedcustom.runner import build_job, execute
 
 KEYS = ("final_accuracy", "accuracy_per_round", "bytes_up_per_round", "bytes_down_per_round", "bytes_up_total",
         "bytes_down_total", "trainable_bytes_fp32", "round_wall_seconds", "codec_up", "codec_down")
@@ -29,19 +29,10 @@ TARGET_SHARE = 0.98
 
 
 @dataclass(frozen=True)
-class CodecSetting:
-    """Data, model and schedule shared by every run (the `paper` preset's SST-2 budget, more rounds)."""
+class CodecSetting(Sst2Setting):
+    """The shared SST-2 budget (the `paper` preset's, more rounds), the seeds and the methods compared."""
 
-    train: str = "sst2/train.tsv"
-    eval: str = "sst2/validation.tsv"
-    max_train: int = 400
-    max_length: int = 48
-    clients: int = 5
-    rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 8
     seeds: tuple[int, ...] = (0,)
-    model: str = "minilm"
     methods: tuple[tuple[str, float], ...] = (("full", 1e-4), ("lora", 3e-3))  # rates from the `tune` preset
 
 
@@ -57,16 +48,8 @@ CHAINS: dict[str, str] = {  # label -> chain, used in both directions
 
 def run_config(s: CodecSetting, method: str, lr: float, chain: str, seed: int, data_dir: Path, out: Path) -> RunConfig:
     key = chain.replace(",", "_").replace(":", "")
-    return pinned({
-        "model": {"name": s.model, "max_length": s.max_length},
-        "data": {"dataset": str(data_dir / s.train), "eval_dataset": str(data_dir / s.eval), "partition": "iid",
-                 "max_train_examples": s.max_train},
-        "method": {"name": method},
-        "federation": {"clients": s.clients, "rounds": s.rounds, "local_epochs": s.local_epochs},
-        "codec": {"up": chain, "down": chain},
-        "train": {"batch_size": s.batch_size, "lr": lr, "seed": seed},
-        "output": {"dir": str(out / "runs" / method / key / f"seed{seed}"), "quiet": True, "save_model": False, "checkpoint": False},
-    })
+    return s.run_config(data_dir, out / "runs" / method / key / f"seed{seed}", {"name": method}, lr, seed,
+                        codec={"up": chain, "down": chain})
 
 
 def run_codecs(data_dir: Path, out: Path, console: Console, setting: CodecSetting = CodecSetting(),
@@ -78,10 +61,9 @@ def run_codecs(data_dir: Path, out: Path, console: Console, setting: CodecSettin
     records, todo = [], [(m, lr, label, seed) for m, lr in setting.methods for label in chains for seed in setting.seeds]
     for i, (method, lr, label, seed) in enumerate(todo, 1):
         cfg = run_config(setting, method, lr, chains[label], seed, data_dir, out)
-        path, start = Path(cfg.output.dir) / "summary.json", time.perf_counter()
-        previous = json.loads(path.read_text()) if path.is_file() else None
-        summary = previous if previous and same_config(previous.get("config"), cfg) else execute(build_job(cfg), Console(quiet=True))
-        records.append({"method": method, "chain": label, "seed": seed, "reused": summary is previous,
+        start = time.perf_counter()
+        summary, reused = run_or_reuse(cfg)
+        records.append({"method": method, "chain": label, "seed": seed, "reused": reused,
                         **{k: summary.get(k) for k in KEYS}, "wall_seconds": summary.get("wall_seconds")})
         console.print(f"[{i}/{len(todo)}] {method} {label} seed {seed}: accuracy {summary['final_accuracy']:.4f} "
                       f"({time.perf_counter() - start:.0f} s)")

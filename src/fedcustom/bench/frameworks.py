@@ -17,11 +17,11 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench.grid import pinned, same_config
 from fedcustom.bench.report import MB
+from fedcustom.bench.reuse import run_or_reuse
+from fedcustom.bench.settings import Sst2Setting
 from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
-from fedcustom.runner import build_job, execute
 
 FAMILIES = {"lora": "FedLLM", "prefix": "FedLLM", "distill": "KD-FedLLM", "split": "Split-FedLLM"}
 KEYS = ("final_accuracy", "accuracy_per_round", "centralized_accuracy", "bytes_up_per_round", "bytes_down_per_round",
@@ -30,20 +30,10 @@ KEYS = ("final_accuracy", "accuracy_per_round", "centralized_accuracy", "bytes_u
 
 
 @dataclass(frozen=True)
-class Setting:
-    """The shared base: data, model and schedule every framework run uses."""
+class Setting(Sst2Setting):
+    """The shared SST-2 budget every framework run uses, 3 rounds."""
 
-    train: str = "sst2/train.tsv"
-    eval: str = "sst2/validation.tsv"
-    max_train: int = 400
-    max_length: int = 48
-    clients: int = 5
     rounds: int = 3
-    local_epochs: int = 1
-    batch_size: int = 8
-    seed: int = 0
-    partition: str = "iid"
-    model: str = "minilm"
 
 
 @dataclass(frozen=True)
@@ -96,30 +86,20 @@ def all_runs(variants: tuple[Variant, ...] = VARIANTS) -> list[Variant]:
 
 def run_config(setting: Setting, variant: Variant, data_dir: Path, out: Path) -> RunConfig:
     """The RunConfig of one run (the same as `fedcustom run` flags)."""
-    return pinned({
-        "model": {"name": setting.model, "max_length": setting.max_length},
-        "data": {"dataset": str(data_dir / setting.train), "eval_dataset": str(data_dir / setting.eval),
-                 "partition": setting.partition, "max_train_examples": setting.max_train},
-        "method": dict(variant.method),
-        "federation": {"clients": variant.clients or setting.clients, "rounds": setting.rounds,
-                       "local_epochs": variant.local_epochs or setting.local_epochs},
-        "train": {"batch_size": setting.batch_size, "lr": variant.lr, "seed": setting.seed,
-                  "centralized": variant.centralized},
-        "output": {"dir": str(out / "runs" / variant.key), "quiet": True, "save_model": False, "checkpoint": False},
-    })
+    return setting.run_config(
+        data_dir, out / "runs" / variant.key, variant.method, variant.lr,
+        federation={"clients": variant.clients or setting.clients,
+                    "local_epochs": variant.local_epochs or setting.local_epochs},
+        train={"centralized": variant.centralized})
 
 
 def run_variant(setting: Setting, variant: Variant, data_dir: Path, out: Path) -> dict[str, Any]:
     """Run one variant, or reuse its summary when the identical config already ran."""
     cfg = run_config(setting, variant, data_dir, out)
-    path = Path(cfg.output.dir) / "summary.json"
     record = {"key": variant.key, "title": variant.title, "family": variant.family, "sweeps": list(variant.sweeps),
               "clients": cfg.federation.clients, "local_epochs": cfg.federation.local_epochs,
               "method": dict(variant.method)}
-    if path.is_file() and same_config(json.loads(path.read_text()).get("config"), cfg):
-        summary, record["reused"] = json.loads(path.read_text()), True
-    else:
-        summary, record["reused"] = execute(build_job(cfg), Console(quiet=True)), False
+    summary, record["reused"] = run_or_reuse(cfg)
     return {**record, **{k: summary.get(k) for k in KEYS}}
 
 

@@ -27,10 +27,9 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 from rich.console import Console
 
-from fedcustom.bench.grid import pinned, same_config
 from fedcustom.bench.report import MB
+from fedcustom.bench.reuse import pinned, run_or_reuse
 from fedcustom.config import RunConfig
-from fedcustom.runner import build_job, execute
 
 METRICS = ("perplexity", "rouge_l", "exact_match")
 KEYS = (*(f"{stage}_{m}" for m in METRICS for stage in ("initial", "final", "centralized")),
@@ -113,10 +112,7 @@ def run_generative(out: Path, console: Console,
     for i, (method, lr) in enumerate(setting.methods, 1):
         cfg = run_config(setting, method, lr, out)
         folder, start = Path(cfg.output.dir), time.perf_counter()
-        path = folder / "summary.json"
-        previous = json.loads(path.read_text()) if path.is_file() else None
-        reused = bool(previous) and same_config(previous.get("config"), cfg)
-        summary = previous if reused else execute(build_job(cfg), Console(quiet=True))
+        summary, reused = run_or_reuse(cfg)
         central = summary.get("centralized") or {}
         records.append({"method": method, "lr": lr, "reused": reused, **{k: summary.get(k) for k in KEYS},
                         "centralized_wall_seconds": central.get("wall_seconds"),

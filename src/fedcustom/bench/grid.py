@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedcustom.bench.presets import BenchDataset, BenchPreset
-from fedcustom.config import RunConfig, build_config
+from fedcustom.bench.reuse import pinned, run_or_reuse
+from fedcustom.config import RunConfig
 from fedcustom.data import make_loader
 from fedcustom.errors import FedCustomError
 from fedcustom.report import write_json
-from fedcustom.runner import build_job, execute
 
 CELL_KEYS = (
     "final_accuracy", "final_macro_f1", "centralized_accuracy", "centralized_macro_f1", "accuracy_per_round",
@@ -105,55 +106,24 @@ def forward_flops_ratio(job: Any) -> float:
     return train_count.get_total_flops() / forward_count.get_total_flops()
 
 
-# What every preset measured before the convergence work ran with, where the defaults have moved since (a constant
-# client rate, PEFT's random prefix and prompt initialisation). Those presets pin these settings, so that their
-# committed results still regenerate from their commands; a recorded config that predates a key had this value.
-LEGACY: dict[str, dict[str, Any]] = {"train": {"lr_schedule": "constant"},
-                                     "method": {"prefix_init": "random", "prompt_init": "random"}}
-
-
-def pinned(values: dict[str, dict[str, Any]]) -> RunConfig:
-    """``build_config`` of a preset's values with the legacy settings above pinned (the values win)."""
-    merged = {section: {**LEGACY.get(section, {}), **table} for section, table in values.items()}
-    return build_config({**{s: dict(t) for s, t in LEGACY.items() if s not in merged}, **merged})
-
-
-def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
-    """Whether a finished run's recorded config is ``cfg``. Keys added to the config since that run count as the
-    same when ``cfg`` sets them to what the run did without them: their default, or their LEGACY value."""
-    if not isinstance(previous, dict):
-        return False
-    previous = json.loads(json.dumps(previous))
-    plain = lambda c: json.loads(json.dumps(c.to_dict()))  # noqa: E731  (tuples as the JSON lists they were saved as)
-    defaults, current = plain(RunConfig()), plain(cfg)
-    for section, values in current.items():
-        recorded = previous.get(section, {})
-        if set(recorded) - set(values):
-            return False
-        for key, value in values.items():
-            missing = LEGACY.get(section, {}).get(key, defaults[section][key])  # the key did not exist yet
-            if recorded.get(key, missing) != value:
-                return False
-    return not set(previous) - set(current)
-
-
 def run_cell(preset: BenchPreset, cell: Cell, data_dir: Path, out: Path) -> dict[str, Any]:
     """Run one cell (or reuse its finished result when the same config already ran) and return its record."""
     cfg = cell_config(preset, cell, data_dir, out)
     summary_path = Path(cfg.output.dir) / "summary.json"
     record = {"dataset": cell.dataset.key, "method": cell.method, "lr": cell.lr, "split": cell.split,
               "seed": cell.seed, "run_dir": str(Path(cfg.output.dir).relative_to(out))}
-    if summary_path.is_file():
-        previous = json.loads(summary_path.read_text())
-        if same_config(previous.get("config"), cfg) and "flops_vs_forward" in previous:
-            return {**record, **{k: previous.get(k) for k in CELL_KEYS}, "flops_vs_forward": previous["flops_vs_forward"],
-                    "reused": True}
-    job = build_job(cfg)
-    ratio = forward_flops_ratio(job)
-    summary = execute(job, Console(quiet=True))
-    summary["flops_vs_forward"] = ratio
-    write_json(summary_path, summary)
-    return {**record, **{k: summary.get(k) for k in CELL_KEYS}, "flops_vs_forward": ratio, "reused": False}
+
+    def measure_flops(job: Any) -> Callable[[dict[str, Any]], None]:
+        ratio = forward_flops_ratio(job)  # on the untrained model, before the rounds
+
+        def finish(summary: dict[str, Any]) -> None:
+            summary["flops_vs_forward"] = ratio
+            write_json(summary_path, summary)
+        return finish
+
+    summary, reused = run_or_reuse(cfg, complete=lambda s: "flops_vs_forward" in s, instrument=measure_flops)
+    return {**record, **{k: summary.get(k) for k in CELL_KEYS}, "flops_vs_forward": summary["flops_vs_forward"],
+            "reused": reused}
 
 
 def run_grid(preset: BenchPreset, data_dir: Path, out: Path, console: Console) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,11 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
-from fedcustom.bench.grid import pinned, same_config
+from fedcustom.bench.reuse import run_or_reuse
+from fedcustom.bench.settings import Sst2Setting
 from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
 from fedcustom.report import write_json
-from fedcustom.runner import build_job, execute
 from fedcustom.strategies import ClientUpdate, Strategy
 from fedcustom.strategies.robust import global_norm
 
@@ -41,19 +42,10 @@ PLOT = "accuracy_vs_attackers.png"
 
 
 @dataclass(frozen=True)
-class RobustSetting:
-    """Data, model, schedule, attack and the strategies compared (the `codecs` preset's SST-2 budget, 10 clients)."""
+class RobustSetting(Sst2Setting):
+    """The shared SST-2 budget (the `codecs` preset's, 10 clients), the attack and the strategies compared."""
 
-    train: str = "sst2/train.tsv"
-    eval: str = "sst2/validation.tsv"
-    max_train: int = 400
-    max_length: int = 48
     clients: int = 10  # all sampled every round
-    rounds: int = 5
-    local_epochs: int = 1
-    batch_size: int = 8
-    seed: int = 0
-    model: str = "minilm"
     methods: tuple[tuple[str, float], ...] = (("prefix", 3e-2), ("lora", 3e-3))  # rates from the `tune` preset
     attack: str = "sign-flip"
     attack_scale: float = 10.0
@@ -78,18 +70,9 @@ def strategy_spec(setting: RobustSetting, method: str, label: str) -> str:
 def run_config(s: RobustSetting, method: str, lr: float, label: str, fraction: float, data_dir: Path,
                out: Path) -> RunConfig:
     key = label.replace(":", "")
-    return pinned({
-        "model": {"name": s.model, "max_length": s.max_length},
-        "data": {"dataset": str(data_dir / s.train), "eval_dataset": str(data_dir / s.eval), "partition": "iid",
-                 "max_train_examples": s.max_train},
-        "method": {"name": method},
-        "federation": {"clients": s.clients, "rounds": s.rounds, "local_epochs": s.local_epochs,
-                       "strategy": strategy_spec(s, method, label)},
-        "adversary": {"attack": s.attack, "fraction": fraction, "scale": s.attack_scale},
-        "train": {"batch_size": s.batch_size, "lr": lr, "seed": s.seed, "count_flops": False},
-        "output": {"dir": str(out / "runs" / method / key / f"attackers{round(100 * fraction)}"), "quiet": True,
-                   "save_model": False, "checkpoint": False},
-    })
+    return s.run_config(data_dir, out / "runs" / method / key / f"attackers{round(100 * fraction)}", {"name": method},
+                        lr, federation={"strategy": strategy_spec(s, method, label)}, train={"count_flops": False},
+                        adversary={"attack": s.attack, "fraction": fraction, "scale": s.attack_scale})
 
 
 class NormRecorder:
@@ -109,16 +92,14 @@ class NormRecorder:
 def run_one(cfg: RunConfig) -> tuple[dict[str, Any], list[dict[str, float]], bool]:
     """(summary, update norms per round, reused) of one run; a finished run with the same config is reused."""
     folder = Path(cfg.output.dir)
-    path = folder / "summary.json"
-    previous = json.loads(path.read_text()) if path.is_file() else None
-    if previous and same_config(previous.get("config"), cfg) and (folder / NORMS_FILE).is_file():
-        return previous, json.loads((folder / NORMS_FILE).read_text()), True
-    job = build_job(cfg)
-    recorder = NormRecorder(job.server.strategy)
-    job.server.strategy = recorder
-    summary = execute(job, Console(quiet=True))
-    write_json(folder / NORMS_FILE, recorder.rounds)
-    return summary, recorder.rounds, False
+
+    def record_norms(job: Any) -> Callable[[dict[str, Any]], None]:
+        recorder = NormRecorder(job.server.strategy)
+        job.server.strategy = recorder
+        return lambda _summary: write_json(folder / NORMS_FILE, recorder.rounds)
+
+    summary, reused = run_or_reuse(cfg, complete=lambda _s: (folder / NORMS_FILE).is_file(), instrument=record_norms)
+    return summary, json.loads((folder / NORMS_FILE).read_text()), reused
 
 
 def run_robust(data_dir: Path, out: Path, console: Console,

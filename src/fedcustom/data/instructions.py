@@ -18,7 +18,6 @@ source's other scalar columns are kept as strings so a run can split clients by 
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import json
 from pathlib import Path
@@ -28,7 +27,7 @@ import datasets
 import pandas as pd
 import yaml
 
-from fedcustom.data.sources import FILE_SUFFIXES
+from fedcustom.data.sources import FILE_SUFFIXES, read_file
 from fedcustom.errors import FedCustomError
 
 CHAT_COLUMNS = ("messages", "conversations")
@@ -104,27 +103,13 @@ def _chatterbot() -> datasets.Dataset:
 PACKAGED_INSTRUCTIONS = {"chatterbot": _chatterbot}
 
 
-def _read_file(path: Path) -> pd.DataFrame:
-    """A local file with text kept as text (no "007" -> 7 or date guessing: answers are often numbers)."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix in (".csv", ".tsv"):
-            sep, quoting = ("\t", csv.QUOTE_NONE) if suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
-            return pd.read_csv(path, sep=sep, quoting=quoting, dtype=str, keep_default_na=False)
-        if suffix in (".jsonl", ".json"):
-            return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
-        return pd.read_parquet(path)
-    except Exception as exc:  # pandas raises many types; the user needs the file name and cause
-        raise FedCustomError(f"instruction data file {path}: could not be read as {suffix[1:]} ({exc})") from None
-
-
 def _read_source(source: str, split: str) -> pd.DataFrame:
     """Raw rows of a file or Hub dataset (``split`` applies to Hub datasets only)."""
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_SUFFIXES:
         if not path.is_file():
             raise FedCustomError(f"instruction data file {source}: not found")
-        return _read_file(path)
+        return read_file(path, "instruction data file")
     if path.exists():
         raise FedCustomError(f"instruction data {source}: expected a file ending in {', '.join(FILE_SUFFIXES)}")
     try:

@@ -63,9 +63,10 @@ PACKAGED_DATASETS: dict[str, Callable[[], tuple[pd.DataFrame, list[str]]]] = {
 }
 
 
-def _read_file(path: Path) -> pd.DataFrame:
-    """A local file with text kept as text: no "007" -> 7 or "1.50" -> 1.5 (labels are ordered numerically
-    later, where they all are numbers)."""
+def read_file(path: Path, what: str = "dataset file") -> pd.DataFrame:
+    """A local CSV/TSV/JSON(L)/Parquet file with text kept as text: no "007" -> 7 or "1.50" -> 1.5 (labels are
+    ordered numerically later, where they all are numbers; instruction answers are often numbers). ``what`` names
+    the file in the error."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".tsv":
@@ -77,7 +78,7 @@ def _read_file(path: Path) -> pd.DataFrame:
             return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
         return pd.read_parquet(path)
     except Exception as exc:  # pandas raises many types; the user needs the file name and cause
-        raise FedCustomError(f"dataset file {path}: could not be read as {suffix[1:]} ({exc})") from None
+        raise FedCustomError(f"{what} {path}: could not be read as {suffix[1:]} ({exc})") from None
 
 
 def _read_hub(name: str, split: str) -> pd.DataFrame:
@@ -99,7 +100,7 @@ def read_frame(source: str, split: str = "train") -> tuple[pd.DataFrame, list[st
     if path.suffix.lower() in FILE_SUFFIXES:
         if not path.is_file():
             raise FedCustomError(f"dataset file {source}: not found")
-        return _read_file(path), None
+        return read_file(path), None
     if path.exists():
         raise FedCustomError(f"dataset {source}: expected a file ending in {', '.join(FILE_SUFFIXES)}")
     return _read_hub(source, split), None

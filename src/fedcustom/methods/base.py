@@ -18,8 +18,8 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
-from fedcustom.errors import FedCustomError
 from fedcustom.methods.defaults import Recommended, recommended
+from fedcustom.registry import Registry
 
 
 Builder = Callable[[nn.Module, MethodConfig, str, PreTrainedTokenizerBase], nn.Module]
@@ -38,7 +38,7 @@ class Method:
     saves_whole_model: bool = False  # True when ``save`` writes a whole HF model even from a PEFT model
 
 
-_REGISTRY: dict[str, Method] = {}
+_REGISTRY: Registry[Method] = Registry("method")
 
 
 def table_defaults(name: str) -> Callable[[MethodConfig, str], Recommended]:
@@ -48,22 +48,17 @@ def table_defaults(name: str) -> Callable[[MethodConfig, str], Recommended]:
 
 def register(method: Method) -> Method:
     """Add a method under its name; one call per method module."""
-    if method.name in _REGISTRY:
-        raise ValueError(f"method {method.name!r} registered twice")
-    _REGISTRY[method.name] = method
-    return method
+    return _REGISTRY.register(method.name, method)
 
 
 def get_method(name: str) -> Method:
     """The method registered as ``name``, or a clear error listing the known ones."""
-    if name not in _REGISTRY:
-        raise FedCustomError(f"method {name!r}: expected one of {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
+    return _REGISTRY.get(name)
 
 
 def method_names(protocol: str | None = None) -> list[str]:
     """Names of all registered methods (only those speaking ``protocol`` when given)."""
-    return sorted(name for name, m in _REGISTRY.items() if protocol is None or m.protocol == protocol)
+    return sorted(m.name for m in _REGISTRY if protocol is None or m.protocol == protocol)
 
 
 def peft_task_type(task: str) -> TaskType:

@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Any
 
 from fedcustom.errors import FedCustomError
+from fedcustom.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -43,22 +44,16 @@ class ProtocolSpec:
         return importlib.import_module(self.module)
 
 
-_REGISTRY: dict[str, ProtocolSpec] = {}
+_REGISTRY: Registry[ProtocolSpec] = Registry("protocol")
 
 
 def register(spec: ProtocolSpec) -> ProtocolSpec:
-    if spec.name in _REGISTRY:
-        raise ValueError(f"protocol {spec.name!r} is registered twice")
-    _REGISTRY[spec.name] = spec
-    return spec
+    return _REGISTRY.register(spec.name, spec)
 
 
 def get_protocol(name: str) -> ProtocolSpec:
     """The registered protocol ``name`` (a method's ``protocol``)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise FedCustomError(f"unknown protocol {name!r}; registered: {', '.join(sorted(_REGISTRY))}") from None
+    return _REGISTRY.get(name)
 
 
 def protocol_of(method: Any) -> ProtocolSpec:
@@ -67,12 +62,12 @@ def protocol_of(method: Any) -> ProtocolSpec:
 
 
 def protocol_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return _REGISTRY.names()
 
 
 def message_kinds() -> tuple[str, ...]:
     """Every message kind of every protocol, for a client app that must accept them all."""
-    return tuple(kind for spec in _REGISTRY.values() for kind in spec.message_kinds)
+    return tuple(kind for spec in _REGISTRY for kind in spec.message_kinds)
 
 
 def require_server_features(asked: list[str], method: Any) -> None:

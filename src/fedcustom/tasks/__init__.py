@@ -8,31 +8,25 @@ The registry imports no model code: a task's heavy work is imported inside its m
 
 from __future__ import annotations
 
-from fedcustom.errors import FedCustomError
+from fedcustom.registry import Registry
 from fedcustom.tasks.base import Task
 from fedcustom.tasks.causal_lm import CausalLM
 from fedcustom.tasks.classification import Classification
 
-_REGISTRY: dict[str, Task] = {}
+_REGISTRY: Registry[Task] = Registry("task")
 
 
 def register(task: Task) -> Task:
-    if task.name in _REGISTRY:
-        raise ValueError(f"task {task.name!r} is registered twice")
-    _REGISTRY[task.name] = task
-    return task
+    return _REGISTRY.register(task.name, task)
 
 
 def get_task(name: str) -> Task:
     """The registered task ``name`` (``model.task``, ``--task``)."""
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise FedCustomError(f"task {name!r}: expected one of {', '.join(_REGISTRY)}") from None
+    return _REGISTRY.get(name)
 
 
 def task_names() -> tuple[str, ...]:
-    return tuple(_REGISTRY)
+    return tuple(_REGISTRY.names())
 
 
 register(Classification())
