@@ -20,7 +20,8 @@ from fedcustom.codecs import Codec, get_codec
 from fedcustom.config import RunConfig
 from fedcustom.convergence import check_convergence_support, local_schedule
 from fedcustom.data import FederatedData, PublicSpec
-from fedcustom.errors import FedCustomError
+from fedcustom.device import place_model, resolve_device
+from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, trainable_state
 from fedcustom.models import load_model, load_tokenizer
 from fedcustom.protocols import protocol_of
@@ -131,8 +132,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     out = prepare_output(cfg.output.dir)
     tokenizer = load_tokenizer(cfg.model.name)
     data = prepare_task_data(cfg, method, tokenizer)
-    backbone = load_model(cfg.model.name, cfg.model.task, data.label_names, tokenizer, cfg.train.seed)
-    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
+    model = build_model(cfg, method, cfg.model.name, data.label_names, tokenizer)
     initial = trainable_state(model)
     schedule = local_schedule(cfg, method)
 
@@ -155,9 +155,19 @@ def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dic
     name = protocol.client_model(cfg)
     tokenizer = load_tokenizer(name)
     rows = tables(tokenizer)
-    backbone = load_model(name, cfg.model.task, setup.label_names, tokenizer, cfg.train.seed)
-    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
+    model = build_model(cfg, method, name, setup.label_names, tokenizer)
     return protocol.build_client(ClientParts(cfg, method, model, tokenizer, codec, codec_down, rows, setup))
+
+
+def build_model(cfg: RunConfig, method: Method, name: str, label_names: list[str], tokenizer: Any) -> nn.Module:
+    """The backbone ``name`` with its task head (quantized if asked), the method applied, on this process's
+    device."""
+    if resolve_device(cfg.train.device).type != "cpu" and not protocol_of(method).accelerators:
+        raise ConfigError(f"--device {cfg.train.device} with --method {method.name}: its protocol runs on the CPU "
+                          f"only so far; use --device cpu")
+    backbone = load_model(name, cfg.model.task, label_names, tokenizer, cfg.train.seed, cfg.model.load_in)
+    model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
+    return place_model(model, cfg.train.device, cfg.train.precision, cfg.train.gradient_checkpointing)
 
 
 def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:

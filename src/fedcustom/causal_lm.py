@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.data import FederatedData, make_loader
 from fedcustom.data.features import IGNORE_INDEX
+from fedcustom.device import model_device, to_device
 from fedcustom.generation import generate
 from fedcustom.text_metrics import exact_match, rouge_l
 
@@ -35,10 +36,10 @@ class GenerationSettings:
 def response_loss(model: nn.Module, table: Any, tokenizer: PreTrainedTokenizerBase, batch_size: int) -> float:
     """Mean cross-entropy per response token (each batch's mean loss weighted by its token count)."""
     model.eval()
-    total, tokens = 0.0, 0
+    total, tokens, device = 0.0, 0, model_device(model)
     for batch in make_loader(table, tokenizer, batch_size, seed=None):
         count = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())  # the model shifts labels by one
-        total += model(**batch).loss.item() * count
+        total += model(**to_device(batch, device)).loss.item() * count
         tokens += count
     return total / max(tokens, 1)
 

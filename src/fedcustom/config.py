@@ -39,6 +39,9 @@ class ModelConfig:
                                  "plus response; a prompt that leaves no room for the response is an error). Default: "
                                  "64 for classification, 512 for causal-lm (chat-templated prompts are long).",
                                  "--max-length")
+    load_in: str | None = opt(None, "Load the frozen backbone quantized through bitsandbytes: 4bit (QLoRA: NF4, double "
+                              "quantization, bf16 compute) or 8bit; CUDA only, PEFT methods (lora, prompt, prefix) only.",
+                              "--load-in", (None, "4bit", "8bit"))
 
 
 @dataclass(frozen=True)
@@ -270,6 +273,13 @@ class TrainConfig:
     centralized_val_fraction: float = opt(0.1, "Converged centralized baseline: share of the union held out "
                                           "(stratified) as its validation slice.")
     count_flops: bool = opt(True, "Count client FLOPs with torch's FLOP counter (about 10% slower).", "--count-flops")
+    device: str = opt("auto", "Where each process trains and evaluates: auto (CUDA when present), cpu, cuda, cuda:N or "
+                      "mps. Each Flower node resolves it on its own machine.", "--device")
+    precision: str = opt("fp32", "Autocast precision of forward passes: fp32, bf16 or fp16 (GPU; with a gradient "
+                         "scaler). Trainable tensors stay fp32 master copies, so payloads are unchanged.", "--precision",
+                         ("fp32", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass instead of keeping them "
+                                       "(less memory, about a third more compute).", "--gradient-checkpointing")
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ def validate(cfg: RunConfig) -> None:
     parse_chain(cfg.codec.down or cfg.codec.up, "codec.down (--codec-down)")
     validate_trust(cfg)
     validate_task(cfg)
+    validate_scale(cfg)
     validate_convergence(cfg)
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
@@ -95,6 +96,14 @@ def validate_trust(cfg: RunConfig) -> None:
     if priv.secagg and fed.strategy != "fedavg":
         raise ConfigError(f"--secagg with --strategy {fed.strategy}: under secure aggregation the server sees only "
                           f"the sum of updates, so only fedavg can run; robust strategies need each update")
+
+
+def validate_scale(cfg: RunConfig) -> None:
+    """Quantized backbones: only methods that leave the backbone frozen (its weights are not trainable in 4/8 bit)."""
+    peft = ("lora", "prompt", "prefix")
+    if cfg.model.load_in and cfg.method.name not in peft:
+        raise ConfigError(f"model.load_in (--load-in {cfg.model.load_in}) with --method {cfg.method.name}: a quantized "
+                          f"backbone stays frozen; use one of {', '.join(peft)}")
 
 
 def validate_task(cfg: RunConfig) -> None:

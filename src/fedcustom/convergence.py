@@ -30,7 +30,7 @@ def local_schedule(cfg: RunConfig, method: Method) -> LocalSchedule:
         lr=train.lr or recommended.lr, batch_size=train.batch_size,
         epochs=fed.local_epochs or recommended.local_epochs, steps=fed.local_steps,
         weight_decay=train.weight_decay, count_flops=train.count_flops, optimizer=train.optimizer,
-        decay=train.lr_schedule, warmup_rounds=train.warmup_rounds, rounds=fed.rounds,
+        decay=train.lr_schedule, warmup_rounds=train.warmup_rounds, rounds=fed.rounds, precision=train.precision,
     )
 
 

@@ -12,6 +12,7 @@ import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import torch
@@ -19,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import logging as hf_logging
 
-from fedcustom.errors import FedCustomError
+from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.packaged import PACKAGED_GGUF, packaged_model_path
 
 
@@ -104,19 +105,42 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    name: str, task: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase, seed: int
+    name: str, task: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase, seed: int,
+    load_in: str | None = None,
 ) -> PreTrainedModel:
     """The backbone with a freshly initialised task head (the task's own, :mod:`fedcustom.tasks`), seeded so every
-    run starts alike."""
+    run starts alike; ``load_in`` ``4bit``/``8bit`` quantizes the frozen weights (bitsandbytes, CUDA)."""
     from fedcustom.tasks import get_task
 
     head = get_task(task)
+    extra = quantized_loading(load_in) if load_in else {}
     quiet_transformers()
     torch.manual_seed(seed)
-    return head.load_backbone(name, label_names, tokenizer)
+    return head.load_backbone(name, label_names, tokenizer, **extra)
 
 
-def load_classifier(name: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
+def quantized_loading(load_in: str) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a bitsandbytes-quantized backbone (QLoRA's recipe for 4 bit: NF4, double
+    quantization, bf16 compute); a clear error where it cannot run."""
+    import importlib.util
+
+    where = f"model.load_in (--load-in {load_in})"
+    if not torch.cuda.is_available():
+        raise ConfigError(f"{where}: bitsandbytes quantization runs on CUDA only, and this machine has no CUDA device")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(f"{where}: needs the bitsandbytes package (pip install bitsandbytes)")
+    from transformers import BitsAndBytesConfig
+
+    if load_in == "4bit":
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": torch.cuda.current_device()}}
+
+
+def load_classifier(name: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase,
+                    **extra: Any) -> PreTrainedModel:
     """The backbone with a sequence-classification head over ``label_names``."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
@@ -124,6 +148,7 @@ def load_classifier(name: str, label_names: list[str], tokenizer: PreTrainedToke
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={label: i for i, label in enumerate(label_names)},
+            **extra,
         )
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from None
@@ -132,10 +157,11 @@ def load_classifier(name: str, label_names: list[str], tokenizer: PreTrainedToke
     return model
 
 
-def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """A decoder-only LM with its own LM head, in fp32 (clients train and average it)."""
+def load_causal_lm(name: str, tokenizer: PreTrainedTokenizerBase, **extra: Any) -> PreTrainedModel:
+    """A decoder-only LM with its own LM head, in fp32 (clients train and average it; a quantized backbone keeps
+    only its trainable tensors in full precision)."""
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(resolve_model(name), dtype=torch.float32, **extra)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from None
     if model.config.pad_token_id is None:

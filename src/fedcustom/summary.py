@@ -15,6 +15,7 @@ from fedcustom.codecs import get_codec
 from fedcustom.config import RunConfig
 from fedcustom.convergence import EarlyStop
 from fedcustom.data import FederatedData
+from fedcustom.device import model_device, peak_memory_mb
 from fedcustom.methods import get_method
 from fedcustom.protocols import protocol_of
 from fedcustom.report import TASK_METRICS, mean
@@ -93,6 +94,8 @@ def summarize(
         "strategy": cfg.federation.strategy,
         **trust_summary(cfg, results),
         "wall_seconds": wall,
+        "device": str(model_device(model)),
+        **peak_memory_mb(model_device(model)),  # this process's peak so far (the server's, plus in-process clients)
         "train_examples": sum(len(rows) for rows in data.client_indices),
         "eval_examples": len(data.eval),
         "label_names": data.label_names,

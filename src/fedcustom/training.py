@@ -19,6 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.data import make_loader
+from fedcustom.device import autocast, grad_scaler, model_device, to_device
 from fedcustom.privacy.dp_sgd import DPSGDSettings, private_training
 
 T = TypeVar("T")
@@ -40,6 +41,7 @@ class LocalSchedule:
     warmup_rounds: int = 0
     rounds: int = 1  # the run's length, which ``decay`` spans
     per_step: bool = False  # apply warm-up and decay over this session's own steps (the centralized baseline)
+    precision: str = "fp32"  # autocast of the forward pass (fedcustom.device)
 
     def lr_at_round(self, rnd: int) -> float:
         """The client rate of federated round ``rnd`` (1-based); constant within the round."""
@@ -112,13 +114,32 @@ def local_batches(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, s
 _STEP_FLOPS: weakref.WeakKeyDictionary[nn.Module, dict[tuple, int]] = weakref.WeakKeyDictionary()
 
 
+@dataclass
+class _Step:
+    """What every step of one session shares: its precision and, for fp16, the gradient scaler."""
+
+    device: torch.device
+    precision: str = "fp32"
+    scaler: torch.amp.GradScaler | None = None
+
+
 def _train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
-                drift: _DriftHooks | None = None) -> float:
-    loss = model(**batch).loss
-    loss.backward()
+                drift: _DriftHooks | None = None, step: _Step | None = None) -> float:
+    step = step or _Step(torch.device("cpu"))
+    with autocast(step.device, step.precision):
+        loss = model(**to_device(batch, step.device)).loss
+    if step.scaler:
+        step.scaler.scale(loss).backward()
+        step.scaler.unscale_(optimizer)  # FedProx's term and SCAFFOLD's correction act on true gradients
+    else:
+        loss.backward()
     if drift:
         drift.before_step()
-    optimizer.step()
+    if step.scaler:
+        step.scaler.step(optimizer)
+        step.scaler.update()
+    else:
+        optimizer.step()
     if drift:
         drift.after_step(optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
@@ -130,9 +151,11 @@ class _DriftHooks:
 
     def __init__(self, model: nn.Module, drift: DriftControl) -> None:
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self.prox = [(p, drift.anchor[name]) for name, p in params.items()] if drift.prox_mu is not None else []
+        self.prox = [(p, drift.anchor[name].to(p.device)) for name, p in params.items()] \
+            if drift.prox_mu is not None else []
         self.mu = drift.prox_mu or 0.0
-        self.correction = [(p, drift.correction[name]) for name, p in params.items()] if drift.correction else []
+        self.correction = [(p, drift.correction[name].to(p.device)) for name, p in params.items()] \
+            if drift.correction else []
 
     @torch.no_grad()
     def before_step(self) -> None:
@@ -159,9 +182,10 @@ def counted(model: nn.Module, key: tuple, step: Callable[[], T]) -> tuple[T, int
 
 
 def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
-                  drift: _DriftHooks | None = None) -> tuple[float, int]:
+                  drift: _DriftHooks | None = None, step: _Step | None = None) -> tuple[float, int]:
     """One training step and its FLOPs (counted once per batch shape)."""
-    return counted(model, ("train", *batch["input_ids"].shape), lambda: _train_step(model, batch, optimizer, drift))
+    return counted(model, ("train", *batch["input_ids"].shape),
+                   lambda: _train_step(model, batch, optimizer, drift, step))
 
 
 def make_optimizer(params: list[nn.Parameter], schedule: LocalSchedule) -> torch.optim.Optimizer:
@@ -206,14 +230,16 @@ def train_local(
     model.train()
     losses, seen, steps, flops = [], 0, 0, 0
     hooks = _DriftHooks(model, drift) if drift else None
+    device = model_device(model)
+    step = _Step(device, schedule.precision, grad_scaler(device, schedule.precision))
     private = private_training(model, optimizer, dp_sgd, schedule.batch_size) if dp_sgd else None
     with private or contextlib.nullcontext((model, optimizer)) as (module, step_optimizer):
         for batch in local_batches(table, tokenizer, schedule, seed):
             if schedule.count_flops:
-                loss, step_flops = _counted_step(module, batch, step_optimizer, hooks)
+                loss, step_flops = _counted_step(module, batch, step_optimizer, hooks, step)
                 flops += step_flops
             else:
-                loss = _train_step(module, batch, step_optimizer, hooks)
+                loss = _train_step(module, batch, step_optimizer, hooks, step)
             advance()
             losses.append(loss)
             seen += len(batch["labels"])
@@ -227,11 +253,12 @@ def evaluate(
 ) -> dict[str, float]:
     """Accuracy, macro-F1 and mean loss of ``model`` on a tokenized labelled table."""
     model.eval()
+    device = model_device(model)
     predictions, labels, loss_sum = [], [], 0.0
     for batch in make_loader(table, tokenizer, batch_size, seed=None):
-        out = model(**batch)
+        out = model(**to_device(batch, device))
         loss_sum += out.loss.item() * len(batch["labels"])
-        predictions.append(out.logits.argmax(dim=-1))
+        predictions.append(out.logits.argmax(dim=-1).cpu())
         labels.append(batch["labels"])
     y_pred, y_true = torch.cat(predictions).numpy(), torch.cat(labels).numpy()
     return {

@@ -20,6 +20,8 @@ def schedule_to_config(schedule: LocalSchedule, seed: int, rnd: int | None = Non
         config["optimizer"] = schedule.optimizer
     if schedule.steps is not None:
         config["steps"] = schedule.steps
+    if schedule.precision != "fp32":
+        config["precision"] = schedule.precision
     return config
 
 
@@ -47,5 +49,5 @@ def schedule_from_config(config: dict) -> LocalSchedule:
         lr=float(config["lr"]), batch_size=int(config["batch_size"]), epochs=int(config["epochs"]),
         steps=int(config["steps"]) if "steps" in config else None,
         weight_decay=float(config["weight_decay"]), count_flops=bool(config["count_flops"]),
-        optimizer=str(config.get("optimizer", "adamw")),
+        optimizer=str(config.get("optimizer", "adamw")), precision=str(config.get("precision", "fp32")),
     )

@@ -69,8 +69,9 @@ def peft_task_type(task: str) -> TaskType:
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Copies of the tensors this method trains and sends, by parameter name."""
-    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    """CPU copies of the tensors this method trains and sends, by parameter name (payloads, strategies and
+    checkpoints work on the CPU whatever device the model is on)."""
+    return {name: p.detach().to("cpu", copy=True) for name, p in model.named_parameters() if p.requires_grad}
 
 
 def load_trainable_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

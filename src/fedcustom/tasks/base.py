@@ -24,8 +24,8 @@ class Task:
         """The metric early stopping and round lines follow."""
         return self.metrics[0][0]
 
-    def load_backbone(self, name: str, label_names: list[str], tokenizer: Any) -> Any:
-        """The pretrained backbone with this task's head (seeded by the caller)."""
+    def load_backbone(self, name: str, label_names: list[str], tokenizer: Any, **extra: Any) -> Any:
+        """The pretrained backbone with this task's head (seeded by the caller; ``extra``: quantized loading)."""
         raise NotImplementedError
 
     def prepare_data(self, cfg: Any, tokenizer: Any, public: Any) -> Any:

@@ -20,10 +20,10 @@ class CausalLM(Task):
     # held-out perplexity 15.95 -> 26.2 with T = 2, -> 15.76 with T = 1).
     kd_temperature = 1.0
 
-    def load_backbone(self, name: str, label_names: list[str], tokenizer: Any) -> Any:
+    def load_backbone(self, name: str, label_names: list[str], tokenizer: Any, **extra: Any) -> Any:
         from fedcustom.models import load_causal_lm
 
-        return load_causal_lm(name, tokenizer)
+        return load_causal_lm(name, tokenizer, **extra)
 
     def prepare_data(self, cfg: Any, tokenizer: Any, public: Any) -> Any:
         from fedcustom.data.causal import prepare_causal_data

@@ -15,10 +15,10 @@ class Classification(Task):
     default_max_length = 64
     kd_temperature = 2.0  # Hinton et al.
 
-    def load_backbone(self, name: str, label_names: list[str], tokenizer: Any) -> Any:
+    def load_backbone(self, name: str, label_names: list[str], tokenizer: Any, **extra: Any) -> Any:
         from fedcustom.models import load_classifier
 
-        return load_classifier(name, label_names, tokenizer)
+        return load_classifier(name, label_names, tokenizer, **extra)
 
     def prepare_data(self, cfg: Any, tokenizer: Any, public: Any) -> Any:
         from fedcustom.data import prepare_data

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedcustom.device import model_device, to_device
 from fedcustom.errors import UpdateRejected
 from fedcustom.training import counted
 
@@ -122,8 +123,9 @@ def distill_batches(model: nn.Module, batches: Iterable[tuple[dict, torch.Tensor
     optimizer = torch.optim.AdamW(params, lr=lr)
     torch.manual_seed(seed)
     model.train()
-    losses, flops = [], 0
+    losses, flops, device = [], 0, model_device(model)
     for batch, wanted in batches:
+        batch, wanted = to_device(batch, device), wanted.to(device)
 
         def step(batch: dict = batch, wanted: torch.Tensor = wanted) -> float:
             loss = distillation_loss(student(batch), wanted, temperature)
@@ -146,14 +148,15 @@ def logits_over(model: nn.Module, batches: Iterable[dict], forward: Callable[[di
     """``forward(batch)`` for every batch with dropout off and no gradients, concatenated; and the FLOPs counted
     per ``kind`` and batch shape (0 when ``count_flops`` is off)."""
     model.eval()
-    parts, flops = [], 0
+    parts, flops, device = [], 0, model_device(model)
     with torch.no_grad():
         for batch in batches:
+            batch = to_device(batch, device)
             if count_flops:
                 logits, batch_flops = counted(model, (kind, *batch["input_ids"].shape), lambda b=batch: forward(b))
             else:
                 logits, batch_flops = forward(batch), 0
-            parts.append(logits)
+            parts.append(logits.cpu())  # knowledge is encoded and aggregated on the CPU
             flops += batch_flops
     return torch.cat(parts), flops
 
