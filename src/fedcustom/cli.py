@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64, metavar="N",
                      help="Most tokens per answer (default: 64)")
     gen.add_argument("--system", metavar="TEXT", help="System message before each prompt.")
+    gen.add_argument("--device", default="auto", metavar="DEVICE",
+                     help="auto (CUDA when present), cpu, cuda, cuda:N or mps (default: auto)")
     gen.add_argument("--no-chat-template", action="store_true",
                      help="Send the prompt text as is (base models without a chat template).")
     source = gen.add_mutually_exclusive_group(required=True)
@@ -162,7 +164,7 @@ def generate_text(args: argparse.Namespace) -> int:
     from fedcustom.generate_cli import GenerateOptions, run_generate
 
     return run_generate(GenerateOptions(args.adapter, args.model, args.max_new_tokens, args.system,
-                                        args.no_chat_template, args.prompt, args.interactive))
+                                        args.no_chat_template, args.prompt, args.interactive, args.device))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from typing import TextIO
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
+from fedcustom.device import resolve_device
 from fedcustom.errors import FedCustomError
 
 CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
@@ -34,6 +35,7 @@ class GenerateOptions:
     raw: bool = False  # --no-chat-template
     prompt: str | None = None
     interactive: bool = False
+    device: str = "auto"
 
 
 def _read_json(path: Path) -> dict:
@@ -142,7 +144,9 @@ def run_generate(options: GenerateOptions) -> int:
         raise FedCustomError("--system needs the chat template; drop --system or --no-chat-template")
     if options.max_new_tokens < 1:
         raise FedCustomError(f"--max-new-tokens {options.max_new_tokens}: expected a positive number")
+    device = resolve_device(options.device, "--device")  # before loading: a missing GPU is a one-line error
     model, tokenizer = load_for_generation(options.adapter, options.model)
+    model.to(device)
 
     def answer(prompt: str) -> None:
         text = chat_prompt(tokenizer, _messages(options.system, prompt), raw=options.raw)

@@ -67,3 +67,14 @@ def test_gradient_checkpointing_gives_the_same_losses(tiny_config) -> None:
         result = train_local(job.model, table, job.tokenizer, LocalSchedule(lr=1e-2, batch_size=8, epochs=2), seed=3)
         losses.append(result.mean_loss)
     assert losses[1] == pytest.approx(losses[0], abs=1e-5)
+
+
+def test_the_flowertune_general_nlp_config_is_the_documented_workload() -> None:
+    from pathlib import Path
+
+    from fedcustom.config import load_config
+
+    cfg = load_config(str(Path(__file__).resolve().parents[2] / "configs" / "flowertune_general_nlp.toml"), {})
+    assert (cfg.model.task, cfg.model.load_in, cfg.method.name, cfg.method.lora_r, cfg.method.lora_alpha) == \
+        ("causal-lm", "4bit", "lora", 32, 64)
+    assert (cfg.federation.clients, cfg.federation.fraction, cfg.train.device) == (20, 0.1, "cuda")

@@ -82,6 +82,9 @@ class NormRecorder:
         self.inner, self.name = inner, inner.name
         self.rounds: list[dict[str, float]] = []  # per round: node id -> norm of (client state - global state)
 
+    def accumulator(self) -> None:
+        return None  # the norms need every update
+
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         names = [n for n, t in global_state.items() if t.is_floating_point()]
         self.rounds.append({str(u.node_id): global_norm([u.state[n] - global_state[n] for n in names])

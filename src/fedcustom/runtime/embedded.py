@@ -11,7 +11,7 @@ a straggler. Either way it gives no update, so users can study dropouts and dead
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,22 +60,27 @@ class EmbeddedRuntime:
     def nodes(self) -> list[int]:
         return list(self._nodes)
 
-    def send_and_receive(
+    def stream(
         self, messages: dict[int, Message], on_reply: Callable[[int], None] | None = None
-    ) -> dict[int, Reply]:
-        replies = {}
+    ) -> Iterator[tuple[int, Reply]]:
+        """Call each node's handler in id order, yielding its reply before the next node trains."""
         for node_id in sorted(messages):
             if node_id not in self._nodes:
                 raise KeyError(f"node {node_id} is not part of this runtime")
             dropped = self._faults.outcome(messages[node_id], node_id) if self._faults else None
             if dropped:
                 log.warning("client %d gave no update: %s", node_id, dropped)
-                replies[node_id] = Reply(error=dropped)
+                reply = Reply(error=dropped)
             else:
-                replies[node_id] = self._call(node_id, messages[node_id])
+                reply = self._call(node_id, messages[node_id])
             if on_reply:
                 on_reply(node_id)
-        return replies
+            yield node_id, reply
+
+    def send_and_receive(
+        self, messages: dict[int, Message], on_reply: Callable[[int], None] | None = None
+    ) -> dict[int, Reply]:
+        return dict(self.stream(messages, on_reply))
 
     def _call(self, node_id: int, message: Message) -> Reply:
         try:

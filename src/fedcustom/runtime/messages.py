@@ -7,7 +7,7 @@ own message kinds rather than their own transport.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -62,6 +62,13 @@ class Runtime(Protocol):
 
     def nodes(self) -> list[int]:
         """Ids of the clients that can be reached."""
+        ...
+
+    def stream(
+        self, messages: dict[int, Message], on_reply: Callable[[int], None] | None = None
+    ) -> Iterator[tuple[int, Reply]]:
+        """Deliver one message per node and yield (node, reply) as replies arrive, in node order where the runtime
+        serializes them; a consumer that drops each reply holds one at a time (see send_and_receive)."""
         ...
 
     def send_and_receive(

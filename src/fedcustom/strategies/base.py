@@ -22,10 +22,23 @@ class ClientUpdate:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class Accumulator(Protocol):
+    """A strategy's merge, fed one client state at a time."""
+
+    def add(self, state: dict[str, torch.Tensor], num_examples: int) -> None: ...
+
+    def result(self) -> dict[str, torch.Tensor]: ...
+
+
 class Strategy(Protocol):
     """Merges client updates into the next global state."""
 
     name: str
+
+    def accumulator(self) -> Accumulator | None:
+        """A running merge the server feeds one update at a time and then drops the update (memory flat in the
+        number of clients), or None when the strategy needs every update at once (robust statistics)."""
+        ...
 
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
         ...

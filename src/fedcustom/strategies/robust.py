@@ -99,7 +99,15 @@ def _median_state(global_state: State, updates: list[ClientUpdate]) -> State:
 
 # ---- strategies ------------------------------------------------------------------------------
 
-class Median:
+class WholeRound:
+    """Robust statistics compare the updates with each other: they need every update of the round at once (the
+    server then holds every client's state until the merge; memory grows with the clients per round)."""
+
+    def accumulator(self) -> None:
+        return None
+
+
+class Median(WholeRound):
     """Coordinate-wise median of client states (unweighted); robust while attackers < n / 2."""
 
     def __init__(self) -> None:
@@ -109,7 +117,7 @@ class Median:
         return _median_state(global_state, updates) if updates else global_state
 
 
-class TrimmedMean:
+class TrimmedMean(WholeRound):
     """Coordinate-wise beta-trimmed mean (unweighted); robust while attackers <= floor(beta * n)."""
 
     def __init__(self, beta: float) -> None:
@@ -125,7 +133,7 @@ class TrimmedMean:
         return _finish(global_state, updates, merged)
 
 
-class MultiKrum:
+class MultiKrum(WholeRound):
     """Example-weighted mean of the m clients with the best Krum scores (default m = n - f).
 
     With fewer than 2f + 3 updates Krum's guarantee does not hold; the round then logs a warning
@@ -167,7 +175,7 @@ class Krum(MultiKrum):
         self.name = f"krum:{f}"
 
 
-class NormBound:
+class NormBound(WholeRound):
     """FedAvg of global + each client's delta scaled down to L2 norm <= c (all tensors together)."""
 
     def __init__(self, c: float) -> None:

@@ -9,6 +9,7 @@ through ``context.state``, which Flower keeps for the node across the run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -103,6 +104,13 @@ def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_p
     return NodeClient(build_client(cfg, setup, own_rows), partition)
 
 
+def own_device(cfg: RunConfig, context: Context) -> RunConfig:
+    """The run's config with this node's own ``device`` from its node config, if it names one (else the run's
+    --device, ``auto`` by default, resolved on this machine)."""
+    device = context.node_config.get("device")
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=str(device))) if device else cfg
+
+
 def node_client(context: Context, cfg: RunConfig, setup: ClientSetup) -> NodeClient:
     """This node's handler, built on its first message and kept for the life of the process: a Ray actor
     in simulation keeps its model loaded; a deployed SuperNode starts a fresh process per message.
@@ -111,5 +119,5 @@ def node_client(context: Context, cfg: RunConfig, setup: ClientSetup) -> NodeCli
     simulated message, and a cache they referenced directly would be copied along instead of kept."""
     key = (context.run_id, partition_of(context))
     if key not in _CLIENTS:
-        _CLIENTS[key] = build_node_client(cfg, setup, key[1], context.node_config.get("data-path"))
+        _CLIENTS[key] = build_node_client(own_device(cfg, context), setup, key[1], context.node_config.get("data-path"))
     return _CLIENTS[key]

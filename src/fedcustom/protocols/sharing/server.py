@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -137,8 +137,7 @@ class FederatedServer:
             updates, merged = self._secure_round(rnd, chosen, config, result, on_reply)
         else:
             messages = self._broadcast(rnd, chosen, config)
-            replies = self.runtime.send_and_receive(messages, on_reply)
-            (updates, controls), merged = self._accept(replies, result, messages), None
+            updates, controls, merged = self._accept(self.runtime.stream(messages, on_reply), result, messages)
             result.bytes_down = {node: len(messages[node].payload) + len(messages[node].attachment) for node in chosen}
         for node in result.rejected:
             self.links_down.pop(node, None)  # its state is unknown now: the next broadcast starts from zero
@@ -238,15 +237,17 @@ class FederatedServer:
             return state  # the client started from the exact global: nothing to re-base (and bit-exact)
         return {k: self.global_state[k] + (state[k] - start[k]) for k in state}
 
-    def _accept(self, replies: dict[int, Reply], result: RoundResult,
-                messages: dict[int, Message]) -> tuple[list[ClientUpdate], dict[int, State]]:
-        """Decode and validate each reply (and, with SCAFFOLD, its control-variate change); record byte counts,
-        FLOPs and rejections."""
-        updates, controls = [], {}
-        for node in sorted(set(result.clients) - replies.keys()):
-            log.warning("round %d: no reply from client %d", result.round, node)
-            result.rejected[node] = "no reply"
-        for node, reply in sorted(replies.items()):
+    def _accept(self, replies: Iterator[tuple[int, Reply]], result: RoundResult, messages: dict[int, Message],
+                ) -> tuple[list[ClientUpdate], dict[int, State], State | None]:
+        """Decode and validate each reply as it arrives (and, with SCAFFOLD, its control-variate change); record
+        byte counts, FLOPs and rejections. A strategy that merges one update at a time (FedAvg, without central DP)
+        gets each state at once and the state is dropped: the round holds one client's payload and state, not all
+        of them. Returns the updates (their states empty when merged already), the control changes and the merge
+        (None: merge the updates' states)."""
+        updates, controls, rejected, answered = [], {}, {}, set()
+        running = self.strategy.accumulator() if self.safeguards.central_dp is None else None
+        for node, reply in replies:
+            answered.add(node)
             result.bytes_up[node] = len(reply.payload) + len(reply.attachment)
             try:
                 check_envelope(reply, result.round, self.max_update_bytes)
@@ -256,9 +257,16 @@ class FederatedServer:
                     controls[node] = scaffold.decode(reply.attachment, self.global_state, "control variate change")
             except (PayloadError, UpdateRejected) as exc:
                 log.warning("round %d: rejected update from client %d: %s", result.round, node, exc)
-                result.rejected[node] = str(exc)
+                rejected[node] = str(exc)
                 continue
+            if running is not None:
+                running.add(state, reply.num_examples)
+                state = {}
             updates.append(ClientUpdate(node, state, reply.num_examples, dict(reply.metrics)))
             result.client_flops[node] = int(reply.metrics.get("flops", 0))
             result.examples_seen += int(reply.metrics.get("examples_seen", 0))
-        return updates, controls
+        for node in sorted(set(result.clients) - answered):
+            log.warning("round %d: no reply from client %d", result.round, node)
+            result.rejected[node] = "no reply"
+        result.rejected.update(rejected)
+        return updates, controls, running.result() if running is not None and updates else None

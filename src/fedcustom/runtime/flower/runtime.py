@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from flwr.app import ConfigRecord, Message as FlowerMessage, RecordDict
 from flwr.serverapp import Grid
@@ -82,6 +82,11 @@ class FlowerRuntime:
         if len(alive) < len(self.partitions):
             log.warning("SuperNodes of partitions %s are gone", sorted(set(self.partitions) - set(alive)))
         return alive
+
+    def stream(self, messages: dict[int, Message],
+               on_reply: Callable[[int], None] | None = None) -> Iterator[tuple[int, Reply]]:
+        """The replies of one exchange in node order (Flower's Grid returns them together)."""
+        yield from sorted(self.send_and_receive(messages, on_reply).items())
 
     def send_and_receive(self, messages: dict[int, Message],
                          on_reply: Callable[[int], None] | None = None) -> dict[int, Reply]:

@@ -1,0 +1,78 @@
+"""Peak memory and seconds per round as the number of clients grows (issue 18), one `fedcustom run` process per
+setting so that each peak RSS is its own.
+
+    python benchmarks/scale/run.py                       # the default grid (a few minutes per setting on 2 CPUs)
+    python benchmarks/scale/run.py --methods full --clients 1 100
+
+Writes results.json and results.md beside this script (settings already in results.json are not run again).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROWS = 400  # training rows, split over the clients (so 100 clients hold 4 rows each)
+
+
+def run_setting(method: str, clients: int, rounds: int, data_dir: Path) -> dict:
+    """One embedded run on SST-2 (MiniLM, raw codec, every client sampled every round)."""
+    with tempfile.TemporaryDirectory() as out:
+        command = [sys.executable, "-m", "fedcustom.cli", "run", "--model", "minilm", "--method", method,
+                   "--dataset", str(data_dir / "sst2/train.tsv"), "--eval-dataset", str(data_dir / "sst2/validation.tsv"),
+                   "--max-train-examples", str(ROWS), "--max-eval-examples", "200", "--max-length", "48",
+                   "--clients", str(clients), "--rounds", str(rounds), "--local-epochs", "1", "--batch-size", "8",
+                   "--partition", "iid", "--no-count-flops", "--no-save-model", "--no-checkpoint", "--quiet",
+                   "--output", out]
+        start = time.perf_counter()
+        subprocess.run(command, check=True)
+        summary = json.loads((Path(out) / "summary.json").read_text())
+    return {"method": method, "clients": clients, "rounds": rounds, "peak_rss_mb": round(summary["peak_rss_mb"]),
+            "seconds_per_round": round(sum(summary["round_wall_seconds"]) / rounds, 2),
+            "process_seconds": round(time.perf_counter() - start, 1), "final_accuracy": summary["final_accuracy"]}
+
+
+def write_report(rows: list[dict]) -> None:
+    (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    lines = ["# Memory and round time as clients grow", "",
+             f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, no GPU; embedded runtime, "
+             f"MiniLM, SST-2 ({ROWS} training rows split IID over the clients, all sampled), raw codec, batch 8.",
+             "Command: `python benchmarks/scale/run.py` (one process per row; peak RSS is that process's).", "",
+             "| method | clients | peak RSS (MB) | ratio to 1 client | s / round | accuracy |", "|---|---|---|---|---|---|"]
+    base = {r["method"]: r["peak_rss_mb"] for r in rows if r["clients"] == 1}
+    for r in sorted(rows, key=lambda r: (r["method"], r["clients"])):
+        ratio = f"{r['peak_rss_mb'] / base[r['method']]:.2f}" if r["method"] in base else "-"
+        lines.append(f"| {r['method']} | {r['clients']} | {r['peak_rss_mb']} | {ratio} | {r['seconds_per_round']} | "
+                     f"{r['final_accuracy']:.3f} |")
+    (HERE / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["full", "lora", "prefix"])
+    parser.add_argument("--clients", nargs="+", type=int, default=[1, 10, 100])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--data-dir", type=Path, default=HERE.parents[2] / "shared" / "data")
+    args = parser.parse_args()
+    path = HERE / "results.json"
+    rows = json.loads(path.read_text()) if path.is_file() else []
+    done = {(r["method"], r["clients"], r["rounds"]) for r in rows}
+    for method in args.methods:
+        for clients in args.clients:
+            if (method, clients, args.rounds) in done:
+                continue
+            rows.append(run_setting(method, clients, args.rounds, args.data_dir))
+            print(rows[-1], flush=True)
+            write_report(rows)
+    write_report(rows)
+
+
+if __name__ == "__main__":
+    main()
