@@ -189,10 +189,14 @@ def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
 
 
 def make_optimizer(params: list[nn.Parameter], schedule: LocalSchedule) -> torch.optim.Optimizer:
-    """AdamW (default) or plain SGD over ``params`` at the schedule's rate."""
+    """AdamW (default) or plain SGD over ``params`` at the schedule's rate.
+
+    AdamW runs fused (one kernel over all tensors) where torch has the kernel: on 2 CPU cores a step over MiniLM's
+    22.7M parameters takes 19 ms instead of 76 ms, which was a fifth of a small client's round (benchmarks/scale)."""
     if schedule.optimizer == "sgd":
         return torch.optim.SGD(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
-    return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay)
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=schedule.lr, weight_decay=schedule.weight_decay, fused=fused or None)
 
 
 def planned_steps(table_rows: int, schedule: LocalSchedule) -> int:

@@ -82,3 +82,14 @@ def test_a_round_merged_as_replies_arrive_gives_the_global_state_of_the_batch_me
 @pytest.mark.parametrize("spec", ["median", "trimmed-mean:0.2", "krum:1", "multi-krum:1", "norm-bound:1.0"])
 def test_every_robust_strategy_says_it_needs_the_whole_round(spec: str) -> None:
     assert get_strategy(spec).accumulator() is None
+
+
+def test_the_fast_finiteness_check_still_accepts_large_finite_updates_and_rejects_nan_and_inf() -> None:
+    from fedcustom.errors import UpdateRejected
+    from fedcustom.validation import validate_update
+
+    reference = {"a": torch.zeros(4)}
+    validate_update({"a": torch.full((4,), 3e38)}, reference)  # its sum overflows to inf; every value is finite
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(UpdateRejected, match="NaN or Inf"):
+            validate_update({"a": torch.tensor([1.0, bad, 2.0, 3.0])}, reference)
