@@ -36,6 +36,7 @@ def round_record(result: RoundResult) -> dict[str, Any]:
         "examples_seen": result.examples_seen,
         "rejected": per_client(result.rejected),
         "wall_seconds": result.wall_seconds,
+        "memory": result.memory,
         "epsilon": result.epsilon,
         "privacy": result.privacy,
     }
@@ -51,6 +52,7 @@ def result_from_record(record: dict[str, Any]) -> RoundResult:
         client_flops=per_client(record["client_flops"]), server_flops=per_client(record["server_flops"]),
         examples_seen=record["examples_seen"], rejected=per_client(record["rejected"]),
         wall_seconds=record["wall_seconds"], epsilon=record.get("epsilon"), privacy=record.get("privacy", {}),
+        memory=record.get("memory", {}),
     )
 
 

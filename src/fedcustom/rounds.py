@@ -38,6 +38,7 @@ class RoundResult:
     wall_seconds: float = 0.0
     epsilon: float | None = None  # DP: the privacy spent so far, at the configured delta
     privacy: dict[str, float] = field(default_factory=dict)  # DP: clipping and noise statistics of the round
+    memory: dict[str, float] = field(default_factory=dict)  # peak RSS (and GPU) MB of this process so far
 
 
 class RoundDriver(Protocol):

@@ -21,6 +21,7 @@ from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcustom.config import RunConfig, build_config
 from fedcustom.convergence import EarlyStop, resolved_settings
+from fedcustom.device import model_device, peak_memory_mb
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import load_trainable_state, save_trained
 from fedcustom.report import (
@@ -35,7 +36,10 @@ __all__ = ["build_job", "execute", "resume", "run"]  # build_job: the assembler'
 def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None) -> list[RoundResult]:
     """Round 0 (initial evaluation) and every federated round, logged and checkpointed as each ends; a resumed
     run starts after the checkpoint's round."""
+    device = model_device(job.model)
     results = [result_from_record(r) for r in resumed.records] if resumed else [job.server.evaluate_initial()]
+    if not resumed:
+        results[0].memory = peak_memory_mb(device)
     round_log = RoundLog(job.out / "round_log.jsonl", results)
     parts = job.checkpoint_parts() if job.cfg.output.checkpoint else {}
     earlier, start = (resumed.wall_seconds if resumed else 0.0), time.perf_counter()
@@ -60,6 +64,7 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
                 progress.reset(1)
             on_reply = (lambda _node: progress.advance(1)) if progress else None
             results.append(job.server.run_round(rnd, on_reply))
+            results[-1].memory = peak_memory_mb(device)
             round_log.write(results[-1])
             checkpoint(rnd)
             if progress:

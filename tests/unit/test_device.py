@@ -53,6 +53,10 @@ def test_a_bf16_autocast_run_on_the_cpu_learns_and_its_payloads_stay_fp32(tiny_c
     assert summary["final_accuracy"] >= summary["initial_accuracy"] + 0.1, summary["accuracy_per_round"]
     assert {t.dtype for t in job.server.global_state.values()} == {torch.float32}
     assert summary["device"] == "cpu" and summary["peak_rss_mb"] > 0
+    import json
+
+    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+    assert len(log) == 4 and all(line["memory"]["peak_rss_mb"] > 0 for line in log)  # per round, round 0 included
     assert schedule_from_config(schedule_to_config(job.schedule, 0)).precision == "bf16"
 
 
