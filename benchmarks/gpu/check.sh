@@ -29,6 +29,7 @@ PY
 run main-cpu --device cpu
 run main-cuda-fp32 --device cuda
 run main-cuda-bf16 --device cuda --precision bf16
+run split-cuda --device cuda --method split --cut-layer 2 --lr 1e-4 --local-epochs 1
 run smollm2-lora-4bit --model smollm2 --task causal-lm --dataset chatterbot --max-train-examples 120 \
     --max-eval-examples 24 --max-length 256 --clients 3 --rounds 2 --local-steps 4 --batch-size 4 \
     --device cuda --load-in 4bit --precision bf16 --eval-generations 8 --max-new-tokens 24 || echo "| smollm2-lora-4bit | failed | | | | | |" >> "$RUNS/rows.txt"

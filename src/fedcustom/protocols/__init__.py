@@ -38,7 +38,7 @@ class ProtocolSpec:
     codec_chains: bool = False  # whether --codec chains apply to its payloads (else raw only)
     server_features: bool = False  # DP, SecAgg, attacks, faults, server optimizers and drift correction apply
     public_set: bool = False  # whether the data preparation carves a public set for it
-    accelerators: bool = True  # whether its sides run on a GPU (split: CPU only so far)
+    accelerators: bool = True  # whether its sides run on a GPU
 
     def plugin(self) -> ModuleType:
         """The module that builds this protocol's server and client (imported on first use)."""
@@ -92,7 +92,6 @@ register(ProtocolSpec(
     ("split_begin", "split_forward", "split_head", "split_backward", "split_end"),
     "bytes are every per-batch message (activations, masks and labels up; gradients down) plus the client "
     "half's weights at the start and end of a round; server FLOPs are per client served",
-    accelerators=False,
 ))
 register(ProtocolSpec(
     "distill", "fedcustom.protocols.distill.plugin", ("distill_round",),

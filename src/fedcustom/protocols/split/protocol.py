@@ -29,6 +29,7 @@ import torch
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.codecs import Codec
+from fedcustom.device import model_device, to_device
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.methods.split.cut import SplitModel
 from fedcustom.runtime import Message, Reply, Runtime
@@ -45,7 +46,8 @@ T = TypeVar("T")
 
 
 def _snapshot(params: dict[str, torch.nn.Parameter]) -> State:
-    return {k: v.detach().clone() for k, v in params.items()}
+    """CPU copies (what is encoded, merged and checkpointed stays on the CPU whatever the model's device)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in params.items()}
 
 
 def client_half_state(split: SplitModel) -> State:
@@ -135,7 +137,7 @@ class SplitClient:
 
     def _client_forward(self, session: _Session, rng: torch.Tensor | None = None) -> torch.Tensor:
         """The client half on the pending batch, FLOPs counted; (batch, seq, hidden)."""
-        batch = session.pending
+        batch = to_device(session.pending, model_device(self.split.model))
         with self._own_rng(session, rng):
             activations, flops = counted(self.split.model, ("split_client_forward", *batch["input_ids"].shape),
                                          lambda: self.split.client_forward(batch["input_ids"], batch["attention_mask"],
@@ -159,10 +161,11 @@ class SplitClient:
     def head(self, node_id: int, message: Message) -> Reply:
         """U-shaped: the loss on the server's last hidden states, and its gradient for the server."""
         session = self.sessions[node_id]
-        hidden = self.codec.decode(message.payload)["hidden"]  # (batch, seq, hidden)
+        device = model_device(self.split.model)
+        hidden = self.codec.decode(message.payload)["hidden"].to(device)  # (batch, seq, hidden)
         if session.pending is None or len(hidden) != len(session.pending["labels"]):
             return Reply(error=f"hidden states for {len(hidden)} rows do not match the pending batch")
-        pending = session.pending
+        pending = to_device(session.pending, device)
         with self._own_rng(session):
             (loss, grad), flops = counted(self.split.model, ("split_head", *hidden.shape),
                                           lambda: self.split.head_step(hidden, pending["attention_mask"],
@@ -172,7 +175,7 @@ class SplitClient:
 
     def backward(self, node_id: int, message: Message) -> Reply:
         session = self.sessions[node_id]
-        grad = self.codec.decode(message.payload)["grad"]
+        grad = self.codec.decode(message.payload)["grad"].to(model_device(self.split.model))
         if session.activations is None and session.pending is not None:  # restarted since the forward
             session.activations = self._client_forward(session, rng=session.rng_before)
         if session.activations is None or grad.shape != session.activations.shape:
@@ -196,11 +199,11 @@ class SplitClient:
         meta: dict = {"sessions": {}}
         for node, session in self.sessions.items():
             for name, param in self.split.client_parameters().items():
-                tensors[f"{node}/param/{name}"] = param.detach().clone()
+                tensors[f"{node}/param/{name}"] = param.detach().to("cpu", copy=True)
                 if param.grad is not None:  # U-shaped: the head's gradient waits for the backward's step
-                    tensors[f"{node}/grad/{name}"] = param.grad.clone()
+                    tensors[f"{node}/grad/{name}"] = param.grad.to("cpu", copy=True)
             for index, moments in session.optimizer.state_dict()["state"].items():
-                tensors.update({f"{node}/opt/{index}/{key}": torch.as_tensor(value).clone()
+                tensors.update({f"{node}/opt/{index}/{key}": torch.as_tensor(value).to("cpu", copy=True)
                                 for key, value in moments.items()})
             tensors[f"{node}/rng"] = session.rng
             if session.pending is not None:
@@ -219,7 +222,7 @@ class SplitClient:
             _copy_into(params, {name: tensors[f"{node}/param/{name}"] for name in params})
             for name, param in params.items():
                 grad = tensors.get(f"{node}/grad/{name}")
-                param.grad = None if grad is None else grad.clone()
+                param.grad = None if grad is None else grad.to(param.device, copy=True)
             session = self._open(node, config, int(config.pop("round")))
             optimizer = session.optimizer.state_dict()
             optimizer["state"] = _moments(tensors, f"{node}/opt/")
@@ -280,7 +283,8 @@ class SplitServer:
         tensors = {f"client_half/{k}": v for k, v in self.global_client_half.items()}
         tensors.update({f"server_half/{k}": v for k, v in self.global_server_half.items()})
         for index, moments in self.optimizer.state_dict()["state"].items():
-            tensors.update({f"opt/{index}/{key}": torch.as_tensor(value).clone() for key, value in moments.items()})
+            tensors.update({f"opt/{index}/{key}": torch.as_tensor(value).to("cpu", copy=True)
+                            for key, value in moments.items()})
         return tensors, {}
 
     def load_state_dict(self, tensors: State, meta: dict) -> None:
@@ -336,6 +340,7 @@ class SplitServer:
                           lambda: self.split.middle_forward(received, wire["attention_mask"]))  # (batch, seq, hidden)
         head = self._exchange(node, Message(HEAD, rnd, self.codec.encode({"hidden": top.detach()})), result)
         grad_top = self.codec.decode(head.payload).get("grad")
+        grad_top = None if grad_top is None else grad_top.to(top.device)
         if grad_top is None or grad_top.shape != top.shape or not torch.isfinite(grad_top).all():
             raise UpdateRejected(f"head gradient: expected finite 'grad' of shape {tuple(top.shape)}")
         self._count(node, result, ("split_middle_backward", *top.shape), lambda: top.backward(grad_top))
@@ -356,7 +361,8 @@ class SplitServer:
         self.split.model.train()
         step = self._u_shaped_step if self.split.head_on_client else self._server_step
         while (reply := self._exchange(node, Message(FORWARD, rnd), result)).metrics.get("done") == 0.0:
-            loss, grad_at_cut = step(rnd, node, self.codec.decode(reply.payload), result)
+            wire = to_device(self.codec.decode(reply.payload), model_device(self.split.model))
+            loss, grad_at_cut = step(rnd, node, wire, result)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
             losses.append(loss)
