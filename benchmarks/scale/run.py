@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROWS = 400  # training rows, split over the clients (so 100 clients hold 4 rows each)
+ROWS = 400  # training rows, split over the clients (so 100 clients hold 4 rows each); 1,000 clients get 2 rows each
 HISTORY = """
 Before streaming FedAvg (issue 18's measurement of the same workload, full fine-tuning): peak RSS 1.6 GB with 1
 client and 19.2 GB with 100 (11.7x), about 180 MB more per client: each reply's payload and its decoded state
@@ -34,19 +34,23 @@ Not yet measured here: 1,000 clients, and the overhead ratio against a bare PyTo
 """
 
 
+def rows_for(clients: int) -> int:
+    return max(ROWS, 2 * clients)
+
+
 def run_setting(method: str, clients: int, rounds: int, data_dir: Path) -> dict:
     """One embedded run on SST-2 (MiniLM, raw codec, every client sampled every round)."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "fedcustom.cli", "run", "--model", "minilm", "--method", method,
                    "--dataset", str(data_dir / "sst2/train.tsv"), "--eval-dataset", str(data_dir / "sst2/validation.tsv"),
-                   "--max-train-examples", str(ROWS), "--max-eval-examples", "200", "--max-length", "48",
+                   "--max-train-examples", str(rows_for(clients)), "--max-eval-examples", "200", "--max-length", "48",
                    "--clients", str(clients), "--rounds", str(rounds), "--local-epochs", "1", "--batch-size", "8",
                    "--partition", "iid", "--no-count-flops", "--no-save-model", "--no-checkpoint", "--quiet",
                    "--output", out]
         start = time.perf_counter()
         subprocess.run(command, check=True)
         summary = json.loads((Path(out) / "summary.json").read_text())
-    return {"method": method, "clients": clients, "rounds": rounds, "peak_rss_mb": round(summary["peak_rss_mb"]),
+    return {"method": method, "clients": clients, "rounds": rounds, "train_rows": rows_for(clients), "peak_rss_mb": round(summary["peak_rss_mb"]),
             "seconds_per_round": round(sum(summary["round_wall_seconds"]) / rounds, 2),
             "process_seconds": round(time.perf_counter() - start, 1), "final_accuracy": summary["final_accuracy"]}
 
@@ -55,14 +59,17 @@ def write_report(rows: list[dict]) -> None:
     (HERE / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
     lines = ["# Memory and round time as clients grow", "",
              f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, no GPU; embedded runtime, "
-             f"MiniLM, SST-2 ({ROWS} training rows split IID over the clients, all sampled), raw codec, batch 8.",
+             f"MiniLM, SST-2 ({ROWS} training rows split IID over the clients, 2 per client beyond 200 clients; all "
+             f"sampled every round), raw codec, batch 8, 1 local epoch, 2 rounds.",
              "Command: `python benchmarks/scale/run.py` (one process per row; peak RSS is that process's). Measured on "
              "2026-11-29 while a niced benchmark used the idle CPU: timings are upper bounds.", "",
-             "| method | clients | peak RSS (MB) | ratio to 1 client | s / round | accuracy |", "|---|---|---|---|---|---|"]
+             "| method | clients | rows | peak RSS (MB) | ratio to 1 client | s / round | accuracy |",
+             "|---|---|---|---|---|---|---|"]
     base = {r["method"]: r["peak_rss_mb"] for r in rows if r["clients"] == 1}
     for r in sorted(rows, key=lambda r: (r["method"], r["clients"])):
         ratio = f"{r['peak_rss_mb'] / base[r['method']]:.2f}" if r["method"] in base else "-"
-        lines.append(f"| {r['method']} | {r['clients']} | {r['peak_rss_mb']} | {ratio} | {r['seconds_per_round']} | "
+        lines.append(f"| {r['method']} | {r['clients']} | {r.get('train_rows', ROWS)} | {r['peak_rss_mb']} | {ratio} | "
+                     f"{r['seconds_per_round']} | "
                      f"{r['final_accuracy']:.3f} |")
     (HERE / "results.md").write_text("\n".join(lines) + "\n" + HISTORY)
 
