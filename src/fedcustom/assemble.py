@@ -21,7 +21,7 @@ from fedcustom.config import RunConfig
 from fedcustom.convergence import check_convergence_support, local_schedule
 from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.device import place_model, resolve_device
-from fedcustom.errors import ConfigError, FedCustomError
+from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, trainable_state
 from fedcustom.models import load_model, load_tokenizer
 from fedcustom.protocols import protocol_of
@@ -162,12 +162,10 @@ def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dic
 def build_model(cfg: RunConfig, method: Method, name: str, label_names: list[str], tokenizer: Any) -> nn.Module:
     """The backbone ``name`` with its task head (quantized if asked), the method applied, on this process's
     device."""
-    if resolve_device(cfg.train.device).type != "cpu" and not protocol_of(method).accelerators:
-        raise ConfigError(f"--device {cfg.train.device} with --method {method.name}: its protocol runs on the CPU "
-                          f"only so far; use --device cpu")
+    device = resolve_device(cfg.train.device)  # before loading: a missing GPU is a one-line error
     backbone = load_model(name, cfg.model.task, label_names, tokenizer, cfg.train.seed, cfg.model.load_in)
     model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
-    return place_model(model, cfg.train.device, cfg.train.precision, cfg.train.gradient_checkpointing)
+    return place_model(model, device, cfg.train.precision, cfg.train.gradient_checkpointing)
 
 
 def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:

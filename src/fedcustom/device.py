@@ -90,10 +90,9 @@ def peak_memory_mb(device: torch.device | None = None) -> dict[str, float]:
     return peak
 
 
-def place_model(model: nn.Module, device_spec: str, precision: str, gradient_checkpointing: bool) -> nn.Module:
+def place_model(model: nn.Module, device: torch.device, precision: str, gradient_checkpointing: bool) -> nn.Module:
     """Move a built model to this process's device (a quantized backbone is already there), check the precision
     against it, and turn on gradient checkpointing (non-reentrant: frozen embeddings need no input gradients)."""
-    device = resolve_device(device_spec)
     check_precision(precision, device)
     if not getattr(model, "is_loaded_in_4bit", False) and not getattr(model, "is_loaded_in_8bit", False):
         model.to(device)

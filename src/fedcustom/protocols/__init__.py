@@ -38,7 +38,6 @@ class ProtocolSpec:
     codec_chains: bool = False  # whether --codec chains apply to its payloads (else raw only)
     server_features: bool = False  # DP, SecAgg, attacks, faults, server optimizers and drift correction apply
     public_set: bool = False  # whether the data preparation carves a public set for it
-    accelerators: bool = True  # whether its sides run on a GPU
 
     def plugin(self) -> ModuleType:
         """The module that builds this protocol's server and client (imported on first use)."""

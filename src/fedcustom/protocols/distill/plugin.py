@@ -9,7 +9,7 @@ from torch import nn
 
 from fedcustom.config import RunConfig
 from fedcustom.data import FederatedData
-from fedcustom.device import place_model
+from fedcustom.device import model_device, place_model
 from fedcustom.errors import ConfigError
 from fedcustom.methods.base import get_method
 from fedcustom.models import load_model, load_tokenizer
@@ -54,7 +54,7 @@ def client_side(cfg: RunConfig, model: nn.Module, tokenizer: Any, data: Federate
                           f"to share the server's tokenizer, and {name!r} tokenizes differently from {cfg.model.name!r}")
     backbone = load_model(name, cfg.model.task, data.label_names, client_tokenizer, cfg.train.seed, cfg.model.load_in)
     client_model = get_method(cfg.method.local_method).build(backbone, cfg.method, cfg.model.task, client_tokenizer)
-    client_model = place_model(client_model, cfg.train.device, cfg.train.precision, cfg.train.gradient_checkpointing)
+    client_model = place_model(client_model, model_device(model), cfg.train.precision, cfg.train.gradient_checkpointing)
     if over_vocabulary:
         client_tokenizer.padding_side = "right"
         return client_model, client_tokenizer, data  # the same tokenizer: the same token ids
