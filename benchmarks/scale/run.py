@@ -3,6 +3,7 @@ setting so that each peak RSS is its own.
 
     python benchmarks/scale/run.py                       # the default grid (a few minutes per setting on 2 CPUs)
     python benchmarks/scale/run.py --methods full --clients 1 100
+    python benchmarks/scale/run.py --methods full --codec gradualdiff   # a stateful (delta) chain both ways
 
 Writes results.json and results.md beside this script (settings already in results.json are not run again).
 """
@@ -31,7 +32,7 @@ load it into the model, an AdamW step, encode, decode, validate, merge), not tra
 encoding and decoding the raw payloads 8 s (the byte count the run reports), merging 4 s and validating 3 s. An
 in-place merge and a sum-first finiteness check took about 5 s off; torch's fused AdamW would take 4 s more off but
 is not used (it flips a fragile baseline, see fedcustom.training.make_optimizer).
-Not yet measured here: 1,000 clients, and the overhead ratio against a bare PyTorch+PEFT loop (issue 18, item 5).
+The overhead ratio against a bare PyTorch+PEFT loop is measured by overhead.py (overhead.md beside this file).
 """
 
 
@@ -39,21 +40,26 @@ def rows_for(clients: int) -> int:
     return max(ROWS, 2 * clients)
 
 
-def run_setting(method: str, clients: int, rounds: int, data_dir: Path) -> dict:
-    """One embedded run on SST-2 (MiniLM, raw codec, every client sampled every round)."""
+def run_setting(method: str, clients: int, rounds: int, data_dir: Path, codec: str = "raw") -> dict:
+    """One embedded run on SST-2 (MiniLM, ``codec`` both ways, every client sampled every round)."""
     with tempfile.TemporaryDirectory() as out:
         command = [sys.executable, "-m", "fedcustom.cli", "run", "--model", "minilm", "--method", method,
                    "--dataset", str(data_dir / "sst2/train.tsv"), "--eval-dataset", str(data_dir / "sst2/validation.tsv"),
                    "--max-train-examples", str(rows_for(clients)), "--max-eval-examples", "200", "--max-length", "48",
                    "--clients", str(clients), "--rounds", str(rounds), "--local-epochs", "1", "--batch-size", "8",
-                   "--partition", "iid", "--no-count-flops", "--no-save-model", "--no-checkpoint", "--quiet",
+                   "--partition", "iid", "--codec", codec, "--codec-down", codec, "--no-count-flops", "--no-save-model",
+                   "--no-checkpoint", "--quiet",
                    "--output", out]
         start = time.perf_counter()
         subprocess.run(command, check=True)
         summary = json.loads((Path(out) / "summary.json").read_text())
-    return {"method": method, "clients": clients, "rounds": rounds, "train_rows": rows_for(clients), "peak_rss_mb": round(summary["peak_rss_mb"]),
+    return {"method": method, "codec": codec, "clients": clients, "rounds": rounds, "train_rows": rows_for(clients), "peak_rss_mb": round(summary["peak_rss_mb"]),
             "seconds_per_round": round(sum(summary["round_wall_seconds"]) / rounds, 2),
             "process_seconds": round(time.perf_counter() - start, 1), "final_accuracy": summary["final_accuracy"]}
+
+
+def codec_of(row: dict) -> str:
+    return row.get("codec", "raw")  # rows measured before the --codec option used raw payloads
 
 
 def write_report(rows: list[dict]) -> None:
@@ -61,15 +67,17 @@ def write_report(rows: list[dict]) -> None:
     lines = ["# Memory and round time as clients grow", "",
              f"Machine: {platform.machine()}, {platform.processor() or 'CPU'}, 2 cores, no GPU; embedded runtime, "
              f"MiniLM, SST-2 ({ROWS} training rows split IID over the clients, 2 per client beyond 200 clients; all "
-             f"sampled every round), raw codec, batch 8, 1 local epoch, 2 rounds.",
+             f"sampled every round), the codec named in each row both ways, batch 8, 1 local epoch, 2 rounds.",
              "Command: `python benchmarks/scale/run.py` (one process per row; peak RSS is that process's). Measured on "
              "2026-11-29 while a niced benchmark used the idle CPU: timings are upper bounds.", "",
-             "| method | clients | rows | peak RSS (MB) | ratio to 1 client | s / round | accuracy |",
-             "|---|---|---|---|---|---|---|"]
-    base = {r["method"]: r["peak_rss_mb"] for r in rows if r["clients"] == 1}
-    for r in sorted(rows, key=lambda r: (r["method"], r["clients"])):
-        ratio = f"{r['peak_rss_mb'] / base[r['method']]:.2f}" if r["method"] in base else "-"
-        lines.append(f"| {r['method']} | {r['clients']} | {r.get('train_rows', ROWS)} | {r['peak_rss_mb']} | {ratio} | "
+             "| method | codec | clients | rows | peak RSS (MB) | ratio to 1 client | s / round | accuracy |",
+             "|---|---|---|---|---|---|---|---|"]
+    base = {(r["method"], codec_of(r)): r["peak_rss_mb"] for r in rows if r["clients"] == 1}
+    for r in sorted(rows, key=lambda r: (r["method"], codec_of(r) != "raw", codec_of(r), r["clients"])):
+        key = (r["method"], codec_of(r))
+        ratio = f"{r['peak_rss_mb'] / base[key]:.2f}" if key in base else "-"
+        lines.append(f"| {r['method']} | {codec_of(r)} | {r['clients']} | {r.get('train_rows', ROWS)} | "
+                     f"{r['peak_rss_mb']} | {ratio} | "
                      f"{r['seconds_per_round']} | "
                      f"{r['final_accuracy']:.3f} |")
     (HERE / "results.md").write_text("\n".join(lines) + "\n" + HISTORY)
@@ -80,16 +88,17 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["full", "lora", "prefix"])
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 10, 100])
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--codec", default="raw", help="codec chain both ways, e.g. gradualdiff (default: raw)")
     parser.add_argument("--data-dir", type=Path, default=HERE.parents[2] / "shared" / "data")
     args = parser.parse_args()
     path = HERE / "results.json"
     rows = json.loads(path.read_text()) if path.is_file() else []
-    done = {(r["method"], r["clients"], r["rounds"]) for r in rows}
+    done = {(r["method"], codec_of(r), r["clients"], r["rounds"]) for r in rows}
     for method in args.methods:
         for clients in args.clients:
-            if (method, clients, args.rounds) in done:
+            if (method, args.codec, clients, args.rounds) in done:
                 continue
-            rows.append(run_setting(method, clients, args.rounds, args.data_dir))
+            rows.append(run_setting(method, clients, args.rounds, args.data_dir, args.codec))
             print(rows[-1], flush=True)
             write_report(rows)
     write_report(rows)

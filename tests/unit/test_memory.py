@@ -16,6 +16,8 @@ from fedcustom.strategies import ClientUpdate, FedAvg, get_strategy
 from fedcustom.strategies.fedavg import RunningMean
 from fedcustom.training import LocalSchedule
 
+from conftest import TINY_LR
+
 CLIENTS = 12
 STATE = {"w": torch.randn(64, 32), "b": torch.randn(32)}
 
@@ -93,3 +95,63 @@ def test_the_fast_finiteness_check_still_accepts_large_finite_updates_and_reject
     for bad in (float("nan"), float("inf"), -float("inf")):
         with pytest.raises(UpdateRejected, match="NaN or Inf"):
             validate_update({"a": torch.tensor([1.0, bad, 2.0, 3.0])}, reference)
+
+
+def _distinct_references(links: dict) -> int:
+    return len({id(link.reference) for link in links.values() if link.reference is not None})
+
+
+@pytest.mark.parametrize("chain", ["gradualdiff", "delta,topk:0.2,int8"])
+def test_links_that_rebuilt_the_same_global_share_one_copy_of_it_across_a_checkpoint(tiny_config, tmp_path,
+                                                                                     chain: str) -> None:
+    from fedcustom.assemble import build_job
+    from fedcustom.checkpoint import load_checkpoint, save_checkpoint
+
+    # Prepare: 6 clients, 3 sampled a round, a stateful chain both ways (one lossless, one lossy)
+    def job(out: str):
+        return build_job(tiny_config(method__name="lora", train__lr=TINY_LR["lora"], federation__clients=6,
+                                     federation__clients_per_round=3, codec__up=chain, codec__down=chain,
+                                     output__dir=str(tmp_path / out)))
+
+    first = job("a")
+    # Execute
+    for rnd in (1, 2, 3):
+        first.server.run_round(rnd)
+    # Assert: one reference per round that clients last took part in, not one per client (without sharing: one per client)
+    server, clients = first.server, first.server.runtime.local_handler
+    sampled = len(server.links_down)  # clients sampled at least once
+    assert sampled == len(clients.links_down) >= 4
+    rounds_held = len({link.round for link in server.links_down.values()})
+    assert rounds_held < sampled
+    held = _distinct_references(server.links_down), _distinct_references(clients.links_down)
+    if chain == "gradualdiff":  # lossless: every client rebuilt exactly the global it was sent
+        assert held == (rounds_held, rounds_held)
+    else:  # lossy: a client's reference also depends on which earlier rounds it took part in
+        assert rounds_held <= min(held) and max(held) <= sampled
+    assert all(link.reference is None for link in clients.links_up.values())  # reset every round: nothing kept
+    # Execute: a checkpoint (safetensors refuses tensors that share memory) and a job restored from it
+    save_checkpoint(first.out, 3, first.cfg.to_dict(), [], 0.0, first.checkpoint_parts())
+    saved = load_checkpoint(first.out)
+    second = job("b")
+    for name, part in second.checkpoint_parts().items():
+        part.load_state_dict(*saved.parts[name])
+    # Assert: the restored links share again, and the next round is bit-identical to the uninterrupted run
+    restored = second.server
+    assert (_distinct_references(restored.links_down),
+            _distinct_references(second.server.runtime.local_handler.links_down)) == held
+    first.server.run_round(4)
+    restored.run_round(4)
+    assert all(torch.equal(v, restored.global_state[k]) for k, v in first.server.global_state.items())
+
+
+def test_shared_references_share_only_identical_tensors() -> None:
+    from fedcustom.codecs import Link, SharedReferences
+
+    pool, state = SharedReferences(), {"w": torch.ones(3)}
+    links = {0: Link({k: v.clone() for k, v in state.items()}, round=1),
+             1: Link({k: v.clone() for k, v in state.items()}, round=1),
+             2: Link({"w": torch.tensor([1.0, 1.0, 2.0])}, round=1)}
+    for link in links.values():
+        pool.share(link, links)
+    assert links[0].reference is links[1].reference
+    assert links[2].reference is not links[0].reference  # same round, other bits: kept apart

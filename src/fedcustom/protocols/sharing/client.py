@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom import scaffold
 from fedcustom.attacks import MODEL_POISONING, poison_update
-from fedcustom.codecs import Codec, Link, links_from_state, links_state
+from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
 from fedcustom.methods import load_trainable_state, trainable_state
 from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
 from fedcustom.privacy.dp_sgd import DPSGDSettings
@@ -77,6 +77,7 @@ class TrainingClient:
         # Each node's own ends of its links (in a deployment a client holds just its own two).
         self.links_down: dict[int, Link] = {}
         self.links_up: dict[int, Link] = {}
+        self.shared = SharedReferences()  # nodes that rebuilt the same global share one copy of it (embedded)
         self.controls: dict[int, State] = {}  # SCAFFOLD: each node's own control variate c_i
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
@@ -94,6 +95,7 @@ class TrainingClient:
         """Inverse of :meth:`state_dict`."""
         self.links_down = links_from_state("down", meta["links_down"], tensors)
         self.links_up = links_from_state("up", meta["links_up"], tensors)
+        self.shared.adopt(self.links_down)
         self.controls = {int(node): group(tensors, f"control.{node}") for node in meta.get("controls", [])}
         self.sgd_accountants = {}
         for node, state in meta.get("sgd_accountants", {}).items():
@@ -122,6 +124,7 @@ class TrainingClient:
         link = self.links_down[node_id] = link or Link()
         state = self.codec_down.decode(message.payload, link)
         link.round = message.round
+        self.shared.share(link, self.links_down)
         return state
 
     def train(self, node_id: int, message: Message) -> Reply:
@@ -130,6 +133,7 @@ class TrainingClient:
         up = self.links_up.setdefault(node_id, Link())
         up.reference = outcome.received if self.codec.delta else None  # the difference starts where we started
         payload = self.codec.encode(outcome.state, up)
+        up.reference = None  # reset to where the next update starts; only the residual (topk) carries over
         return Reply(payload, len(self.client_tables[node_id]), outcome.metrics, round=message.round,
                      attachment=outcome.control_change)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fedcustom import scaffold
-from fedcustom.codecs import Codec, Link, links_from_state, links_state
+from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
 from fedcustom.errors import PayloadError, UpdateRejected
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant, noise_generator
 from fedcustom.privacy.secure_round import SecureRound
@@ -84,7 +84,7 @@ class FederatedServer:
         self.codec = codec  # client to server
         self.codec_down = codec_down or codec  # server to client
         self.links_down: dict[int, Link] = {}  # per client: what it last reconstructed (delta), our residual (topk)
-        self.links_up: dict[int, Link] = {}
+        self.shared = SharedReferences()  # clients that rebuilt the same global share one copy of it
         self.global_state = {k: v.clone() for k, v in initial_state.items()}
         self.evaluate = evaluate
         self.schedule = schedule
@@ -109,7 +109,6 @@ class FederatedServer:
         if self.control is not None:
             tensors.update({f"control{SEP}{k}": v for k, v in self.control.c.items()})
         meta = {"links_down": links_state("down", self.links_down, tensors),
-                "links_up": links_state("up", self.links_up, tensors),
                 "accountant": accountant.state_dict() if accountant else None, "server_opt": opt_meta}
         return tensors, meta
 
@@ -117,7 +116,7 @@ class FederatedServer:
         """Inverse of :meth:`state_dict`."""
         self.global_state = group(tensors, "global")
         self.links_down = links_from_state("down", meta["links_down"], tensors)
-        self.links_up = links_from_state("up", meta["links_up"], tensors)
+        self.shared.adopt(self.links_down)
         if self.safeguards.accountant and meta["accountant"] is not None:
             self.safeguards.accountant.load_state_dict(meta["accountant"])
         self.convergence.optimizer.load_state_dict(group(tensors, "server_opt"), meta["server_opt"])
@@ -206,12 +205,23 @@ class FederatedServer:
         if self.codec_down.stateless:
             payload = self.codec_down.encode(self.global_state)
             return {node: Message(TRAIN, rnd, payload, config, attachment) for node in chosen}
-        messages = {}
+        messages: dict[int, Message] = {}
+        # A down link keeps no residual (error_feedback off), so its payload and new reference depend only on its
+        # old reference and the global state: clients holding the same reference get the same bytes and share the
+        # new reference, encoded once (100 full-size first messages would otherwise be 100 copies in memory).
+        encoded: dict[int, tuple[State | None, bytes, State | None]] = {}  # id(old reference): old (kept alive so
+        # its id is not reused), payload, new reference
         for node in chosen:
             link = self.links_down.setdefault(node, Link(error_feedback=False))  # the reference carries the rest
             base = link.round  # the round the client's reference dates from (0: none)
-            payload = self.codec_down.encode(self.global_state, link)
+            if id(link.reference) in encoded:
+                _, payload, link.reference = encoded[id(link.reference)]
+            else:
+                old = link.reference
+                payload = self.codec_down.encode(self.global_state, link)
+                encoded[id(old)] = old, payload, link.reference
             link.round = rnd
+            self.shared.share(link, self.links_down)
             messages[node] = Message(TRAIN, rnd, payload, {**config, "codec_base": base}, attachment)
         return messages
 
@@ -230,9 +240,8 @@ class FederatedServer:
         if self.codec_down.lossless and not self.codec.delta:
             return self.codec.decode(reply.payload)
         start = self._client_start(node, message)
-        link = self.links_up.setdefault(node, Link())
-        link.reference = start if self.codec.delta else None
-        state = self.codec.decode(reply.payload, link)
+        # The upload link's reference is where this round's update started, so nothing of it outlives the round.
+        state = self.codec.decode(reply.payload, Link(reference=start if self.codec.delta else None))
         if self.codec_down.lossless:
             return state  # the client started from the exact global: nothing to re-base (and bit-exact)
         return {k: self.global_state[k] + (state[k] - start[k]) for k in state}
