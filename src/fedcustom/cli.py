@@ -51,8 +51,21 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def package_version() -> str:
+    """The installed distribution's version (what pip reports), else the source tree's."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fedcustom")
+    except PackageNotFoundError:
+        from fedcustom import __version__
+
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedcustom", description="Federated customization of large models.")
+    parser.add_argument("--version", action="version", version=f"fedcustom {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="Run one federated customization job.",
                          description="Run one federated job; flags override the TOML file given with --config.")

@@ -62,6 +62,12 @@ class DataConfig:
                                   "--text-column")
     label_column: str | None = opt(None, "Column holding the label (causal-lm: the response); default: auto-detected.",
                                    "--label-column")
+    columns: str | None = opt(
+        None, "Names for the columns of headerless CSV/TSV files, in order (e.g. label,text): the first line is then a "
+        "row, not a header.", "--columns",
+    )
+    header: bool = opt(True, "CSV/TSV files start with a header line; --no-header names their columns by position "
+                       "(--text-column 1 --label-column 0).", "--header")
     train_split: str = opt("train", "Split to train on when --dataset is a Hugging Face dataset.", "--train-split")
     eval_split: str | None = opt(
         None, "Split to evaluate on when the dataset is a Hugging Face dataset (e.g. validation).", "--eval-split"

@@ -51,6 +51,11 @@ def validate(cfg: RunConfig) -> None:
     validate_task(cfg)
     validate_scale(cfg)
     validate_convergence(cfg)
+    if data.columns is not None:
+        names = [c.strip() for c in data.columns.split(",")]
+        if not all(names) or len(set(names)) != len(names):
+            raise ConfigError(f"data.columns (--columns) {data.columns!r}: expected distinct, non-empty column names "
+                              f"separated by commas, e.g. label,text")
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
 

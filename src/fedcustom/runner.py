@@ -29,6 +29,7 @@ from fedcustom.report import (
 )
 from fedcustom.rounds import RoundResult
 from fedcustom.summary import summarize
+from fedcustom.tasks import get_task
 
 __all__ = ["build_job", "execute", "resume", "run"]  # build_job: the assembler's, re-exported for the run API
 
@@ -157,6 +158,7 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
     if cfg.output.save_model:
         (job.method.save or save_trained)(job.model, job.model_dir)
         job.tokenizer.save_pretrained(job.model_dir)
+        get_task(cfg.model.task).describe_saved(job.model, job.model_dir)
     baselines = run_baselines(job, results, console if show else None)
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
     summary = summarize(cfg, results, baselines, job.model, job.initial, job.data, wall,

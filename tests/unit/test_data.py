@@ -151,3 +151,52 @@ def test_numeric_looking_text_stays_text_and_numeric_labels_keep_numeric_order(t
     data = load_labeled(str(path))
     assert data.dataset["text"] == ["007", "1.50", "hello", "0042"]
     assert data.label_names == ["2", "10"] and data.dataset["label"] == [1, 0, 1, 0]
+
+
+def _headerless(tmp_path: Path, suffix: str = ".tsv") -> Path:
+    """A public-corpus style file with no header line: label, tab, text."""
+    rows = toy_rows(40)
+    path = tmp_path / f"plain{suffix}"
+    rows[["label", "sentence"]].to_csv(path, sep="\t" if suffix == ".tsv" else ",", header=False, index=False)
+    return path
+
+
+def test_a_headerless_file_loads_with_column_names_or_positions_from_the_command_line(tmp_path: Path) -> None:
+    from fedcustom.cli import build_parser, overrides_from_args
+    from fedcustom.config import build_config
+    from fedcustom.data import load_splits
+
+    path = _headerless(tmp_path)
+    expected = toy_rows(40)
+    for flags in (["--columns", "label,text"], ["--no-header", "--text-column", "1", "--label-column", "0"]):
+        args = build_parser().parse_args(["run", "--dataset", str(path), *flags])
+        cfg = build_config(overrides_from_args(args))
+        train, evaluation = load_splits(cfg.data, seed=0)
+        assert len(train) + len(evaluation) == 40  # the first line is a row, not a header
+        texts = sorted(list(train.dataset["text"]) + list(evaluation.dataset["text"]))
+        assert texts == sorted(expected["sentence"])
+        labels = dict(zip(train.dataset["text"], train.dataset["label"]))
+        assert all(labels[t] == int(expected.loc[expected["sentence"] == t, "label"].iloc[0]) for t in labels)
+
+
+def test_a_headerless_file_without_its_columns_named_is_a_clear_error(tmp_path: Path) -> None:
+    from fedcustom.data import FileLayout
+
+    path = _headerless(tmp_path, ".csv")
+    with pytest.raises(FedCustomError, match="--columns .*--no-header"):
+        load_labeled(str(path))
+    with pytest.raises(FedCustomError, match="2 fields, --columns names 3"):
+        load_labeled(str(path), layout=FileLayout(columns=("label", "text", "extra")))
+    jsonl = tmp_path / "rows.jsonl"
+    toy_rows(4).to_json(jsonl, orient="records", lines=True)
+    with pytest.raises(FedCustomError, match="apply to CSV/TSV"):
+        load_labeled(str(jsonl), layout=FileLayout(header=False))
+
+
+@pytest.mark.parametrize("columns", ["label,,text", "text,text", " , "])
+def test_bad_column_names_are_a_config_error(columns: str) -> None:
+    from fedcustom.config import build_config
+    from fedcustom.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--columns"):
+        build_config({"data": {"columns": columns}})

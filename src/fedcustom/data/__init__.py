@@ -14,9 +14,9 @@ from fedcustom.config import DataConfig, parse_partition
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.data.partition import label_histogram, partition_indices
 from fedcustom.data.public import carve_public, load_public
-from fedcustom.data.sources import PACKAGED_DATASETS, LabeledData, load_labeled
+from fedcustom.data.sources import PACKAGED_DATASETS, FileLayout, LabeledData, load_labeled
 
-__all__ = ["FederatedData", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data",
+__all__ = ["FederatedData", "FileLayout", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data",
            "stratified_split"]
 
 
@@ -81,14 +81,15 @@ def _split_seed(cfg: DataConfig, seed: int) -> int:
 
 def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
     """Training and evaluation sets, before subsampling and partitioning."""
-    train = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, split=cfg.train_split)
+    layout = FileLayout.of(cfg)
+    train = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, split=cfg.train_split, layout=layout)
     if cfg.eval_dataset:
-        evaluation = load_labeled(
-            cfg.eval_dataset, cfg.text_column, cfg.label_column, train.label_names, split=cfg.eval_split or "test"
-        )
+        evaluation = load_labeled(cfg.eval_dataset, cfg.text_column, cfg.label_column, train.label_names,
+                                  cfg.eval_split or "test", layout)
         return train, evaluation
     if cfg.eval_split:
-        evaluation = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, train.label_names, cfg.eval_split)
+        evaluation = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, train.label_names, cfg.eval_split,
+                                  layout)
         return train, evaluation
     keep = len(train) - max(1, round(len(train) * cfg.eval_fraction))
     kept, held_out = stratified_split(train.dataset["label"], keep, _split_seed(cfg, seed))

@@ -18,6 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from fedcustom.config import DataConfig, parse_partition
 from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.data.instructions import load_instructions
+from fedcustom.data.sources import FileLayout
 from fedcustom.data.partition import partition_indices
 from fedcustom.data.by_column import partition_by_column
 from fedcustom.data.features import IGNORE_INDEX
@@ -79,11 +80,12 @@ def _split(count: int, keep: int, seed: int) -> tuple[list[int], list[int]]:
 
 def load_instruction_splits(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Training and evaluation rows (messages, response, topic), held out and subsampled by seed."""
-    train = load_instructions(cfg.dataset, cfg.train_split, cfg.text_column, cfg.label_column)
+    layout = FileLayout.of(cfg)
+    train = load_instructions(cfg.dataset, cfg.train_split, cfg.text_column, cfg.label_column, layout)
     split_seed = seed if cfg.split_seed is None else cfg.split_seed
     if cfg.eval_dataset or cfg.eval_split:
         evaluation = load_instructions(cfg.eval_dataset or cfg.dataset, cfg.eval_split or "test", cfg.text_column,
-                                       cfg.label_column)
+                                       cfg.label_column, layout)
     else:
         keep = len(train) - max(1, round(len(train) * cfg.eval_fraction))
         kept, held = _split(len(train), keep, split_seed)

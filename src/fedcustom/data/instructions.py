@@ -27,7 +27,7 @@ import datasets
 import pandas as pd
 import yaml
 
-from fedcustom.data.sources import FILE_SUFFIXES, read_file
+from fedcustom.data.sources import FILE_SUFFIXES, FileLayout, read_file
 from fedcustom.errors import FedCustomError
 
 CHAT_COLUMNS = ("messages", "conversations")
@@ -103,13 +103,13 @@ def _chatterbot() -> datasets.Dataset:
 PACKAGED_INSTRUCTIONS = {"chatterbot": _chatterbot}
 
 
-def _read_source(source: str, split: str) -> pd.DataFrame:
+def _read_source(source: str, split: str, layout: FileLayout) -> pd.DataFrame:
     """Raw rows of a file or Hub dataset (``split`` applies to Hub datasets only)."""
     path = Path(source).expanduser()
     if path.suffix.lower() in FILE_SUFFIXES:
         if not path.is_file():
             raise FedCustomError(f"instruction data file {source}: not found")
-        return read_file(path, "instruction data file")
+        return read_file(path, "instruction data file", layout)
     if path.exists():
         raise FedCustomError(f"instruction data {source}: expected a file ending in {', '.join(FILE_SUFFIXES)}")
     try:
@@ -237,7 +237,8 @@ def _metadata(frame: pd.DataFrame, used: set[str]) -> tuple[list[str], dict[str,
 
 
 def load_instructions(
-    source: str, split: str = "train", prompt_column: str | None = None, response_column: str | None = None
+    source: str, split: str = "train", prompt_column: str | None = None, response_column: str | None = None,
+    layout: FileLayout = FileLayout(),
 ) -> datasets.Dataset:
     """Rows ``messages`` (chat turns before the response), ``response`` and ``topic``, plus metadata columns.
 
@@ -247,7 +248,7 @@ def load_instructions(
     """
     if source in PACKAGED_INSTRUCTIONS:
         return PACKAGED_INSTRUCTIONS[source]()
-    frame = _read_source(source, split)
+    frame = _read_source(source, split, layout)
     if len(frame) == 0:
         raise FedCustomError(f"instruction data {source}: no rows")
     rows, used = _canonical_rows(frame, source, prompt_column, response_column)

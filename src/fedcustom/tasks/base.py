@@ -52,6 +52,9 @@ class Task:
         """What KD-FedLLM's parties label (``fedcustom.protocols.distill.public_set``)."""
         raise NotImplementedError
 
+    def describe_saved(self, model: Any, out_dir: Any) -> None:
+        """Add what a stranger needs to use a saved adapter folder (default: nothing)."""
+
     def task_text(self, backbone: Any) -> str:
         """A plain sentence naming the task (prefix and prompt initialisation)."""
         raise NotImplementedError

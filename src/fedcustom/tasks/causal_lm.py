@@ -37,9 +37,11 @@ class CausalLM(Task):
         not know are appended after its own."""
         from fedcustom.data.causal import as_rows, tokenize_rows, topic_name
         from fedcustom.data.instructions import load_instructions
+        from fedcustom.data.sources import FileLayout
 
         tokenizer.padding_side = "right"  # training batches, as on the server
-        rows = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)
+        rows = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column,
+                                   FileLayout.of(cfg.data))
         rows = rows.map(lambda row: {"topic": topic_name(row["topic"])})
         topics = list(label_names) + sorted(set(rows["topic"]) - set(label_names))
         texts = as_rows(rows, tokenizer, topics, cfg.generation.chat_template)
@@ -49,9 +51,11 @@ class CausalLM(Task):
         """Rows and topics; topics the server does not know are not in the histogram."""
         from fedcustom.data.causal import topic_name
         from fedcustom.data.instructions import load_instructions
+        from fedcustom.data.sources import FileLayout
         from fedcustom.data.partition import label_histogram
 
-        topics = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column)["topic"]
+        topics = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column,
+                                   FileLayout.of(cfg.data))["topic"]
         index = {name: i for i, name in enumerate(label_names)}
         known = [index[topic_name(t)] for t in topics if topic_name(t) in index]
         return {"examples": len(topics), "histogram": label_histogram(known, len(label_names))}
