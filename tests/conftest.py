@@ -105,7 +105,7 @@ def tiny_config(tmp_path: Path, tiny_bert: str, toy_csv: str):
             "method": {"name": "prefix", "num_virtual_tokens": 4},
             "federation": {"clients": 2, "rounds": 2, "local_epochs": 4},
             "train": {"batch_size": 16, "seed": 0},
-            "output": {"dir": str(tmp_path / "out"), "quiet": True},
+            "output": {"dir": str(tmp_path / "out"), "quiet": True, "report": False},
         }
         return config_with(values, overrides)
 
@@ -144,7 +144,7 @@ def causal_config(tmp_path: Path, tiny_llama: str, toy_jsonl: str):
             "federation": {"clients": 2, "rounds": 3, "local_epochs": 2},
             "generation": {"chat_template": False, "max_new_tokens": 3, "eval_generations": 4, "samples": 2},
             "train": {"batch_size": 16, "seed": 0},
-            "output": {"dir": str(tmp_path / "out"), "quiet": True},
+            "output": {"dir": str(tmp_path / "out"), "quiet": True, "report": False},
         }
         return config_with(values, overrides)
 

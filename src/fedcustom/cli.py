@@ -127,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("prompt", nargs="?", help="The prompt to answer.")
     source.add_argument("--interactive", action="store_true",
                         help="Answer each stdin line until EOF or an empty line.")
+    report = sub.add_parser("report", help="Write a finished run's report.md and plots into its folder.",
+                            description="report.md and PNG plots (metric and loss per round against the centralized "
+                                        "baselines, cumulative MB, each client's data) from DIR's summary.json and "
+                                        "round_log.jsonl.")
+    report.add_argument("run_dir", metavar="DIR", help="A run's output folder (--output of `fedcustom run`).")
+    report.add_argument("--html", action="store_true", help="Also write report.html, one page with the plots inlined.")
     return parser
 
 
@@ -188,6 +194,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate_text(args)
+        if args.command == "report":
+            from pathlib import Path
+
+            from fedcustom.run_report import write_report
+
+            for path in write_report(Path(args.run_dir), args.html):
+                print(path)
+            return 0
         if args.command == "bench":
             from fedcustom.bench import run_bench
 

@@ -294,6 +294,8 @@ class OutputConfig:
 
     dir: str = opt("runs/latest", "Output directory for the round log, summary and adapter.", "--output")
     quiet: bool = opt(False, "No progress bar or tables.", "--quiet")
+    report: bool = opt(True, "Write DIR/report.md and its plots at the end (as `fedcustom report DIR` does).",
+                       "--report")
     save_model: bool = opt(True, "Write the final global adapter (or full model) to DIR/adapter or DIR/model.",
                            "--save-model")
     checkpoint: bool = opt(True, "Write DIR/checkpoint.safetensors after every round, so `fedcustom run --resume DIR` "

@@ -164,6 +164,10 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
     summary = summarize(cfg, results, baselines, job.model, job.initial, job.data, wall,
                         resolved_settings(cfg, job.method, job.schedule), job.client_stats(), early_stop(cfg))
     write_json(job.out / "summary.json", summary)
+    if cfg.output.report:
+        from fedcustom.run_report import write_report  # matplotlib loads only here
+
+        write_report(job.out)
     if show:
         console.print(rounds_table(results, baselines, cfg.model.task))
         console.print(f"wall time {summary['wall_seconds']:.1f} s; results in {job.out}")
