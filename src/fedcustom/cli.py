@@ -22,6 +22,10 @@ def _flag_type(hint: Any) -> Any:
     return base
 
 
+def _is_list(hint: Any) -> bool:
+    return any(typing.get_origin(a) is tuple for a in typing.get_args(hint) or [hint]) or typing.get_origin(hint) is tuple
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per config field that declares one; defaults stay None so TOML values survive."""
     for section in SECTIONS:
@@ -36,6 +40,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             kind = _flag_type(hints[fld.name])
             if kind is bool:
                 group.add_argument(meta["flag"], dest=dest, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif _is_list(hints[fld.name]):  # repeatable, and each value may itself be comma-separated
+                group.add_argument(meta["flag"], dest=dest, action="append", default=None, metavar=fld.name.upper(),
+                                   help=help_text)
             else:
                 group.add_argument(meta["flag"], dest=dest, type=kind, default=None, choices=meta.get("choices"),
                                    metavar=fld.name.upper(), help=help_text)
@@ -47,7 +54,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
             section, key = dest.split(".", 1)
-            out.setdefault(section, {})[key] = value
+            out.setdefault(section, {})[key] = ",".join(value) if isinstance(value, list) else value
     return out
 
 

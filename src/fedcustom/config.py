@@ -296,6 +296,11 @@ class OutputConfig:
     quiet: bool = opt(False, "No progress bar or tables.", "--quiet")
     report: bool = opt(True, "Write DIR/report.md and its plots at the end (as `fedcustom report DIR` does).",
                        "--report")
+    trackers: tuple[str, ...] = opt((), "Experiment trackers, repeatable or comma-separated: tensorboard "
+                                    "(DIR/tensorboard), mlflow (a SQLite store DIR/mlflow.db unless --tracker-uri), none.",
+                                    "--tracker")
+    tracker_uri: str | None = opt(None, "MLflow tracking URI: a tracking server (http://host:5000) or another store.",
+                                  "--tracker-uri")
     save_model: bool = opt(True, "Write the final global adapter (or full model) to DIR/adapter or DIR/model.",
                            "--save-model")
     checkpoint: bool = opt(True, "Write DIR/checkpoint.safetensors after every round, so `fedcustom run --resume DIR` "

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -30,18 +31,23 @@ from fedcustom.report import (
 from fedcustom.rounds import RoundResult
 from fedcustom.summary import summarize
 from fedcustom.tasks import get_task
+from fedcustom.tracking import Trackers
 
 __all__ = ["build_job", "execute", "resume", "run"]  # build_job: the assembler's, re-exported for the run API
 
 
-def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None) -> list[RoundResult]:
-    """Round 0 (initial evaluation) and every federated round, logged and checkpointed as each ends; a resumed
-    run starts after the checkpoint's round."""
+def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None,
+               on_round: Callable[[dict[str, Any]], None] = lambda _record: None) -> list[RoundResult]:
+    """Round 0 (initial evaluation) and every federated round, logged and checkpointed as each ends (``on_round``
+    gets each round's record, a resumed run's earlier ones first); a resumed run starts after the checkpoint's
+    round."""
     device = model_device(job.model)
     results = [result_from_record(r) for r in resumed.records] if resumed else [job.server.evaluate_initial()]
     if not resumed:
         results[0].memory = peak_memory_mb(device)
     round_log = RoundLog(job.out / "round_log.jsonl", results)
+    for result in results:
+        on_round(round_record(result))
     parts = job.checkpoint_parts() if job.cfg.output.checkpoint else {}
     earlier, start = (resumed.wall_seconds if resumed else 0.0), time.perf_counter()
 
@@ -67,6 +73,7 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
             results.append(job.server.run_round(rnd, on_reply))
             results[-1].memory = peak_memory_mb(device)
             round_log.write(results[-1])
+            on_round(round_record(results[-1]))
             checkpoint(rnd)
             if progress:
                 progress.advance(0)
@@ -153,7 +160,21 @@ def execute(job: Job, console: Console | None = None, start: float | None = None
     show = not cfg.output.quiet
     if show:
         console.print(clients_table(job.client_stats(), job.data.label_names))
-    results = run_rounds(job, console, show, resumed)
+    trackers = Trackers(cfg.output.trackers, job.out, cfg.to_dict(), cfg.output.tracker_uri)
+    try:
+        summary = _train_and_report(job, console, show, start, resumed, trackers)
+    except BaseException:
+        trackers.finish({}, [], failed=True)
+        raise
+    artifacts = [job.out / "summary.json", job.out / "report.md", *sorted(job.out.glob("report_*.png"))]
+    trackers.finish(summary, [job.model_dir, *artifacts] if cfg.output.save_model else artifacts)
+    return summary
+
+
+def _train_and_report(job: Job, console: Console, show: bool, start: float, resumed: Checkpoint | None,
+                      trackers: Trackers) -> dict[str, Any]:
+    cfg = job.cfg
+    results = run_rounds(job, console, show, resumed, trackers.log_round)
     load_trainable_state(job.model, job.server.global_state)
     if cfg.output.save_model:
         (job.method.save or save_trained)(job.model, job.model_dir)
