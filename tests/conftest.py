@@ -149,3 +149,70 @@ def causal_config(tmp_path: Path, tiny_llama: str, toy_jsonl: str):
         return config_with(values, overrides)
 
     return make
+
+
+def _image_processor(folder: Path, size: int) -> None:
+    from transformers import ViTImageProcessor
+
+    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved 2-layer, hidden-32 random ViT over 16 x 16 images (4 x 4 patches) with its image processor."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    folder = tmp_path_factory.mktemp("tiny-vit")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=64, num_labels=2)
+    ViTForImageClassification(config).save_pretrained(folder)
+    _image_processor(folder, 16)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny_cnn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A saved two-stage random ResNet (convolutions, batch norm) with its image processor."""
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    folder = tmp_path_factory.mktemp("tiny-cnn")
+    torch.manual_seed(0)
+    config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
+    ResNetForImageClassification(config).save_pretrained(folder)
+    _image_processor(folder, 16)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """160 noisy 16 x 16 grayscale PNGs in two class folders, dark and light (easy to learn)."""
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for label, mean in (("dark", 70), ("light", 185)):
+        (root / label).mkdir()
+        for i in range(80):
+            pixels = np.clip(rng.normal(mean, 40, (16, 16)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / label / f"{i:03d}.png")
+    return str(root)
+
+
+@pytest.fixture
+def image_config(tmp_path: Path, tiny_vit: str, image_folder: str):
+    """Factory for a small image-classification RunConfig (tiny ViT, the dark/light folder)."""
+
+    def make(**overrides):
+        values = {
+            "model": {"name": tiny_vit, "task": "image-classification"},
+            "data": {"dataset": image_folder, "partition": "iid"},
+            "method": {"name": "lora"},
+            "federation": {"clients": 2, "rounds": 2, "local_epochs": 2},
+            "train": {"batch_size": 16, "seed": 0, "lr": 3e-3},
+            "output": {"dir": str(tmp_path / "out"), "quiet": True, "report": False},
+        }
+        return config_with(values, overrides)
+
+    return make

@@ -23,7 +23,7 @@ from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import Method, get_method, trainable_state
-from fedcustom.models import load_model, load_tokenizer
+from fedcustom.models import load_model
 from fedcustom.protocols import protocol_of
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
@@ -130,7 +130,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     runtime = runtime or embedded_runtime(cfg)
     codec, codec_down = codecs_for(cfg, method)
     out = prepare_output(cfg.output.dir)
-    tokenizer = load_tokenizer(cfg.model.name)
+    tokenizer = get_task(cfg.model.task).load_processor(cfg.model.name, cfg)
     data = prepare_task_data(cfg, method, tokenizer)
     model = build_model(cfg, method, cfg.model.name, data.label_names, tokenizer)
     initial = trainable_state(model)
@@ -153,7 +153,7 @@ def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dic
     protocol = protocol_of(method).plugin()
     codec, codec_down = codecs_for(cfg, method)
     name = protocol.client_model(cfg)
-    tokenizer = load_tokenizer(name)
+    tokenizer = get_task(cfg.model.task).load_processor(name, cfg)
     rows = tables(tokenizer)
     model = build_model(cfg, method, name, setup.label_names, tokenizer)
     return protocol.build_client(ClientParts(cfg, method, model, tokenizer, codec, codec_down, rows, setup))

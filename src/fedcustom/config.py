@@ -39,6 +39,8 @@ class ModelConfig:
                                  "plus response; a prompt that leaves no room for the response is an error). Default: "
                                  "64 for classification, 512 for causal-lm (chat-templated prompts are long).",
                                  "--max-length")
+    image_size: int | None = opt(None, "image-classification: pixels per side images are resized to; default: the "
+                                 "model's own (224 for efficientnet-lite0).", "--image-size")
     load_in: str | None = opt(None, "Load the frozen backbone quantized through bitsandbytes: 4bit (QLoRA: NF4, double "
                               "quantization, bf16 compute) or 8bit; CUDA only, PEFT methods (lora, prompt, prefix) only.",
                               "--load-in", (None, "4bit", "8bit"))
@@ -435,7 +437,7 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
     if cfg.model.max_length is None:
         from fedcustom.tasks import get_task
 
-        default = get_task(cfg.model.task).default_max_length
+        default = get_task(cfg.model.task).default_max_length  # None: a task without tokens (images)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, max_length=default))
     from fedcustom.config_checks import validate  # the checks need the classes above
 

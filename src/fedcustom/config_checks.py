@@ -22,13 +22,17 @@ def validate(cfg: RunConfig) -> None:
     for where, value in [
         ("federation.clients (--clients)", fed.clients), ("federation.rounds (--rounds)", fed.rounds),
         ("train.batch_size", train.batch_size),
-        ("model.max_length", cfg.model.max_length), ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
+        ("method.num_virtual_tokens", cfg.method.num_virtual_tokens),
         ("method.lora_r", cfg.method.lora_r), ("method.public_size (--public-size)", cfg.method.public_size),
         ("method.distill_epochs", cfg.method.distill_epochs),
         ("federation.min_available (--min-available)", fed.min_available),
         ("federation.round_timeout (--round-timeout)", fed.round_timeout),
     ]:
         _positive(where, value, allow_none=False)
+    from fedcustom.tasks import get_task
+
+    _positive("model.max_length (--max-length)", cfg.model.max_length,
+              allow_none=get_task(cfg.model.task).default_max_length is None)
     _positive("method.kd_temperature (--kd-temperature)", cfg.method.kd_temperature)
     for where, value in [
         ("federation.local_steps", fed.local_steps), ("federation.clients_per_round", fed.clients_per_round),
@@ -126,6 +130,10 @@ def validate_task(cfg: RunConfig) -> None:
         _positive(where, value, allow_none=False)
     if gen.samples < 0:
         raise ConfigError(f"generation.samples: expected >= 0, got {gen.samples}")
+    if task.methods is not None and cfg.method.name not in task.methods:
+        raise ConfigError(f"--task {task.name} with --method {cfg.method.name}: this task supports "
+                          f"{', '.join(task.methods)}")
+    _positive("model.image_size (--image-size)", cfg.model.image_size)
     if parse_partition(cfg.data.partition).kind == "column" and not task.instruction_data:
         raise ConfigError(f"--partition {cfg.data.partition}: column partitions need --task causal-lm (instruction "
                           f"data keeps its metadata columns)")

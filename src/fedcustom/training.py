@@ -184,7 +184,8 @@ def counted(model: nn.Module, key: tuple, step: Callable[[], T]) -> tuple[T, int
 def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
                   drift: _DriftHooks | None = None, step: _Step | None = None) -> tuple[float, int]:
     """One training step and its FLOPs (counted once per batch shape)."""
-    return counted(model, ("train", *batch["input_ids"].shape),
+    inputs = batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]
+    return counted(model, ("train", *inputs.shape),
                    lambda: _train_step(model, batch, optimizer, drift, step))
 
 

@@ -218,3 +218,20 @@ def test_secagg_on_flower_is_flowers_secaggplus_and_gives_the_fedavg_state(tiny_
                            for b in r.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]])
     quarters = np.histogram(ring.astype(np.float64) / 2**32, bins=4, range=(0, 1))[0] / len(ring)
     assert np.allclose(quarters, 0.25, atol=0.03)  # masked values spread over the whole ring, like noise
+
+
+@pytest.mark.integration
+def test_flower_simulation_trains_an_image_model_like_the_embedded_runtime(image_config, tmp_path) -> None:
+    # Prepare: LoRA on a tiny ViT over the dark/light image folder, embedded and as a Flower simulation
+    embedded = image_config(output__dir=str(tmp_path / "embedded"))
+    simulated = image_config(output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
+    # Execute
+    summaries = [run(embedded), run(simulated)]
+    # Assert: the same bytes and losses each round
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in logs[1][1:])
+    assert [r["bytes_up"] for r in logs[0]] == [r["bytes_up"] for r in logs[1]]
+    assert [r["train_loss"] for r in logs[0]] == pytest.approx([r["train_loss"] for r in logs[1]], abs=1e-6)
+    assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-6)
+    assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import datasets
 import torch
 from torch.utils.data import DataLoader
@@ -29,6 +31,12 @@ def make_loader(
         generator = torch.Generator()
         generator.manual_seed(seed)
     per_token = not isinstance(table.features["labels"], datasets.Value)  # causal LM: one label per token
-    collate = (DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt") if per_token
-               else DataCollatorWithPadding(tokenizer, return_tensors="pt"))
+    if "image" in table.column_names:  # images: ``tokenizer`` is the model's image processor
+        from fedcustom.data.images import ImageCollator
+
+        collate: Any = ImageCollator(tokenizer)
+    elif per_token:
+        collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
+    else:
+        collate = DataCollatorWithPadding(tokenizer, return_tensors="pt")
     return DataLoader(table, batch_size=batch_size, shuffle=seed is not None, generator=generator, collate_fn=collate)

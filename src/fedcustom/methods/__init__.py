@@ -1,6 +1,6 @@
 """Customization methods, registered by name. Importing this package registers all of them."""
 
-from fedcustom.methods import distill, full, lora, prefix, prompt, split  # noqa: F401  (registration side effect)
+from fedcustom.methods import distill, full, head, lora, prefix, prompt, split  # noqa: F401  (registration side effect)
 from fedcustom.methods.base import (
     Method,
     get_method,

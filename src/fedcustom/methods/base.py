@@ -61,11 +61,12 @@ def method_names(protocol: str | None = None) -> list[str]:
     return sorted(m.name for m in _REGISTRY if protocol is None or m.protocol == protocol)
 
 
-def peft_task_type(task: str) -> TaskType:
-    """PEFT's task type for one of our tasks."""
+def peft_task_type(task: str) -> TaskType | None:
+    """PEFT's task type for one of our tasks (None: a task PEFT has no type for, e.g. images)."""
     from fedcustom.tasks import get_task
 
-    return TaskType(get_task(task).peft_task_type)
+    kind = get_task(task).peft_task_type
+    return TaskType(kind) if kind is not None else None
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -40,6 +40,7 @@ CLASSIFICATION: dict[str, Recommended] = {
     "prefix": Recommended(3e-2),
     "prefix+projection": Recommended(1e-3),  # the MLP reparameterization collapses above 1e-3 (OFFLINE.md)
     "split": Recommended(1e-4, local_epochs=1),  # every batch is a message exchange
+    "head": Recommended(1e-2),  # a linear probe on a frozen encoder: a large rate, as for prompts
 }
 CAUSAL_LM: dict[str, Recommended] = {
     "full": Recommended(5e-5),
@@ -48,10 +49,17 @@ CAUSAL_LM: dict[str, Recommended] = {
     "prefix": Recommended(1e-2),
     "prefix+projection": Recommended(1e-3),
     "split": Recommended(5e-5, local_epochs=1),
+    "head": Recommended(1e-3),
+}
+# Images: common fine-tuning rates for a small ImageNet CNN (full, LoRA) and a linear probe, not tuned here.
+IMAGE_CLASSIFICATION: dict[str, Recommended] = {
+    "full": Recommended(1e-4),
+    "lora": Recommended(1e-3),
+    "head": Recommended(1e-2),
 }
 
-
-TABLES = {"classification": CLASSIFICATION, "causal-lm": CAUSAL_LM}  # by task name (fedcustom.tasks)
+TABLES = {"classification": CLASSIFICATION, "causal-lm": CAUSAL_LM,  # by task name (fedcustom.tasks)
+          "image-classification": IMAGE_CLASSIFICATION}
 
 
 def recommended(name: str, task: str, projection: bool = False) -> Recommended:

@@ -15,13 +15,19 @@ from fedcustom.methods.base import Method, peft_task_type, register, table_defau
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
-    """PEFT LoRA model; PEFT's defaults pick the target modules unless ``lora_targets`` is set."""
+    """PEFT LoRA model; the target modules are ``lora_targets`` when set, else the task's (images: the convolution
+    and linear layers, see fedcustom.vision), else PEFT's defaults for the architecture."""
+    from fedcustom.tasks import get_task
+
+    defaults = get_task(task).lora_defaults(backbone)
+    if cfg.lora_targets:
+        defaults["target_modules"] = list(cfg.lora_targets)
     config = LoraConfig(
         task_type=peft_task_type(task),
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.lora_targets) if cfg.lora_targets else None,
+        **{"target_modules": None, **defaults},
     )
     return get_peft_model(backbone, config)
 

@@ -12,6 +12,7 @@ from fedcustom.registry import Registry
 from fedcustom.tasks.base import Task
 from fedcustom.tasks.causal_lm import CausalLM
 from fedcustom.tasks.classification import Classification
+from fedcustom.tasks.image_classification import ImageClassification
 
 _REGISTRY: Registry[Task] = Registry("task")
 
@@ -31,5 +32,6 @@ def task_names() -> tuple[str, ...]:
 
 register(Classification())
 register(CausalLM())
+register(ImageClassification())
 
 __all__ = ["Task", "get_task", "register", "task_names"]

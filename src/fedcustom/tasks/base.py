@@ -13,16 +13,33 @@ class Task:
 
     name: str
     metrics: tuple[tuple[str, str], ...]  # (key in the eval dict, column title); the first is the headline metric
-    peft_task_type: str  # peft.TaskType value
-    default_max_length: int  # tokens, when model.max_length is unset
+    peft_task_type: str | None  # peft.TaskType value (None: PEFT's plain PeftModel)
+    default_max_length: int | None  # tokens, when model.max_length is unset (None: the task has no tokens)
     instruction_data: bool = False  # rows are [prompt, response] pairs with metadata columns (column partitions)
     knowledge_over_vocabulary: bool = False  # distillation: knowledge is a next-token distribution per response token
     kd_temperature: float = 2.0  # distillation temperature when --kd-temperature is unset
+    methods: tuple[str, ...] | None = None  # the methods this task supports (None: every registered one)
 
     @property
     def headline_metric(self) -> str:
         """The metric early stopping and round lines follow."""
         return self.metrics[0][0]
+
+    def load_processor(self, name: str, cfg: Any) -> Any:
+        """What turns a row into model inputs (text: the tokenizer; images: the image processor)."""
+        from fedcustom.models import load_tokenizer
+
+        return load_tokenizer(name)
+
+    def head_modules(self, backbone: Any) -> list[str]:
+        """The task head's module names (head-only training)."""
+        from fedcustom.vision import head_names
+
+        return head_names(backbone)
+
+    def lora_defaults(self, backbone: Any) -> dict[str, Any]:
+        """LoRA settings this task needs when the config leaves them unset (text: PEFT's own defaults)."""
+        return {}
 
     def load_backbone(self, name: str, label_names: list[str], tokenizer: Any, **extra: Any) -> Any:
         """The pretrained backbone with this task's head (seeded by the caller; ``extra``: quantized loading)."""

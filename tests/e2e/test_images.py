@@ -1,0 +1,95 @@
+"""Image classification: full fine-tuning, LoRA on convolution and linear layers, and head-only training on tiny
+random ViT and ResNet backbones built from config, with the same bytes, FLOPs and partitions as text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedcustom.data.images import FASHION_MNIST_LABELS, load_images
+from fedcustom.errors import ConfigError, FedCustomError
+from fedcustom.methods import trainable_state
+from fedcustom.runner import build_job, execute
+
+
+@pytest.mark.parametrize("backbone", ["tiny_vit", "tiny_cnn"])
+@pytest.mark.parametrize("method", ["full", "lora", "head"])
+def test_each_method_learns_dark_from_light_and_sends_only_what_it_trains(image_config, request, backbone: str,
+                                                                          method: str) -> None:
+    # Prepare
+    job = build_job(image_config(model__name=request.getfixturevalue(backbone), method__name=method))
+    trained = trainable_state(job.model)
+    everything = dict(job.model.named_parameters())
+    # Execute
+    summary = execute(job)
+    log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+    # Assert: it learns (chance is 0.5), and the payload is exactly the trained tensors
+    assert summary["final_accuracy"] >= 0.85, summary["accuracy_per_round"]
+    assert log[-1]["eval_loss"] < log[0]["eval_loss"]
+    assert job.server.global_state.keys() == trained.keys()
+    assert all(log[1]["client_flops"][c] > 0 for c in log[1]["client_flops"])
+    if method == "head":
+        assert set(trained) == {n for n in everything if n.startswith("classifier")}
+    if method == "lora":
+        assert any("lora_A" in n for n in trained) and any("classifier" in n for n in trained)
+        if backbone == "tiny_cnn":  # the convolutions carry adapters, not only linear layers
+            assert any("convolution.lora_A" in n for n in trained)
+    if method == "full":
+        assert set(trained) == set(everything)
+    assert summary["bytes_up_per_round"] > 0
+
+
+def test_batch_norm_statistics_stay_as_pretrained_while_training(image_config, tiny_cnn: str) -> None:
+    job = build_job(image_config(model__name=tiny_cnn, method__name="full", federation__rounds=1))
+    before = {k: v.clone() for k, v in job.model.state_dict().items() if "running" in k}
+    execute(job)
+    after = job.model.state_dict()
+    assert before and all(torch.equal(v, after[k]) for k, v in before.items())
+
+
+def test_an_image_folder_loads_in_class_order_and_keeps_the_training_labels(image_folder: str, tmp_path: Path) -> None:
+    data = load_images(image_folder)
+    assert data.label_names == ["dark", "light"] and len(data) == 160 and sorted(set(data.labels)) == [0, 1]
+    (tmp_path / "light").mkdir()
+    (tmp_path / "light" / "a.png").write_bytes((Path(image_folder) / "light" / "000.png").read_bytes())
+    only_light = load_images(str(tmp_path), label_names=["dark", "light"])
+    assert only_light.labels.tolist() == [1]  # a node's own folder keeps the server's label order
+    (tmp_path / "zebra").mkdir()
+    with pytest.raises(FedCustomError, match="zebra"):
+        load_images(str(tmp_path), label_names=["dark", "light"])
+
+
+def test_fashion_mnist_names_the_debian_package_when_missing(monkeypatch, tmp_path: Path) -> None:
+    import fedcustom.data.images as images
+
+    monkeypatch.setattr(images, "FASHION_MNIST_DIR", tmp_path)
+    with pytest.raises(FedCustomError, match="apt-get install dataset-fashion-mnist"):
+        load_images("fashion-mnist")
+
+
+def test_methods_an_image_task_cannot_run_are_a_config_error(image_config) -> None:
+    for method in ("prefix", "split", "distill"):
+        with pytest.raises(ConfigError, match="image-classification .* supports full, lora, head"):
+            image_config(method__name=method)
+
+
+@pytest.mark.integration
+def test_packaged_efficientnet_on_fashion_mnist_beats_chance_by_far(tmp_path: Path) -> None:
+    from fedcustom.config import build_config
+    from fedcustom.runner import run
+
+    if not Path("/usr/share/datasets/fashion-mnist").is_dir():
+        pytest.fail("make setup installs the Debian package dataset-fashion-mnist")
+    cfg = build_config({
+        "model": {"name": "efficientnet-lite0", "task": "image-classification", "image_size": 64},
+        "data": {"dataset": "fashion-mnist", "eval_split": "test", "partition": "dirichlet:1.0",
+                 "max_train_examples": 400, "max_eval_examples": 300},
+        "method": {"name": "lora"}, "federation": {"clients": 4, "rounds": 2, "local_epochs": 1},
+        "train": {"seed": 0}, "output": {"dir": str(tmp_path), "quiet": True, "report": False},
+    })
+    summary = run(cfg)
+    assert summary["label_names"] == FASHION_MNIST_LABELS
+    assert summary["final_accuracy"] > 0.6, summary["accuracy_per_round"]  # chance: 0.1
