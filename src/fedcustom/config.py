@@ -132,6 +132,8 @@ class MethodConfig:
                            "tokens: task (a sentence naming the task, e.g. its labels), vocab (tokens drawn from the "
                            "vocabulary), text:TEXT, or random (PEFT's N(0, 1); the only choice with "
                            "--prefix-projection).", "--prefix-init")
+    prompt_deep: bool = opt(False, "Visual prompt tuning (--method prompt on images): a prompt of its own at every "
+                            "layer (VPT-deep) instead of before the first only.", "--prompt-deep")
     prompt_init: str = opt("task", "Prompt tuning: start the soft tokens as real token embeddings: task, vocab, "
                            "text:TEXT or random (as --prefix-init).", "--prompt-init")
     prefix_projection: bool = opt(False, "Prefix tuning: reparameterize prefixes through an MLP.", "--prefix-projection")

@@ -71,8 +71,8 @@ def test_fashion_mnist_names_the_debian_package_when_missing(monkeypatch, tmp_pa
 
 
 def test_methods_an_image_task_cannot_run_are_a_config_error(image_config) -> None:
-    for method in ("prefix", "split", "distill"):
-        with pytest.raises(ConfigError, match="image-classification .* supports full, lora, head"):
+    for method in ("prefix", "split", "distill"):  # text-only protocols and PEFT prefixes
+        with pytest.raises(ConfigError, match="image-classification .* supports full, lora, head, prompt"):
             image_config(method__name=method)
 
 
@@ -93,3 +93,46 @@ def test_packaged_efficientnet_on_fashion_mnist_beats_chance_by_far(tmp_path: Pa
     summary = run(cfg)
     assert summary["label_names"] == FASHION_MNIST_LABELS
     assert summary["final_accuracy"] > 0.6, summary["accuracy_per_round"]  # chance: 0.1
+
+
+@pytest.mark.parametrize("deep", [False, True])
+def test_visual_prompts_learn_travel_alone_with_the_head_and_reload(image_config, deep: bool) -> None:
+    from fedcustom.methods.visual_prompt import load_visual_prompts
+
+    # Prepare: 3 prompt tokens on a 2-layer ViT over 16 patches
+    job = build_job(image_config(method__name="prompt", method__num_virtual_tokens=3, method__prompt_deep=deep,
+                                 train__lr=3e-2))
+    lengths = []
+    layer = job.model.backbone.vit.layers[1]
+    layer.register_forward_pre_hook(lambda _m, args, kwargs: lengths.append(
+        (args[0] if args else kwargs["hidden_states"]).shape[1]), with_kwargs=True)
+    # Execute
+    summary = execute(job)
+    # Assert: the sequence is [CLS] + 3 prompts + 16 patches at every layer; prompts and head are what travels
+    assert set(lengths) == {1 + 3 + 16}
+    state = job.server.global_state
+    assert set(state) == {"prompts", "backbone.classifier.weight", "backbone.classifier.bias"}
+    assert state["prompts"].shape == (2 if deep else 1, 3, 32)
+    assert summary["final_accuracy"] >= 0.85, summary["accuracy_per_round"]
+    # Assert: the saved folder rebuilds the same model
+    batch = {"pixel_values": torch.randn(2, 3, 16, 16)}
+    job.model.eval()
+    reloaded = load_visual_prompts(job.model_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**batch).logits, job.model(**batch).logits, rtol=0, atol=1e-6)
+
+
+def test_deep_prompts_replace_each_layers_prompt_positions(image_config) -> None:
+    job = build_job(image_config(method__name="prompt", method__num_virtual_tokens=2, method__prompt_deep=True))
+    seen: list[torch.Tensor] = []
+    layers = job.model.backbone.vit.layers
+    layers[1].register_forward_pre_hook(lambda _m, args, kwargs: seen.append(
+        (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+    with torch.no_grad():
+        job.model(pixel_values=torch.randn(1, 3, 16, 16))
+    assert torch.equal(seen[0][0, 1:3], job.model.prompts[1])  # layer 1 sees its own prompts, not layer 0's
+
+
+def test_visual_prompts_on_a_convolutional_backbone_are_a_clear_error(image_config, tiny_cnn: str) -> None:
+    with pytest.raises(FedCustomError, match="ViT-family"):
+        build_job(image_config(model__name=tiny_cnn, method__name="prompt"))

@@ -56,6 +56,7 @@ IMAGE_CLASSIFICATION: dict[str, Recommended] = {
     "full": Recommended(1e-4),
     "lora": Recommended(1e-3),
     "head": Recommended(1e-2),
+    "prompt": Recommended(1e-2),  # visual prompts (VPT)
 }
 
 TABLES = {"classification": CLASSIFICATION, "causal-lm": CAUSAL_LM,  # by task name (fedcustom.tasks)

@@ -1,6 +1,6 @@
 """Image classification: a new head on a pretrained vision backbone (EfficientNet-Lite0, or any Hugging Face
 image-classification model), labelled images, accuracy and macro-F1. Methods: full fine-tuning, LoRA on the
-convolution and linear layers, and head-only training."""
+convolution and linear layers, head-only training, and visual prompt tuning of ViT-family backbones."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ class ImageClassification(Task):
     metrics = (("accuracy", "accuracy"), ("macro_f1", "macro-F1"))
     peft_task_type = None  # PEFT's task types are for text; its plain PeftModel passes pixel_values through
     default_max_length = None  # no tokens
-    methods = ("full", "lora", "head")
+    methods = ("full", "lora", "head", "prompt")  # prompt: visual prompt tuning (ViT-family backbones)
     kd_temperature = 2.0
 
     def load_processor(self, name: str, cfg: Any) -> Any:
