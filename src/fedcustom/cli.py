@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "FedAvg vs median, trimmed mean, Multi-Krum and norm bounding with 0, 10 and 30 "
                             "percent sign-flip attackers, for prefix tuning and LoRA; generative: full, LoRA, prompt, "
                             "prefix, split and KD instruction tuning of SmolLM2 on the packaged ChatterBot corpus, each with "
-                            "its centralized baseline (perplexity, ROUGE-L, MB and client FLOPs per round). "
+                            "its centralized baseline (perplexity, ROUGE-L, MB and client FLOPs per round); "
+                            "converge and vision (declarative sweeps, fedcustom/bench/sweeps): the paper's claims at "
+                            "convergence, and EfficientNet-Lite0 on Fashion-MNIST. "
                             "(default: quick)")
     bench.add_argument("--data-dir", default="../shared/data",
                        help="Folder with sst2/ and ag_news/ (default: ../shared/data)")

@@ -136,3 +136,32 @@ def test_deep_prompts_replace_each_layers_prompt_positions(image_config) -> None
 def test_visual_prompts_on_a_convolutional_backbone_are_a_clear_error(image_config, tiny_cnn: str) -> None:
     with pytest.raises(FedCustomError, match="ViT-family"):
         build_job(image_config(model__name=tiny_cnn, method__name="prompt"))
+
+
+def test_the_vision_sweep_reports_each_method_and_split_against_centralized(tiny_vit: str, image_folder: str,
+                                                                           tmp_path: Path) -> None:
+    import dataclasses
+
+    from rich.console import Console
+
+    from fedcustom.bench import run_sweep_bench
+    from fedcustom.bench.sweep import load_sweep, merge
+
+    # Prepare: the shipped sweep, on the tiny ViT and the dark/light folder instead of EfficientNet and Fashion-MNIST
+    sweep = load_sweep("vision")
+    small = {"model": {"name": tiny_vit, "image_size": None},
+             "data": {"dataset": image_folder, "eval_split": None, "max_train_examples": 100, "max_eval_examples": 40,
+                      "eval_fraction": 0.25},
+             "federation": {"clients": 4, "rounds": 2}, "train": {"batch_size": 16, "count_flops": False},
+             "output": {"report": False}}
+    sweep = dataclasses.replace(sweep, base=merge(sweep.base, small))
+    # Execute
+    result = run_sweep_bench(sweep, ".", tmp_path, "fedcustom bench --preset vision", Console(quiet=True))
+    # Assert: 3 methods x 2 splits, each with its centralized baseline, a report row and the plot
+    records = result["stages"]["report"]
+    assert len(records) == 6 and all(r["summary"]["centralized_accuracy"] is not None for r in records)
+    text = (tmp_path / "report.md").read_text()
+    for method in ("full", "lora", "head"):
+        for split in ("iid", "dirichlet0.1"):
+            assert f"| {method} | {split} |" in text
+    assert (tmp_path / "vision_accuracy.png").is_file() and result["targets"][0]["met"] in (True, False)
