@@ -54,7 +54,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     for dest, value in vars(args).items():
         if "." in dest and value is not None:
             section, key = dest.split(".", 1)
-            out.setdefault(section, {})[key] = ",".join(value) if isinstance(value, list) else value
+            if isinstance(value, list):  # a repeatable flag (argparse gives [] for a bare "--")
+                value = ",".join(v if isinstance(v, str) else ",".join(map(str, v)) for v in value)
+            out.setdefault(section, {})[key] = value
     return out
 
 
@@ -70,8 +72,20 @@ def package_version() -> str:
         return __version__
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """Usage errors as one line naming the input (and where help is), exit 2, like every other user error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def one_line(message: str) -> str:
+    """A message that echoes user input, kept on one line (a value may contain newlines)."""
+    return message.replace("\r", "\\r").replace("\n", "\\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedcustom", description="Federated customization of large models.")
+    parser = OneLineParser(prog="fedcustom", description="Federated customization of large models.")
     parser.add_argument("--version", action="version", version=f"fedcustom {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="Run one federated customization job.",
@@ -229,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
 
         run(cfg)
     except FedCustomError as exc:
-        print(f"fedcustom: error: {exc}", file=sys.stderr)
+        print(f"fedcustom: error: {one_line(str(exc))}", file=sys.stderr)
         return 2
     return 0
 

@@ -10,6 +10,7 @@ names below; command-line flags override the file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -363,9 +364,15 @@ def parse_partition(spec: str) -> PartitionSpec:
         if value != int(value) or value < 1:
             raise ConfigError(f"partition {spec!r}: K must be a whole number >= 1")
         return PartitionSpec(kind, int(value))
-    if not value > 0:
-        raise ConfigError(f"partition {spec!r}: ALPHA must be > 0, got {value}")
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"partition {spec!r}: ALPHA must be a finite number > 0, got {value}")
     return PartitionSpec(kind, value)
+
+
+def shown(name: Any) -> str:
+    """A name the user typed, as is when it is one short printable line, else quoted with escapes."""
+    text = str(name)
+    return text if text.isprintable() and 0 < len(text) <= 60 else repr(text)[:62]
 
 
 def field_help(section: str) -> list[tuple[dataclasses.Field, dict[str, Any]]]:
@@ -391,9 +398,14 @@ def _coerce(section: str, name: str, value: Any, hint: Any) -> Any:
             raise ConfigError(f"config key {where}: expected true or false, got {value!r}")
         return value
     if base is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:
+            raise ConfigError(f"config key {where}: {value} is too large for a number") from None
     if not isinstance(value, base) or isinstance(value, bool) and base is not bool:
-        raise ConfigError(f"config key {where}: expected {base.__name__}, got {value!r}")
+        raise ConfigError(f"config key {where}: expected {base.__name__}, got {value!r:.80}")
+    if base is float and not math.isfinite(value):
+        raise ConfigError(f"config key {where}: expected a finite number, got {value}")
     return value
 
 
@@ -407,8 +419,11 @@ def _coerce_tuple(where: str, value: Any, item: type) -> tuple:
     try:
         if not isinstance(items, (list, tuple)) or any(isinstance(i, bool) for i in items):
             raise ValueError
-        return tuple(float(i) for i in items)
-    except ValueError:
+        numbers = tuple(float(i) for i in items)
+        if not all(math.isfinite(n) for n in numbers):
+            raise ValueError
+        return numbers
+    except (ValueError, OverflowError, TypeError):
         raise ConfigError(f"config key {where}: expected a list of numbers, got {value!r}") from None
 
 
@@ -419,11 +434,12 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
     kwargs = {}
     for key, value in values.items():
         if key not in known:
-            raise ConfigError(f"unknown config key {section}.{key}; expected one of: {', '.join(known)}")
+            raise ConfigError(f"unknown config key {section}.{shown(key)}; expected one of: {', '.join(known)}")
         value = _coerce(section, key, value, hints[key])
         choices = known[key].metadata.get("choices")
         if choices and value is not None and value not in choices:
-            raise ConfigError(f"config key {section}.{key}: {value!r} is not one of {', '.join(choices)}")
+            named = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(f"config key {section}.{key}: {value!r:.80} is not one of {named}")
         kwargs[key] = value
     return cls(**kwargs)
 
@@ -432,7 +448,7 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
     """Build and validate a RunConfig from a nested ``{section: {key: value}}`` dict."""
     for section, table in values.items():
         if section not in SECTIONS:
-            raise ConfigError(f"unknown config section [{section}]; expected one of: {', '.join(SECTIONS)}")
+            raise ConfigError(f"unknown config section [{shown(section)}]; expected one of: {', '.join(SECTIONS)}")
         if not isinstance(table, dict):
             raise ConfigError(f"config section [{section}] must be a table of keys")
     cfg = RunConfig(**{s: _build_section(s, values.get(s, {})) for s in SECTIONS})

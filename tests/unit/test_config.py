@@ -30,7 +30,7 @@ def test_toml_file_and_overrides_merge(tmp_path: Path) -> None:
         ({"federation": {"clients": 0}}, "federation.clients"),
         ({"federation": {"fraction": 1.5}}, "fraction"),
         ({"train": {"centralized": "yes"}}, "expected true or false"),
-        ({"data": {"partition": "dirichlet:0"}}, "ALPHA must be > 0"),
+        ({"data": {"partition": "dirichlet:0"}}, "ALPHA must be a finite number > 0"),
         ({"data": {"partition": "zipf"}}, "expected iid, dirichlet:ALPHA"),
     ],
 )
@@ -67,13 +67,13 @@ def base_args(tiny_bert: str, toy_csv: str, tmp_path: Path) -> list[str]:
 @pytest.mark.parametrize(
     ("extra", "fragment"),
     [
-        (["--method", "adapterdrop"], "method 'adapterdrop': expected one of distill, full, lora, prefix, prompt, split"),
+        (["--method", "adapterdrop"], "method 'adapterdrop': expected one of distill, full, head, lora, prefix, prompt, split"),
         (["--model", "no-such-model-xyz"], "model 'no-such-model-xyz'"),
         (["--dataset", "missing.csv"], "dataset file missing.csv: not found"),
         (["--dataset", "no_such_hub_dataset_xyz"], "dataset 'no_such_hub_dataset_xyz'"),
         (["--text-column", "review_body"], "text column 'review_body' is not in dataset"),
         (["--label-column", "stars"], "label column 'stars' is not in dataset"),
-        (["--partition", "dirichlet:-1"], "ALPHA must be > 0"),
+        (["--partition", "dirichlet:-1"], "ALPHA must be a finite number > 0"),
         (["--clients", "100000"], "more clients than the"),
         (["--strategy", "fedmagic"], "strategy 'fedmagic'"),
     ],
