@@ -83,7 +83,7 @@ def toy_csv(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 # Learning rates that move a tiny random model in a couple of rounds (the methods' defaults
 # are tuned for the pretrained MiniLM).
-TINY_LR = {"full": 3e-3, "lora": 3e-3, "prompt": 1e-2, "prefix": 1e-2, "split": 3e-3, "distill": 3e-3}
+TINY_LR = {"full": 3e-3, "lora": 3e-3, "prompt": 1e-2, "prefix": 1e-2, "split": 3e-3, "distill": 3e-3, "head": 1e-2}
 
 
 def config_with(values: dict, overrides: dict):

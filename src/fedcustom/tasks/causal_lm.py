@@ -16,6 +16,7 @@ class CausalLM(Task):
     default_max_length = 512  # chat-templated prompts of the packaged corpus do not fit in 64
     instruction_data = True
     knowledge_over_vocabulary = True
+    methods = ("full", "lora", "prompt", "prefix", "split", "distill")  # no head-only: the LM head is the vocabulary
     # Softened over a whole vocabulary, T = 2 teaches a causal LM to hedge (SmolLM2 on chatterbot, 1 round:
     # held-out perplexity 15.95 -> 26.2 with T = 2, -> 15.76 with T = 1).
     kd_temperature = 1.0
