@@ -151,10 +151,15 @@ def causal_config(tmp_path: Path, tiny_llama: str, toy_jsonl: str):
     return make
 
 
-def _image_processor(folder: Path, size: int) -> None:
+def _saved_image_model(factory: pytest.TempPathFactory, name: str, build) -> str:
+    """A random image classifier (seeded) saved with a 16 x 16 image processor."""
     from transformers import ViTImageProcessor
 
-    ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    folder = factory.mktemp(name)
+    torch.manual_seed(0)
+    build().save_pretrained(folder)
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="session")
@@ -162,13 +167,9 @@ def tiny_vit(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A saved 2-layer, hidden-32 random ViT over 16 x 16 images (4 x 4 patches) with its image processor."""
     from transformers import ViTConfig, ViTForImageClassification
 
-    folder = tmp_path_factory.mktemp("tiny-vit")
-    torch.manual_seed(0)
     config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                        intermediate_size=64, num_labels=2)
-    ViTForImageClassification(config).save_pretrained(folder)
-    _image_processor(folder, 16)
-    return str(folder)
+    return _saved_image_model(tmp_path_factory, "tiny-vit", lambda: ViTForImageClassification(config))
 
 
 @pytest.fixture(scope="session")
@@ -176,12 +177,8 @@ def tiny_cnn(tmp_path_factory: pytest.TempPathFactory) -> str:
     """A saved two-stage random ResNet (convolutions, batch norm) with its image processor."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    folder = tmp_path_factory.mktemp("tiny-cnn")
-    torch.manual_seed(0)
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=2)
-    ResNetForImageClassification(config).save_pretrained(folder)
-    _image_processor(folder, 16)
-    return str(folder)
+    return _saved_image_model(tmp_path_factory, "tiny-cnn", lambda: ResNetForImageClassification(config))
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedcustom.bench.report import PAPER
-from fedcustom.bench.sweep import Sweep, picks_table
+from fedcustom.bench.sweep import Sweep, picks_table, preamble
 
 MB = 1e6
 PLOTS = {"rounds": "accuracy_vs_round.png", "skew": "accuracy_by_split.png", "cost": "accuracy_vs_total_mb.png"}
@@ -161,13 +161,8 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
     result_rows = rows(records)
     if records:
         plot(records, out)
-    m = result["machine"]
     seeds = sorted({r["tags"]["seed"] for r in records})
-    parts = [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
-             f"Command: `{result['command']}`  ",
-             f"Machine: {m['processor']}, {m['cpus']} CPUs; {result['runs']} runs "
-             f"({result['reused']} reused from earlier invocations), {result['cells_wall_seconds'] / 3600:.1f} h of "
-             f"run time in all; finished {result['finished']}.", "",
+    parts = [*preamble(sweep, result),
              "## Setup", "", *setup_lines(sweep, seeds), "",
              "## Targets", "", "| target | measured | met |", "|---|---|---|",
              *[f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in result["targets"]], "",

@@ -250,3 +250,13 @@ def as_json(sweep: Sweep) -> dict[str, Any]:
                                   "axes": {a: [v.__dict__ for v in vs] for a, vs in sweep.axes.items()},
                                   "stages": [s.__dict__ | {"pick": s.pick.__dict__ if s.pick else None}
                                              for s in sweep.stages]}, default=str))
+
+
+def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
+    """A sweep report's first lines: title, description, command, machine and how many runs took how long."""
+    m = result["machine"]
+    return [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
+            f"Command: `{result['command']}`  ",
+            f"Machine: {m['processor']}, {m['cpus']} CPUs; {result['runs']} runs "
+            f"({result['reused']} reused from earlier invocations), {result['cells_wall_seconds'] / 3600:.1f} h of "
+            f"run time in all; finished {result['finished']}.", ""]

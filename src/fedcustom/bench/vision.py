@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from fedcustom.bench.sweep import Sweep
+from fedcustom.bench.sweep import Sweep, preamble
 
 PLOT = "vision_accuracy.png"
 MB = 1e6
@@ -66,11 +66,7 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
     table = rows(records)
     if table:
         plot(table, out)
-    m = result["machine"]
-    lines = [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
-             f"Command: `{result['command']}`  ",
-             f"Machine: {m['processor']}, {m['cpus']} CPUs; {result['runs']} runs ({result['reused']} reused), "
-             f"{result['cells_wall_seconds'] / 60:.0f} min of run time; finished {result['finished']}.", "",
+    lines = [*preamble(sweep, result),
              "| method | split | federated accuracy | centralized (same passes) | gap (points) | MB up / down per "
              "client per round | client GFLOPs per round | trainable parameters |", "|---|---|---|---|---|---|---|---|"]
     for r in table:
