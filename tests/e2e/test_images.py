@@ -165,3 +165,21 @@ def test_the_vision_sweep_reports_each_method_and_split_against_centralized(tiny
         for split in ("iid", "dirichlet0.1"):
             assert f"| {method} | {split} |" in text
     assert (tmp_path / "vision_accuracy.png").is_file() and result["targets"][0]["met"] in (True, False)
+
+
+def test_a_hub_image_dataset_is_read_by_its_image_and_label_columns(monkeypatch, image_folder: str) -> None:
+    """The Hub cannot be reached here: ``datasets.load_dataset`` is replaced by a table of the same shape as a Hub
+    image dataset (an Image column and a ClassLabel), which is what the reader sees after a real download."""
+    import datasets
+
+    folder = load_images(image_folder)
+    table = datasets.Dataset.from_dict(
+        {"img": folder.images[:6], "label": folder.labels[:3].tolist() + folder.labels[-3:].tolist()},
+        features=datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["dark", "light"])}))
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split: table)
+    data = load_images("someone/shades", "train")
+    assert data.label_names == ["dark", "light"] and data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    reordered = load_images("someone/shades", "test", label_names=["light", "dark"])  # the training set's order
+    assert reordered.labels.tolist() == [1, 1, 1, 0, 0, 0]
+    with pytest.raises(FedCustomError, match="differ from the training set's"):
+        load_images("someone/shades", "test", label_names=["grey", "dark"])

@@ -100,11 +100,16 @@ def _hub(name: str, split: str, label_names: list[str] | None) -> Images:
         raise FedCustomError(f"image dataset {name!r}: expected an image and a label column, got "
                              f"{', '.join(table.column_names)}")
     feature = table.features[label_column]
-    names = label_names or (list(feature.names) if hasattr(feature, "names") else
-                            [str(v) for v in sorted(set(table[label_column]))])
     raw = table[label_column]
-    labels = raw if hasattr(feature, "names") else [names.index(str(v)) for v in raw]
-    return Images(list(table[image_column]), np.asarray(labels, dtype=np.int64), names)
+    values = [feature.int2str(v) for v in raw] if hasattr(feature, "names") else [str(v) for v in raw]
+    own = list(feature.names) if hasattr(feature, "names") else sorted(set(values))
+    names = label_names or own
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise FedCustomError(f"image dataset {name!r}: labels {', '.join(unknown[:5])} differ from the training set's "
+                             f"{', '.join(names)}")
+    index = {label: i for i, label in enumerate(names)}
+    return Images(list(table[image_column]), np.asarray([index[v] for v in values], dtype=np.int64), names)
 
 
 def load_images(source: str, split: str = "train", label_names: list[str] | None = None) -> Images:
