@@ -1,11 +1,12 @@
-"""One workload on three runtimes, side by side: embedded, Flower simulation (Ray), and a real local
-SuperLink with one SuperNode per client (processes on 127.0.0.1, insecure). Reports wall seconds per
-round (from each run's own round log) and the peak resident memory of all processes of the run
-together (sampled every 0.2 s with psutil: the run's own process tree, plus for Flower the SuperLink
-and SuperNode trees and the processes they spawn). Writes results.json and results.md beside this
-script.
+"""One workload on four runtimes, side by side: embedded, Flower simulation (Ray), a real local SuperLink with one
+SuperNode per client whose SuperExec starts a ClientApp process per message (Flower's default), and the same with
+a persistent `fedcustom worker` per node (`fedcustom supernode --isolation process`). Reports wall seconds per
+round (from each run's own round log), the per-message overhead (a sharing round sends one message to every node
+at once, so the SuperLink round minus the embedded round is what one message costs on top of its work), and the
+peak resident memory of all processes of the run together (sampled every 0.2 s with psutil). Writes results.json
+and results.md beside this script; the numbers measured before the worker are kept there under "previous".
 
-    .venv/bin/python benchmarks/runtimes/run.py [--clients 10] [--rounds 3]
+    .venv/bin/python benchmarks/runtimes/run.py [--clients 2 10] [--rounds 3] [--runtimes embedded superlink-worker]
 """
 
 from __future__ import annotations
@@ -64,10 +65,11 @@ class PeakMemory:
 
 
 def workload(clients: int, rounds: int, out: Path) -> list[str]:
-    """MiniLM prefix tuning on SST-2 rows, the same steps on every runtime."""
-    return ["--config", str(REPO / "configs" / "main.toml"), "--dataset", str(SST2 / "validation.tsv"),
-            "--clients", str(clients), "--rounds", str(rounds), "--local-epochs", "1", "--max-train-examples",
-            str(30 * clients), "--max-eval-examples", "200", "--no-centralized", "--quiet", "--output", str(out)]
+    """MiniLM prefix tuning on SST-2 rows, the same steps on every runtime (the main job's other settings)."""
+    return ["--config", str(REPO / "configs" / "main.toml"), "--method", "prefix", "--num-virtual-tokens", "20",
+            "--dataset", str(SST2 / "validation.tsv"), "--clients", str(clients), "--rounds", str(rounds),
+            "--local-epochs", "1", "--batch-size", "8", "--max-train-examples", str(30 * clients),
+            "--max-eval-examples", "200", "--no-centralized", "--no-report", "--quiet", "--output", str(out)]
 
 
 def rounds_of(out: Path) -> list[float]:
@@ -95,48 +97,90 @@ def owner_files(clients: int, root: Path) -> list[Path]:
     return paths
 
 
+RUNTIMES = ("embedded", "flower-sim", "superlink", "superlink-worker")
+LABELS = {"superlink": "flower (SuperLink + SuperNodes, a process per message)",
+          "superlink-worker": "flower (SuperLink + SuperNodes + fedcustom worker)"}
+
+
+def on_superlink(clients: int, rounds: int, root: Path, env: dict[str, str], worker: bool) -> dict:
+    """One run submitted to a local SuperLink with one SuperNode per client (each with its own rows)."""
+    out, files = root / "out", owner_files(clients, root)
+    with Cluster(root / "cluster") as cluster:
+        cluster.start_superlink()
+        for i in range(clients):
+            config = f"partition-id={i} data-path='{files[i]}'"
+            if worker:
+                cluster.start_worker_node(f"owner{i}", config)
+            else:
+                cluster.start_supernode(f"owner{i}", config)
+        daemons = [p.pid for p in cluster.processes.values()]
+        start = time.perf_counter()
+        process = subprocess.Popen([str(BIN / "fedcustom"), "submit", "--superlink", cluster.address, "--insecure",
+                                    *workload(clients, rounds, out)], env=env)
+        with PeakMemory([process.pid, *daemons]) as memory:
+            if process.wait() != 0:
+                raise RuntimeError("fedcustom submit failed")
+        return {"wall_seconds": time.perf_counter() - start, "round_seconds": rounds_of(out),
+                "peak_rss_bytes": memory.peak}
+
+
+def measure(runtime: str, clients: int, rounds: int, root: Path) -> dict:
+    env = flower_env(root / "flwr-home")
+    if runtime in ("embedded", "flower-sim"):
+        out = root / runtime
+        wall, peak = run_cli(["run", *workload(clients, rounds, out), "--runtime", runtime], env)
+        row = {"wall_seconds": wall, "round_seconds": rounds_of(out), "peak_rss_bytes": peak}
+    else:
+        row = on_superlink(clients, rounds, root, env, worker=runtime == "superlink-worker")
+    steady = row["round_seconds"][1:] or row["round_seconds"]  # round 1 includes loading the model
+    return {"runtime": LABELS.get(runtime, runtime), "key": runtime, "clients": clients,
+            "mean_s_per_round": sum(row["round_seconds"]) / len(row["round_seconds"]),
+            "steady_s_per_round": sum(steady) / len(steady), **row}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--clients", type=int, nargs="+", default=[2, 10])
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
     args = parser.parse_args()
-    results = []
-    with tempfile.TemporaryDirectory(prefix="fedcustom-runtimes-") as tmp:
-        root = Path(tmp)
-        env = flower_env(root / "flwr-home")
-        for runtime in ("embedded", "flower-sim"):
-            out = root / runtime
-            wall, peak = run_cli(["run", *workload(args.clients, args.rounds, out), "--runtime", runtime], env)
-            results.append({"runtime": runtime, "wall_seconds": wall, "round_seconds": rounds_of(out),
-                            "peak_rss_bytes": peak})
-        out = root / "superlink"
-        files = owner_files(args.clients, root)
-        with Cluster(root / "cluster") as cluster:
-            cluster.start_superlink()
-            for i in range(args.clients):
-                cluster.start_supernode(f"owner{i}", f"partition-id={i} data-path='{files[i]}'")
-            daemons = [p.pid for p in cluster.processes.values()]
-            start = time.perf_counter()
-            process = subprocess.Popen([str(BIN / "fedcustom"), "submit", "--superlink", cluster.address, "--insecure",
-                                        *workload(args.clients, args.rounds, out)], env=env)
-            with PeakMemory([process.pid, *daemons]) as memory:
-                if process.wait() != 0:
-                    raise RuntimeError("fedcustom submit failed")
-            results.append({"runtime": "flower (SuperLink + SuperNodes)", "wall_seconds": time.perf_counter() - start,
-                            "round_seconds": rounds_of(out), "peak_rss_bytes": memory.peak})
+    path = HERE / "results.json"
+    saved = json.loads(path.read_text()) if path.is_file() else {}
+    previous = saved.get("previous") or [{**r, "clients": 10, "mean_s_per_round": sum(r["round_seconds"]) /
+                                          len(r["round_seconds"])} for r in saved.get("results", [])
+                                         if "key" not in r]
+    results = [r for r in saved.get("results", []) if "key" in r]
+    for clients in args.clients:
+        for runtime in args.runtimes:
+            with tempfile.TemporaryDirectory(prefix="fedcustom-runtimes-") as tmp:
+                row = measure(runtime, clients, args.rounds, Path(tmp))
+            results = [r for r in results if (r["key"], r["clients"]) != (runtime, clients)] + [row]
+            print(f"{row['runtime']}, {clients} clients: {row['mean_s_per_round']:.2f} s / round", flush=True)
+            write(results, previous, args.rounds)
+
+
+def write(results: list[dict], previous: list[dict], rounds: int) -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
-    command = f".venv/bin/python benchmarks/runtimes/run.py --clients {args.clients} --rounds {args.rounds}"
-    (HERE / "results.json").write_text(json.dumps({"command": command, "machine": machine, "results": results},
-                                                  indent=2) + "\n")
+    command = ".venv/bin/python benchmarks/runtimes/run.py --clients 2 10"
+    (HERE / "results.json").write_text(json.dumps({"command": command, "machine": machine, "results": results,
+                                                   "previous": previous}, indent=2) + "\n")
+    embedded = {r["clients"]: r["steady_s_per_round"] for r in results if r["key"] == "embedded"}
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
-             f"Workload: MiniLM prefix tuning (20 tokens), {args.clients} clients x 30 SST-2 rows, 1 local epoch, "
-             f"batch 8, {args.rounds} rounds, 200 eval rows.", "",
-             "| runtime | mean s / round | rounds (s) | whole command (s) | peak RSS, all processes |",
-             "|---|---:|---|---:|---:|"]
-    for r in results:
-        mean = sum(r["round_seconds"]) / len(r["round_seconds"])
-        lines.append(f"| {r['runtime']} | {mean:.1f} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} | "
-                     f"{r['wall_seconds']:.1f} | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+             f"Workload: MiniLM prefix tuning (20 tokens), N clients x 30 SST-2 rows, 1 local epoch, batch 8, {rounds} "
+             f"rounds, 200 eval rows; every node on this machine (torch: 1 thread per worker).", "",
+             "| runtime | clients | mean s / round | rounds (s) | steady s / round (rounds 2+) | x embedded | "
+             "overhead per message (s) | peak RSS, all processes |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in sorted(results, key=lambda r: (r["clients"], RUNTIMES.index(r["key"]))):
+        base = embedded.get(r["clients"])
+        ratio = f"{r['steady_s_per_round'] / base:.1f}" if base else "-"
+        overhead = f"{r['steady_s_per_round'] - base:.2f}" if base and r["key"].startswith("superlink") else "-"
+        lines.append(f"| {r['runtime']} | {r['clients']} | {r['mean_s_per_round']:.1f} | "
+                     f"{', '.join(f'{s:.1f}' for s in r['round_seconds'])} | {r['steady_s_per_round']:.1f} | {ratio} | "
+                     f"{overhead} | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+    lines += ["", "Before the worker (issue 20's starting point; prefix tuning through the main job of that time, "
+              "10 clients, 3 rounds):", "", "| runtime | mean s / round | rounds (s) |", "|---|---:|---|"]
+    lines += [f"| {r['runtime']} | {r['mean_s_per_round']:.1f} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} |"
+              for r in previous]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

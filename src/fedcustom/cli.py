@@ -150,6 +150,27 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("prompt", nargs="?", help="The prompt to answer.")
     source.add_argument("--interactive", action="store_true",
                         help="Answer each stdin line until EOF or an empty line.")
+    worker = sub.add_parser("worker", help="Run a SuperNode's ClientApp tasks in one persistent process.",
+                            description="The SuperExec of a SuperNode started with --isolation process: runs each of "
+                                        "its messages in this process, keeping the model, data and client state "
+                                        "loaded between messages (no process and no model load per message).")
+    worker.add_argument("--runtime-api", default="127.0.0.1:9094", metavar="HOST:PORT",
+                        help="The SuperNode's Runtime API (flower-supernode --port; default: 127.0.0.1:9094)")
+    worker.add_argument("--root-certificates", help="CA certificate of the Runtime API's TLS (default: plain HTTP "
+                                                    "on the loopback)")
+    worker.add_argument("--auth-secret-file", help="The SuperNode's --superexec-auth-secret-file")
+    worker.add_argument("--run", type=int, metavar="RUN_ID", help="Serve only this run (default: the first run "
+                                                                   "whose message arrives); others get an error reply")
+    worker.add_argument("--poll", type=float, default=0.05, metavar="SECONDS",
+                        help="How often to ask the node for a task when idle (default: 0.05)")
+    worker.add_argument("--threads", type=int, metavar="N",
+                        help="Torch threads (default: torch's; several nodes on one machine share its cores)")
+    node = sub.add_parser("supernode", help="flower-supernode that polls every --poll seconds (for the worker).",
+                          description="Flower's SuperNode with its fixed waits (3 s between pulls from the SuperLink, "
+                                      "0.5 s for a reply) shortened to --poll; every other argument goes to "
+                                      "flower-supernode unchanged (authentication, TLS, node config).")
+    node.add_argument("--poll", type=float, default=0.05, metavar="SECONDS", help="(default: 0.05)")
+    node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own arguments")
     report = sub.add_parser("report", help="Write a finished run's report.md and plots into its folder.",
                             description="report.md and PNG plots (metric and loss per round against the centralized "
                                         "baselines, cumulative MB, each client's data) from DIR's summary.json and "
@@ -213,10 +234,24 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point; user errors print one line and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "supernode":  # the supernode command hands flower-supernode its own arguments
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         if args.command == "generate":
             return generate_text(args)
+        if args.command == "supernode":
+            from fedcustom.deploy.flower.worker import run_supernode
+
+            run_supernode([*unknown, *args.flower_args], args.poll)
+            return 0
+        if args.command == "worker":
+            from fedcustom.deploy.flower.worker import WorkerSettings, serve
+
+            serve(WorkerSettings(args.runtime_api, args.root_certificates is None, args.root_certificates,
+                                 args.auth_secret_file, args.run, args.poll, args.threads))
+            return 0
         if args.command == "report":
             from pathlib import Path
 

@@ -207,3 +207,24 @@ class Cluster:
         if private_key is not None:
             args += ["--auth-supernode-private-key", str(private_key)]
         return self._start(name, args, ready)
+
+    def start_worker_node(self, name: str, node_config: str, private_key: Path | None = None,
+                          worker_args: tuple[str, ...] = ()) -> int:
+        """A SuperNode that leaves its ClientApp tasks to a persistent ``fedcustom worker`` (``name``-worker), via
+        ``fedcustom supernode`` (Flower's SuperNode, polling every 0.05 s); returns its Runtime API port."""
+        port = free_port()
+        args = [sys.executable, "-m", "fedcustom.cli", "supernode", "--poll", "0.05", "--superlink", self.address,
+                "--port", str(port), "--isolation", "process", "--node-config", node_config]
+        args += ["--root-certificates", str(self.certs["ca_cert"])] if self.certs else ["--insecure"]
+        if private_key is not None:
+            args += ["--auth-supernode-private-key", str(private_key)]
+        self._start(name, args, r"SuperNode ID: \d+")
+        self.start_worker(f"{name}-worker", port, worker_args)
+        return port
+
+    def start_worker(self, name: str, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
+        """``fedcustom worker`` for the SuperNode whose Runtime API is on ``port`` (one torch thread: the nodes of a
+        test share the machine's cores)."""
+        args = [sys.executable, "-m", "fedcustom.cli", "worker", "--runtime-api", f"127.0.0.1:{port}", "--threads", "1",
+                *extra]
+        return self._start(name, args, r"fedcustom worker: serving", timeout=120)

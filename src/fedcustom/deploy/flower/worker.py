@@ -1,0 +1,156 @@
+"""A persistent per-node worker: the process that runs a SuperNode's ClientApp tasks, keeping the backbone, tokenizer,
+data and client state loaded between messages (issue 20).
+
+Flower 1.41's SuperNode hands each message to a task process: by default its SuperExec starts a fresh
+``flwr-clientapp`` process per message, which installs the FAB, imports torch and transformers and loads the model
+again (about 5 s per message on 2 cores). A SuperNode started with ``--isolation process`` instead waits for an
+external SuperExec on its local Runtime API. ``fedcustom worker`` is that SuperExec, and runs each task in itself
+with Flower's own task protocol (acquire a task and its token, pull the message and context, push the reply and
+context), so the node keeps Flower's node authentication and TLS to the SuperLink unchanged and opens no port:
+the worker connects to the node's Runtime API on 127.0.0.1, optionally authenticated with the node's SuperExec
+secret (a file only the node's user can read).
+
+The node's state still travels in Flower's ``context`` after every message, so a worker that is killed and
+restarted continues from where the node was; a message of a run other than the one the worker serves (``--run``,
+or the first it sees) is answered with an error instead of being run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkerSettings:
+    runtime_api: str = "127.0.0.1:9094"  # the SuperNode's Runtime API (flower-supernode --port)
+    insecure: bool = True  # plain HTTP on the loopback (TLS: root_certificates)
+    root_certificates: str | None = None
+    auth_secret_file: str | None = None  # the SuperNode's --superexec-auth-secret-file
+    run_id: int | None = None  # serve only this run (default: the first run a task belongs to)
+    poll_seconds: float = 0.05  # how often to ask the node for a task when idle
+    threads: int | None = None  # torch threads (nodes sharing one machine: its cores divided between them)
+    max_tasks: int | None = None  # stop after this many tasks (tests)
+
+
+def _client(settings: WorkerSettings, interceptors: list[Any]) -> Any:
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+
+    certificates = Path(settings.root_certificates).read_bytes() if settings.root_certificates else None
+    return RuntimeHttpClient.from_server_address(server_address=settings.runtime_api, insecure=settings.insecure,
+                                                 root_certificates=certificates, interceptors=interceptors,
+                                                 retry_invoker=make_simple_http_retry_invoker())
+
+
+def serve(settings: WorkerSettings) -> int:
+    """Acquire and run the node's ClientApp tasks until interrupted (or ``max_tasks``); returns the tasks run."""
+    from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
+
+    from fedcustom.deploy.flower.apps import client_app  # torch and transformers load once, here
+
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+
+    interceptors: list[Any] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+    if settings.auth_secret_file:
+        from flwr.supercore.auth.superexec_secret import load_superexec_auth_secret
+
+        secret = load_superexec_auth_secret(secret_file=settings.auth_secret_file)
+        interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                         protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
+    node = _client(settings, interceptors)
+    done, run_id = 0, settings.run_id
+    print(f"fedcustom worker: serving the SuperNode at {settings.runtime_api}", flush=True)
+    try:
+        while settings.max_tasks is None or done < settings.max_tasks:
+            acquired = node.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
+                                                           agentapp_fab_hashes=[]))
+            if not (acquired.HasField("task") and acquired.token):
+                time.sleep(settings.poll_seconds)
+                continue
+            run_id = run_task(settings, acquired.token, client_app, run_id)
+            done += 1
+    finally:
+        node.close()
+    return done
+
+
+def run_task(settings: WorkerSettings, token: str, app: Any, run_id: int | None) -> int | None:
+    """One task with its token, as ``flwr-clientapp`` runs it but in this process; returns the run served."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+    client = _client(settings, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                                RuntimeTokenHttpInterceptor(token)])
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    heartbeat.start()
+    message = reply = context = None
+    status, details = SubStatus.FAILED, "the worker failed before the task ran"
+    try:
+        message, context, _run, _fab = pull_task_input(client)
+        run_id = context.run_id if run_id is None else run_id
+        if context.run_id != run_id:
+            reason = f"this fedcustom worker serves run {run_id}, not run {context.run_id}"
+            reply, details = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
+                                     reply_to=message), reason
+            log.warning("refused a message of run %s: %s", context.run_id, reason)
+        else:
+            reply = app(message=message, context=context)
+            status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001 - a task's failure is its reply, and the worker goes on
+        log.exception("task failed")
+        details = f"{type(exc).__name__}: {exc}"
+        if message is not None:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                push_message(client, reply, context)
+            push_task_output(client=client, context=context, sub_status=status, details=details)
+        finally:
+            heartbeat.stop()
+            client.close()
+    return run_id
+
+
+class _CappedSleep:
+    """``time`` for Flower's SuperNode loop with every sleep capped at ``poll`` seconds."""
+
+    def __init__(self, poll: float) -> None:
+        self.poll = poll
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self.poll))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def run_supernode(argv: list[str], poll: float) -> None:
+    """Flower's own SuperNode (``flower-supernode ARGV``: the same authentication, TLS and node config) whose waits
+    between pulls from the SuperLink and for a task's reply are ``poll`` seconds instead of Flower 1.41's fixed 3 s
+    and 0.5 s. Those fixed waits put 1.5 s on average (up to 3.5 s) on every message a node receives, which is
+    most of a round once the worker removes the per-message process; a node polling the SuperLink every ``poll``
+    seconds costs one small request each time."""
+    import sys
+
+    import flwr.supernode.start_client_internal as loop
+    from flwr.supernode.cli.flower_supernode import flower_supernode
+
+    loop.time = _CappedSleep(poll)  # the module's only use of ``time`` is sleeping between polls
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()

@@ -1,0 +1,109 @@
+"""The persistent per-node worker on a real SuperLink (issue 20): SuperNodes started with ``fedcustom supernode
+--isolation process`` and a ``fedcustom worker`` each, as processes on 127.0.0.1 talking HTTP as across machines.
+The model stays loaded in the worker between messages; the results equal the embedded runtime's."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fedcustom.cli import main
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fedcustom[flower]'")
+from flower_cluster import Cluster  # noqa: E402 - needs Flower's cryptography
+
+pytestmark = pytest.mark.integration
+
+JOB = ["--max-length", "16", "--max-eval-examples", "40", "--method", "lora", "--clients", "2", "--local-epochs", "1",
+       "--batch-size", "16", "--lr", "0.003", "--partition", "iid", "--quiet", "--no-report"]
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "round_log.jsonl").read_text().splitlines()]
+
+
+def _submit(cluster: Cluster, tiny_bert: str, toy_csv: str, out: Path, *extra: str) -> int:
+    return main(["submit", "--superlink", cluster.address, "--insecure", "--model", tiny_bert, "--dataset", toy_csv,
+                 *JOB, "--output", str(out), *extra])
+
+
+def test_workers_give_the_embedded_runtimes_results(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare: the same job embedded, and on a SuperLink whose two nodes each run a worker (each node takes its
+    # partition of the run's dataset, as the embedded clients do)
+    embedded = tmp_path / "embedded"
+    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "3",
+                 "--output", str(embedded)]) == 0
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        cluster.start_superlink()
+        for i in range(2):
+            cluster.start_worker_node(f"owner{i}", f"partition-id={i}")
+        # Execute
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--rounds", "3")
+        worker_log = cluster.log("owner0-worker")
+    # Assert: the same losses, bytes and adapter as in one process (1e-6), and every message ran in the worker
+    assert code == 0
+    ours, reference = _log(out), _log(embedded)
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in ours[1:])
+    assert [r["bytes_up"] for r in ours] == [r["bytes_up"] for r in reference]
+    assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
+    assert [r["eval_loss"] for r in ours] == pytest.approx([r["eval_loss"] for r in reference], abs=1e-6)
+    adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, embedded)]
+    for name, tensor in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], tensor, rtol=0, atol=1e-6)
+    assert "task failed" not in worker_log
+
+
+def test_a_killed_worker_costs_its_node_that_round_and_a_restarted_one_serves_the_next(
+        tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        cluster.start_superlink()
+        ports = [cluster.start_worker_node(f"owner{i}", f"partition-id={i}") for i in range(2)]
+
+        def rounds_logged(count: int) -> None:
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and not ((out / "round_log.jsonl").is_file() and len(_log(out)) >= count):
+                time.sleep(0.05)
+
+        def chaos() -> None:
+            rounds_logged(2)  # round 1 done: SIGKILL owner 1's worker, so round 2 goes on without it
+            cluster.stop("owner1-worker", sig=9)
+            rounds_logged(3)  # round 2 done: a new worker for the same node
+            cluster.start_worker("owner1-worker", ports[1])
+
+        thread = threading.Thread(target=chaos)
+        thread.start()
+        # Execute
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--rounds", "4", "--round-timeout", "15")
+        thread.join()
+    # Assert: the run finished; round 2 lost node 1 only; a later round has both nodes again
+    assert code == 0
+    log = _log(out)
+    assert [r["round"] for r in log] == [0, 1, 2, 3, 4]
+    assert log[1]["rejected"] == {}
+    assert set(log[2]["rejected"]) == {"1"}
+    assert log[4]["rejected"] == {} and log[4]["clients"] == [0, 1]
+
+
+def test_a_worker_refuses_a_run_it_was_not_started_for(tmp_path: Path, tiny_bert: str, toy_csv: str,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        cluster.start_superlink()
+        cluster.start_worker_node("owner0", "partition-id=0")
+        cluster.start_worker_node("owner1", "partition-id=1", worker_args=("--run", "1"))  # not the run we submit
+        # Execute
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--rounds", "1", "--round-timeout", "30")
+        refused = cluster.log("owner1-worker")
+    # Assert: node 1 answered the run's first message (which client are you?) with an error, so the run, which
+    # needs both clients, stopped with the reason instead of training without it
+    assert code == 2
+    assert "only 1 SuperNodes answered" in capsys.readouterr().err
+    assert "this fedcustom worker serves run 1, not run" in refused
