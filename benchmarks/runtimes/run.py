@@ -1,9 +1,9 @@
 """One workload on four runtimes, side by side: embedded, Flower simulation (Ray), a real local SuperLink with one
 SuperNode per client whose SuperExec starts a ClientApp process per message (Flower's default), and the same with
 a persistent `fedcustom worker` per node (`fedcustom supernode --isolation process`). Reports wall seconds per
-round (from each run's own round log), the per-message overhead (a sharing round sends one message to every node
-at once, so the SuperLink round minus the embedded round is what one message costs on top of its work), and the
-peak resident memory of all processes of the run together (sampled every 0.2 s with psutil). Writes results.json
+round (from each run's own round log), the SuperLink round minus the embedded round (a sharing round sends one
+message to every node at once, so with 2 nodes this is about what one message costs on top of its work; with 10
+nodes on 2 cores it is mostly the nodes competing for the cores), and the peak resident memory of all processes of the run together (sampled every 0.2 s with psutil). Writes results.json
 and results.md beside this script; the numbers measured before the worker are kept there under "previous".
 
     .venv/bin/python benchmarks/runtimes/run.py [--clients 2 10] [--rounds 3] [--runtimes embedded superlink-worker]
@@ -27,7 +27,7 @@ import psutil
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "tests" / "deploy"))
 from flower_cluster import BIN, Cluster, flower_env  # noqa: E402
 
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -169,7 +169,7 @@ def write(results: list[dict], previous: list[dict], rounds: int) -> None:
              f"Workload: MiniLM prefix tuning (20 tokens), N clients x 30 SST-2 rows, 1 local epoch, batch 8, {rounds} "
              f"rounds, 200 eval rows; every node on this machine (torch: 1 thread per worker).", "",
              "| runtime | clients | mean s / round | rounds (s) | steady s / round (rounds 2+) | x embedded | "
-             "overhead per message (s) | peak RSS, all processes |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "minus embedded (s / round) | peak RSS, all processes |", "|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in sorted(results, key=lambda r: (r["clients"], RUNTIMES.index(r["key"]))):
         base = embedded.get(r["clients"])
         ratio = f"{r['steady_s_per_round'] / base:.1f}" if base else "-"
