@@ -8,6 +8,18 @@ from typing import Any
 Metrics = dict[str, float]
 
 
+def save_labels_beside_adapter(model: Any, out_dir: Any) -> None:
+    """A PEFT adapter folder gets the backbone's config with the head's ``id2label``/``label2id`` beside
+    ``adapter_config.json`` (PEFT's own files carry no labels); a whole-model folder has its config already."""
+    from pathlib import Path
+
+    folder = Path(out_dir)
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if ((folder / "adapter_config.json").is_file() and not (folder / "config.json").exists()
+            and hasattr(backbone.config, "save_pretrained")):
+        backbone.config.save_pretrained(folder)
+
+
 class Task:
     """What a run learns. Subclasses set the class attributes and implement the methods."""
 

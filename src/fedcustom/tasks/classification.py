@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fedcustom.tasks.base import Metrics, Task
+from fedcustom.tasks.base import Metrics, Task, save_labels_beside_adapter
 
 
 class Classification(Task):
@@ -16,16 +16,9 @@ class Classification(Task):
     kd_temperature = 2.0  # Hinton et al.
 
     def describe_saved(self, model: Any, out_dir: Any) -> None:
-        """A PEFT adapter folder gets the backbone's config with the head's ``id2label``/``label2id`` beside
-        ``adapter_config.json``: ``AutoModelForSequenceClassification.from_pretrained(base,
-        config=AutoConfig.from_pretrained(adapter))`` then names its classes (PEFT's own files carry no labels). A
-        whole-model folder has its config already."""
-        from pathlib import Path
-
-        folder = Path(out_dir)
-        if (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists():
-            backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
-            backbone.config.save_pretrained(folder)
+        """The adapter names its classes: ``AutoModelForSequenceClassification.from_pretrained(base,
+        config=AutoConfig.from_pretrained(adapter))`` (see README)."""
+        save_labels_beside_adapter(model, out_dir)
 
     def load_backbone(self, name: str, label_names: list[str], tokenizer: Any, **extra: Any) -> Any:
         from fedcustom.models import load_classifier

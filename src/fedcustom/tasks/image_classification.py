@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fedcustom.tasks.base import Metrics, Task
+from fedcustom.tasks.base import Metrics, Task, save_labels_beside_adapter
 
 
 class ImageClassification(Task):
@@ -32,11 +32,6 @@ class ImageClassification(Task):
         if extra:
             raise FedCustomError("--load-in: quantized loading is for text backbones")
         return load_image_classifier(name, label_names)
-
-    def head_modules(self, backbone: Any) -> list[str]:
-        from fedcustom.vision import head_names
-
-        return head_names(backbone)
 
     def lora_defaults(self, backbone: Any) -> dict[str, Any]:
         from fedcustom.vision import head_names, lora_targets
@@ -72,10 +67,5 @@ class ImageClassification(Task):
         return evaluate(model, table, tokenizer, 2 * cfg.train.batch_size)["accuracy"]
 
     def describe_saved(self, model: Any, out_dir: Any) -> None:
-        """A PEFT adapter folder gets the backbone's config (labels) when it is a Hugging Face model."""
-        from pathlib import Path
-
-        folder = Path(out_dir)
-        backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
-        if (folder / "adapter_config.json").is_file() and hasattr(backbone.config, "save_pretrained"):
-            backbone.config.save_pretrained(folder)
+        """A PEFT adapter folder gets the backbone's config (labels)."""
+        save_labels_beside_adapter(model, out_dir)
