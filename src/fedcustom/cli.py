@@ -177,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                                         "round_log.jsonl.")
     report.add_argument("run_dir", metavar="DIR", help="A run's output folder (--output of `fedcustom run`).")
     report.add_argument("--html", action="store_true", help="Also write report.html, one page with the plots inlined.")
+    from fedcustom.rag.cli import add_rag_parser  # argparse only: no torch until a rag command runs
+
+    add_rag_parser(sub)
     return parser
 
 
@@ -241,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return generate_text(args)
+        if args.command == "rag":
+            from fedcustom.rag.cli import run_rag
+
+            return run_rag(args)
         if args.command == "supernode":
             from fedcustom.deploy.flower.worker import run_supernode
 

@@ -1,0 +1,191 @@
+"""``fedcustom rag index | query | eval``: the command line of federated retrieval-augmented generation."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TextIO
+
+from fedcustom.errors import FedCustomError
+from fedcustom.rag.encoder import DEFAULT_ENCODER
+from fedcustom.rag.index import INDEX_KINDS
+from fedcustom.rag.merge import MERGES
+
+
+def add_rag_parser(sub: argparse._SubParsersAction) -> None:
+    rag = sub.add_parser("rag", help="Federated retrieval-augmented generation: index, query, eval.",
+                         description="Each client keeps its own documents and index; questions go to the clients, "
+                                     "their top k come back and are merged, a causal LM answers with them.")
+    verbs = rag.add_subparsers(dest="rag_command", required=True)
+    index = verbs.add_parser("index", help="Build each client's local vector index.",
+                             description="One index per --documents source (a folder of .txt/.md files, or a "
+                                         "JSONL/JSON/CSV/TSV/Parquet file), saved as OUTPUT/client-<i>/; or one "
+                                         "source split over --clients.")
+    index.add_argument("--documents", action="append", required=True, metavar="PATH",
+                       help="A client's documents (repeat: one per client)")
+    index.add_argument("--output", required=True, metavar="DIR", help="Where client-<i>/ index folders go")
+    index.add_argument("--clients", type=int, metavar="N", help="Split the one --documents source over N clients")
+    index.add_argument("--group-column", metavar="NAME",
+                       help="With --clients: keep rows with the same value of this column (e.g. topic) together")
+    index.add_argument("--text-column", metavar="NAME", help="The text column of a table (default: text, document, "
+                                                             "passage, content or answer)")
+    _encoder_flags(index)
+    index.add_argument("--index-kind", choices=INDEX_KINDS, default="flat",
+                       help="flat: exact inner product; hnsw: approximate, faster on large stores (default: flat)")
+    query = verbs.add_parser("query", help="Ask the clients' indexes a question and answer it.",
+                             description="Embedded: --index DIR (client-<i>/ folders, one simulated client each) or "
+                                         "repeated --index (one folder per client).")
+    query.add_argument("question", nargs="?", help="The question")
+    query.add_argument("--interactive", action="store_true", help="Answer each stdin line until EOF or an empty line")
+    query.add_argument("--index", action="append", required=True, metavar="DIR", help="Index folder(s)")
+    _retrieval_flags(query)
+    _generator_flags(query)
+    query.add_argument("--no-generate", action="store_true", help="Print the merged passages only")
+    query.add_argument("--json", action="store_true", help="One JSON object per question instead of text")
+    ev = verbs.add_parser("eval", help="Recall@k, answer quality and bytes per question, federated vs central.",
+                          description="Documents of a question/answer set spread over --clients (whole topics per "
+                                      "client); retrieval with every client, with --route, and from one central "
+                                      "index; answers without retrieval, with federated and with central retrieval.")
+    ev.add_argument("--dataset", default="chatterbot",
+                    help="chatterbot (packaged) or a .jsonl/.json of question, answer, documents[, topic]")
+    ev.add_argument("--clients", type=int, default=4, metavar="N", help="(default: 4)")
+    ev.add_argument("--max-questions", type=int, default=100, metavar="N", help="Questions sampled (default: 100)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--output", default="runs/rag-eval", metavar="DIR",
+                    help="results.json and report.md (default: runs/rag-eval)")
+    ev.add_argument("--index-kind", choices=INDEX_KINDS, default="flat")
+    _encoder_flags(ev)
+    _retrieval_flags(ev, route_default="topn:1")
+    _generator_flags(ev, max_new_tokens=32)
+    ev.add_argument("--no-generate", action="store_true", help="Retrieval numbers only")
+
+
+def _encoder_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER, metavar="NAME_OR_PATH",
+                        help="Hugging Face encoder: alias, folder or Hub name (default: minilm, the packaged "
+                             "all-MiniLM-L6-v2)")
+
+
+def _retrieval_flags(parser: argparse.ArgumentParser, route_default: str = "all") -> None:
+    if not any(a.dest == "encoder" for a in parser._actions):
+        _encoder_flags(parser)
+    parser.add_argument("--k", type=int, default=5, help="Passages kept after merging (each client returns k; "
+                                                         "default: 5)")
+    parser.add_argument("--route", default=route_default, metavar="all|topn:N",
+                        help=f"Which clients a question goes to: all, or the N with the nearest index centroid "
+                             f"(default: {route_default})")
+    parser.add_argument("--merge", choices=MERGES, default="score",
+                        help="score: exact inner product (equals a central index's top k); rrf: reciprocal rank "
+                             "fusion summed over clients (default: score)")
+    parser.add_argument("--two-phase", action="store_true",
+                        help="Clients first return ids and scores only; the server asks for the texts it keeps")
+
+
+def _generator_flags(parser: argparse.ArgumentParser, max_new_tokens: int = 48) -> None:
+    parser.add_argument("--generator", default="smollm2", metavar="NAME_OR_PATH",
+                        help="Causal LM that answers (default: smollm2, the packaged SmolLM2-135M-Instruct)")
+    parser.add_argument("--adapter", metavar="DIR", help="A PEFT adapter from `fedcustom run --task causal-lm`")
+    parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N")
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if value < 1:
+            raise FedCustomError(f"--{name.replace('_', '-')} {value}: expected a whole number >= 1")
+
+
+def run_rag(args: argparse.Namespace) -> int:
+    if args.rag_command == "index":
+        return _index(args)
+    if args.rag_command == "query":
+        return _query(args)
+    return _eval(args)
+
+
+def _index(args: argparse.Namespace) -> int:
+    from fedcustom.rag.encoder import Encoder
+    from fedcustom.rag.stores import build_indexes
+
+    if args.clients is not None:
+        _check_positive(clients=args.clients)
+    if args.group_column and args.clients is None:
+        raise FedCustomError("--group-column splits one source over --clients N; give --clients")
+    for folder in build_indexes(args.documents, args.output, Encoder(args.encoder), args.index_kind, args.clients,
+                                args.text_column, args.group_column):
+        meta = json.loads((folder / "index.json").read_text())
+        print(f"{folder}: {meta['documents']} documents, {meta['kind']} index, encoder {meta['encoder']}")
+    return 0
+
+
+def _lines(stdin: TextIO) -> Iterator[str]:
+    while True:
+        line = stdin.readline()
+        if not line.strip():
+            return
+        yield line.strip()
+
+
+def _query(args: argparse.Namespace) -> int:
+    from fedcustom.rag.client import RagClient
+    from fedcustom.rag.encoder import Encoder
+    from fedcustom.rag.index import ClientIndex, index_folders
+    from fedcustom.rag.route import Route
+    from fedcustom.rag.server import FederatedRetriever
+    from fedcustom.runtime.embedded import EmbeddedRuntime
+
+    if not args.interactive and not (args.question or "").strip():
+        raise FedCustomError("the question is empty: give one, or --interactive to read questions from stdin")
+    _check_positive(k=args.k, max_new_tokens=args.max_new_tokens)
+    route = Route.parse(args.route)
+    folders = [f for root in args.index for f in index_folders(root)]
+    indexes = {i: ClientIndex.load(f) for i, f in enumerate(folders)}
+    retriever = FederatedRetriever(EmbeddedRuntime(RagClient(indexes), len(indexes)), Encoder(args.encoder), args.k,
+                                   args.merge, route, args.two_phase)
+    retriever.describe()
+    generator = None
+    if not args.no_generate:
+        from fedcustom.rag.answer import Generator
+
+        generator = Generator(args.generator, args.adapter, args.max_new_tokens)
+    questions = _lines(sys.stdin) if args.interactive else [args.question]
+    for question in questions:
+        result = retriever.retrieve([question])[0]
+        answer = generator.answer([question], [[h.text or "" for h in result.hits]])[0] if generator else None
+        if args.json:
+            print(json.dumps({"question": question, "answer": answer, "clients": result.clients,
+                              "bytes": result.bytes_down + result.bytes_up, "seconds": result.seconds,
+                              "passages": [{"id": h.id, "score": h.score, "clients": list(h.clients), "text": h.text}
+                                           for h in result.hits]}), flush=True)
+            continue
+        if answer is not None:
+            print(answer)
+        for rank, hit in enumerate(result.hits, 1):
+            text = (hit.text or "").replace("\n", " ")
+            print(f"  [{rank}] {hit.score:.3f} client {','.join(map(str, hit.clients))} {hit.id}: {text[:100]}")
+        print(f"  asked clients {result.clients}; {result.bytes_down + result.bytes_up:,.0f} bytes; "
+              f"{1000 * result.seconds:.0f} ms", flush=True)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from fedcustom.rag.evaluate import EvalSettings, evaluate, headline, report_lines
+    from fedcustom.rag.route import Route
+
+    _check_positive(k=args.k, clients=args.clients, max_questions=args.max_questions,
+                    max_new_tokens=args.max_new_tokens)
+    Route.parse(args.route)
+    settings = EvalSettings(args.dataset, args.clients, args.k, args.route, args.merge, args.encoder,
+                            None if args.no_generate else args.generator, args.adapter, args.max_questions,
+                            args.max_new_tokens, args.index_kind, args.seed, args.two_phase)
+    result = evaluate(settings)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=1))
+    lines = report_lines(result)
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(headline(result))
+    return 0

@@ -1,0 +1,55 @@
+"""A data owner's side of federated retrieval: answers the server's messages from its own index.
+
+Message kinds (the ``rag`` protocol in :mod:`fedcustom.protocols`):
+
+- ``rag_describe`` (config: encoder) -> the index's unit routing centroids (float32 payload, metric ``dim``) and
+  document count; an error
+  when the index was built with another encoder than the server's.
+- ``rag_search`` (payload: float32 question vectors; config: k, dim, texts) -> JSON, per question, the top k as
+  ``[id, score, text]`` (``text`` omitted when ``texts`` is false: the first phase of two-phase retrieval).
+- ``rag_fetch`` (config: ids as JSON) -> JSON ``{id: text}`` for the ids this client holds.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+
+from fedcustom.rag.index import ClientIndex
+from fedcustom.runtime.messages import Message, Reply
+
+KINDS = ("rag_describe", "rag_search", "rag_fetch")
+
+
+class RagClient:
+    """Handler over each node's index (embedded: every simulated client's; a Flower node: its own)."""
+
+    def __init__(self, indexes: dict[int, ClientIndex]) -> None:
+        self.indexes = indexes
+
+    def __call__(self, node_id: int, message: Message) -> Reply:
+        index = self.indexes[node_id]
+        if message.kind == "rag_describe":
+            asked = str(message.config.get("encoder", ""))
+            if asked != index.encoder:
+                return Reply(error=f"encoder mismatch: this index was built with {index.encoder!r}, the server "
+                                   f"queries with {asked!r}", round=message.round)
+            return Reply(payload=index.centroids.astype(np.float32).tobytes(), num_examples=len(index.documents),
+                         metrics={"dim": float(index.dim)}, round=message.round)
+        if message.kind == "rag_search":
+            dim = int(message.config["dim"])
+            questions = np.frombuffer(message.payload, dtype=np.float32).reshape(-1, dim)
+            started = time.perf_counter()
+            found = index.search(questions, int(message.config["k"]))
+            seconds = time.perf_counter() - started
+            texts = bool(message.config.get("texts", True))
+            body = [[[doc.id, score, doc.text] if texts else [doc.id, score] for doc, score in row] for row in found]
+            return Reply(payload=json.dumps(body).encode(), num_examples=len(index.documents),
+                         metrics={"search_seconds": seconds}, round=message.round)
+        if message.kind == "rag_fetch":
+            wanted = set(json.loads(str(message.config["ids"])))
+            held = {doc.id: doc.text for doc in index.documents if doc.id in wanted}
+            return Reply(payload=json.dumps(held).encode(), round=message.round)
+        return Reply(error=f"unknown message kind {message.kind!r} for a retrieval client", round=message.round)

@@ -1,0 +1,65 @@
+"""Text to unit vectors with a Hugging Face encoder: mean pooling over real tokens, then L2 normalisation (as
+sentence-transformers does for all-MiniLM-L6-v2), so an inner product is the cosine similarity."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fedcustom.errors import FedCustomError
+
+DEFAULT_ENCODER = "minilm"  # the packaged sentence-transformers/all-MiniLM-L6-v2
+ENCODE_BATCH = 64
+MAX_TOKENS = 256  # all-MiniLM-L6-v2 was trained on passages up to 256 word pieces
+
+
+@dataclass
+class Encoder:
+    """A loaded encoder; ``name`` is what an index records, so a query with another encoder is refused."""
+
+    name: str
+    max_tokens: int = MAX_TOKENS
+    device: str = "cpu"
+    _model: Any = field(default=None, repr=False)
+    _tokenizer: Any = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from transformers import AutoModel
+
+        from fedcustom.models import load_tokenizer, quiet_transformers, resolve_model
+
+        quiet_transformers()
+        self._tokenizer = load_tokenizer(self.name)
+        try:
+            self._model = AutoModel.from_pretrained(resolve_model(self.name)).to(self.device).eval()
+        except (OSError, ValueError) as exc:
+            raise FedCustomError(f"--encoder {self.name}: not a loadable Hugging Face encoder ({exc})") from None
+        limit = getattr(self._model.config, "max_position_embeddings", None)
+        if limit:
+            self.max_tokens = min(self.max_tokens, int(limit))
+
+    @property
+    def dim(self) -> int:
+        return int(self._model.config.hidden_size)
+
+    def encode(self, texts: list[str], batch_size: int = ENCODE_BATCH) -> np.ndarray:
+        """float32 array (len(texts), dim) of unit vectors."""
+        import torch  # here, so that the CLI parser can import this module's constants without loading torch
+
+        out = np.zeros((len(texts), self.dim), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, len(texts), batch_size):
+                self._encode_batch(texts[start:start + batch_size], out[start:start + batch_size])
+        return out
+
+    def _encode_batch(self, texts: list[str], out: np.ndarray) -> None:
+        import torch
+
+        batch = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
+                                return_tensors="pt").to(self.device)
+        hidden = self._model(**batch).last_hidden_state
+        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        out[:] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
