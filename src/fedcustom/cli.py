@@ -159,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--root-certificates", help="CA certificate of the Runtime API's TLS (default: plain HTTP "
                                                     "on the loopback)")
     worker.add_argument("--auth-secret-file", help="The SuperNode's --superexec-auth-secret-file")
-    worker.add_argument("--run", type=int, metavar="RUN_ID", help="Serve only this run (default: the first run "
-                                                                   "whose message arrives); others get an error reply")
+    worker.add_argument("--run", type=int, metavar="RUN_ID", help="Serve only this run; others get an error reply "
+                                                                   "(default: every run, one after another, keeping "
+                                                                   "only the latest run's model loaded)")
     worker.add_argument("--poll", type=float, default=0.05, metavar="SECONDS",
                         help="How often to ask the node for a task when idle (default: 0.05)")
     worker.add_argument("--threads", type=int, metavar="N",

@@ -37,10 +37,24 @@ def add_rag_parser(sub: argparse._SubParsersAction) -> None:
                        help="flat: exact inner product; hnsw: approximate, faster on large stores (default: flat)")
     query = verbs.add_parser("query", help="Ask the clients' indexes a question and answer it.",
                              description="Embedded: --index DIR (client-<i>/ folders, one simulated client each) or "
-                                         "repeated --index (one folder per client).")
+                                         "repeated --index (one folder per client). --runtime flower-sim: the same "
+                                         "on Flower's simulation engine. --superlink: a Flower run whose SuperNodes "
+                                         "each name their own index (node config rag-index=DIR).")
     query.add_argument("question", nargs="?", help="The question")
     query.add_argument("--interactive", action="store_true", help="Answer each stdin line until EOF or an empty line")
-    query.add_argument("--index", action="append", required=True, metavar="DIR", help="Index folder(s)")
+    query.add_argument("--index", action="append", metavar="DIR", help="Index folder(s) (embedded, flower-sim)")
+    query.add_argument("--runtime", choices=("embedded", "flower-sim"), default="embedded",
+                       help="Where the clients run without --superlink (default: embedded)")
+    query.add_argument("--superlink", metavar="HOST:PORT", help="Submit to this Flower SuperLink")
+    trust = query.add_mutually_exclusive_group()
+    trust.add_argument("--insecure", action="store_true", help="With --superlink: plain HTTP")
+    trust.add_argument("--root-certificates", metavar="PEM", help="With --superlink: the CA of its TLS certificate")
+    query.add_argument("--clients", type=int, metavar="N",
+                       help="SuperNodes to wait for (--superlink; flower-sim: default, the number of indexes)")
+    query.add_argument("--round-timeout", type=float, default=120.0, metavar="SECONDS",
+                       help="Flower: how long to wait for the nodes' replies (default: 120)")
+    query.add_argument("--output", default="runs/rag-query", metavar="DIR",
+                       help="Flower: where the ServerApp writes answers.jsonl (default: runs/rag-query)")
     _retrieval_flags(query)
     _generator_flags(query)
     query.add_argument("--no-generate", action="store_true", help="Print the merged passages only")
@@ -140,6 +154,10 @@ def _query(args: argparse.Namespace) -> int:
         raise FedCustomError("the question is empty: give one, or --interactive to read questions from stdin")
     _check_positive(k=args.k, max_new_tokens=args.max_new_tokens)
     route = Route.parse(args.route)
+    if args.superlink or args.runtime == "flower-sim":
+        return _query_on_flower(args)
+    if not args.index:
+        raise FedCustomError("--index: give the index folder(s) to query (or --superlink, whose nodes name theirs)")
     folders = [f for root in args.index for f in index_folders(root)]
     indexes = {i: ClientIndex.load(f) for i, f in enumerate(folders)}
     retriever = FederatedRetriever(EmbeddedRuntime(RagClient(indexes), len(indexes)), Encoder(args.encoder), args.k,
@@ -154,19 +172,59 @@ def _query(args: argparse.Namespace) -> int:
     for question in questions:
         result = retriever.retrieve([question])[0]
         answer = generator.answer([question], [[h.text or "" for h in result.hits]])[0] if generator else None
-        if args.json:
-            print(json.dumps({"question": question, "answer": answer, "clients": result.clients,
-                              "bytes": result.bytes_down + result.bytes_up, "seconds": result.seconds,
-                              "passages": [{"id": h.id, "score": h.score, "clients": list(h.clients), "text": h.text}
-                                           for h in result.hits]}), flush=True)
-            continue
-        if answer is not None:
-            print(answer)
-        for rank, hit in enumerate(result.hits, 1):
-            text = (hit.text or "").replace("\n", " ")
-            print(f"  [{rank}] {hit.score:.3f} client {','.join(map(str, hit.clients))} {hit.id}: {text[:100]}")
-        print(f"  asked clients {result.clients}; {result.bytes_down + result.bytes_up:,.0f} bytes; "
-              f"{1000 * result.seconds:.0f} ms", flush=True)
+        _print_row(result.as_row(answer), args.json)
+    return 0
+
+
+def _print_row(row: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(row), flush=True)
+        return
+    if row["answer"] is not None:
+        print(row["answer"])
+    for rank, hit in enumerate(row["passages"], 1):
+        text = (hit["text"] or "").replace("\n", " ")
+        print(f"  [{rank}] {hit['score']:.3f} client {','.join(map(str, hit['clients']))} {hit['id']}: {text[:100]}")
+    print(f"  asked clients {row['clients']}; {row['bytes']:,.0f} bytes; {1000 * row['seconds']:.0f} ms", flush=True)
+
+
+def _query_on_flower(args: argparse.Namespace) -> int:
+    """The questions as one Flower run: simulated, or submitted to a SuperLink; prints the ServerApp's answers."""
+    try:
+        from fedcustom.deploy.flower.rag import RAG_KEY, RagJob, run_rag_simulation
+    except ImportError as exc:
+        raise FedCustomError(f"Flower runtimes need Flower: pip install 'fedcustom[flower]' ({exc})") from None
+    from fedcustom.rag.index import index_folders
+
+    questions = list(_lines(sys.stdin)) if args.interactive else [args.question]
+    if args.superlink:
+        if not (args.insecure or args.root_certificates):
+            raise FedCustomError("--superlink: give --insecure (plain HTTP) or --root-certificates PEM")
+        if args.clients is None:
+            raise FedCustomError("--superlink: give --clients N, the number of SuperNodes to wait for")
+        _check_positive(clients=args.clients)
+        index = None
+    else:
+        if not args.index or len(args.index) != 1:
+            raise FedCustomError("--runtime flower-sim: give one --index DIR holding client-<i>/ folders")
+        clients = len(index_folders(args.index[0]))
+        index = str(Path(args.index[0]).resolve())
+    job = RagJob(questions, args.clients or clients, str(Path(args.output).resolve()), index, args.k, args.route,
+                 args.merge, args.two_phase, args.encoder, None if args.no_generate else args.generator,
+                 args.adapter, args.max_new_tokens, args.round_timeout)
+    if args.superlink:
+        from fedcustom.deploy.flower.submit import Connection, submit
+
+        result = submit({RAG_KEY: job.to_json()}, Connection(args.superlink, args.root_certificates, args.insecure))
+        answers = Path(job.output) / "answers.jsonl"
+        if not answers.is_file():  # the SuperLink runs on another machine: its ServerApp wrote the answers there
+            print(f"run {result['run_id']}: {result['status']}; the server wrote {answers} on its machine")
+            return 0
+        rows = [json.loads(line) for line in answers.read_text().splitlines()]
+    else:
+        rows = run_rag_simulation(job)
+    for row in rows:
+        _print_row(row, args.json)
     return 0
 
 

@@ -32,6 +32,13 @@ class Retrieval:
     bytes_up: float
     seconds: float  # this question's share of the wall time of the round trip(s)
 
+    def as_row(self, answer: str | None) -> dict:
+        """What `fedcustom rag query --json` prints and a Flower ServerApp writes to answers.jsonl."""
+        return {"question": self.question, "answer": answer, "clients": self.clients,
+                "bytes": self.bytes_down + self.bytes_up, "seconds": self.seconds,
+                "passages": [{"id": h.id, "score": h.score, "clients": list(h.clients), "text": h.text}
+                             for h in self.hits]}
+
 
 @dataclass
 class FederatedRetriever:

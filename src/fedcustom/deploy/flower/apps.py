@@ -23,6 +23,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from flwr.serverapp import Grid, ServerApp
 
 from fedcustom.config import RunConfig, build_config
+from fedcustom.deploy.flower.rag import RAG_KINDS, RagJob, handle_rag, job_from_run_config, run_rag_on_grid
 from fedcustom.deploy.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
 from fedcustom.errors import FedCustomError
 from fedcustom.protocols import message_kinds
@@ -78,12 +79,16 @@ def run_on_grid(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
     return execute(build_job(cfg, runtime))
 
 
-def make_server_app(cfg: RunConfig | None = None) -> ServerApp:
-    """A ServerApp for ``cfg``, or (deployment) for the config in the run config."""
+def make_server_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> ServerApp:
+    """A ServerApp for ``cfg`` (training) or ``rag`` (retrieval), or (deployment) for what the run config holds."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        job = rag or (None if cfg else job_from_run_config(context.run_config))
+        if job is not None:
+            run_rag_on_grid(grid, job)
+            return
         run_on_grid(grid, cfg or config_from_run_config(context.run_config))
 
     return app
@@ -122,8 +127,8 @@ def secaggplus_when_asked(message: FlowerMessage, context: Context, call_next: A
     return call_next(message, context)
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp for ``cfg``, or (deployment) for the config in the run config."""
+def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> ClientApp:
+    """A ClientApp for ``cfg`` and ``rag``, or (deployment) for what the run config holds."""
     app = ClientApp()
 
     @app.query("fedcustom_hello")
@@ -144,6 +149,8 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
     # routes message type "train.<kind>" to the function registered as <kind>
     for kind in [k for k in message_kinds() if k != DEFAULT_KIND]:
         app.train(kind)(lambda message, context: handle(message, context, cfg))
+    for kind in RAG_KINDS:  # retrieval: the node answers from its own index (fedcustom.deploy.flower.rag)
+        app.train(kind)(lambda message, context: handle_rag(message, context, rag))
     return app
 
 

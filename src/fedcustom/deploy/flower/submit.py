@@ -22,6 +22,7 @@ from pathlib import Path
 from fedcustom import __version__
 from fedcustom.config import RunConfig
 from fedcustom.deploy.flower.apps import CONFIG_KEY, config_to_run_config
+from fedcustom.deploy.flower.rag import RAG_KEY
 from fedcustom.errors import FedCustomError
 
 CONNECTION = "fedcustom"
@@ -48,6 +49,7 @@ clientapp = "fedcustom.deploy.flower.apps:client_app"
 
 [tool.flwr.app.config]
 {CONFIG_KEY} = ""
+{RAG_KEY} = ""
 """
 
 
@@ -90,10 +92,12 @@ def _flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
     return answer
 
 
-def submit(cfg: RunConfig, connection: Connection, wait: bool = True, poll_seconds: float = 2.0,
+def submit(cfg: RunConfig | dict[str, str], connection: Connection, wait: bool = True, poll_seconds: float = 2.0,
            timeout: float | None = None) -> dict:
-    """Submit ``cfg`` as a run; with ``wait``, block until it finishes. Returns {run_id, status[, details]};
-    a run that did not finish as completed raises FedCustomError with Flower's reason."""
+    """Submit ``cfg`` (or a ready run config, e.g. a retrieval job's) as a run; with ``wait``, block until it
+    finishes. Returns {run_id, status[, details]}; a run that did not finish as completed raises FedCustomError
+    with Flower's reason."""
+    entries = cfg if isinstance(cfg, dict) else config_to_run_config(cfg)
     with tempfile.TemporaryDirectory(prefix="fedcustom-submit-") as tmp:
         home, app, run_config = Path(tmp, "flwr-home"), Path(tmp, "app"), Path(tmp, "run-config.toml")
         home.mkdir()
@@ -101,7 +105,7 @@ def submit(cfg: RunConfig, connection: Connection, wait: bool = True, poll_secon
         (home / "config.toml").write_text(connection.toml())
         (app / "pyproject.toml").write_text(APP_PYPROJECT)
         run_config.write_text("".join(f"{key} = {json.dumps(value)}\n"  # a JSON string is a TOML basic string
-                                      for key, value in config_to_run_config(cfg).items()))
+                                      for key, value in entries.items()))
         try:
             answer = _flwr(["run", str(app), CONNECTION, "--run-config", str(run_config)], home)
         except FedCustomError as exc:

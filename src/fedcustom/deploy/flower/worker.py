@@ -11,8 +11,9 @@ the worker connects to the node's Runtime API on 127.0.0.1, optionally authentic
 secret (a file only the node's user can read).
 
 The node's state still travels in Flower's ``context`` after every message, so a worker that is killed and
-restarted continues from where the node was; a message of a run other than the one the worker serves (``--run``,
-or the first it sees) is answered with an error instead of being run.
+restarted continues from where the node was. By default a worker serves every run, one after another, and drops
+what it keeps loaded for a run when a message of another run arrives (memory stays one run's); with ``--run`` it
+serves only that run and answers any other run's message with an error instead of running it.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ class WorkerSettings:
     insecure: bool = True  # plain HTTP on the loopback (TLS: root_certificates)
     root_certificates: str | None = None
     auth_secret_file: str | None = None  # the SuperNode's --superexec-auth-secret-file
-    run_id: int | None = None  # serve only this run (default: the first run a task belongs to)
+    run_id: int | None = None  # serve only this run (default: every run, one after another)
     poll_seconds: float = 0.05  # how often to ask the node for a task when idle
     threads: int | None = None  # torch threads (nodes sharing one machine: its cores divided between them)
     max_tasks: int | None = None  # stop after this many tasks (tests)
@@ -69,7 +70,7 @@ def serve(settings: WorkerSettings) -> int:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
                                                          protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
     node = _client(settings, interceptors)
-    done, run_id = 0, settings.run_id
+    done, run_id = 0, None
     print(f"fedcustom worker: serving the SuperNode at {settings.runtime_api}", flush=True)
     try:
         while settings.max_tasks is None or done < settings.max_tasks:
@@ -85,8 +86,18 @@ def serve(settings: WorkerSettings) -> int:
     return done
 
 
+def forget_other_runs(run_id: int) -> None:
+    """Drop the clients this process built for runs other than ``run_id`` (their models, data and indexes)."""
+    from fedcustom.deploy.flower import node, rag
+
+    for cache in (node._CLIENTS, rag._CLIENTS):
+        for key in [k for k in cache if k[0] != run_id]:
+            del cache[key]
+
+
 def run_task(settings: WorkerSettings, token: str, app: Any, run_id: int | None) -> int | None:
-    """One task with its token, as ``flwr-clientapp`` runs it but in this process; returns the run served."""
+    """One task with its token, as ``flwr-clientapp`` runs it but in this process; returns the run it served last
+    (``run_id``: the run served before)."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
@@ -102,13 +113,15 @@ def run_task(settings: WorkerSettings, token: str, app: Any, run_id: int | None)
     status, details = SubStatus.FAILED, "the worker failed before the task ran"
     try:
         message, context, _run, _fab = pull_task_input(client)
-        run_id = context.run_id if run_id is None else run_id
-        if context.run_id != run_id:
-            reason = f"this fedcustom worker serves run {run_id}, not run {context.run_id}"
+        if settings.run_id is not None and context.run_id != settings.run_id:
+            reason = f"this fedcustom worker serves run {settings.run_id}, not run {context.run_id}"
             reply, details = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason),
                                      reply_to=message), reason
             log.warning("refused a message of run %s: %s", context.run_id, reason)
         else:
+            if run_id is not None and context.run_id != run_id:
+                forget_other_runs(context.run_id)
+            run_id = context.run_id
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - a task's failure is its reply, and the worker goes on
