@@ -33,8 +33,10 @@ class ModelConfig:
     """Which pretrained backbone to customize and for which task."""
 
     name: str = opt("minilm", "Hugging Face model name, local path, or packaged alias (minilm).", "--model")
-    task: str = opt("classification", "classification (a head on the backbone, labelled texts) or causal-lm "
-                    "(instruction tuning of a decoder-only LM: prompts and responses, loss on the response).",
+    task: str = opt("classification", "classification (a head on the backbone, labelled texts), causal-lm "
+                    "(instruction tuning of a decoder-only LM: prompts and responses, loss on the response), "
+                    "image-classification, or retrieval (an encoder trained on question/passage pairs with an "
+                    "in-batch contrastive loss, for `fedcustom rag`).",
                     "--task", task_names())
     max_length: int | None = opt(None, "Maximum tokens per example; longer texts are truncated (causal-lm: prompt "
                                  "plus response; a prompt that leaves no room for the response is an error). Default: "

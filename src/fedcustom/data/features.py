@@ -31,10 +31,14 @@ def make_loader(
         generator = torch.Generator()
         generator.manual_seed(seed)
     per_token = not isinstance(table.features["labels"], datasets.Value)  # causal LM: one label per token
-    if "image" in table.column_names:  # images: ``tokenizer`` is the model's image processor
+    if "passage_input_ids" in table.column_names:  # retrieval pairs: 2B interleaved rows (fedcustom.rag.contrastive)
+        from fedcustom.rag.contrastive import PairCollator
+
+        collate: Any = PairCollator(tokenizer)
+    elif "image" in table.column_names:  # images: ``tokenizer`` is the model's image processor
         from fedcustom.data.images import ImageCollator
 
-        collate: Any = ImageCollator(tokenizer)
+        collate = ImageCollator(tokenizer)
     elif per_token:
         collate = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX, return_tensors="pt")
     else:

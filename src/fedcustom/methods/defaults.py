@@ -59,8 +59,18 @@ IMAGE_CLASSIFICATION: dict[str, Recommended] = {
     "prompt": Recommended(1e-2),  # visual prompts (VPT)
 }
 
+# Retriever customization (contrastive fine-tuning of an already trained sentence encoder): small rates, so the
+# pretrained embedding space is adjusted rather than rebuilt (sentence-transformers fine-tunes fully at 2e-5);
+# the four methods' rates are checked on the packaged corpus in benchmarks/results/rag/, not swept.
+RETRIEVAL: dict[str, Recommended] = {
+    "full": Recommended(2e-5, local_epochs=1),
+    "lora": Recommended(5e-4, local_epochs=1),
+    "prompt": Recommended(1e-2, local_epochs=1),
+    "prefix": Recommended(1e-3, local_epochs=1),
+}
+
 TABLES = {"classification": CLASSIFICATION, "causal-lm": CAUSAL_LM,  # by task name (fedcustom.tasks)
-          "image-classification": IMAGE_CLASSIFICATION}
+          "image-classification": IMAGE_CLASSIFICATION, "retrieval": RETRIEVAL}
 
 
 def recommended(name: str, task: str, projection: bool = False) -> Recommended:

@@ -1,9 +1,15 @@
 """Text to unit vectors with a Hugging Face encoder: mean pooling over real tokens, then L2 normalisation (as
-sentence-transformers does for all-MiniLM-L6-v2), so an inner product is the cosine similarity."""
+sentence-transformers does for all-MiniLM-L6-v2), so an inner product is the cosine similarity.
+
+The encoder may be a retriever customized with ``fedcustom run --task retrieval``: its ``model/`` folder (full
+fine-tuning) is an ordinary encoder; its ``adapter/`` folder (LoRA, prompt, prefix) is loaded onto its base model
+and embeds exactly as in training (a prefix or soft prompt cannot be merged into the weights)."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,18 +30,33 @@ class Encoder:
     device: str = "cpu"
     _model: Any = field(default=None, repr=False)
     _tokenizer: Any = field(default=None, repr=False)
+    _adapted: Any = field(default=None, repr=False)  # a retrieval adapter around _model (its forward embeds)
 
     def __post_init__(self) -> None:
-        from transformers import AutoModel
+        from transformers import AutoModel, AutoTokenizer
 
         from fedcustom.models import load_tokenizer, quiet_transformers, resolve_model
 
         quiet_transformers()
-        self._tokenizer = load_tokenizer(self.name)
+        folder = Path(self.name).expanduser()
+        base = self.name
+        if (folder / "adapter_config.json").is_file():
+            base = str(json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
+            if not base:
+                raise FedCustomError(f"--encoder {self.name}: the adapter names no base model")
         try:
-            self._model = AutoModel.from_pretrained(resolve_model(self.name)).to(self.device).eval()
+            own = base != self.name and (folder / "tokenizer_config.json").is_file()  # an adapter saved with its tokenizer
+            self._tokenizer = AutoTokenizer.from_pretrained(str(folder)) if own else load_tokenizer(base)
+            self._model = AutoModel.from_pretrained(resolve_model(base)).to(self.device).eval()
         except (OSError, ValueError) as exc:
             raise FedCustomError(f"--encoder {self.name}: not a loadable Hugging Face encoder ({exc})") from None
+        if base != self.name:
+            from peft import PeftModel
+
+            from fedcustom.rag.contrastive import ContrastiveEncoder
+
+            self._adapted = PeftModel.from_pretrained(ContrastiveEncoder(self._model), str(folder)).to(self.device)
+            self._adapted.eval()
         limit = getattr(self._model.config, "max_position_embeddings", None)
         if limit:
             self.max_tokens = min(self.max_tokens, int(limit))
@@ -59,6 +80,9 @@ class Encoder:
 
         batch = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                                 return_tensors="pt").to(self.device)
+        if self._adapted is not None:
+            out[:] = self._adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).embeddings.cpu()
+            return
         hidden = self._model(**batch).last_hidden_state
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)

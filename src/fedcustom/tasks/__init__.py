@@ -13,6 +13,7 @@ from fedcustom.tasks.base import Task
 from fedcustom.tasks.causal_lm import CausalLM
 from fedcustom.tasks.classification import Classification
 from fedcustom.tasks.image_classification import ImageClassification
+from fedcustom.tasks.retrieval import Retrieval
 
 _REGISTRY: Registry[Task] = Registry("task")
 
@@ -33,5 +34,6 @@ def task_names() -> tuple[str, ...]:
 register(Classification())
 register(CausalLM())
 register(ImageClassification())
+register(Retrieval())
 
 __all__ = ["Task", "get_task", "register", "task_names"]
