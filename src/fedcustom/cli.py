@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's TLS certificate.")
     trust.add_argument("--insecure", action="store_true", help="Plain HTTP (a SuperLink started with --insecure).")
     submit.add_argument("--no-wait", action="store_true", help="Return once the run is submitted.")
+    submit.add_argument("--resume", metavar="DIR",
+                        help="Continue the interrupted deployment whose output folder DIR (on the SuperLink's machine, "
+                             "as the ServerApp wrote it) holds its last checkpoint, with the config it was started with.")
     add_config_flags(submit)
     bench = sub.add_parser("bench", help="Reproduce the paper's method comparison (report.md, plots, results.json).",
                            description="Run a benchmark preset: methods x data splits x seeds, each with its "
@@ -214,6 +217,23 @@ def submit_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     return 0
 
 
+def resume_submit(args: argparse.Namespace) -> int:
+    """`fedcustom submit --resume DIR`: the interrupted deployment continued as a new run on the SuperLink."""
+    given = sorted(f"{s}.{k}" for s, table in overrides_from_args(args).items() for k in table)
+    if args.config or given:
+        raise FedCustomError(f"--resume {args.resume}: a resumed run keeps the config it was started with; drop "
+                             f"{'--config' if args.config else ', '.join(given)}")
+    try:
+        from fedcustom.deploy.flower.submit import Connection, resume_run_config, submit
+    except ImportError as exc:
+        raise FedCustomError(f"fedcustom submit needs Flower: pip install 'fedcustom[flower]' ({exc})") from None
+    cfg, run_config = resume_run_config(args.resume)
+    result = submit(run_config, Connection(args.superlink, args.root_certificates, args.insecure),
+                    wait=not args.no_wait)
+    print(f"run {result['run_id']}: {result['status']}; resumed {cfg.output.dir}")
+    return 0
+
+
 def resume_run(args: argparse.Namespace) -> int:
     """`fedcustom run --resume DIR`: the run's own config, no other flags."""
     given = sorted(f"{s}.{k}" for s, table in overrides_from_args(args).items() for k in table)
@@ -277,6 +297,8 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args.preset, args.data_dir, args.output or f"runs/bench-{name}", command, stages=args.stage,
                       jobs=args.jobs)
             return 0
+        if getattr(args, "resume", None) and args.command == "submit":
+            return resume_submit(args)
         if getattr(args, "resume", None):
             return resume_run(args)
         cfg = load_config(args.config, overrides_from_args(args))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedcustom.assemble import Job, build_job
+from fedcustom.assemble import Job, RuntimeFactory, build_job
 from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcustom.config import RunConfig, build_config
@@ -132,14 +132,15 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     return execute(build_job(cfg), console, start)
 
 
-def resume(path: str, console: Console | None = None) -> dict[str, Any]:
-    """`fedcustom run --resume DIR`: rebuild the job from DIR's checkpoint and run the rounds still to do."""
+def resume(path: str, console: Console | None = None, runtime: RuntimeFactory | None = None) -> dict[str, Any]:
+    """`fedcustom run --resume DIR`: rebuild the job from DIR's checkpoint and run the rounds still to do
+    (``runtime``: where its clients are, as for build_job; a deployment resumes on a Flower Grid)."""
     start = time.perf_counter()
     out = Path(path).expanduser()
     checkpoint = load_checkpoint(out)
     values = checkpoint.config
     values["output"]["dir"] = str(out)  # the folder may have moved since
-    job = build_job(build_config(values))
+    job = build_job(build_config(values), runtime)
     parts = job.checkpoint_parts()
     if set(parts) != set(checkpoint.parts):
         raise FedCustomError(f"--resume {path}: the checkpoint holds {sorted(checkpoint.parts)}, this job needs "

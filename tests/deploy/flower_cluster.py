@@ -112,6 +112,16 @@ def make_node_keypair(out_dir: Path, name: str = "node") -> dict[str, Path]:
     }
 
 
+def _ancestors(pid: int) -> list[int]:
+    """The parent, grandparent, ... of process ``pid`` (from /proc)."""
+    chain = []
+    while pid > 1:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        pid = int(stat.rsplit(")", 1)[1].split()[1])  # the field after the state: ppid
+        chain.append(pid)
+    return chain
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -175,6 +185,23 @@ class Cluster:
                 break
             except subprocess.TimeoutExpired:
                 continue
+
+    def kill_serverapps(self) -> int:
+        """SIGKILL every ServerApp process this cluster's SuperLink started (``flwr-serverapp``, a child of the
+        SuperExec the SuperLink runs in its own session); returns how many were killed."""
+        superlink = self.processes["superlink"].pid
+        killed = 0
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if "flwr-serverapp" in command and superlink in _ancestors(int(entry.name)):
+                    os.kill(int(entry.name), signal.SIGKILL)
+                    killed += 1
+            except (OSError, ValueError):
+                continue
+        return killed
 
     def start_superlink(self) -> None:
         args = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),

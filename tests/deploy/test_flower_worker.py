@@ -109,3 +109,42 @@ def test_a_worker_refuses_a_run_it_was_not_started_for(tmp_path: Path, tiny_bert
     assert code == 2
     assert "only 1 SuperNodes answered" in capsys.readouterr().err
     assert "this fedcustom worker serves run 1, not run" in refused
+
+
+def test_a_deployment_whose_serverapp_is_killed_resumes_from_its_checkpoint(
+        tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare: the uninterrupted run, embedded (a stateless LoRA job: nodes keep nothing between rounds)
+    embedded = tmp_path / "embedded"
+    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "4",
+                 "--output", str(embedded)]) == 0
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        cluster.start_superlink()
+        for i in range(2):
+            cluster.start_worker_node(f"owner{i}", f"partition-id={i}")
+        # Execute: submit, SIGKILL the ServerApp once round 2 is logged, then `submit --resume` on the same SuperLink
+        assert _submit(cluster, tiny_bert, toy_csv, out, "--rounds", "4", "--no-wait") == 0
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and not ((out / "round_log.jsonl").is_file() and len(_log(out)) >= 3):
+            time.sleep(0.05)
+        killed = cluster.kill_serverapps()
+        interrupted = len(_log(out))
+        code = main(["submit", "--resume", str(out), "--superlink", cluster.address, "--insecure"])
+    # Assert: the resumed run logged every round once and ends where the uninterrupted run ends (1e-6)
+    assert killed == 1 and interrupted < 5 and code == 0
+    ours, reference = _log(out), _log(embedded)
+    assert [r["round"] for r in ours] == [0, 1, 2, 3, 4]
+    assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
+    adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, embedded)]
+    for name, tensor in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], tensor, rtol=0, atol=1e-6)
+
+
+def test_resuming_a_deployment_whose_nodes_kept_state_is_refused(tmp_path: Path, tiny_bert: str, toy_csv: str,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    out = tmp_path / "out"
+    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "1", "--scaffold",
+                 "--output", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["submit", "--resume", str(out), "--superlink", "127.0.0.1:1", "--insecure"]) == 2
+    assert "--scaffold (each node's control variate)" in capsys.readouterr().err

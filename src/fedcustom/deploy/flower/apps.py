@@ -34,6 +34,7 @@ from fedcustom.runtime.messages import ClientSetup, Handler
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "fedcustom-config"  # run config: the resolved RunConfig as JSON
+RESUME_KEY = "fedcustom-resume"  # run config: the output folder of an interrupted run to continue (submit --resume)
 LABELS_KEY = "fedcustom.labels"  # message config: the server's label names as JSON (clients need the same order)
 PUBLIC_KEY = "fedcustom.public"  # message config: the public texts as JSON (distillation: every party labels them)
 
@@ -68,15 +69,30 @@ def setup_from_config(config: dict[str, Any]) -> ClientSetup:
     return ClientSetup(json.loads(str(labels)), None if public is None else json.loads(str(public)))
 
 
-def run_on_grid(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
-    """Build the job with a Flower runtime on ``grid`` and run every round; returns the summary."""
-    from fedcustom.runner import build_job, execute  # torch and transformers load with the job, not with the app
-
+def _grid_runtime(grid: Grid, cfg: RunConfig) -> Any:
     def runtime(_handler: Handler, setup: ClientSetup) -> FlowerRuntime:
         return FlowerRuntime(grid, cfg.federation.clients, cfg.federation.round_timeout,
                              extra_config=setup_config(setup))
 
-    return execute(build_job(cfg, runtime))
+    return runtime
+
+
+def run_on_grid(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
+    """Build the job with a Flower runtime on ``grid`` and run every round; returns the summary."""
+    from fedcustom.runner import build_job, execute  # torch and transformers load with the job, not with the app
+
+    return execute(build_job(cfg, _grid_runtime(grid, cfg)))
+
+
+def resume_on_grid(grid: Grid, folder: str) -> dict[str, Any]:
+    """Continue the run whose last checkpoint is in ``folder`` (on this machine) with the nodes on ``grid``."""
+    from pathlib import Path
+
+    from fedcustom.checkpoint import load_checkpoint
+    from fedcustom.runner import resume
+
+    cfg = build_config(load_checkpoint(Path(folder)).config)
+    return resume(folder, runtime=_grid_runtime(grid, cfg))
 
 
 def make_server_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> ServerApp:
@@ -88,6 +104,9 @@ def make_server_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> 
         job = rag or (None if cfg else job_from_run_config(context.run_config))
         if job is not None:
             run_rag_on_grid(grid, job)
+            return
+        if not cfg and context.run_config.get(RESUME_KEY):
+            resume_on_grid(grid, str(context.run_config[RESUME_KEY]))
             return
         run_on_grid(grid, cfg or config_from_run_config(context.run_config))
 

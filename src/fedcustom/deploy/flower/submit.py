@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedcustom import __version__
 from fedcustom.config import RunConfig
-from fedcustom.deploy.flower.apps import CONFIG_KEY, config_to_run_config
+from fedcustom.deploy.flower.apps import CONFIG_KEY, RESUME_KEY, config_to_run_config
 from fedcustom.deploy.flower.rag import RAG_KEY
 from fedcustom.errors import FedCustomError
 
@@ -50,6 +50,7 @@ clientapp = "fedcustom.deploy.flower.apps:client_app"
 [tool.flwr.app.config]
 {CONFIG_KEY} = ""
 {RAG_KEY} = ""
+{RESUME_KEY} = ""
 """
 
 
@@ -90,6 +91,42 @@ def _flwr(args: list[str], home: Path, timeout: float = 120.0) -> dict:
     if done.returncode != 0 or not answer.get("success", False):
         raise FedCustomError(f"flwr {args[0]}: {answer.get('error-message') or done.stderr.strip()[-2000:]}")
     return answer
+
+
+def resume_blockers(cfg: RunConfig) -> list[str]:
+    """What a resumed deployment could not continue exactly: state the nodes keep in Flower's per-run context, which
+    a new run starts without (the server's own state is in its checkpoint)."""
+    from fedcustom.assemble import codecs_for
+    from fedcustom.methods import get_method
+    from fedcustom.protocols import protocol_of
+
+    method = get_method(cfg.method.name)
+    blockers = []
+    if protocol_of(method).name != "parameter_sharing":
+        blockers.append(f"--method {method.name} (its clients keep per-run state)")
+    if cfg.federation.scaffold:
+        blockers.append("--scaffold (each node's control variate)")
+    if cfg.privacy.dp_sgd:
+        blockers.append("--dp-sgd (each node's privacy accountant)")
+    if any(not codec.stateless for codec in codecs_for(cfg, method)):
+        blockers.append(f"--codec {cfg.codec.up}/{cfg.codec.down or cfg.codec.up} (each node's link references)")
+    return blockers
+
+
+def resume_run_config(folder: str) -> tuple[RunConfig, dict[str, str]]:
+    """`fedcustom submit --resume DIR`: the interrupted run's config and the run config that continues it."""
+    from fedcustom.checkpoint import load_checkpoint
+    from fedcustom.config import build_config
+
+    out = Path(folder).expanduser().resolve()
+    values = load_checkpoint(out).config
+    values["output"]["dir"] = str(out)
+    cfg = build_config(values)
+    blockers = resume_blockers(cfg)
+    if blockers:
+        raise FedCustomError(f"--resume {folder}: a deployment with {'; '.join(blockers)} cannot continue exactly: "
+                             f"the nodes' state of the interrupted run is gone; start the run again instead")
+    return cfg, {**config_to_run_config(cfg), RESUME_KEY: str(out)}
 
 
 def submit(cfg: RunConfig | dict[str, str], connection: Connection, wait: bool = True, poll_seconds: float = 2.0,
