@@ -268,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "rag":
             from fedcustom.rag.cli import run_rag
 
+            args.command_line = "fedcustom " + " ".join(sys.argv[1:] if argv is None else argv)
             return run_rag(args)
         if args.command == "supernode":
             from fedcustom.deploy.flower.worker import run_supernode

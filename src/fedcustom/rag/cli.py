@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
@@ -238,7 +241,11 @@ def _eval(args: argparse.Namespace) -> int:
     settings = EvalSettings(args.dataset, args.clients, args.k, args.route, args.merge, args.encoder,
                             None if args.no_generate else args.generator, args.adapter, args.max_questions,
                             args.max_new_tokens, args.index_kind, args.seed, args.two_phase)
+    started = time.perf_counter()
     result = evaluate(settings)
+    result["command"] = getattr(args, "command_line", None)
+    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    result["wall_seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(result, indent=1))

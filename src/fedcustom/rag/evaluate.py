@@ -180,7 +180,12 @@ def report_lines(result: dict) -> list[str]:
     lines = [f"# Federated RAG evaluation: {s['dataset']}, {s['clients']} clients, k={s['k']}, merge={s['merge']}",
              "", f"{result['questions']} questions; documents per client {result['documents_per_client']} "
                  f"(central index: {result['central_documents']}); encoder {s['encoder']}, generator "
-                 f"{s['generator'] or '(none)'}", "",
+                 f"{s['generator'] or '(none)'}", ""]
+    if result.get("command"):
+        wall = result.get("wall_seconds")
+        lines += [f"Command: `{result['command']}`  ", f"Machine: {result.get('machine')}"
+                  + (f"; {wall:.0f} s in all (encoding, indexing, retrieval, generation)" if wall else ""), ""]
+    lines += [
              "| retrieval | recall@k | bytes/question | ms/question | clients asked | exact match | ROUGE-L |",
              "|---|---|---|---|---|---|---|"]
     for name, c in result["conditions"].items():
@@ -192,6 +197,23 @@ def report_lines(result: dict) -> list[str]:
             retrieval_cells = [f"{c['recall_at_k']:.3f}", f"{c['bytes_per_question']:,.0f}",
                                f"{1000 * c['seconds_per_question']:.1f}", f"{c['clients_per_question']:.2f}"]
         lines.append("| " + " | ".join([name, *retrieval_cells, *answer_cells]) + " |")
+    lines += ["", "## Targets (issue 22)", ""] + target_lines(result["conditions"])
+    return lines
+
+
+def target_lines(c: dict) -> list[str]:
+    """Routing within 2 recall points of all clients at <= 50% of the bytes; answers with retrieval beat without."""
+    met = lambda ok: "met" if ok else "missed"  # noqa: E731
+    lines = []
+    for name in [n for n in c if n.startswith("topn")]:
+        drop = 100 * (c["all"]["recall_at_k"] - c[name]["recall_at_k"])
+        share = 100 * c[name]["bytes_per_question"] / max(c["all"]["bytes_per_question"], 1.0)
+        lines.append(f"- {name}: recall within 2 points of all clients ({drop:+.1f} points lost): {met(drop <= 2)}; "
+                     f"at <= 50% of the bytes ({share:.1f}%): {met(share <= 50)}")
+    if c["all"]["answers"] and "none" in c:
+        with_, without = c["all"]["answers"]["rouge_l"], c["none"]["answers"]["rouge_l"]
+        lines.append(f"- answers with retrieval beat answers without (ROUGE-L {with_:.3f} vs {without:.3f}): "
+                     f"{met(with_ > without)}")
     return lines
 
 

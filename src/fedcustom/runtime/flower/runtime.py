@@ -22,6 +22,7 @@ from fedcustom.runtime.messages import Message, Reply
 log = logging.getLogger(__name__)
 
 HELLO = "query.fedcustom_hello"  # answered by our ClientApp with the node's partition id
+REJOIN_HELLO_SECONDS = 30.0  # how long a round start waits for a newly connected node to say its partition
 POLL_SECONDS = 0.2  # Flower's own send_and_receive sleeps 3 s between pulls: a floor on every exchange
 
 
@@ -34,6 +35,7 @@ class FlowerRuntime:
         self.timeout = timeout  # seconds to wait for the replies of one exchange
         self.extra_config = extra_config or {}  # added to every message's config (e.g. the label names)
         self.node_stats: dict[int, dict] = {}  # partition id -> its own rows and label histogram, as the node says
+        self._asked: set[int] = set()  # node ids asked for their partition after the start (rejoining nodes)
         self.partitions = self._discover(expected_nodes, connect_timeout)  # partition id -> Flower node id
 
     def _discover(self, expected: int, connect_timeout: float) -> dict[int, int]:
@@ -46,19 +48,8 @@ class FlowerRuntime:
         if len(node_ids) < expected:
             raise FedCustomError(f"federation.clients = {expected}: only {len(node_ids)} SuperNodes connected within "
                                  f"{connect_timeout:.0f} s; start one flower-supernode per client (or lower --clients)")
-        hello = ConfigRecord(dict(self.extra_config))
-        hellos = [FlowerMessage(RecordDict({"hello": hello}), node, HELLO) for node in node_ids]
         partitions: dict[int, int] = {}
-        for reply in self.grid.send_and_receive(hellos, timeout=connect_timeout):
-            if reply.has_error():
-                log.warning("node %d did not say which partition it holds: %s", reply.metadata.src_node_id,
-                            reply.error.reason)
-                continue
-            answer = reply.content["hello"]
-            partition, node = int(answer["partition-id"]), reply.metadata.src_node_id
-            if "examples" in answer:  # a node with its own data file describes it (counts only, no rows)
-                self.node_stats[partition] = {"client": partition, "examples": int(answer["examples"]),
-                                              "label_histogram": json.loads(str(answer["label-histogram"]))}
+        for partition, node in self._hello(node_ids, connect_timeout, enough=expected):
             if partition in partitions:
                 raise FedCustomError(f"SuperNodes {partitions[partition]} and {node} both have partition-id={partition} "
                                      f"in their node config; give each data owner its own partition-id")
@@ -69,6 +60,51 @@ class FlowerRuntime:
         log.info("SuperNodes by partition id: %s", partitions)
         return dict(sorted(partitions.items()))
 
+    def _hello(self, node_ids: list[int], timeout: float, enough: int | None = None) -> list[tuple[int, int]]:
+        """Ask ``node_ids`` which partition each holds: (partition, node id) for every node that answered within
+        ``timeout``, or as soon as ``enough`` distinct partitions did (a dead node the SuperLink still lists would
+        otherwise hold the start for the whole timeout)."""
+        hello = ConfigRecord(dict(self.extra_config))
+        hellos = [FlowerMessage(RecordDict({"hello": hello}), node, HELLO) for node in node_ids]
+        waiting = set(self.grid.push_messages(hellos))
+        found: list[tuple[int, int]] = []
+        deadline = time.monotonic() + timeout
+        while waiting and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(waiting)):
+                waiting.discard(reply.metadata.reply_to_message_id)
+                if reply.has_error():
+                    log.warning("node %d did not say which partition it holds: %s", reply.metadata.src_node_id,
+                                reply.error.reason)
+                    continue
+                answer = reply.content["hello"]
+                partition, node = int(answer["partition-id"]), reply.metadata.src_node_id
+                if "examples" in answer:  # a node with its own data file describes it (counts only, no rows)
+                    self.node_stats[partition] = {"client": partition, "examples": int(answer["examples"]),
+                                                  "label_histogram": json.loads(str(answer["label-histogram"]))}
+                found.append((partition, node))
+            if enough is not None and len({p for p, _ in found}) >= enough:
+                break
+            if waiting:
+                time.sleep(POLL_SECONDS)
+        return found
+
+    def _rejoin(self, connected: set[int]) -> None:
+        """A SuperNode restarted after its node died connects with a new node id: ask each new id once which
+        partition it holds; from the next message on, the partition is served by the node that claimed it last (the
+        old one may still be listed until its heartbeats lapse)."""
+        new = sorted(connected - set(self.partitions.values()) - self._asked)
+        if not new:
+            return
+        self._asked.update(new)
+        for partition, node in self._hello(new, min(self.timeout, REJOIN_HELLO_SECONDS)):
+            old = self.partitions.get(partition)
+            if old is None:
+                log.warning("SuperNode %d holds partition %d, which is not part of this run: ignored", node, partition)
+                continue
+            log.warning("partition %d rejoined as SuperNode %d (was %d%s)", partition, node, old,
+                        ", still listed" if old in connected else "")
+            self.partitions[partition] = node
+
     @property
     def local_handler(self) -> None:
         """The clients live on the SuperNodes (each keeps its own state between messages)."""
@@ -78,6 +114,7 @@ class FlowerRuntime:
         """Partitions whose SuperNode the SuperLink still lists (a dead node drops out after its heartbeats
         lapse, about a minute; until then its messages time out and it is left out of the round)."""
         connected = set(self.grid.get_node_ids())
+        self._rejoin(connected)
         alive = [p for p, node in self.partitions.items() if node in connected]
         if len(alive) < len(self.partitions):
             log.warning("SuperNodes of partitions %s are gone", sorted(set(self.partitions) - set(alive)))
