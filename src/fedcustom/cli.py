@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "KD-FedLLM vs Split-FedLLM, varying cut layer, public set size and clients; codecs: raw vs "
                             "GradualDiff-Fed vs compressed codec chains for full fine-tuning and LoRA; robust: "
                             "FedAvg vs median, trimmed mean, Multi-Krum and norm bounding with 0, 10 and 30 "
-                            "percent sign-flip attackers, for prefix tuning and LoRA; generative: full, LoRA, prompt, "
+                            "percent sign-flip attackers, for prefix tuning and LoRA; leakage: membership inference "
+                            "(loss threshold, reference model) against the global model and one client's upload, for "
+                            "prefix, LoRA and full fine-tuning without and with client-level DP; generative: full, "
+                            "LoRA, prompt, "
                             "prefix, split and KD instruction tuning of SmolLM2 on the packaged ChatterBot corpus, each with "
                             "its centralized baseline (perplexity, ROUGE-L, MB and client FLOPs per round); "
                             "converge and vision (declarative sweeps, fedcustom/bench/sweeps): the paper's claims at "
@@ -187,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_PRESETS = ("quick", "paper", "tune", "frameworks", "codecs", "robust", "generative")
+BENCH_PRESETS = ("quick", "paper", "tune", "frameworks", "codecs", "robust", "generative", "leakage")
 
 
 def check_preset(preset: str, jobs: int) -> None:

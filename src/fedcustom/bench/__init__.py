@@ -96,6 +96,10 @@ def run_bench(preset_name: str, data_dir: str, output: str, command: str, consol
         return run_codecs_bench(data_dir, out, command, console)
     if preset_name == "robust":
         return run_robust_bench(data_dir, out, command, console)
+    if preset_name == "leakage":
+        from fedcustom.bench.leakage import run_leakage_bench
+
+        return run_leakage_bench(data_dir, out, command, console)
     if preset_name == "generative":  # packaged model and data: data_dir is not used
         return run_generative_bench(out, command, console)
     preset = get_preset(preset_name)

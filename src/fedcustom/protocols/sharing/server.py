@@ -18,7 +18,7 @@ import numpy as np
 
 from fedcustom import scaffold
 from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
-from fedcustom.errors import PayloadError, UpdateRejected
+from fedcustom.errors import FedCustomError, PayloadError, UpdateRejected
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant, noise_generator
 from fedcustom.privacy.secure_round import SecureRound
 from fedcustom.rounds import RoundResult, State, sample_clients
@@ -128,8 +128,7 @@ class FederatedServer:
         start = time.perf_counter()
         chosen = sample_clients(self.runtime.nodes(), self.clients_per_round, self.seed, rnd)
         steer = self.convergence
-        config = {**schedule_to_config(self.schedule, self.seed, rnd), **drift_config(steer.prox_mu, steer.scaffold),
-                  **self.safeguards.client_config}
+        config = self._round_config(rnd)
         result = RoundResult(round=rnd, eval={}, clients=chosen)
         controls: dict[int, State] = {}
         if self.safeguards.secagg is not None:
@@ -161,6 +160,22 @@ class FederatedServer:
         result.eval = self.evaluate(self.global_state)
         result.wall_seconds = time.perf_counter() - start
         return result
+
+    def _round_config(self, rnd: int) -> dict:
+        """What every training message of round ``rnd`` says besides the tensors (schedule, drift, safeguards)."""
+        steer = self.convergence
+        return {**schedule_to_config(self.schedule, self.seed, rnd), **drift_config(steer.prox_mu, steer.scaffold),
+                **self.safeguards.client_config}
+
+    def observed_update(self, node: int, rnd: int) -> State:
+        """What an honest-but-curious server without secure aggregation sees of one client: the trained state
+        ``node`` uploads when sent the current global state as round ``rnd`` (decoded; noised if the client applies
+        local DP). Nothing is merged; for membership-inference measurements (fedcustom.bench.leakage)."""
+        message = self._broadcast(rnd, [node], self._round_config(rnd))[node]
+        reply = dict(self.runtime.stream({node: message}))[node]
+        if reply.error:
+            raise FedCustomError(f"client {node} gave no update to observe: {reply.error}")
+        return self._decode(node, reply, message)
 
     def _secure_round(self, rnd: int, chosen: list[int], config: dict, result: RoundResult,
                       on_reply: Callable[[int], None] | None) -> tuple[list[ClientUpdate], State | None]:
