@@ -28,6 +28,27 @@ def _log(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "round_log.jsonl").read_text().splitlines()]
 
 
+def _embedded(tmp_path: Path, tiny_bert: str, toy_csv: str, rounds: int) -> Path:
+    """The same job in one process: what a deployment must reproduce."""
+    embedded = tmp_path / "embedded"
+    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", str(rounds),
+                 "--output", str(embedded)]) == 0
+    return embedded
+
+
+def _start_two_worker_nodes(cluster: Cluster) -> None:
+    """A SuperLink and two nodes, each with a worker, each taking its partition of the run's dataset."""
+    cluster.start_superlink()
+    for i in range(2):
+        cluster.start_worker_node(f"owner{i}", f"partition-id={i}")
+
+
+def _assert_same_adapter(out: Path, embedded: Path) -> None:
+    adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, embedded)]
+    for name, tensor in adapters[1].items():
+        torch.testing.assert_close(adapters[0][name], tensor, rtol=0, atol=1e-6)
+
+
 def _submit(cluster: Cluster, tiny_bert: str, toy_csv: str, out: Path, *extra: str) -> int:
     return main(["submit", "--superlink", cluster.address, "--insecure", "--model", tiny_bert, "--dataset", toy_csv,
                  *JOB, "--output", str(out), *extra])
@@ -36,14 +57,10 @@ def _submit(cluster: Cluster, tiny_bert: str, toy_csv: str, out: Path, *extra: s
 def test_workers_give_the_embedded_runtimes_results(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
     # Prepare: the same job embedded, and on a SuperLink whose two nodes each run a worker (each node takes its
     # partition of the run's dataset, as the embedded clients do)
-    embedded = tmp_path / "embedded"
-    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "3",
-                 "--output", str(embedded)]) == 0
+    embedded = _embedded(tmp_path, tiny_bert, toy_csv, 3)
     out = tmp_path / "out"
     with Cluster(tmp_path) as cluster:
-        cluster.start_superlink()
-        for i in range(2):
-            cluster.start_worker_node(f"owner{i}", f"partition-id={i}")
+        _start_two_worker_nodes(cluster)
         # Execute
         code = _submit(cluster, tiny_bert, toy_csv, out, "--rounds", "3")
         worker_log = cluster.log("owner0-worker")
@@ -54,9 +71,7 @@ def test_workers_give_the_embedded_runtimes_results(tmp_path: Path, tiny_bert: s
     assert [r["bytes_up"] for r in ours] == [r["bytes_up"] for r in reference]
     assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
     assert [r["eval_loss"] for r in ours] == pytest.approx([r["eval_loss"] for r in reference], abs=1e-6)
-    adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, embedded)]
-    for name, tensor in adapters[1].items():
-        torch.testing.assert_close(adapters[0][name], tensor, rtol=0, atol=1e-6)
+    _assert_same_adapter(out, embedded)
     assert "task failed" not in worker_log
 
 
@@ -114,14 +129,10 @@ def test_a_worker_refuses_a_run_it_was_not_started_for(tmp_path: Path, tiny_bert
 def test_a_deployment_whose_serverapp_is_killed_resumes_from_its_checkpoint(
         tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
     # Prepare: the uninterrupted run, embedded (a stateless LoRA job: nodes keep nothing between rounds)
-    embedded = tmp_path / "embedded"
-    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "4",
-                 "--output", str(embedded)]) == 0
+    embedded = _embedded(tmp_path, tiny_bert, toy_csv, 4)
     out = tmp_path / "out"
     with Cluster(tmp_path) as cluster:
-        cluster.start_superlink()
-        for i in range(2):
-            cluster.start_worker_node(f"owner{i}", f"partition-id={i}")
+        _start_two_worker_nodes(cluster)
         # Execute: submit, SIGKILL the ServerApp once round 2 is logged, then `submit --resume` on the same SuperLink
         assert _submit(cluster, tiny_bert, toy_csv, out, "--rounds", "4", "--no-wait") == 0
         deadline = time.monotonic() + 300
@@ -135,9 +146,7 @@ def test_a_deployment_whose_serverapp_is_killed_resumes_from_its_checkpoint(
     ours, reference = _log(out), _log(embedded)
     assert [r["round"] for r in ours] == [0, 1, 2, 3, 4]
     assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
-    adapters = [load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (out, embedded)]
-    for name, tensor in adapters[1].items():
-        torch.testing.assert_close(adapters[0][name], tensor, rtol=0, atol=1e-6)
+    _assert_same_adapter(out, embedded)
 
 
 def test_resuming_a_deployment_whose_nodes_kept_state_is_refused(tmp_path: Path, tiny_bert: str, toy_csv: str,
