@@ -446,13 +446,52 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
     return cls(**kwargs)
 
 
+# Per-method tables of [method]: ``[method.lora] r = 8`` is ``[method] lora_r = 8``. Each names the settings that
+# belong to one method, by their short name within it; the flat keys (and the CLI flags) keep working.
+METHOD_TABLES: dict[str, dict[str, str]] = {
+    "lora": {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets"},
+    "prefix": {"num_virtual_tokens": "num_virtual_tokens", "init": "prefix_init", "projection": "prefix_projection",
+               "projection_hidden": "projection_hidden"},
+    "prompt": {"num_virtual_tokens": "num_virtual_tokens", "init": "prompt_init", "deep": "prompt_deep"},
+    "split": {"cut_layer": "cut_layer", "client": "split_client", "head": "split_head"},
+    "distill": {"local_method": "local_method", "client_model": "client_model", "public_dataset": "public_dataset",
+                "public_size": "public_size", "topk": "topk", "weighting": "kd_weighting", "broadcast": "broadcast",
+                "temperature": "kd_temperature", "epochs": "distill_epochs"},
+}
+
+
+def flatten_method_tables(table: dict[str, Any]) -> dict[str, Any]:
+    """The [method] table with its per-method tables ([method.lora], ...) turned into the flat keys they stand for;
+    a setting given both ways with different values is an error naming both."""
+    flat = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    for name, sub in table.items():
+        if not isinstance(sub, dict):
+            continue
+        if name not in METHOD_TABLES:
+            raise ConfigError(f"unknown config table [method.{shown(name)}]; expected one of: "
+                              f"{', '.join(f'[method.{m}]' for m in METHOD_TABLES)}")
+        keys = METHOD_TABLES[name]
+        for key, value in sub.items():
+            if key not in keys:
+                raise ConfigError(f"unknown config key method.{name}.{shown(key)}; expected one of: {', '.join(keys)}")
+            target = keys[key]
+            if target in flat and flat[target] != value:
+                raise ConfigError(f"config key method.{name}.{key} = {value!r:.40} and method.{target} = "
+                                  f"{flat[target]!r:.40} set the same setting; keep one")
+            flat[target] = value
+    return flat
+
+
 def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
-    """Build and validate a RunConfig from a nested ``{section: {key: value}}`` dict."""
+    """Build and validate a RunConfig from a nested ``{section: {key: value}}`` dict (``[method]`` may hold
+    per-method tables, see METHOD_TABLES)."""
     for section, table in values.items():
         if section not in SECTIONS:
             raise ConfigError(f"unknown config section [{shown(section)}]; expected one of: {', '.join(SECTIONS)}")
         if not isinstance(table, dict):
             raise ConfigError(f"config section [{section}] must be a table of keys")
+    if "method" in values:
+        values = {**values, "method": flatten_method_tables(values["method"])}
     cfg = RunConfig(**{s: _build_section(s, values.get(s, {})) for s in SECTIONS})
     if cfg.model.max_length is None:
         from fedcustom.tasks import get_task

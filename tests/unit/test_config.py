@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -117,3 +118,28 @@ def test_codec_flags_parse_and_bad_chains_exit_2(capsys, tmp_path) -> None:
     assert main(["run", "--method", "split", "--codec", "int8", "--output", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()  # refused before anything was written
     assert "codec chains apply to parameter-sharing methods" in capsys.readouterr().err
+
+
+def test_per_method_tables_set_the_same_settings_as_the_flat_keys(tmp_path) -> None:
+    # Prepare: one TOML with per-method tables, one with the flat keys they stand for
+    nested = tmp_path / "nested.toml"
+    nested.write_text('[method]\nname = "lora"\n[method.lora]\nr = 4\nalpha = 8\ntargets = ["query"]\n'
+                      '[method.prefix]\nnum_virtual_tokens = 10\ninit = "vocab"\n[method.split]\ncut_layer = 2\n')
+    flat = tmp_path / "flat.toml"
+    flat.write_text('[method]\nname = "lora"\nlora_r = 4\nlora_alpha = 8\nlora_targets = ["query"]\n'
+                    'num_virtual_tokens = 10\nprefix_init = "vocab"\ncut_layer = 2\n')
+    # Execute / Assert: the same config; checkpoints and summaries keep the flat keys
+    assert load_config(nested) == load_config(flat)
+    assert load_config(nested).to_dict()["method"]["lora_r"] == 4
+
+
+@pytest.mark.parametrize("toml, expected", [
+    ('[method.lora]\nrank = 4\n', "unknown config key method.lora.rank; expected one of: r, alpha, dropout, targets"),
+    ('[method.adapter]\nr = 4\n', "unknown config table [method.adapter]"),
+    ('[method]\nlora_r = 8\n[method.lora]\nr = 4\n', "method.lora.r = 4 and method.lora_r = 8 set the same setting"),
+])
+def test_per_method_table_mistakes_are_named(tmp_path, toml: str, expected: str) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        load_config(path)
