@@ -75,7 +75,7 @@ def add_rag_parser(sub: argparse._SubParsersAction) -> None:
                     help="results.json and report.md (default: runs/rag-eval)")
     ev.add_argument("--index-kind", choices=INDEX_KINDS, default="flat")
     _encoder_flags(ev)
-    _retrieval_flags(ev, route_default="topn:1")
+    _retrieval_flags(ev, route_default="topn:2")
     _generator_flags(ev, max_new_tokens=32)
     ev.add_argument("--no-generate", action="store_true", help="Retrieval numbers only")
 

@@ -42,7 +42,7 @@ class EvalSettings:
     dataset: str = "chatterbot"
     clients: int = 4
     k: int = 5
-    route: str = "topn:1"
+    route: str = "topn:2"
     merge: str = "score"
     encoder: str = "minilm"
     generator: str | None = "smollm2"  # None: retrieval only
