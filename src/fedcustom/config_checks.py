@@ -101,6 +101,11 @@ def validate_trust(cfg: RunConfig) -> None:
         if cfg.method.name not in ("lora", "prefix"):
             raise ConfigError(f"--dp-sgd with --method {cfg.method.name}: Opacus computes per-example gradients for "
                               f"LoRA's and prefix tuning's modules only; use --method lora or prefix")
+        from fedcustom.tasks import get_task
+
+        reason = get_task(cfg.model.task).no_dp_sgd
+        if reason:
+            raise ConfigError(f"--dp-sgd with --task {cfg.model.task}: {reason}; use client-level DP (--dp) instead")
     if priv.secagg and priv.dp == "central":
         raise ConfigError("--secagg with --dp central: the server cannot clip updates it never sees; use --dp local "
                           "(clients clip and noise before masking)")

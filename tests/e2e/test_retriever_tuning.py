@@ -97,3 +97,10 @@ def test_each_method_trains_a_retriever_that_rag_index_loads(tmp_path: Path, tin
     customized, base = Encoder(encoder).encode(texts), Encoder(tiny_encoder).encode(texts)
     assert not np.allclose(customized, base, atol=1e-4)
     np.testing.assert_allclose(np.linalg.norm(customized, axis=1), 1.0, atol=1e-5)
+
+
+def test_dp_sgd_is_refused_for_in_batch_negatives(tmp_path: Path, tiny_encoder: str, pairs_jsonl: str,
+                                                  capsys: pytest.CaptureFixture) -> None:
+    assert main(["run", "--task", "retrieval", "--model", tiny_encoder, "--dataset", pairs_jsonl, "--method", "lora",
+                 "--dp-sgd", "--output", str(tmp_path / "out")]) == 2
+    assert "--dp-sgd with --task retrieval: in-batch negatives" in capsys.readouterr().err

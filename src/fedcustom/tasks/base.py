@@ -31,6 +31,7 @@ class Task:
     knowledge_over_vocabulary: bool = False  # distillation: knowledge is a next-token distribution per response token
     kd_temperature: float = 2.0  # distillation temperature when --kd-temperature is unset
     methods: tuple[str, ...] | None = None  # the methods this task supports (None: every registered one)
+    no_dp_sgd: str | None = None  # why DP-SGD's per-example clipping cannot bound one row's influence (None: it can)
 
     @property
     def headline_metric(self) -> str:

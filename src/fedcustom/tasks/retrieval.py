@@ -25,6 +25,8 @@ class Retrieval(Task):
     default_max_length = 64
     instruction_data = True
     methods = ("full", "lora", "prompt", "prefix")  # one encoder for both sides: no head, no split or distillation
+    no_dp_sgd = ("in-batch negatives make every row's loss depend on the other rows of its batch, so clipping each "
+                 "row's gradient does not bound its influence")
 
     def head_modules(self, backbone: Any) -> list[str]:
         return []
