@@ -5,6 +5,7 @@ protocol plug-in's business (:mod:`fedcustom.protocols`)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from fedcustom.config import RunConfig
 from fedcustom.convergence import check_convergence_support, local_schedule
 from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.device import place_model, resolve_device
-from fedcustom.errors import FedCustomError
+from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, trainable_state
 from fedcustom.models import load_model
 from fedcustom.protocols import protocol_of
@@ -61,6 +62,7 @@ class Job:
     server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
     out: Path
     evaluate_model: Callable[[], dict[str, Any]]  # the task's metrics of ``model`` as it is now
+    evaluate_clients: Callable[[], dict[int, dict]] | None = None  # each client's metrics on its held-out rows
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint must hold: the server, and the state of clients that live in this process."""
@@ -115,6 +117,9 @@ def check_runtime_support(cfg: RunConfig) -> None:
     simulated in this process only; codec chains, server optimizers and drift correction on methods that send
     activations or logits)."""
     method = get_method(cfg.method.name)
+    if cfg.federation.client_eval_fraction and protocol_of(method).name != "parameter_sharing":
+        raise ConfigError(f"--client-eval-fraction with --method {method.name}: per-client evaluation scores the "
+                          f"global model of a parameter-sharing method; {method.name} has no single one per round")
     check_trust_support(cfg, method)
     check_convergence_support(cfg, method)
     codecs_for(cfg, method)
@@ -143,7 +148,8 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
                         initial=initial, schedule=schedule, strategy=strategy, evaluate_model=evaluate_model,
                         runtime=lambda handler: runtime(handler, setup))
     server = protocol_of(method).plugin().build_server(parts)
-    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model)
+    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model,
+               client_evaluator(cfg, model, data, tokenizer))
 
 
 def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dict[int, datasets.Dataset]]) -> Any:
@@ -171,7 +177,21 @@ def build_model(cfg: RunConfig, method: Method, name: str, label_names: list[str
 def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:
     """Labelled texts (classification) or instruction rows (causal LM), split over the clients."""
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if protocol_of(method).public_set else None
-    return get_task(cfg.model.task).prepare_data(cfg, tokenizer, public)
+    data = get_task(cfg.model.task).prepare_data(cfg, tokenizer, public)
+    if cfg.federation.client_eval_fraction:
+        data = data.holding_out(cfg.federation.client_eval_fraction, cfg.train.seed)
+    return data
+
+
+def client_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData,
+                     tokenizer: Any) -> Callable[[], dict[int, dict]] | None:
+    """Each client's metrics of ``model`` (as it is when called) on the rows it holds out; None when off."""
+    if data.client_eval_indices is None:
+        return None
+    task = get_task(cfg.model.task)
+    evaluators = {c: task.evaluator(cfg, model, dataclasses.replace(data, eval=data.client_eval_table(c)), tokenizer)
+                  for c, rows in enumerate(data.client_eval_indices) if rows}
+    return lambda: {c: evaluate() for c, evaluate in evaluators.items()}
 
 
 def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokenizer: Any) -> Callable[[], dict]:

@@ -184,6 +184,11 @@ class FederationConfig:
                                           "--early-stop-patience")
     early_stop_min_delta: float = opt(0.0, "Early stopping: the smallest gain that counts as an improvement.",
                                       "--early-stop-min-delta")
+    client_eval_fraction: float = opt(0.0, "Per-client evaluation: share of each client's rows held out as its own "
+                                      "test set (not trained on, by it or the centralized baselines); every round "
+                                      "the global model is scored on each client's held-out rows (round log "
+                                      "client_eval; summary client_accuracy, mean, std, worst 10%). 0: off. Embedded "
+                                      "runtime, parameter-sharing methods.", "--client-eval-fraction")
     runtime: str = opt("embedded", "How messages travel: embedded (one process), flower-sim (Flower's simulation "
                        "engine, Ray) or flower (a ServerApp on a real SuperLink; submit with `fedcustom submit`).",
                        "--runtime", ("embedded", "flower-sim", "flower"))

@@ -29,6 +29,13 @@ def validate(cfg: RunConfig) -> None:
         ("federation.round_timeout (--round-timeout)", fed.round_timeout),
     ]:
         _positive(where, value, allow_none=False)
+    if not 0.0 <= fed.client_eval_fraction < 1.0:
+        raise ConfigError(f"federation.client_eval_fraction (--client-eval-fraction): {fed.client_eval_fraction!r} "
+                          f"is not in [0, 1): the share of each client's rows held out for its own test")
+    if fed.client_eval_fraction and fed.runtime != "embedded":
+        raise ConfigError(f"--client-eval-fraction with --runtime {fed.runtime}: per-client evaluation scores each "
+                          f"client's held-out rows in this process; Flower nodes evaluating their own rows are not "
+                          f"implemented yet (use --runtime embedded)")
     from fedcustom.tasks import get_task
 
     _positive("model.max_length (--max-length)", cfg.model.max_length,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import statistics
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,18 @@ def round_record(result: RoundResult) -> dict[str, Any]:
         "memory": result.memory,
         "epsilon": result.epsilon,
         "privacy": result.privacy,
+        **({"client_eval": per_client(result.client_eval), **client_eval_stats(result.client_eval)}
+           if result.client_eval else {}),
     }
+
+
+def client_eval_stats(values: dict[int, float]) -> dict[str, float]:
+    """Mean, standard deviation and the worst 10% (the mean of the lowest tenth of clients, at least one) of the
+    clients' held-out metric: how evenly the global model serves them."""
+    ordered = sorted(values.values())
+    worst = ordered[: max(1, len(ordered) // 10)]
+    return {"client_eval_mean": statistics.fmean(ordered), "client_eval_std": statistics.pstdev(ordered),
+            "client_eval_worst10": statistics.fmean(worst)}
 
 
 def result_from_record(record: dict[str, Any]) -> RoundResult:
@@ -52,7 +64,7 @@ def result_from_record(record: dict[str, Any]) -> RoundResult:
         client_flops=per_client(record["client_flops"]), server_flops=per_client(record["server_flops"]),
         examples_seen=record["examples_seen"], rejected=per_client(record["rejected"]),
         wall_seconds=record["wall_seconds"], epsilon=record.get("epsilon"), privacy=record.get("privacy", {}),
-        memory=record.get("memory", {}),
+        memory=record.get("memory", {}), client_eval=per_client(record.get("client_eval", {})),
     )
 
 

@@ -39,6 +39,7 @@ class RoundResult:
     epsilon: float | None = None  # DP: the privacy spent so far, at the configured delta
     privacy: dict[str, float] = field(default_factory=dict)  # DP: clipping and noise statistics of the round
     memory: dict[str, float] = field(default_factory=dict)  # peak RSS (and GPU) MB of this process so far
+    client_eval: dict[int, float] = field(default_factory=dict)  # each client's headline metric on its held-out rows
 
 
 class RoundDriver(Protocol):

@@ -36,6 +36,16 @@ from fedcustom.tracking import Trackers
 __all__ = ["build_job", "execute", "resume", "run"]  # build_job: the assembler's, re-exported for the run API
 
 
+def evaluate_clients(job: Job, result: RoundResult) -> None:
+    """With per-client evaluation on: the round's global model scored on each client's held-out rows (its task's
+    headline metric) into ``result.client_eval``."""
+    if job.evaluate_clients is None:
+        return
+    load_trainable_state(job.model, job.server.global_state)
+    metric = get_task(job.cfg.model.task).headline_metric
+    result.client_eval = {c: float(m[metric]) for c, m in job.evaluate_clients().items()}
+
+
 def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None,
                on_round: Callable[[dict[str, Any]], None] = lambda _record: None) -> list[RoundResult]:
     """Round 0 (initial evaluation) and every federated round, logged and checkpointed as each ends (``on_round``
@@ -45,6 +55,7 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
     results = [result_from_record(r) for r in resumed.records] if resumed else [job.server.evaluate_initial()]
     if not resumed:
         results[0].memory = peak_memory_mb(device)
+        evaluate_clients(job, results[0])
     round_log = RoundLog(job.out / "round_log.jsonl", results)
     for result in results:
         on_round(round_record(result))
@@ -71,6 +82,7 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
                 progress.reset(1)
             on_reply = (lambda _node: progress.advance(1)) if progress else None
             results.append(job.server.run_round(rnd, on_reply))
+            evaluate_clients(job, results[-1])
             results[-1].memory = peak_memory_mb(device)
             round_log.write(results[-1])
             on_round(round_record(results[-1]))

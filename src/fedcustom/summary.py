@@ -40,6 +40,23 @@ def versions() -> dict[str, str]:
             "cpu_threads": str(torch.get_num_threads())}
 
 
+def client_eval_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:
+    """Per-client evaluation of the final global model (``client_<metric>``: client id -> its held-out score) with
+    the mean, standard deviation and worst 10% over clients, and the mean per round; empty when it is off."""
+    if not results[-1].client_eval:
+        return {}
+    from fedcustom.report import client_eval_stats
+    from fedcustom.tasks import get_task
+
+    metric = get_task(cfg.model.task).headline_metric
+    final = results[-1].client_eval
+    stats = client_eval_stats(final)
+    return {f"client_{metric}": {str(c): v for c, v in sorted(final.items())},
+            **{k.replace("client_eval", f"client_{metric}"): v for k, v in stats.items()},
+            f"client_{metric}_mean_per_round": [client_eval_stats(r.client_eval)["client_eval_mean"]
+                                                if r.client_eval else None for r in results]}
+
+
 def summarize(
     cfg: RunConfig, results: list[RoundResult], baselines: dict[str, dict[str, Any]],
     model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, wall: float, settings: dict[str, Any],
@@ -91,6 +108,7 @@ def summarize(
         "trainable_bytes_fp32": sum(t.numel() * 4 for t in initial.values()),
         "total_params": sum(p.numel() for p in model.parameters()),
         "rejected_updates": sum(len(r.rejected) for r in rounds),
+        **client_eval_summary(cfg, results),
         "strategy": cfg.federation.strategy,
         **trust_summary(cfg, results),
         "wall_seconds": wall,

@@ -20,6 +20,9 @@ __all__ = ["FederatedData", "FileLayout", "PACKAGED_DATASETS", "LabeledData", "P
            "stratified_split"]
 
 
+HOLD_OUT_STREAM = 11  # separates the per-client test split's draws from every other seeded draw
+
+
 @dataclass(frozen=True)
 class FederatedData:
     """Tokenized training rows split over clients, plus the server's held-out evaluation set."""
@@ -35,6 +38,24 @@ class FederatedData:
     groups: list[int] | None = None  # causal LM: each training row's topic (``label_names`` names them)
     eval_prompts: list[str] | None = None  # causal LM: the held-out prompts (chat-templated) and their answers
     eval_references: list[str] | None = None
+    client_eval_indices: list[list[int]] | None = None  # rows of ``train`` each client holds out for its own test
+
+    def client_eval_table(self, client: int) -> datasets.Dataset:
+        """The tokenized rows client ``client`` holds out for its own evaluation (see hold_out_client_eval)."""
+        if self.client_eval_indices is None:
+            raise ValueError("this FederatedData holds out no per-client evaluation rows")
+        return self.train.select(self.client_eval_indices[client])
+
+    def holding_out(self, fraction: float, seed: int) -> FederatedData:
+        """This data with ``fraction`` of each client's rows (seeded, at least one, never all) moved from its training
+        rows to its own test rows; a client with a single row keeps it for training."""
+        keep, held = [], []
+        for client, rows in enumerate(self.client_indices):
+            order = np.random.default_rng([seed, client, HOLD_OUT_STREAM]).permutation(len(rows))
+            count = min(max(1, round(fraction * len(rows))), len(rows) - 1) if len(rows) > 1 else 0
+            held.append(sorted(rows[i] for i in order[:count]))
+            keep.append(sorted(rows[i] for i in order[count:]))
+        return dataclasses.replace(self, client_indices=keep, client_eval_indices=held)
 
     def retokenized(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> FederatedData:
         """The same rows tokenized for another backbone (heterogeneous clients in KD-FedLLM)."""
