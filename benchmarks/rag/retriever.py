@@ -44,7 +44,7 @@ def main() -> None:
     done = [m for m in (sys.argv[1:] or METHODS)]
     rows = [run(m) for m in done]
     OUT.mkdir(parents=True, exist_ok=True)
-    command = f"{Path(sys.executable).name} benchmarks/rag/retriever.py"
+    command = " ".join([Path(sys.executable).name, "benchmarks/rag/retriever.py", *sys.argv[1:]])
     machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
     (OUT / "retriever.json").write_text(json.dumps({"command": command, "machine": machine, "runs": rows}, indent=1))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
