@@ -59,3 +59,14 @@ def test_targets_name_the_smallest_cheap_epsilon_or_say_none_was_cheap() -> None
     lines = targets(records)
     assert lines[0].startswith("- lora: smallest epsilon within 2 points of accuracy: 8.00") and lines[0].endswith("met")
     assert lines[1].startswith("- full: no noise level") and lines[1].endswith("missed")
+
+
+def test_a_report_of_a_preset_run_in_parts_names_the_runs_it_lacks() -> None:
+    from fedcustom.bench.leakage import _missing_lines
+
+    finished = [{"method": m, "noise": z} for m, _ in LeakageSetting().methods for z in LeakageSetting().noise
+                if m == "prefix"]
+    line = _missing_lines(finished)[0]
+    assert line.startswith("Not run yet") and "lora noise 0," in line and "prefix" not in line
+    assert _missing_lines(finished + [{"method": m, "noise": z} for m, _ in LeakageSetting().methods
+                                      for z in LeakageSetting().noise if m != "prefix"]) == []

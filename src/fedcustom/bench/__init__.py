@@ -99,7 +99,7 @@ def run_bench(preset_name: str, data_dir: str, output: str, command: str, consol
     if preset_name == "leakage":
         from fedcustom.bench.leakage import run_leakage_bench
 
-        return run_leakage_bench(data_dir, out, command, console)
+        return run_leakage_bench(data_dir, out, command, console, stages)
     if preset_name == "generative":  # packaged model and data: data_dir is not used
         return run_generative_bench(out, command, console)
     preset = get_preset(preset_name)

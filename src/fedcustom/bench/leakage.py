@@ -92,16 +92,49 @@ def measure(job: Any, setting: LeakageSetting) -> dict[str, Any]:
     }
 
 
-def run_leakage(data_dir: Path, out: Path, console: Console, setting: LeakageSetting = LeakageSetting()
-                ) -> list[dict[str, Any]]:
+def _record(method: str, noise: float, setting: LeakageSetting, folder: Path, summary: dict[str, Any],
+            reused: bool) -> dict[str, Any]:
+    log = [json.loads(line) for line in (folder / "round_log.jsonl").read_text().splitlines()]
+    return {"method": method, "noise": noise, "clip": dict(setting.clip)[method] if noise else None,
+            "accuracy": summary["final_accuracy"], "epsilon": log[-1].get("epsilon"),
+            "leakage": json.loads((folder / LEAKAGE_FILE).read_text()), "reused": reused,
+            "wall_seconds": summary.get("wall_seconds")}
+
+
+def _finished(cfg: RunConfig) -> dict[str, Any] | None:
+    """The summary of a finished, measured run with this config, else None."""
+    from fedcustom.bench.reuse import same_config
+
+    folder = Path(cfg.output.dir)
+    path = folder / "summary.json"
+    if not (path.is_file() and (folder / LEAKAGE_FILE).is_file()):
+        return None
+    summary = json.loads(path.read_text())
+    return summary if same_config(summary.get("config"), cfg) else None
+
+
+def run_leakage(data_dir: Path, out: Path, console: Console, setting: LeakageSetting = LeakageSetting(),
+                stages: list[str] | None = None) -> list[dict[str, Any]]:
+    """Every (method, noise) run, reusing finished ones; with ``stages`` (method names) only those methods' missing
+    runs are run, and the other methods' finished runs are reported as they are."""
     for rel in (setting.train, setting.eval):
         if not (data_dir / rel).is_file():
             raise FedCustomError(f"benchmark data {data_dir / rel}: not found; expected the shared data folder")
+    methods = [m for m, _ in setting.methods]
+    unknown = sorted(set(stages or []) - set(methods))
+    if unknown:
+        raise FedCustomError(f"--stage {', '.join(unknown)}: the leakage preset's stages are its methods "
+                             f"({', '.join(methods)})")
     records = []
     todo = [(m, lr, z) for m, lr in setting.methods for z in setting.noise]
     for i, (method, lr, noise) in enumerate(todo, 1):
         cfg = run_config(setting, method, lr, noise, data_dir, out)
         folder = Path(cfg.output.dir)
+        if stages and method not in stages:
+            summary = _finished(cfg)
+            if summary is not None:
+                records.append(_record(method, noise, setting, folder, summary, True))
+            continue
 
         def instrument(job: Any) -> Any:
             return lambda _summary: write_json(folder / LEAKAGE_FILE, measure(job, setting))
@@ -109,14 +142,12 @@ def run_leakage(data_dir: Path, out: Path, console: Console, setting: LeakageSet
         start = time.perf_counter()
         summary, reused = run_or_reuse(cfg, complete=lambda _s: (folder / LEAKAGE_FILE).is_file(),
                                        instrument=instrument)
-        log = [json.loads(line) for line in (folder / "round_log.jsonl").read_text().splitlines()]
-        records.append({"method": method, "noise": noise, "clip": dict(setting.clip)[method] if noise else None,
-                        "accuracy": summary["final_accuracy"], "epsilon": log[-1].get("epsilon"),
-                        "leakage": json.loads((folder / LEAKAGE_FILE).read_text()), "reused": reused,
-                        "wall_seconds": summary.get("wall_seconds")})
+        records.append(_record(method, noise, setting, folder, summary, reused))
         console.print(f"[{i}/{len(todo)}] {method} noise {noise:g}: accuracy {summary['final_accuracy']:.3f}, "
                       f"global AUC {records[-1]['leakage']['global_model']['reference_ratio']['auc']:.3f}"
                       f"{' (reused)' if reused else ''} ({time.perf_counter() - start:.0f} s)")
+    if not records:
+        raise FedCustomError("no leakage run has finished yet: run the preset without --stage first")
     return records
 
 
@@ -162,6 +193,14 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def _missing_lines(records: list[dict[str, Any]]) -> list[str]:
+    """A line naming the grid's runs this report lacks (a preset run in parts), else nothing."""
+    setting = LeakageSetting()
+    have = {(r["method"], r["noise"]) for r in records}
+    missing = [f"{m} noise {z:g}" for m, _ in setting.methods for z in setting.noise if (m, z) not in have]
+    return [f"Not run yet (the report covers the finished runs): {', '.join(missing)}.", ""] if missing else []
+
+
 def _cell(result: dict[str, Any]) -> str:
     return f"{result['auc']:.3f} / {result['tpr_at_1pct_fpr']:.3f}"
 
@@ -176,6 +215,7 @@ def write_report(out: Path, records: list[dict[str, Any]], result: dict[str, Any
              f"{result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}; "
              f"{result['wall_seconds']:.0f} s "
              f"({result['reused']} of {len(records)} runs reused); finished {result['finished']}.", "",
+             *_missing_lines(records), 
              f"Each cell: ROC AUC / TPR at 1% FPR. Global model: the {counts['global_model']} training rows against "
              f"{counts['non_members']} held-out rows. One client's upload: client 0's {counts['client_update']} rows "
              f"against the same held-out rows, from the state it uploads in the round after the last (the server "
@@ -194,14 +234,15 @@ def write_report(out: Path, records: list[dict[str, Any]], result: dict[str, Any
     (out / "report.md").write_text("\n".join(lines))
 
 
-def run_leakage_bench(data_dir: str, out: Path, command: str, console: Console) -> dict[str, Any]:
+def run_leakage_bench(data_dir: str, out: Path, command: str, console: Console,
+                      stages: list[str] | None = None) -> dict[str, Any]:
     from datetime import datetime, timezone
 
     from fedcustom.bench.report import machine
     from fedcustom.summary import versions
 
     start = time.perf_counter()
-    records = run_leakage(Path(data_dir).expanduser(), out, console)
+    records = run_leakage(Path(data_dir).expanduser(), out, console, stages=stages)
     result = {"preset": "leakage", "command": command, "machine": machine(), "versions": versions(),
               "wall_seconds": time.perf_counter() - start, "reused": sum(r["reused"] for r in records),
               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "records": records}
