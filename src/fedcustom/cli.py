@@ -134,9 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Folder with sst2/ and ag_news/ (default: ../shared/data)")
     bench.add_argument("--output", default=None, help="Output folder (default: runs/bench-PRESET)")
     bench.add_argument("--stage", action="append", metavar="NAME",
-                       help="Sweep presets (and leakage, whose stages are its methods): run only this stage's missing "
-                            "runs (repeatable); other stages' finished runs are reused and the report covers what "
-                            "exists.")
+                       help="Sweep presets (and leakage, whose stages are its methods, or report: run nothing): run "
+                            "only this stage's missing runs (repeatable); other stages' finished runs are reused and "
+                            "the report covers what exists.")
     bench.add_argument("--jobs", type=int, default=1, metavar="N",
                        help="Sweep presets: runs at a time, in worker processes sharing the CPU threads (default: 1)")
     gen = sub.add_parser("generate", help="Answer prompts with a trained causal-LM adapter or model.",

@@ -116,15 +116,15 @@ def _finished(cfg: RunConfig) -> dict[str, Any] | None:
 def run_leakage(data_dir: Path, out: Path, console: Console, setting: LeakageSetting = LeakageSetting(),
                 stages: list[str] | None = None) -> list[dict[str, Any]]:
     """Every (method, noise) run, reusing finished ones; with ``stages`` (method names) only those methods' missing
-    runs are run, and the other methods' finished runs are reported as they are."""
+    runs are run, and the other methods' finished runs are reported as they are (``report``: run nothing)."""
     for rel in (setting.train, setting.eval):
         if not (data_dir / rel).is_file():
             raise FedCustomError(f"benchmark data {data_dir / rel}: not found; expected the shared data folder")
     methods = [m for m, _ in setting.methods]
-    unknown = sorted(set(stages or []) - set(methods))
+    unknown = sorted(set(stages or []) - set(methods) - {"report"})
     if unknown:
         raise FedCustomError(f"--stage {', '.join(unknown)}: the leakage preset's stages are its methods "
-                             f"({', '.join(methods)})")
+                             f"({', '.join(methods)}), or report (run nothing, report the finished runs)")
     records = []
     todo = [(m, lr, z) for m, lr in setting.methods for z in setting.noise]
     for i, (method, lr, noise) in enumerate(todo, 1):
