@@ -125,7 +125,7 @@ def _messages(system: str | None, prompt: str) -> list[dict]:
     return head + [{"role": "user", "content": prompt}]
 
 
-def _prompt_lines(stdin: TextIO) -> Iterator[str]:
+def prompt_lines(stdin: TextIO) -> Iterator[str]:
     """Lines from stdin up to EOF or the first empty line, read lazily (one answer per line)."""
     while True:
         if stdin.isatty():
@@ -157,7 +157,7 @@ def run_generate(options: GenerateOptions) -> int:
             raise FedCustomError("the prompt is empty: give one, or --interactive to read prompts from stdin")
         answer(options.prompt)
         return 0
-    for line in _prompt_lines(sys.stdin):
+    for line in prompt_lines(sys.stdin):
         try:
             answer(line)
         except FedCustomError as exc:  # one bad line (e.g. too long) should not end the session

@@ -138,11 +138,10 @@ def _index(args: argparse.Namespace) -> int:
 
 
 def _lines(stdin: TextIO) -> Iterator[str]:
-    while True:
-        line = stdin.readline()
-        if not line.strip():
-            return
-        yield line.strip()
+    """Questions from stdin, as `fedcustom generate --interactive` reads prompts."""
+    from fedcustom.generate_cli import prompt_lines
+
+    return (line.strip() for line in prompt_lines(stdin))
 
 
 def _query(args: argparse.Namespace) -> int:

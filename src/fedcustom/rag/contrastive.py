@@ -127,9 +127,9 @@ def retrieval_metrics(model: nn.Module, table: datasets.Dataset, tokenizer: Any,
     target = scores[torch.arange(len(gold)), torch.tensor(gold)]
     rank = (scores > target[:, None]).sum(1) + 1  # 1 = the gold passage scores highest
     losses = []
+    collate, device = PairCollator(tokenizer), next(model.parameters()).device
     for start in range(0, len(table), batch_size):
-        batch = PairCollator(tokenizer)([table[i] for i in range(start, min(start + batch_size, len(table)))])
-        device = next(model.parameters()).device
+        batch = collate([table[i] for i in range(start, min(start + batch_size, len(table)))])
         with torch.no_grad():
             losses.append(float(model(**{k2: v.to(device) for k2, v in batch.items()}).loss))
     model.train(was_training)

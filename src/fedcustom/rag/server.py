@@ -21,6 +21,11 @@ from fedcustom.runtime.messages import Message, Reply, Runtime
 log = logging.getLogger(__name__)
 
 
+def wire_bytes(message: Message) -> int:
+    """What a message puts on the wire: its payload and its JSON config."""
+    return len(message.payload) + len(json.dumps(message.config))
+
+
 @dataclass(frozen=True)
 class Retrieval:
     """One question's merged top k and what it cost."""
@@ -49,8 +54,6 @@ class FederatedRetriever:
     route: Route = field(default_factory=Route)
     two_phase: bool = False
     centroids: dict[int, np.ndarray] = field(default_factory=dict)
-    documents: dict[int, int] = field(default_factory=dict)
-    bytes_describe: int = 0
     _round: int = 0
 
     def __post_init__(self) -> None:
@@ -59,20 +62,19 @@ class FederatedRetriever:
 
     def _send(self, messages: dict[int, Message]) -> tuple[dict[int, Reply], int, int]:
         replies = self.runtime.send_and_receive(messages)
-        down = sum(len(m.payload) + len(json.dumps(m.config)) for m in messages.values())
+        down = sum(wire_bytes(m) for m in messages.values())
         up = sum(len(r.payload) for r in replies.values())
         return replies, down, up
 
     def _message(self, kind: str, payload: bytes = b"", **config: object) -> Message:
         self._round += 1
-        return Message(kind, self._round, payload, {k: v for k, v in config.items()})
+        return Message(kind, self._round, payload, dict(config))
 
     def describe(self) -> None:
         """Ask every client for its centroid and size, once; an encoder mismatch stops here with its reason."""
         nodes = self.runtime.nodes()
         message = self._message("rag_describe", encoder=self.encoder.name)
-        replies, down, up = self._send({node: message for node in nodes})
-        self.bytes_describe = down + up
+        replies = self.runtime.send_and_receive({node: message for node in nodes})
         for node in nodes:
             reply = replies.get(node)
             if reply is None or reply.error:
@@ -84,7 +86,6 @@ class FederatedRetriever:
                 continue
             dim = int(reply.metrics.get("dim", self.encoder.dim))
             self.centroids[node] = np.frombuffer(reply.payload, dtype=np.float32).reshape(-1, dim).copy()
-            self.documents[node] = reply.num_examples
         if not self.centroids:
             raise FedCustomError("no client answered: retrieval needs at least one client with an index")
 
@@ -103,13 +104,13 @@ class FederatedRetriever:
                 asked.setdefault(client, []).append(q)
         messages = {client: self._message("rag_search", vectors[qs].tobytes(), k=self.k, dim=int(vectors.shape[1]),
                                           texts=not self.two_phase) for client, qs in asked.items()}
-        replies, down, up = self._send(messages)
+        replies = self.runtime.send_and_receive(messages)
         hits: dict[int, dict[int, list[Hit]]] = {q: {} for q in routed}
         share_down = {q: 0.0 for q in routed}
         share_up = {q: 0.0 for q in routed}
         for client, qs in asked.items():
             reply = replies.get(client)
-            sent = len(messages[client].payload) + len(json.dumps(messages[client].config))
+            sent = wire_bytes(messages[client])
             for q in qs:
                 share_down[q] += sent / len(qs)
             if reply is None or reply.error:
