@@ -14,11 +14,17 @@ The node's state still travels in Flower's ``context`` after every message, so a
 restarted continues from where the node was. By default a worker serves every run, one after another, and drops
 what it keeps loaded for a run when a message of another run arrives (memory stays one run's); with ``--run`` it
 serves only that run and answers any other run's message with an error instead of running it.
+
+Each task runs on its own thread, as Flower's SuperExec runs each in its own process. A SuperNode hands out one
+live task at a time, but Flower 1.41 can leave an orphan: a message that arrives while its run stops (a killed
+ServerApp) gets a task whose message objects never come, and pulling them waits up to Flower's ``PULL_MAX_TIME``
+(two hours). Served in line, that task would hold back every later run's messages; on its own thread it does not.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,20 +76,41 @@ def serve(settings: WorkerSettings) -> int:
         interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
                                                          protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
     node = _client(settings, interceptors)
-    done, run_id = 0, None
+    served, started = _Served(), 0
+    running: list[threading.Thread] = []
     print(f"fedcustom worker: serving the SuperNode at {settings.runtime_api}", flush=True)
     try:
-        while settings.max_tasks is None or done < settings.max_tasks:
+        while settings.max_tasks is None or started < settings.max_tasks:
             acquired = node.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
                                                            agentapp_fab_hashes=[]))
             if not (acquired.HasField("task") and acquired.token):
                 time.sleep(settings.poll_seconds)
                 continue
-            run_id = run_task(settings, acquired.token, client_app, run_id)
-            done += 1
+            task = threading.Thread(target=run_task, args=(settings, acquired.token, client_app, served),
+                                    name=f"task-{acquired.task.task_id}", daemon=True)
+            task.start()
+            started += 1
+            running = [t for t in running if t.is_alive()] + [task]
+        for task in running:
+            task.join()
     finally:
         node.close()
-    return done
+    return started
+
+
+class _Served:
+    """The run whose clients this worker keeps loaded (tasks run on their own threads)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.run_id: int | None = None
+
+    def switch_to(self, run_id: int) -> None:
+        """Serve ``run_id``: a message of another run than the last one drops that run's clients."""
+        with self.lock:
+            if self.run_id is not None and run_id != self.run_id:
+                forget_other_runs(run_id)
+            self.run_id = run_id
 
 
 def forget_other_runs(run_id: int) -> None:
@@ -95,9 +122,8 @@ def forget_other_runs(run_id: int) -> None:
             del cache[key]
 
 
-def run_task(settings: WorkerSettings, token: str, app: Any, run_id: int | None) -> int | None:
-    """One task with its token, as ``flwr-clientapp`` runs it but in this process; returns the run it served last
-    (``run_id``: the run served before)."""
+def run_task(settings: WorkerSettings, token: str, app: Any, served: _Served) -> None:
+    """One task with its token, as ``flwr-clientapp`` runs it but in this process."""
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
@@ -119,9 +145,7 @@ def run_task(settings: WorkerSettings, token: str, app: Any, run_id: int | None)
                                      reply_to=message), reason
             log.warning("refused a message of run %s: %s", context.run_id, reason)
         else:
-            if run_id is not None and context.run_id != run_id:
-                forget_other_runs(context.run_id)
-            run_id = context.run_id
+            served.switch_to(context.run_id)
             reply = app(message=message, context=context)
             status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001 - a task's failure is its reply, and the worker goes on
@@ -137,7 +161,6 @@ def run_task(settings: WorkerSettings, token: str, app: Any, run_id: int | None)
         finally:
             heartbeat.stop()
             client.close()
-    return run_id
 
 
 class _CappedSleep:
