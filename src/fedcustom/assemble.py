@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, trainable_state
 from fedcustom.models import load_model
+from fedcustom.personalize import DEFAULT_CLIENT_EVAL_FRACTION, Personalization, parse_personalize
 from fedcustom.protocols import protocol_of
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
@@ -62,7 +63,16 @@ class Job:
     server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
     out: Path
     evaluate_model: Callable[[], dict[str, Any]]  # the task's metrics of ``model`` as it is now
-    evaluate_clients: Callable[[], dict[int, dict]] | None = None  # each client's metrics on its held-out rows
+    client_evaluators: dict[int, Callable[[], dict]] = field(default_factory=dict)  # a client's held-out metrics
+    personalization: Personalization = field(default_factory=Personalization)
+
+    def model_state(self, client: int | None = None) -> dict[str, torch.Tensor]:
+        """Every trainable tensor of the global model (``client``: that client's own, --personalize): the server's
+        shared tensors with the private ones of the client (None: the pretrained model's)."""
+        clients = self.server.runtime.local_handler
+        if hasattr(clients, "model_for"):
+            return clients.model_for(client, self.server.global_state)
+        return self.server.global_state
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint must hold: the server, and the state of clients that live in this process."""
@@ -120,6 +130,10 @@ def check_runtime_support(cfg: RunConfig) -> None:
     if cfg.federation.client_eval_fraction and protocol_of(method).name != "parameter_sharing":
         raise ConfigError(f"--client-eval-fraction with --method {method.name}: per-client evaluation scores the "
                           f"global model of a parameter-sharing method; {method.name} has no single one per round")
+    if parse_personalize(cfg.federation.personalize).enabled and protocol_of(method).name != "parameter_sharing":
+        raise ConfigError(f"--personalize with --method {method.name}: personalization keeps part of a "
+                          f"parameter-sharing method's tensors with each client; {method.name} sends "
+                          f"{protocol_of(method).payload_note}")
     check_trust_support(cfg, method)
     check_convergence_support(cfg, method)
     codecs_for(cfg, method)
@@ -139,6 +153,8 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     data = prepare_task_data(cfg, method, tokenizer)
     model = build_model(cfg, method, cfg.model.name, data.label_names, tokenizer)
     initial = trainable_state(model)
+    personalization = parse_personalize(cfg.federation.personalize)
+    personalization.check(list(initial), method.name)
     schedule = local_schedule(cfg, method)
 
     evaluate_model = task_evaluator(cfg, model, data, tokenizer)
@@ -149,7 +165,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
                         runtime=lambda handler: runtime(handler, setup))
     server = protocol_of(method).plugin().build_server(parts)
     return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model,
-               client_evaluator(cfg, model, data, tokenizer))
+               client_evaluators(cfg, model, data, tokenizer), personalization)
 
 
 def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dict[int, datasets.Dataset]]) -> Any:
@@ -178,20 +194,22 @@ def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> Federat
     """Labelled texts (classification) or instruction rows (causal LM), split over the clients."""
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if protocol_of(method).public_set else None
     data = get_task(cfg.model.task).prepare_data(cfg, tokenizer, public)
-    if cfg.federation.client_eval_fraction:
-        data = data.holding_out(cfg.federation.client_eval_fraction, cfg.train.seed)
+    fraction = cfg.federation.client_eval_fraction
+    if not fraction and parse_personalize(cfg.federation.personalize).enabled:
+        fraction = DEFAULT_CLIENT_EVAL_FRACTION  # a personalized model is judged on its own client's rows
+    if fraction:
+        data = data.holding_out(fraction, cfg.train.seed)
     return data
 
 
-def client_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData,
-                     tokenizer: Any) -> Callable[[], dict[int, dict]] | None:
-    """Each client's metrics of ``model`` (as it is when called) on the rows it holds out; None when off."""
+def client_evaluators(cfg: RunConfig, model: nn.Module, data: FederatedData,
+                      tokenizer: Any) -> dict[int, Callable[[], dict]]:
+    """Per client: its metrics of ``model`` (as it is when called) on the rows it holds out; empty when off."""
     if data.client_eval_indices is None:
-        return None
+        return {}
     task = get_task(cfg.model.task)
-    evaluators = {c: task.evaluator(cfg, model, dataclasses.replace(data, eval=data.client_eval_table(c)), tokenizer)
-                  for c, rows in enumerate(data.client_eval_indices) if rows}
-    return lambda: {c: evaluate() for c, evaluate in evaluators.items()}
+    return {c: task.evaluator(cfg, model, dataclasses.replace(data, eval=data.client_eval_table(c)), tokenizer)
+            for c, rows in enumerate(data.client_eval_indices) if rows}
 
 
 def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokenizer: Any) -> Callable[[], dict]:

@@ -35,7 +35,7 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if not meta.get("flag"):
                 continue
             default = fld.default if fld.default is not dataclasses.MISSING else None
-            help_text = f"{meta['help']} (default: {default})"
+            help_text = f"{meta['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
             dest = f"{section}.{fld.name}"
             kind = _flag_type(hints[fld.name])
             if kind is bool:

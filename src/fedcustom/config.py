@@ -189,6 +189,12 @@ class FederationConfig:
                                       "the global model is scored on each client's held-out rows (round log "
                                       "client_eval; summary client_accuracy, mean, std, worst 10%). 0: off. Embedded "
                                       "runtime, parameter-sharing methods.", "--client-eval-fraction")
+    personalize: str = opt("none", "Personalization: head (the task head stays with each client, FedPer), "
+                           "lora-b-local (LoRA's A shared, B private, FedSA-LoRA) or finetune:K (K local steps on "
+                           "the global model before a client's evaluation). Private tensors never leave the client; "
+                           "each client's own model is scored on its held-out rows (round log client_eval_personal; "
+                           "--client-eval-fraction defaults to 0.2) and saved under clients/<id>/. Embedded runtime, "
+                           "parameter-sharing methods.", "--personalize")
     runtime: str = opt("embedded", "How messages travel: embedded (one process), flower-sim (Flower's simulation "
                        "engine, Ray) or flower (a ServerApp on a real SuperLink; submit with `fedcustom submit`).",
                        "--runtime", ("embedded", "flower-sim", "flower"))

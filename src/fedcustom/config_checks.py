@@ -36,6 +36,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--client-eval-fraction with --runtime {fed.runtime}: per-client evaluation scores each "
                           f"client's held-out rows in this process; Flower nodes evaluating their own rows are not "
                           f"implemented yet (use --runtime embedded)")
+    from fedcustom.personalize import parse_personalize
+
+    if parse_personalize(fed.personalize).enabled and fed.runtime != "embedded":
+        raise ConfigError(f"--personalize with --runtime {fed.runtime}: each client's own model is scored in this "
+                          f"process; personalization on Flower nodes is not implemented yet (use --runtime embedded)")
     from fedcustom.tasks import get_task
 
     _positive("model.max_length (--max-length)", cfg.model.max_length,

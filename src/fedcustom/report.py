@@ -42,16 +42,19 @@ def round_record(result: RoundResult) -> dict[str, Any]:
         "privacy": result.privacy,
         **({"client_eval": per_client(result.client_eval), **client_eval_stats(result.client_eval)}
            if result.client_eval else {}),
+        **({"client_eval_personal": per_client(result.client_eval_personal),
+            **client_eval_stats(result.client_eval_personal, "client_eval_personal")}
+           if result.client_eval_personal else {}),
     }
 
 
-def client_eval_stats(values: dict[int, float]) -> dict[str, float]:
+def client_eval_stats(values: dict[int, float], prefix: str = "client_eval") -> dict[str, float]:
     """Mean, standard deviation and the worst 10% (the mean of the lowest tenth of clients, at least one) of the
-    clients' held-out metric: how evenly the global model serves them."""
+    clients' held-out metric: how evenly the global (or each client's own) model serves them."""
     ordered = sorted(values.values())
     worst = ordered[: max(1, len(ordered) // 10)]
-    return {"client_eval_mean": statistics.fmean(ordered), "client_eval_std": statistics.pstdev(ordered),
-            "client_eval_worst10": statistics.fmean(worst)}
+    return {f"{prefix}_mean": statistics.fmean(ordered), f"{prefix}_std": statistics.pstdev(ordered),
+            f"{prefix}_worst10": statistics.fmean(worst)}
 
 
 def result_from_record(record: dict[str, Any]) -> RoundResult:
@@ -65,6 +68,7 @@ def result_from_record(record: dict[str, Any]) -> RoundResult:
         examples_seen=record["examples_seen"], rejected=per_client(record["rejected"]),
         wall_seconds=record["wall_seconds"], epsilon=record.get("epsilon"), privacy=record.get("privacy", {}),
         memory=record.get("memory", {}), client_eval=per_client(record.get("client_eval", {})),
+        client_eval_personal=per_client(record.get("client_eval_personal", {})),
     )
 
 

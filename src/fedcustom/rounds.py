@@ -40,6 +40,7 @@ class RoundResult:
     privacy: dict[str, float] = field(default_factory=dict)  # DP: clipping and noise statistics of the round
     memory: dict[str, float] = field(default_factory=dict)  # peak RSS (and GPU) MB of this process so far
     client_eval: dict[int, float] = field(default_factory=dict)  # each client's headline metric on its held-out rows
+    client_eval_personal: dict[int, float] = field(default_factory=dict)  # --personalize: each client's own model's
 
 
 class RoundDriver(Protocol):

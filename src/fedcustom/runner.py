@@ -4,11 +4,13 @@ Output folder:
   round_log.jsonl   one line per round (round 0 = initial model)
   summary.json      the headline numbers, per-client data stats, config and versions
   adapter/          final global adapter in PEFT format (``model/`` for full fine-tuning)
+  clients/<id>/     --personalize head | lora-b-local: each client's own adapter (its private tensors in place)
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -32,18 +34,51 @@ from fedcustom.rounds import RoundResult
 from fedcustom.summary import summarize
 from fedcustom.tasks import get_task
 from fedcustom.tracking import Trackers
+from fedcustom.training import derive_seed, train_local
 
 __all__ = ["build_job", "execute", "resume", "run"]  # build_job: the assembler's, re-exported for the run API
+FINETUNE = 7  # separates --personalize finetune:K's dropout and shuffling from the client's training seed
 
 
 def evaluate_clients(job: Job, result: RoundResult) -> None:
     """With per-client evaluation on: the round's global model scored on each client's held-out rows (its task's
-    headline metric) into ``result.client_eval``."""
-    if job.evaluate_clients is None:
+    headline metric) into ``result.client_eval``, and with --personalize each client's own model into
+    ``result.client_eval_personal``."""
+    if not job.client_evaluators:
         return
-    load_trainable_state(job.model, job.server.global_state)
     metric = get_task(job.cfg.model.task).headline_metric
-    result.client_eval = {c: float(m[metric]) for c, m in job.evaluate_clients().items()}
+    load_trainable_state(job.model, job.model_state())
+    result.client_eval = {c: float(evaluate()[metric]) for c, evaluate in job.client_evaluators.items()}
+    personal = job.personalization
+    if not personal.enabled:
+        return
+    for client, evaluate in job.client_evaluators.items():
+        load_trainable_state(job.model, job.model_state(client))
+        if personal.mode == "finetune":
+            finetune(job, client, personal.finetune_steps, result.round)
+        result.client_eval_personal[client] = float(evaluate()[metric])
+    load_trainable_state(job.model, job.model_state())
+
+
+def finetune(job: Job, client: int, steps: int, rnd: int) -> None:
+    """``--personalize finetune:K``: K local steps of ``client`` on its training rows, from the model as loaded, at
+    the client rate (constant; nothing is sent or kept)."""
+    schedule = dataclasses.replace(job.schedule, steps=steps, examples=None, decay="constant", warmup_rounds=0,
+                                   per_step=False)
+    table = job.server.runtime.local_handler.client_tables[client]
+    train_local(job.model, table, job.tokenizer, schedule, derive_seed(job.cfg.train.seed, rnd, client, FINETUNE))
+
+
+def save_client_models(job: Job) -> None:
+    """``--personalize`` with private tensors: each client's own model under ``clients/<id>/`` (PEFT adapter
+    format for adapter methods), then the global model back in place."""
+    clients = job.server.runtime.local_handler
+    for client in sorted(getattr(clients, "private", {})):
+        folder = job.out / "clients" / str(client) / job.model_dir.name
+        load_trainable_state(job.model, job.model_state(client))
+        (job.method.save or save_trained)(job.model, folder)
+        get_task(job.cfg.model.task).describe_saved(job.model, folder)
+    load_trainable_state(job.model, job.model_state())
 
 
 def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None,
@@ -122,7 +157,7 @@ def run_baselines(job: Job, results: list[RoundResult], console: Console | None)
         with status("training the centralized baseline to convergence"):
             baselines["converged"] = run_converged(cfg, job.model, job.initial, job.data, job.tokenizer, job.schedule,
                                                    job.evaluate_model)
-    load_trainable_state(job.model, job.server.global_state)
+    load_trainable_state(job.model, job.model_state())
     return baselines
 
 
@@ -188,11 +223,12 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
                       trackers: Trackers) -> dict[str, Any]:
     cfg = job.cfg
     results = run_rounds(job, console, show, resumed, trackers.log_round)
-    load_trainable_state(job.model, job.server.global_state)
+    load_trainable_state(job.model, job.model_state())
     if cfg.output.save_model:
         (job.method.save or save_trained)(job.model, job.model_dir)
         job.tokenizer.save_pretrained(job.model_dir)
         get_task(cfg.model.task).describe_saved(job.model, job.model_dir)
+        save_client_models(job)
     baselines = run_baselines(job, results, console if show else None)
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
     summary = summarize(cfg, results, baselines, job.model, job.initial, job.data, wall,

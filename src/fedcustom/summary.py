@@ -42,19 +42,25 @@ def versions() -> dict[str, str]:
 
 def client_eval_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:
     """Per-client evaluation of the final global model (``client_<metric>``: client id -> its held-out score) with
-    the mean, standard deviation and worst 10% over clients, and the mean per round; empty when it is off."""
+    the mean, standard deviation and worst 10% over clients, and the mean per round; with --personalize the same
+    for each client's own model (``client_<metric>_personal``...); empty when it is off."""
     if not results[-1].client_eval:
         return {}
-    from fedcustom.report import client_eval_stats
     from fedcustom.tasks import get_task
 
     metric = get_task(cfg.model.task).headline_metric
-    final = results[-1].client_eval
-    stats = client_eval_stats(final)
-    return {f"client_{metric}": {str(c): v for c, v in sorted(final.items())},
-            **{k.replace("client_eval", f"client_{metric}"): v for k, v in stats.items()},
-            f"client_{metric}_mean_per_round": [client_eval_stats(r.client_eval)["client_eval_mean"]
-                                                if r.client_eval else None for r in results]}
+    out = _per_client(f"client_{metric}", [r.client_eval for r in results])
+    if results[-1].client_eval_personal:
+        out.update(_per_client(f"client_{metric}_personal", [r.client_eval_personal for r in results]))
+    return out
+
+
+def _per_client(key: str, per_round: list[dict[int, float]]) -> dict[str, Any]:
+    from fedcustom.report import client_eval_stats
+
+    final = per_round[-1]
+    return {key: {str(c): v for c, v in sorted(final.items())}, **client_eval_stats(final, key),
+            f"{key}_mean_per_round": [client_eval_stats(r)["client_eval_mean"] if r else None for r in per_round]}
 
 
 def summarize(

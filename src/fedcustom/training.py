@@ -151,10 +151,12 @@ class _DriftHooks:
 
     def __init__(self, model: nn.Module, drift: DriftControl) -> None:
         params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-        self.prox = [(p, drift.anchor[name].to(p.device)) for name, p in params.items()] \
+        # a client's private tensors (--personalize) have no global anchor or control variate: no term for them
+        self.prox = [(p, drift.anchor[name].to(p.device)) for name, p in params.items() if name in drift.anchor] \
             if drift.prox_mu is not None else []
         self.mu = drift.prox_mu or 0.0
-        self.correction = [(p, drift.correction[name].to(p.device)) for name, p in params.items()] \
+        self.correction = [(p, drift.correction[name].to(p.device)) for name, p in params.items()
+                           if name in drift.correction] \
             if drift.correction else []
 
     @torch.no_grad()

@@ -142,3 +142,12 @@ def test_the_command_exits_2_with_one_line(argv: list[str], capsys, tmp_path: Pa
         code = exit_.code
     assert code == 2
     assert _one_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("command", ["run", "submit", "bench", "generate", "worker", "report", "rag"])
+def test_every_command_prints_its_help(command: str, capsys: pytest.CaptureFixture) -> None:
+    # a help string with a bare % once made `fedcustom run --help` raise inside argparse
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: fedcustom" in capsys.readouterr().out

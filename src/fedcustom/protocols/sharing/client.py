@@ -19,6 +19,7 @@ from fedcustom import scaffold
 from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
 from fedcustom.methods import load_trainable_state, trainable_state
+from fedcustom.personalize import Personalization
 from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
 from fedcustom.privacy.dp_sgd import DPSGDSettings
 from fedcustom.privacy.secagg import ADVERTISE, SHARE, UNMASK
@@ -64,7 +65,7 @@ class TrainingClient:
     def __init__(
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, codec: Codec,
         client_tables: dict[int, datasets.Dataset], codec_down: Codec | None = None,
-        adversary: Adversary | None = None,
+        adversary: Adversary | None = None, personalization: Personalization | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -79,6 +80,11 @@ class TrainingClient:
         self.links_up: dict[int, Link] = {}
         self.shared = SharedReferences()  # nodes that rebuilt the same global share one copy of it (embedded)
         self.controls: dict[int, State] = {}  # SCAFFOLD: each node's own control variate c_i
+        # --personalize: the tensors that never leave a client; each node starts from the pretrained model's and keeps
+        # its own between rounds (only the private tensors, so memory grows with them, not with the model)
+        self.personalization = personalization or Personalization()
+        self.private_initial = self.personalization.split(trainable_state(model))[1]
+        self.private: dict[int, State] = {}
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
@@ -86,9 +92,11 @@ class TrainingClient:
         meta = {"links_down": links_state("down", self.links_down, tensors),
                 "links_up": links_state("up", self.links_up, tensors),
                 "sgd_accountants": {str(n): a.state_dict() for n, a in self.sgd_accountants.items()},
-                "controls": sorted(self.controls)}
+                "controls": sorted(self.controls), "private": sorted(self.private)}
         for node, control in self.controls.items():
             tensors.update({f"control.{node}{SEP}{k}": v for k, v in control.items()})
+        for node, private in self.private.items():
+            tensors.update({f"private.{node}{SEP}{k}": v for k, v in private.items()})
         return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
@@ -97,10 +105,17 @@ class TrainingClient:
         self.links_up = links_from_state("up", meta["links_up"], tensors)
         self.shared.adopt(self.links_down)
         self.controls = {int(node): group(tensors, f"control.{node}") for node in meta.get("controls", [])}
+        self.private = {int(node): group(tensors, f"private.{node}") for node in meta.get("private", [])}
         self.sgd_accountants = {}
         for node, state in meta.get("sgd_accountants", {}).items():
             self.sgd_accountants[int(node)] = PrivacyAccountant()
             self.sgd_accountants[int(node)].load_state_dict(state)
+
+    def model_for(self, node_id: int | None, shared: State) -> State:
+        """Every trainable tensor of node ``node_id``'s own model: the ``shared`` (global) ones and its private ones
+        (None, or a node that has not trained yet: the pretrained model's)."""
+        private = self.private.get(node_id, self.private_initial) if node_id is not None else self.private_initial
+        return {**private, **shared}
 
     def __call__(self, node_id: int, message: Message) -> Reply:
         if message.kind == TRAIN:
@@ -157,7 +172,7 @@ class TrainingClient:
         leaves the client."""
         start = time.perf_counter()
         received = self._receive(node_id, message)
-        load_trainable_state(self.model, received)
+        load_trainable_state(self.model, self.model_for(node_id, received))
         schedule = schedule_from_config(message.config)
         seed = derive_seed(int(message.config["seed"]), message.round, node_id)
         table = self.client_tables[node_id]
@@ -176,13 +191,15 @@ class TrainingClient:
         if dp_sgd:
             metrics["dp_sgd_epsilon"] = self._spend(node_id, dp_sgd, result.steps, schedule.batch_size / len(table),
                                                     float(message.config["dp_sgd_delta"]))
+        trained, private = self.personalization.split(trainable_state(self.model))
+        if self.personalization.keeps_private:
+            self.private[node_id] = private
         change = b""
         if server_control is not None and own_control is not None:
-            new = scaffold.client_update(own_control, server_control, received, trainable_state(self.model),
-                                         result.steps, schedule.lr)
+            new = scaffold.client_update(own_control, server_control, received, trained, result.steps, schedule.lr)
             change = scaffold.encode({k: new[k] - own_control[k] for k in new})
             self.controls[node_id] = new
-        return LocalOutcome(received, self._outgoing(node_id, message, received), metrics, change)
+        return LocalOutcome(received, self._outgoing(node_id, message, received, trained), metrics, change)
 
     @staticmethod
     def _drift(config: dict, received: State, server_control: State | None,
@@ -203,10 +220,9 @@ class TrainingClient:
             accountant.step(settings.noise_multiplier, min(1.0, sample_rate))
         return accountant.epsilon(delta)
 
-    def _outgoing(self, node_id: int, message: Message, received: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The trained tensors as they leave this client: poisoned if it is a simulated attacker, then
+    def _outgoing(self, node_id: int, message: Message, received: State, state: State) -> State:
+        """The trained shared tensors as they leave this client: poisoned if it is a simulated attacker, then
         clipped and noised under local DP (an honest client's privacy does not depend on the server)."""
-        state = trainable_state(self.model)
         seed = int(message.config["seed"])
         adversary = self.adversary
         if adversary and node_id in adversary.nodes and adversary.kind in MODEL_POISONING:

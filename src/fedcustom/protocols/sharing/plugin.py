@@ -7,6 +7,7 @@ import torch
 from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
 from fedcustom.methods import load_trainable_state
+from fedcustom.personalize import parse_personalize
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.protocols.sharing.client import TrainingClient
 from fedcustom.protocols.sharing.server import FederatedServer
@@ -19,18 +20,23 @@ def client_model(cfg: RunConfig) -> str:
 
 
 def build_client(parts: ClientParts) -> TrainingClient:
-    return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary)
+    return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
+                          parse_personalize(parts.cfg.federation.personalize))
 
 
 def build_server(parts: ServerParts) -> FederatedServer:
+    """The server holds (and clients exchange) only the shared tensors; the global model is evaluated with the
+    pretrained values of the private ones (--personalize)."""
     cfg, model, evaluate_model = parts.cfg, parts.model, parts.evaluate_model
+    client = build_client(parts)
 
     def evaluate_state(state: dict[str, torch.Tensor]) -> dict[str, float]:
-        load_trainable_state(model, state)
+        load_trainable_state(model, client.model_for(None, state))
         return evaluate_model()
 
+    shared = client.personalization.split(parts.initial)[0]
     return FederatedServer(
-        parts.runtime(build_client(parts)), parts.strategy, parts.codec, parts.initial, evaluate_state,
+        parts.runtime(client), parts.strategy, parts.codec, shared, evaluate_state,
         parts.schedule, clients_per_round(cfg), cfg.train.seed, parts.codec_down, cfg.federation.min_available,
         safeguards_for(cfg), convergence_for(cfg, parts.method, parts.schedule),
     )

@@ -1,0 +1,141 @@
+"""Personalization (issue 21, item 2): private tensors stay with their client, every client keeps and is scored with
+its own model, and finetune:K scores the global model after K local steps without touching training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification
+
+from fedcustom.assemble import check_runtime_support
+from fedcustom.config import ConfigError
+from fedcustom.methods import trainable_state
+from fedcustom.personalize import parse_personalize
+from fedcustom.runner import build_job, execute
+
+from conftest import TINY_LR
+
+
+def _log(job) -> list[dict]:
+    return [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
+
+
+def _spy_uploads(job) -> list[dict[str, torch.Tensor]]:
+    """Record every update the clients send, as the server decodes it."""
+    client, uploads = job.server.runtime.local_handler, []
+    train = client.train
+
+    def spy(node, message):
+        reply = train(node, message)
+        uploads.append(job.server.codec.decode(reply.payload))
+        return reply
+
+    client.train = spy
+    return uploads
+
+
+@pytest.mark.parametrize("mode, private_part", [("head", "classifier"), ("lora-b-local", "lora_B")])
+def test_private_tensors_never_leave_their_client_and_each_client_keeps_its_own(
+        tiny_config, tiny_bert: str, mode: str, private_part: str) -> None:
+    # Prepare: 3 LoRA clients, 2 rounds
+    cfg = tiny_config(method__name="lora", train__lr=TINY_LR["lora"], federation__clients=3,
+                      federation__personalize=mode)
+    job = build_job(cfg)
+    initial = trainable_state(job.model)
+    private_names = {n for n in initial if private_part in n.split(".")}
+    uploads = _spy_uploads(job)
+    # Execute
+    summary = execute(job)
+    # Assert: the server holds and every upload carries exactly the shared tensors; none private
+    assert private_names and set(job.server.global_state) == set(initial) - private_names
+    assert len(uploads) == 6
+    for update in uploads:
+        assert set(update) == set(initial) - private_names
+    # each client trained its own private tensors (none equal the pretrained ones, or another client's)
+    client = job.server.runtime.local_handler
+    assert sorted(client.private) == [0, 1, 2]
+    for c, private in client.private.items():
+        assert set(private) == private_names
+        assert any(not torch.equal(private[n], initial[n]) for n in private_names)
+        for other in range(c):
+            assert any(not torch.equal(private[n], client.private[other][n]) for n in private_names)
+    # held-out rows (0.2 by default) scored with the global and each client's own model, every round
+    log = _log(job)
+    assert all(set(r["client_eval_personal"]) == {"0", "1", "2"} for r in log[1:])
+    assert set(summary["client_accuracy_personal"]) == {"0", "1", "2"}
+    assert "client_accuracy_personal_worst10" in summary and "client_accuracy_mean" in summary
+    # each client's adapter is saved and loads with PEFT, its private tensors in place
+    for c in range(3):
+        folder = job.out / "clients" / str(c) / "adapter"
+        saved = load_file(str(folder / "adapter_model.safetensors"))
+        assert any(private_part in name for name in saved)
+        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(job.data.label_names))
+        loaded = trainable_state(PeftModel.from_pretrained(base, folder, is_trainable=True))
+        for name in private_names:
+            torch.testing.assert_close(loaded[name], client.private[c][name], rtol=0, atol=0)
+
+
+def test_private_tensors_survive_a_checkpoint(tiny_config) -> None:
+    # Prepare: a finished run with private heads
+    cfg = tiny_config(method__name="lora", train__lr=TINY_LR["lora"], federation__clients=2, federation__rounds=1,
+                      federation__personalize="head")
+    job = build_job(cfg)
+    execute(job)
+    tensors, meta = job.server.runtime.local_handler.state_dict()
+    # Execute: a fresh job restores the clients' state
+    fresh = build_job(cfg)
+    fresh.server.runtime.local_handler.load_state_dict(tensors, meta)
+    # Assert
+    restored = fresh.server.runtime.local_handler.private
+    assert sorted(restored) == [0, 1]
+    for c, private in job.server.runtime.local_handler.private.items():
+        for name, tensor in private.items():
+            assert torch.equal(restored[c][name], tensor)
+
+
+def test_finetune_scores_each_client_after_local_steps_without_changing_training(tiny_config) -> None:
+    # Prepare: the same run without personalization (same held-out rows), and with finetune:3
+    plain = build_job(tiny_config(method__name="lora", train__lr=TINY_LR["lora"], federation__clients=3,
+                                  federation__client_eval_fraction=0.2, output__dir=str(tiny_config().output.dir) + "p"))
+    tuned = build_job(tiny_config(method__name="lora", train__lr=TINY_LR["lora"], federation__clients=3,
+                                  federation__personalize="finetune:3"))
+    # Execute
+    execute(plain)
+    summary = execute(tuned)
+    # Assert: training is untouched (bit for bit), and each client's score is of its fine-tuned model
+    for name, tensor in plain.server.global_state.items():
+        assert torch.equal(tuned.server.global_state[name], tensor), name
+    assert [r["train_loss"] for r in _log(plain)] == [r["train_loss"] for r in _log(tuned)]
+    assert [r["client_eval"] for r in _log(plain)] == [r["client_eval"] for r in _log(tuned)]
+    final = _log(tuned)[-1]
+    assert set(final["client_eval_personal"]) == {"0", "1", "2"}
+    assert final["client_eval_personal"] != final["client_eval"]
+    assert "client_accuracy_personal" in summary
+    assert not (tuned.out / "clients").exists()  # nothing private is kept
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    ({"federation__personalize": "private"}, "expected none, head, lora-b-local or finetune:K"),
+    ({"federation__personalize": "finetune:0"}, "finetune:K"),
+    ({"federation__personalize": "head", "federation__runtime": "flower-sim"}, "not implemented yet"),
+    ({"federation__personalize": "head", "method__name": "split", "method__cut_layer": 1}, "--personalize with"),
+    ({"federation__personalize": "lora-b-local", "method__name": "prefix"}, "trains none"),
+])
+def test_bad_personalization_is_one_clear_error(tiny_config, overrides: dict, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        cfg = tiny_config(**overrides)
+        check_runtime_support(cfg)
+        build_job(cfg)
+
+
+def test_modes_name_their_private_tensors() -> None:
+    head, b_local = parse_personalize("head"), parse_personalize("lora-b-local")
+    assert head.is_private("base_model.model.classifier.modules_to_save.default.weight")
+    assert not head.is_private("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.default.weight")
+    assert b_local.is_private("base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight")
+    assert not b_local.is_private("base_model.model.classifier.modules_to_save.default.weight")
+    assert parse_personalize("finetune:5").finetune_steps == 5 and not parse_personalize("finetune:5").keeps_private
