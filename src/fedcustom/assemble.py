@@ -25,7 +25,9 @@ from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, trainable_state
 from fedcustom.models import load_model
-from fedcustom.personalize import DEFAULT_CLIENT_EVAL_FRACTION, Personalization, parse_personalize
+from fedcustom.personalize import (
+    DEFAULT_CLIENT_EVAL_FRACTION, Personalization, add_personal_lora, parse_personalize,
+)
 from fedcustom.protocols import protocol_of
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
@@ -154,7 +156,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     model = build_model(cfg, method, cfg.model.name, data.label_names, tokenizer)
     initial = trainable_state(model)
     personalization = parse_personalize(cfg.federation.personalize)
-    personalization.check(list(initial), method.name)
+    personalization.check(initial, method.name)
     schedule = local_schedule(cfg, method)
 
     evaluate_model = task_evaluator(cfg, model, data, tokenizer)
@@ -187,6 +189,8 @@ def build_model(cfg: RunConfig, method: Method, name: str, label_names: list[str
     device = resolve_device(cfg.train.device)  # before loading: a missing GPU is a one-line error
     backbone = load_model(name, cfg.model.task, label_names, tokenizer, cfg.train.seed, cfg.model.load_in)
     model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
+    if parse_personalize(cfg.federation.personalize).mode == "dual-lora":
+        model = add_personal_lora(model)
     return place_model(model, device, cfg.train.precision, cfg.train.gradient_checkpointing)
 
 

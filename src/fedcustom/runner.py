@@ -4,7 +4,8 @@ Output folder:
   round_log.jsonl   one line per round (round 0 = initial model)
   summary.json      the headline numbers, per-client data stats, config and versions
   adapter/          final global adapter in PEFT format (``model/`` for full fine-tuning)
-  clients/<id>/     --personalize head | lora-b-local: each client's own adapter (its private tensors in place)
+  clients/<id>/     --personalize (but finetune): each client's own adapter, its private tensors in place
+                    (dual-lora: the global adapter with the client's ``personal/`` one beside it)
 """
 
 from __future__ import annotations
@@ -67,6 +68,15 @@ def finetune(job: Job, client: int, steps: int, rnd: int) -> None:
                                    per_step=False)
     table = job.server.runtime.local_handler.client_tables[client]
     train_local(job.model, table, job.tokenizer, schedule, derive_seed(job.cfg.train.seed, rnd, client, FINETUNE))
+
+
+def save_global_model(job: Job) -> None:
+    """The global adapter (PEFT methods) or whole model; dual-lora's personal adapter is each client's own (saved
+    under clients/<id>/ beside the global one), so the global folder holds the global adapter only."""
+    if job.personalization.mode == "dual-lora":
+        job.model.save_pretrained(job.model_dir, selected_adapters=[job.model.active_adapter])
+    else:
+        (job.method.save or save_trained)(job.model, job.model_dir)
 
 
 def save_client_models(job: Job) -> None:
@@ -225,7 +235,7 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
     results = run_rounds(job, console, show, resumed, trackers.log_round)
     load_trainable_state(job.model, job.model_state())
     if cfg.output.save_model:
-        (job.method.save or save_trained)(job.model, job.model_dir)
+        save_global_model(job)
         job.tokenizer.save_pretrained(job.model_dir)
         get_task(cfg.model.task).describe_saved(job.model, job.model_dir)
         save_client_models(job)

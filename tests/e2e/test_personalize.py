@@ -4,17 +4,17 @@ its own model, and finetune:K scores the global model after K local steps withou
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
 from peft import PeftModel
-from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification
 
 from fedcustom.assemble import check_runtime_support
 from fedcustom.config import ConfigError
 from fedcustom.methods import trainable_state
-from fedcustom.personalize import parse_personalize
+from fedcustom.personalize import PERSONAL_ADAPTER, parse_personalize
 from fedcustom.runner import build_job, execute
 
 from conftest import TINY_LR
@@ -38,11 +38,29 @@ def _spy_uploads(job) -> list[dict[str, torch.Tensor]]:
     return uploads
 
 
-@pytest.mark.parametrize("mode, private_part", [("head", "classifier"), ("lora-b-local", "lora_B")])
+def _load_client_adapter(folder, tiny_bert: str, labels: int, dual: bool) -> dict[str, torch.Tensor]:
+    """A saved client model as a user loads it with PEFT (dual-lora: the personal adapter beside the global one)."""
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=labels)
+    model = PeftModel.from_pretrained(base, folder)
+    if dual:
+        model.load_adapter(str(folder / PERSONAL_ADAPTER), PERSONAL_ADAPTER)
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+MODES = [  # mode, method, what is private, whether whole tensors are
+    ("head", "lora", "classifier", True),
+    ("lora-b-local", "lora", "lora_B", True),
+    ("dual-lora", "lora", PERSONAL_ADAPTER, True),
+    ("local-prefix:2", "prefix", "prompt_encoder", False),
+    ("local-prefix", "prompt", "prompt_encoder", False),
+]
+
+
+@pytest.mark.parametrize("mode, method, private_part, whole", MODES)
 def test_private_tensors_never_leave_their_client_and_each_client_keeps_its_own(
-        tiny_config, tiny_bert: str, mode: str, private_part: str) -> None:
-    # Prepare: 3 LoRA clients, 2 rounds
-    cfg = tiny_config(method__name="lora", train__lr=TINY_LR["lora"], federation__clients=3,
+        tiny_config, tiny_bert: str, mode: str, method: str, private_part: str, whole: bool) -> None:
+    # Prepare: 3 clients, 2 rounds
+    cfg = tiny_config(method__name=method, train__lr=TINY_LR[method], federation__clients=3,
                       federation__personalize=mode)
     job = build_job(cfg)
     initial = trainable_state(job.model)
@@ -51,16 +69,23 @@ def test_private_tensors_never_leave_their_client_and_each_client_keeps_its_own(
     # Execute
     summary = execute(job)
     # Assert: the server holds and every upload carries exactly the shared tensors; none private
-    assert private_names and set(job.server.global_state) == set(initial) - private_names
-    assert len(uploads) == 6
-    for update in uploads:
-        assert set(update) == set(initial) - private_names
-    # each client trained its own private tensors (none equal the pretrained ones, or another client's)
+    assert private_names and len(uploads) == 6
     client = job.server.runtime.local_handler
+    if whole:  # private tensors are never sent
+        assert set(job.server.global_state) == set(initial) - private_names
+        assert all(set(update) == set(initial) - private_names for update in uploads)
+    else:  # local-prefix: the shared virtual tokens are sent, the private ones (the last L) never
+        assert set(job.server.global_state) == set(initial)
+        for name in private_names:
+            rows = initial[name].shape[0]
+            kept = 2 if mode.endswith(":2") else rows // 2
+            assert job.server.global_state[name].shape[0] == rows - kept
+            assert all(update[name].shape[0] == rows - kept for update in uploads)
+    # each client trained its own private part (none equal the pretrained one, or another client's)
     assert sorted(client.private) == [0, 1, 2]
     for c, private in client.private.items():
         assert set(private) == private_names
-        assert any(not torch.equal(private[n], initial[n]) for n in private_names)
+        assert any(not torch.equal(private[n], client.private_initial[n]) for n in private_names)
         for other in range(c):
             assert any(not torch.equal(private[n], client.private[other][n]) for n in private_names)
     # held-out rows (0.2 by default) scored with the global and each client's own model, every round
@@ -68,15 +93,15 @@ def test_private_tensors_never_leave_their_client_and_each_client_keeps_its_own(
     assert all(set(r["client_eval_personal"]) == {"0", "1", "2"} for r in log[1:])
     assert set(summary["client_accuracy_personal"]) == {"0", "1", "2"}
     assert "client_accuracy_personal_worst10" in summary and "client_accuracy_mean" in summary
-    # each client's adapter is saved and loads with PEFT, its private tensors in place
+    # each client's model is saved and loads with PEFT, its private part in place
+    labels, dual = len(job.data.label_names), mode == "dual-lora"
     for c in range(3):
-        folder = job.out / "clients" / str(c) / "adapter"
-        saved = load_file(str(folder / "adapter_model.safetensors"))
-        assert any(private_part in name for name in saved)
-        base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=len(job.data.label_names))
-        loaded = trainable_state(PeftModel.from_pretrained(base, folder, is_trainable=True))
+        loaded = _load_client_adapter(job.out / "clients" / str(c) / "adapter", tiny_bert, labels, dual)
+        own = client.model_for(c, job.server.global_state)
         for name in private_names:
-            torch.testing.assert_close(loaded[name], client.private[c][name], rtol=0, atol=0)
+            torch.testing.assert_close(loaded[name], own[name], rtol=0, atol=0)
+    if dual:  # the global folder holds the global adapter only
+        assert not (job.out / "adapter" / PERSONAL_ADAPTER).exists()
 
 
 def test_private_tensors_survive_a_checkpoint(tiny_config) -> None:
@@ -119,14 +144,17 @@ def test_finetune_scores_each_client_after_local_steps_without_changing_training
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    ({"federation__personalize": "private"}, "expected none, head, lora-b-local or finetune:K"),
+    ({"federation__personalize": "private"}, "'private'; expected none, head, lora-b-local, dual-lora"),
     ({"federation__personalize": "finetune:0"}, "finetune:K"),
     ({"federation__personalize": "head", "federation__runtime": "flower-sim"}, "not implemented yet"),
     ({"federation__personalize": "head", "method__name": "split", "method__cut_layer": 1}, "--personalize with"),
     ({"federation__personalize": "lora-b-local", "method__name": "prefix"}, "trains none"),
+    ({"federation__personalize": "dual-lora", "method__name": "prefix"}, "needs --method lora"),
+    ({"federation__personalize": "local-prefix", "method__name": "lora"}, "trains none"),
+    ({"federation__personalize": "local-prefix:4"}, "expected 1 .. 3"),
 ])
 def test_bad_personalization_is_one_clear_error(tiny_config, overrides: dict, expected: str) -> None:
-    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         cfg = tiny_config(**overrides)
         check_runtime_support(cfg)
         build_job(cfg)
@@ -139,3 +167,11 @@ def test_modes_name_their_private_tensors() -> None:
     assert b_local.is_private("base_model.model.bert.encoder.layer.0.attention.self.query.lora_B.default.weight")
     assert not b_local.is_private("base_model.model.classifier.modules_to_save.default.weight")
     assert parse_personalize("finetune:5").finetune_steps == 5 and not parse_personalize("finetune:5").keeps_private
+    assert b_local.is_private("x.lora_B.default.weight") and parse_personalize("dual-lora").is_private(
+        "base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.personal.weight")
+    local = parse_personalize("local-prefix:1")
+    table = torch.arange(12.0).reshape(4, 3)
+    shared, private = local.split({"prompt_encoder.default.embedding.weight": table, "w": torch.ones(2)})
+    assert shared["prompt_encoder.default.embedding.weight"].shape == (3, 3) and set(private) == {
+        "prompt_encoder.default.embedding.weight"}
+    assert torch.equal(local.merge(shared, private)["prompt_encoder.default.embedding.weight"], table)

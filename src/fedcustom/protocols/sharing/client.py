@@ -115,7 +115,7 @@ class TrainingClient:
         """Every trainable tensor of node ``node_id``'s own model: the ``shared`` (global) ones and its private ones
         (None, or a node that has not trained yet: the pretrained model's)."""
         private = self.private.get(node_id, self.private_initial) if node_id is not None else self.private_initial
-        return {**private, **shared}
+        return self.personalization.merge(shared, private)
 
     def __call__(self, node_id: int, message: Message) -> Reply:
         if message.kind == TRAIN:
