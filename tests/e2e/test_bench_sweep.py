@@ -151,3 +151,29 @@ def test_malformed_sweeps_are_refused_clearly() -> None:
         load_sweep("nonexistent-sweep")
     assert "converge" in sweep_names()
     assert Pick("variant", "tune", ("method",), "final_accuracy").axis == "variant"
+
+
+def test_the_personalize_sweep_reports_each_mode_against_fedavg(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare: the shipped sweep's axes and stages on tiny BERT and the toy corpus
+    import tomllib
+
+    from fedcustom.bench.sweep import SWEEPS_DIR
+
+    raw = tomllib.loads((SWEEPS_DIR / "personalize.toml").read_text())
+    raw["base"] = {"model": {"name": tiny_bert, "max_length": 16}, "data": {"dataset": toy_csv, "max_eval_examples": 40},
+                   "method": {"num_virtual_tokens": 4},
+                   "federation": {"clients": 3, "rounds": 2, "local_epochs": 2, "client_eval_fraction": 0.25},
+                   "train": {"batch_size": 16, "seed": 0}}
+    sweep, out = parse_sweep(raw), tmp_path / "out"
+    out.mkdir()
+    # Execute: the skewed stage only
+    result = run_sweep_bench(sweep, ".", out, "fedcustom bench --preset personalize", Console(quiet=True),
+                             stages=["skewed"])
+    # Assert: one run per variant, each scored with the global and the clients' own models; targets per method
+    runs = result["stages"]["skewed"]
+    assert [r["labels"]["variant"] for r in runs] == [v.label for v in sweep.axes["variant"]]
+    assert all(0 <= r["summary"]["client_accuracy_personal_mean"] <= 1 for r in runs)
+    assert [t["target"].split(":")[0] for t in result["targets"]] == ["lora", "prefix"]
+    text = (out / "report.md").read_text()
+    assert "| dual-lora | dirichlet0.1 |" in text and "| local-prefix | dirichlet0.1 |" in text
+    assert (out / "personalize_client_accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -220,7 +220,7 @@ def run_sweep_bench(sweep: Sweep, data_dir: str, out: Path, command: str, consol
               "reused": sum(r["reused"] for r in runs),
               "cells_wall_seconds": sum(r["summary"].get("wall_seconds") or 0.0 for r in runs),
               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "sweep": as_json(sweep), "targets": writer.targets(records.get("report", [])), "stages": records}
+              "sweep": as_json(sweep), "targets": writer.targets(records.get("report", runs)), "stages": records}
     write_json(out / "results.json", result)
     (out / "report.md").write_text(writer.report(sweep, records, result, out))
     console.print(f"report: {out / 'report.md'}")

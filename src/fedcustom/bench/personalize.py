@@ -1,0 +1,106 @@
+"""Report of `fedcustom bench --preset personalize` (sweeps/personalize.toml): per personalization mode and split,
+the mean and worst-10% client accuracy of the global model and of each client's own model on the clients'
+held-out rows, the global test accuracy and MB per round; targets of issue 21; one plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fedcustom.bench.sweep import Sweep, preamble
+
+PLOT = "personalize_client_accuracy.png"
+MB = 1e6
+GAIN = 0.05  # target: personalized mean client accuracy >= global + 5 points at Dirichlet 0.1 ...
+SKEWED = "dirichlet0.1"  # ... with the worst 10% not below the global model's
+
+
+def rows(records: list[dict]) -> list[dict[str, Any]]:
+    out = []
+    for r in records:
+        s = r["summary"]
+        out.append({"variant": r["labels"]["variant"], "split": r["labels"]["split"], "method": r["tags"]["method"],
+                    "mode": r["tags"]["mode"], "test_accuracy": s["final_accuracy"],
+                    "global_mean": s["client_accuracy_mean"], "global_worst10": s["client_accuracy_worst10"],
+                    "personal_mean": s["client_accuracy_personal_mean"],
+                    "personal_worst10": s["client_accuracy_personal_worst10"],
+                    "personal_per_round": s["client_accuracy_personal_mean_per_round"],
+                    "global_per_round": s["client_accuracy_mean_per_round"],
+                    "mb_up": s["bytes_up_per_round"] / MB, "wall": s["wall_seconds"]})
+    return out
+
+
+def _fedavg(table: list[dict], method: str, split: str) -> dict | None:
+    """The method's plain FedAvg model on that split: the global scores of its finetune run (which trains exactly
+    like FedAvg)."""
+    return next((r for r in table if r["method"] == method and r["split"] == split
+                 and r["mode"].startswith("finetune")), None)
+
+
+def targets(records: list[dict]) -> list[dict[str, Any]]:
+    """Per method at Dirichlet 0.1: its best personalization mode against its FedAvg model on the clients' rows."""
+    table, out = rows(records), []
+    for method in dict.fromkeys(r["method"] for r in table):
+        base = _fedavg(table, method, SKEWED)
+        modes = [r for r in table if r["method"] == method and r["split"] == SKEWED]
+        if base is None or not modes:
+            continue
+        best = max(modes, key=lambda r: r["personal_mean"])
+        met = best["personal_mean"] >= base["global_mean"] + GAIN and best["personal_worst10"] >= base["global_worst10"]
+        out.append({"target": f"{method}: personalized mean client accuracy >= FedAvg + 5 points at Dirichlet 0.1, "
+                              f"worst 10% not below FedAvg's",
+                    "measured": f"{best['variant']} {best['personal_mean']:.3f} (worst 10% "
+                                f"{best['personal_worst10']:.3f}) vs FedAvg {base['global_mean']:.3f} (worst 10% "
+                                f"{base['global_worst10']:.3f})", "met": met})
+    return out
+
+
+def plot(table: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    splits = list(dict.fromkeys(r["split"] for r in table))
+    fig, axes = plt.subplots(1, len(splits), figsize=(5.5 * len(splits), 3.8), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        part = [r for r in table if r["split"] == split]
+        x = np.arange(len(part))
+        ax.bar(x - 0.2, [r["global_mean"] for r in part], 0.4, label="global model")
+        ax.bar(x + 0.2, [r["personal_mean"] for r in part], 0.4, label="each client's own")
+        ax.scatter(x + 0.2, [r["personal_worst10"] for r in part], color="black", marker="_", s=120,
+                   label="own, worst 10%")
+        ax.set_xticks(x, [r["variant"] for r in part], rotation=30, ha="right", fontsize=7)
+        ax.set(ylim=(0, 1), ylabel="mean client accuracy (held-out rows)", title=f"AG News, {split}")
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(out / PLOT, dpi=150)
+    plt.close(fig)
+
+
+def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], out: Path) -> str:
+    records = [r for stage in stages.values() for r in stage]
+    table = rows(records)
+    if table:
+        plot(table, out)
+    lines = [*preamble(sweep, result),
+             "Client accuracy: each client's held-out rows (20% of its own), mean over the 10 clients and the mean of "
+             "the lowest tenth (worst 10%). `global`: the federated model; `own`: each client's personalized model. "
+             "The finetune rows' global columns are plain FedAvg (finetune changes only the evaluation).", "",
+             "| variant | split | global mean | global worst 10% | own mean | own worst 10% | global test accuracy | "
+             "MB up per client per round |", "|---|---|---|---|---|---|---|---|"]
+    for r in table:
+        lines.append(f"| {r['variant']} | {r['split']} | {r['global_mean']:.3f} | {r['global_worst10']:.3f} | "
+                     f"{r['personal_mean']:.3f} | {r['personal_worst10']:.3f} | {r['test_accuracy']:.3f} | "
+                     f"{r['mb_up']:.3f} |")
+    lines += ["", "Own-model mean client accuracy per round (round 0: before training):", ""]
+    lines += [f"- {r['variant']}, {r['split']}: " + ", ".join(f"{a:.3f}" for a in r["personal_per_round"] if a is not None)
+              for r in table]
+    lines += ["", "## Targets", ""] + [f"- {t['target']}: {t['measured']} — {'met' if t['met'] else 'not met'}"
+                                       for t in result["targets"]]
+    lines += ["", "Not measured here (not built yet): local-only training, heterogeneous LoRA ranks (fedavg / ffa / "
+              "stack / svd aggregation), adaptive prefix lengths."]
+    if table:
+        lines += ["", f"![client accuracy]({PLOT})"]
+    return "\n".join(lines) + "\n"
