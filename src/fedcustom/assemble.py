@@ -23,7 +23,7 @@ from fedcustom.convergence import check_convergence_support, local_schedule
 from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
-from fedcustom.methods import Method, get_method, trainable_state
+from fedcustom.methods import Method, get_method, load_trainable_state, trainable_state
 from fedcustom.models import load_model
 from fedcustom.personalize import (
     DEFAULT_CLIENT_EVAL_FRACTION, Personalization, add_personal_lora, parse_personalize,
@@ -32,7 +32,9 @@ from fedcustom.protocols import protocol_of
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
 from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
-from fedcustom.strategies import get_strategy
+from fedcustom.methods.lora_capacity import parse_ranks
+from fedcustom.strategies import Strategy, get_strategy
+from fedcustom.strategies.lora_svd import LoraSvd
 from fedcustom.tasks import get_task
 from fedcustom.training import LocalSchedule
 from fedcustom.trust import check_trust_support, client_tables
@@ -68,13 +70,14 @@ class Job:
     client_evaluators: dict[int, Callable[[], dict]] = field(default_factory=dict)  # a client's held-out metrics
     personalization: Personalization = field(default_factory=Personalization)
 
-    def model_state(self, client: int | None = None) -> dict[str, torch.Tensor]:
-        """Every trainable tensor of the global model (``client``: that client's own, --personalize): the server's
-        shared tensors with the private ones of the client (None: the pretrained model's)."""
+    def load_model(self, client: int | None = None) -> None:
+        """Put the global model in ``model`` (``client``: that client's own, with its private tensors
+        (--personalize) and its LoRA rank (--lora-ranks))."""
         clients = self.server.runtime.local_handler
-        if hasattr(clients, "model_for"):
-            return clients.model_for(client, self.server.global_state)
-        return self.server.global_state
+        if hasattr(clients, "load"):
+            clients.load(client, self.server.global_state)
+        else:
+            load_trainable_state(self.model, self.server.global_state)
 
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint must hold: the server, and the state of clients that live in this process."""
@@ -136,9 +139,33 @@ def check_runtime_support(cfg: RunConfig) -> None:
         raise ConfigError(f"--personalize with --method {method.name}: personalization keeps part of a "
                           f"parameter-sharing method's tensors with each client; {method.name} sends "
                           f"{protocol_of(method).payload_note}")
+    check_lora_capacity(cfg, method)
     check_trust_support(cfg, method)
     check_convergence_support(cfg, method)
     codecs_for(cfg, method)
+
+
+def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
+    """--lora-ranks and --lora-aggregation: LoRA only; svd merges plain client factors (no robust strategy, central
+    DP noise or secure aggregation in between)."""
+    m, priv = cfg.method, cfg.privacy
+    if (m.lora_ranks or m.lora_aggregation != "fedavg") and method.name != "lora":
+        raise ConfigError(f"--lora-ranks / --lora-aggregation with --method {method.name}: they shape LoRA adapters; "
+                          f"use --method lora")
+    parse_ranks(m.lora_ranks, m.lora_r)
+    if m.lora_aggregation == "svd":
+        clash = [name for name, on in [(f"--strategy {cfg.federation.strategy}", cfg.federation.strategy != "fedavg"),
+                                       ("--dp central", priv.dp == "central"), ("--secagg", priv.secagg)] if on]
+        if clash:
+            raise ConfigError(f"--lora-aggregation svd with {', '.join(clash)}: svd merges the clients' own factors "
+                              f"by their products; use --lora-aggregation fedavg or ffa with it")
+
+
+def strategy_for(cfg: RunConfig) -> Strategy:
+    """The configured strategy (``--lora-aggregation svd``: FedAvg of the LoRA products)."""
+    if cfg.method.name == "lora" and cfg.method.lora_aggregation == "svd":
+        return LoraSvd()
+    return get_strategy(cfg.federation.strategy)
 
 
 def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
@@ -147,7 +174,7 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     ``runtime`` carries the messages (default: embedded); a runtime whose clients live elsewhere (Flower)
     ignores the in-process handler it is given."""
     check_runtime_support(cfg)
-    method, strategy = get_method(cfg.method.name), get_strategy(cfg.federation.strategy)
+    method, strategy = get_method(cfg.method.name), strategy_for(cfg)
     runtime = runtime or embedded_runtime(cfg)
     codec, codec_down = codecs_for(cfg, method)
     out = prepare_output(cfg.output.dir)

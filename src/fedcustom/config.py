@@ -148,6 +148,14 @@ class MethodConfig:
         None, "Module names LoRA adapts (comma-separated on the CLI); default: PEFT's choice for the model type.",
         "--lora-targets",
     )
+    lora_ranks: str = opt("", "Heterogeneous clients: LoRA ranks cycled over the clients (e.g. 4,8,16), each at most "
+                          "--lora-r (the adapter's rank): client k trains only the first ranks[k mod n] components. "
+                          "Empty: every client uses --lora-r.", "--lora-ranks")
+    lora_aggregation: str = opt("fedavg", "How LoRA factors merge: fedavg (A and B averaged separately, zero-padded "
+                                "across ranks: not the average of the products), ffa (A frozen at its shared "
+                                "initialisation, B averaged: exact; FFA-LoRA) or svd (the products B A averaged "
+                                "exactly, then truncated back to the adapter's rank by SVD; a client of rank r takes "
+                                "the top r components: FlexLoRA).", "--lora-aggregation", ("fedavg", "ffa", "svd"))
 
 
 @dataclass(frozen=True)
@@ -462,7 +470,8 @@ def _build_section(section: str, values: dict[str, Any]) -> Any:
 # Per-method tables of [method]: ``[method.lora] r = 8`` is ``[method] lora_r = 8``. Each names the settings that
 # belong to one method, by their short name within it; the flat keys (and the CLI flags) keep working.
 METHOD_TABLES: dict[str, dict[str, str]] = {
-    "lora": {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets"},
+    "lora": {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets",
+             "ranks": "lora_ranks", "aggregation": "lora_aggregation"},
     "prefix": {"num_virtual_tokens": "num_virtual_tokens", "init": "prefix_init", "projection": "prefix_projection",
                "projection_hidden": "projection_hidden"},
     "prompt": {"num_virtual_tokens": "num_virtual_tokens", "init": "prompt_init", "deep": "prompt_deep"},

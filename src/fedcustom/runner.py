@@ -27,7 +27,7 @@ from fedcustom.config import RunConfig, build_config
 from fedcustom.convergence import EarlyStop, resolved_settings
 from fedcustom.device import model_device, peak_memory_mb
 from fedcustom.errors import FedCustomError
-from fedcustom.methods import load_trainable_state, save_trained
+from fedcustom.methods import save_trained
 from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
@@ -48,17 +48,17 @@ def evaluate_clients(job: Job, result: RoundResult) -> None:
     if not job.client_evaluators:
         return
     metric = get_task(job.cfg.model.task).headline_metric
-    load_trainable_state(job.model, job.model_state())
+    job.load_model()
     result.client_eval = {c: float(evaluate()[metric]) for c, evaluate in job.client_evaluators.items()}
     personal = job.personalization
     if not personal.enabled:
         return
     for client, evaluate in job.client_evaluators.items():
-        load_trainable_state(job.model, job.model_state(client))
+        job.load_model(client)
         if personal.mode == "finetune":
             finetune(job, client, personal.finetune_steps, result.round)
         result.client_eval_personal[client] = float(evaluate()[metric])
-    load_trainable_state(job.model, job.model_state())
+    job.load_model()
 
 
 def finetune(job: Job, client: int, steps: int, rnd: int) -> None:
@@ -85,10 +85,10 @@ def save_client_models(job: Job) -> None:
     clients = job.server.runtime.local_handler
     for client in sorted(getattr(clients, "private", {})):
         folder = job.out / "clients" / str(client) / job.model_dir.name
-        load_trainable_state(job.model, job.model_state(client))
+        job.load_model(client)
         (job.method.save or save_trained)(job.model, folder)
         get_task(job.cfg.model.task).describe_saved(job.model, folder)
-    load_trainable_state(job.model, job.model_state())
+    job.load_model()
 
 
 def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None,
@@ -167,7 +167,7 @@ def run_baselines(job: Job, results: list[RoundResult], console: Console | None)
         with status("training the centralized baseline to convergence"):
             baselines["converged"] = run_converged(cfg, job.model, job.initial, job.data, job.tokenizer, job.schedule,
                                                    job.evaluate_model)
-    load_trainable_state(job.model, job.model_state())
+    job.load_model()
     return baselines
 
 
@@ -233,7 +233,7 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
                       trackers: Trackers) -> dict[str, Any]:
     cfg = job.cfg
     results = run_rounds(job, console, show, resumed, trackers.log_round)
-    load_trainable_state(job.model, job.model_state())
+    job.load_model()
     if cfg.output.save_model:
         save_global_model(job)
         job.tokenizer.save_pretrained(job.model_dir)

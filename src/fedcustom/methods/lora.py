@@ -12,6 +12,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
 from fedcustom.methods.base import Method, peft_task_type, register, table_defaults
+from fedcustom.methods.lora_capacity import freeze_a
 
 
 def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrainedTokenizerBase) -> nn.Module:
@@ -29,7 +30,10 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
         lora_dropout=cfg.lora_dropout,
         **{"target_modules": None, **defaults},
     )
-    return get_peft_model(backbone, config)
+    model = get_peft_model(backbone, config)
+    if cfg.lora_aggregation == "ffa":
+        freeze_a(model)
+    return model
 
 
 METHOD = register(Method("lora", build, table_defaults("lora"), description="low-rank adapters + head"))

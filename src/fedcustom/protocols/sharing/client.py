@@ -19,6 +19,7 @@ from fedcustom import scaffold
 from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
 from fedcustom.methods import load_trainable_state, trainable_state
+from fedcustom.methods.lora_capacity import ClientRanks
 from fedcustom.personalize import Personalization
 from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
 from fedcustom.privacy.dp_sgd import DPSGDSettings
@@ -66,6 +67,7 @@ class TrainingClient:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, codec: Codec,
         client_tables: dict[int, datasets.Dataset], codec_down: Codec | None = None,
         adversary: Adversary | None = None, personalization: Personalization | None = None,
+        ranks: ClientRanks | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -85,6 +87,7 @@ class TrainingClient:
         self.personalization = personalization or Personalization()
         self.private_initial = self.personalization.split(trainable_state(model))[1]
         self.private: dict[int, State] = {}
+        self.ranks = ranks  # --lora-ranks: each client's rank on the full-rank adapter
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
@@ -116,6 +119,13 @@ class TrainingClient:
         (None, or a node that has not trained yet: the pretrained model's)."""
         private = self.private.get(node_id, self.private_initial) if node_id is not None else self.private_initial
         return self.personalization.merge(shared, private)
+
+    def load(self, node_id: int | None, shared: State) -> None:
+        """Put node ``node_id``'s own model (None: the global one) in place: the shared tensors, its private ones,
+        and its LoRA rank."""
+        load_trainable_state(self.model, self.model_for(node_id, shared))
+        if self.ranks is not None:
+            self.ranks.apply(node_id)
 
     def __call__(self, node_id: int, message: Message) -> Reply:
         if message.kind == TRAIN:
@@ -172,7 +182,7 @@ class TrainingClient:
         leaves the client."""
         start = time.perf_counter()
         received = self._receive(node_id, message)
-        load_trainable_state(self.model, self.model_for(node_id, received))
+        self.load(node_id, received)
         schedule = schedule_from_config(message.config)
         seed = derive_seed(int(message.config["seed"]), message.round, node_id)
         table = self.client_tables[node_id]

@@ -6,7 +6,7 @@ import torch
 
 from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
-from fedcustom.methods import load_trainable_state
+from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
 from fedcustom.personalize import parse_personalize
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.protocols.sharing.client import TrainingClient
@@ -20,8 +20,10 @@ def client_model(cfg: RunConfig) -> str:
 
 
 def build_client(parts: ClientParts) -> TrainingClient:
+    ranks = parse_ranks(parts.cfg.method.lora_ranks, parts.cfg.method.lora_r)
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
-                          parse_personalize(parts.cfg.federation.personalize))
+                          parse_personalize(parts.cfg.federation.personalize),
+                          ClientRanks(parts.model, ranks) if ranks else None)
 
 
 def build_server(parts: ServerParts) -> FederatedServer:
@@ -31,7 +33,7 @@ def build_server(parts: ServerParts) -> FederatedServer:
     client = build_client(parts)
 
     def evaluate_state(state: dict[str, torch.Tensor]) -> dict[str, float]:
-        load_trainable_state(model, client.model_for(None, state))
+        client.load(None, state)
         return evaluate_model()
 
     shared = client.personalization.split(parts.initial)[0]
