@@ -24,15 +24,16 @@ from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, trainable_state
+from fedcustom.methods.lora_capacity import parse_ranks
 from fedcustom.models import load_model
 from fedcustom.personalize import (
     DEFAULT_CLIENT_EVAL_FRACTION, Personalization, add_personal_lora, parse_personalize,
 )
+from fedcustom.profiles import load_profiles, profile_ranks
 from fedcustom.protocols import protocol_of
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
 from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
-from fedcustom.methods.lora_capacity import parse_ranks
 from fedcustom.strategies import Strategy, get_strategy
 from fedcustom.strategies.lora_svd import LoraSvd
 from fedcustom.tasks import get_task
@@ -122,8 +123,9 @@ def embedded_runtime(cfg: RunConfig) -> RuntimeFactory:
     """The default: every client is called in this process (with simulated failures and latency if asked)."""
     fed = cfg.federation
     faults = None
-    if fed.client_failure_rate or fed.client_latency:
-        faults = SimulatedFaults(fed.client_failure_rate, fed.client_latency, fed.round_timeout, cfg.train.seed)
+    if fed.client_failure_rate or fed.client_latency or fed.client_profiles:
+        faults = SimulatedFaults(fed.client_failure_rate, fed.client_latency, fed.round_timeout, cfg.train.seed,
+                                 load_profiles(fed.client_profiles) if fed.client_profiles else ())
     return lambda handler, _labels: EmbeddedRuntime(handler, fed.clients, faults)
 
 
@@ -153,6 +155,12 @@ def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
         raise ConfigError(f"--lora-ranks / --lora-aggregation with --method {method.name}: they shape LoRA adapters; "
                           f"use --method lora")
     parse_ranks(m.lora_ranks, m.lora_r)
+    from_profiles = profile_ranks(cfg.federation.client_profiles)
+    if from_profiles and method.name != "lora":
+        raise ConfigError(f"--client-profiles with lora_rank and --method {method.name}: lora_rank needs --method lora")
+    if from_profiles and m.lora_ranks:
+        raise ConfigError("--client-profiles with lora_rank and --lora-ranks: both set each client's rank; keep one")
+    parse_ranks(",".join(map(str, from_profiles)), m.lora_r)
     if m.lora_aggregation == "svd":
         clash = [name for name, on in [(f"--strategy {cfg.federation.strategy}", cfg.federation.strategy != "fedavg"),
                                        ("--dp central", priv.dp == "central"), ("--secagg", priv.secagg)] if on]

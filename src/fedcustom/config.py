@@ -212,7 +212,8 @@ class FederationConfig:
                              "the round is logged and the global state kept.", "--min-available")
     round_timeout: float = opt(600.0, "Flower runtimes: seconds the server waits for the replies of one exchange; "
                                "clients that have not answered by then are left out of the round. Embedded runtime: "
-                               "the deadline on each client's simulated latency (--client-latency).", "--round-timeout")
+                               "the deadline on each client's simulated latency (--client-latency) or device time "
+                               "(--client-profiles).", "--round-timeout")
     max_update_mb: float | None = opt(None, "Reject client payloads larger than this many MB; default: twice the fp32 "
                                       "size of the trainable tensors plus 1 MiB.", "--max-update-mb")
     client_failure_rate: float = opt(0.0, "Embedded runtime: chance that a sampled client fails to answer a round "
@@ -220,6 +221,16 @@ class FederationConfig:
     client_latency: float = opt(0.0, "Embedded runtime: mean simulated seconds a client needs to answer (exponential, "
                                 "seeded); clients slower than --round-timeout are left out as stragglers.",
                                 "--client-latency")
+    client_profiles: str | None = opt(None, "Embedded runtime: a CSV or TOML file of device profiles (compute speed "
+                                      "relative to this machine, bandwidth_mb_s, lora_rank; rows cycled over the "
+                                      "clients, see fedcustom.profiles). Each client's round takes its measured "
+                                      "training time / compute + bytes / bandwidth; clients slower than "
+                                      "--round-timeout are stragglers left out of the round; the round log gets "
+                                      "simulated_seconds.", "--client-profiles")
+    target_accuracy: float | None = opt(None, "Report how long the run took (wall clock and, with --client-profiles, "
+                                        "simulated) until the global headline metric (accuracy; causal-lm: "
+                                        "ROUGE-L) first reached this value (summary time_to_target).",
+                                        "--target-accuracy")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"--client-eval-fraction with --runtime {fed.runtime}: per-client evaluation scores each "
                           f"client's held-out rows in this process; Flower nodes evaluating their own rows are not "
                           f"implemented yet (use --runtime embedded)")
+    if fed.client_profiles is not None:
+        if fed.runtime != "embedded":
+            raise ConfigError(f"--client-profiles with --runtime {fed.runtime}: device profiles simulate clients in "
+                              f"this process; a real deployment's devices take the time they take")
+        from fedcustom.profiles import load_profiles
+
+        load_profiles(fed.client_profiles)
     from fedcustom.personalize import parse_personalize
 
     if parse_personalize(fed.personalize).enabled and fed.runtime != "embedded":

@@ -37,6 +37,7 @@ def round_record(result: RoundResult) -> dict[str, Any]:
         "examples_seen": result.examples_seen,
         "rejected": per_client(result.rejected),
         "wall_seconds": result.wall_seconds,
+        **({"simulated_seconds": result.simulated_seconds} if result.simulated_seconds is not None else {}),
         "memory": result.memory,
         "epsilon": result.epsilon,
         "privacy": result.privacy,
@@ -69,6 +70,7 @@ def result_from_record(record: dict[str, Any]) -> RoundResult:
         wall_seconds=record["wall_seconds"], epsilon=record.get("epsilon"), privacy=record.get("privacy", {}),
         memory=record.get("memory", {}), client_eval=per_client(record.get("client_eval", {})),
         client_eval_personal=per_client(record.get("client_eval_personal", {})),
+        simulated_seconds=record.get("simulated_seconds"),
     )
 
 

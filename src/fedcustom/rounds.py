@@ -41,6 +41,7 @@ class RoundResult:
     memory: dict[str, float] = field(default_factory=dict)  # peak RSS (and GPU) MB of this process so far
     client_eval: dict[int, float] = field(default_factory=dict)  # each client's headline metric on its held-out rows
     client_eval_personal: dict[int, float] = field(default_factory=dict)  # --personalize: each client's own model's
+    simulated_seconds: float | None = None  # --client-profiles: the slowest client's simulated device time
 
 
 class RoundDriver(Protocol):

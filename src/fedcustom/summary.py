@@ -3,6 +3,7 @@ machine)."""
 
 from __future__ import annotations
 
+import math
 import platform
 from importlib.metadata import version
 from typing import Any
@@ -63,6 +64,29 @@ def _per_client(key: str, per_round: list[dict[int, float]]) -> dict[str, Any]:
             f"{key}_mean_per_round": [client_eval_stats(r)["client_eval_mean"] if r else None for r in per_round]}
 
 
+def time_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:
+    """Simulated device time (--client-profiles): per round and in all; and with --target-accuracy, the round in
+    which the global headline metric first reached the target, with the wall-clock (and simulated) seconds until
+    then (``time_to_target``; None values when it never did)."""
+    out: dict[str, Any] = {}
+    rounds = results[1:]
+    simulated = [r.simulated_seconds for r in rounds]
+    if any(s is not None for s in simulated):
+        out["simulated_seconds_per_round"] = simulated
+        out["simulated_seconds_total"] = sum(s or 0.0 for s in simulated)
+    target = cfg.federation.target_accuracy
+    if target is not None:
+        metric = TASK_METRICS[cfg.model.task][0][0]
+        reached = next((i for i, r in enumerate(rounds) if r.eval.get(metric, -math.inf) >= target), None)
+        done = rounds[: reached + 1] if reached is not None else []
+        out["time_to_target"] = {
+            "metric": metric, "target": target, "round": rounds[reached].round if reached is not None else None,
+            "wall_seconds": sum(r.wall_seconds for r in done) if reached is not None else None,
+            "simulated_seconds": sum(r.simulated_seconds or 0.0 for r in done)
+            if reached is not None and "simulated_seconds_total" in out else None}
+    return out
+
+
 def summarize(
     cfg: RunConfig, results: list[RoundResult], baselines: dict[str, dict[str, Any]],
     model: nn.Module, initial: dict[str, torch.Tensor], data: FederatedData, wall: float, settings: dict[str, Any],
@@ -115,6 +139,7 @@ def summarize(
         "total_params": sum(p.numel() for p in model.parameters()),
         "rejected_updates": sum(len(r.rejected) for r in rounds),
         **client_eval_summary(cfg, results),
+        **time_summary(cfg, results),
         "strategy": cfg.federation.strategy,
         **trust_summary(cfg, results),
         "wall_seconds": wall,

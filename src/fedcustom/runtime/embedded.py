@@ -6,6 +6,9 @@ model plus one client's trainable tensors, whatever the number of clients.
 Network conditions are simulated, not slept through: each (round, client) draws from its own seed
 whether the client fails and how long it would take to answer; a client slower than the deadline is
 a straggler. Either way it gives no update, so users can study dropouts and deadlines reproducibly.
+With device profiles (fedcustom.profiles) a client's time is its measured training time scaled by its
+compute speed plus its bytes over its bandwidth, known once it has trained: a straggler trains, and its
+update arrives too late.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedcustom.profiles import ClientProfile, profile_of
 from fedcustom.runtime.messages import Handler, Message, Reply
 
 log = logging.getLogger(__name__)
@@ -30,6 +34,7 @@ class SimulatedFaults:
     mean_latency: float = 0.0
     deadline: float = float("inf")
     seed: int = 0
+    profiles: tuple[ClientProfile, ...] | list[ClientProfile] = ()  # cycled over the clients (--client-profiles)
 
     def outcome(self, message: Message, node_id: int) -> str | None:
         """Why this client does not answer ``message`` (None: it answers in time)."""
@@ -42,6 +47,20 @@ class SimulatedFaults:
         if self.mean_latency and latency > self.deadline:
             return f"straggler: simulated latency {latency:.1f} s exceeds the {self.deadline:g} s deadline"
         return None
+
+    def on_device(self, message: Message, node_id: int, reply: Reply) -> Reply:
+        """With profiles: ``reply`` with the client's simulated seconds (metric ``simulated_seconds``), or a
+        straggler's error when that exceeds the deadline (the round waited until then)."""
+        if not self.profiles or reply.error is not None:
+            return reply
+        profile = profile_of(list(self.profiles), node_id)
+        moved = len(message.payload) + len(message.attachment) + len(reply.payload) + len(reply.attachment)
+        seconds = profile.seconds(float(reply.metrics.get("train_seconds", 0.0)), moved)
+        if seconds > self.deadline:
+            return Reply(error=f"straggler: simulated {seconds:.1f} s on device {profile.name or node_id} exceeds "
+                               f"the {self.deadline:g} s deadline", metrics={"simulated_seconds": self.deadline})
+        reply.metrics["simulated_seconds"] = seconds
+        return reply
 
 
 class EmbeddedRuntime:
@@ -73,6 +92,8 @@ class EmbeddedRuntime:
                 reply = Reply(error=dropped)
             else:
                 reply = self._call(node_id, messages[node_id])
+                if self._faults:
+                    reply = self._faults.on_device(messages[node_id], node_id, reply)
             if on_reply:
                 on_reply(node_id)
             yield node_id, reply

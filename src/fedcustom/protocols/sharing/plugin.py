@@ -8,6 +8,7 @@ from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
 from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
 from fedcustom.personalize import parse_personalize
+from fedcustom.profiles import profile_ranks
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.protocols.sharing.client import TrainingClient
 from fedcustom.protocols.sharing.server import FederatedServer
@@ -20,7 +21,8 @@ def client_model(cfg: RunConfig) -> str:
 
 
 def build_client(parts: ClientParts) -> TrainingClient:
-    ranks = parse_ranks(parts.cfg.method.lora_ranks, parts.cfg.method.lora_r)
+    ranks = parse_ranks(parts.cfg.method.lora_ranks, parts.cfg.method.lora_r) or \
+        profile_ranks(parts.cfg.federation.client_profiles)
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
                           parse_personalize(parts.cfg.federation.personalize),
                           ClientRanks(parts.model, ranks) if ranks else None)

@@ -273,6 +273,9 @@ class FederatedServer:
         for node, reply in replies:
             answered.add(node)
             result.bytes_up[node] = len(reply.payload) + len(reply.attachment)
+            if "simulated_seconds" in reply.metrics:  # device profiles: the round lasts as long as its slowest client
+                slowest = max(result.simulated_seconds or 0.0, float(reply.metrics["simulated_seconds"]))
+                result.simulated_seconds = slowest
             try:
                 check_envelope(reply, result.round, self.max_update_bytes)
                 state = self._decode(node, reply, messages[node])

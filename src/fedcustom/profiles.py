@@ -1,0 +1,96 @@
+"""Client profiles (``--client-profiles FILE``): what each simulated client's device can do, from an IoT board to a
+server, so that an embedded run shows stragglers, deadlines and the wall-clock time a real federation would take.
+
+A CSV (header row) or TOML (``[[client]]`` tables) file; its rows are cycled over the clients in id order (three
+rows for ten clients: 0, 3, 6, 9 take the first). Columns / keys, all optional:
+
+- ``name``: a label (e.g. ``phone``);
+- ``compute``: speed relative to the machine running the simulation (0.25: four times slower; default 1);
+- ``bandwidth_mb_s``: the link's megabytes per second, both ways (default: unlimited);
+- ``lora_rank``: the LoRA rank this device trains (``--method lora``; replaces ``--lora-ranks``).
+
+A client's simulated time for a round is its measured training time divided by ``compute`` plus the bytes it
+receives and sends divided by its bandwidth. A client slower than ``--round-timeout`` is a straggler: its update
+arrives too late and is left out of the round. The round lasts as long as its slowest client (at most the timeout).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcustom.errors import ConfigError
+
+WHERE = "federation.client_profiles (--client-profiles)"
+COLUMNS = ("name", "compute", "bandwidth_mb_s", "lora_rank")
+
+
+@dataclass(frozen=True)
+class ClientProfile:
+    name: str = ""
+    compute: float = 1.0
+    bandwidth_mb_s: float = math.inf
+    lora_rank: int | None = None
+
+    def seconds(self, train_seconds: float, bytes_moved: int) -> float:
+        """Simulated seconds of one round on this device."""
+        return train_seconds / self.compute + bytes_moved / (self.bandwidth_mb_s * 1e6)
+
+
+def _row(raw: dict, where: str) -> ClientProfile:
+    unknown = sorted(set(raw) - set(COLUMNS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown column(s) {', '.join(map(str, unknown))}; expected {', '.join(COLUMNS)}")
+    values = {k: v for k, v in raw.items() if v not in (None, "")}
+    try:
+        profile = ClientProfile(
+            name=str(values.get("name", "")), compute=float(values.get("compute", 1.0)),
+            bandwidth_mb_s=float(values.get("bandwidth_mb_s", math.inf)),
+            lora_rank=int(values["lora_rank"]) if "lora_rank" in values else None)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}; compute and bandwidth_mb_s are numbers, lora_rank an integer") from None
+    if not (profile.compute > 0 and math.isfinite(profile.compute)) or not profile.bandwidth_mb_s > 0:
+        raise ConfigError(f"{where}: compute must be a finite number > 0 and bandwidth_mb_s > 0, got "
+                          f"{profile.compute} and {profile.bandwidth_mb_s}")
+    if profile.lora_rank is not None and profile.lora_rank < 1:
+        raise ConfigError(f"{where}: lora_rank must be >= 1, got {profile.lora_rank}")
+    return profile
+
+
+def load_profiles(path: str | Path) -> list[ClientProfile]:
+    """The profiles of ``path`` (CSV or TOML), in order; a clear error for a missing or malformed file."""
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"{WHERE}: {path}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+        if file.suffix.lower() == ".toml":
+            rows = tomllib.loads(text).get("client", [])
+        else:
+            rows = list(csv.DictReader(text.splitlines()))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, csv.Error) as exc:
+        raise ConfigError(f"{WHERE}: {path}: {exc}") from None
+    if not rows or not all(isinstance(r, dict) for r in rows):
+        raise ConfigError(f"{WHERE}: {path}: no profiles; expected a CSV with a header ({', '.join(COLUMNS)}) or "
+                          f"TOML [[client]] tables")
+    return [_row(r, f"{WHERE}: {path}, profile {i + 1}") for i, r in enumerate(rows)]
+
+
+def profile_ranks(path: str | None) -> list[int]:
+    """Each profile's LoRA rank (a ``lora_rank`` column), or [] when there are no profiles or they name none."""
+    if not path:
+        return []
+    profiles = load_profiles(path)
+    if all(p.lora_rank is None for p in profiles):
+        return []
+    if any(p.lora_rank is None for p in profiles):
+        raise ConfigError(f"{WHERE}: {path}: lora_rank is set for some profiles and not others; give every profile one")
+    return [p.lora_rank for p in profiles if p.lora_rank is not None]
+
+
+def profile_of(profiles: list[ClientProfile], client: int) -> ClientProfile:
+    """Client ``client``'s profile (rows cycled over the clients)."""
+    return profiles[client % len(profiles)]
