@@ -166,14 +166,14 @@ def test_the_personalize_sweep_reports_each_mode_against_fedavg(tmp_path: Path, 
                    "train": {"batch_size": 16, "seed": 0}}
     sweep, out = parse_sweep(raw), tmp_path / "out"
     out.mkdir()
-    # Execute: the skewed stage only
+    # Execute: the skewed and ranks stages
     result = run_sweep_bench(sweep, ".", out, "fedcustom bench --preset personalize", Console(quiet=True),
-                             stages=["skewed"])
+                             stages=["skewed", "ranks"])
     # Assert: one run per variant, each scored with the global and the clients' own models; targets per method
-    runs = result["stages"]["skewed"]
+    runs = result["stages"]["skewed"] + result["stages"]["ranks"]
     assert [r["labels"]["variant"] for r in runs] == [v.label for v in sweep.axes["variant"]]
     assert all(0 <= r["summary"]["client_accuracy_personal_mean"] <= 1 for r in runs)
-    assert [t["target"].split(":")[0] for t in result["targets"]] == ["lora", "prefix"]
+    assert [t["target"].split(":")[0] for t in result["targets"]] == ["lora", "prefix", "lora-ranks"]
     text = (out / "report.md").read_text()
-    assert "| dual-lora | dirichlet0.1 |" in text and "| local-prefix | dirichlet0.1 |" in text
+    assert "| dual-lora | dirichlet0.1 |" in text and "| ranks-svd | dirichlet0.1 |" in text
     assert (out / "personalize_client_accuracy.png").read_bytes()[:4] == b"\x89PNG"

@@ -99,8 +99,10 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
               for r in table]
     lines += ["", "## Targets", ""] + [f"- {t['target']}: {t['measured']} — {'met' if t['met'] else 'not met'}"
                                        for t in result["targets"]]
-    lines += ["", "Not measured here (not built yet): local-only training, heterogeneous LoRA ranks (fedavg / ffa / "
-              "stack / svd aggregation), adaptive prefix lengths."]
+    lines += ["", "The ranks-* rows: clients of LoRA rank 2, 4 and 8 (cycled) on a rank-8 adapter, merged by "
+              "averaging the factors (fedavg), with A frozen (ffa) or by their products (svd); their finetune:5 "
+              "own-model columns add 5 local steps.", "",
+              "Not measured here (not built yet): local-only training, FLoRA's stacking, adaptive prefix lengths."]
     if table:
         lines += ["", f"![client accuracy]({PLOT})"]
     return "\n".join(lines) + "\n"
