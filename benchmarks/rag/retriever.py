@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 from pathlib import Path
+
+from fedcustom.bench.report import machine as bench_machine, machine_line
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / "benchmarks" / "results" / "rag"
@@ -45,7 +46,7 @@ def main() -> None:
     rows = [run(m) for m in done]
     OUT.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.executable).name, "benchmarks/rag/retriever.py", *sys.argv[1:]])
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    machine = machine_line(bench_machine())
     (OUT / "retriever.json").write_text(json.dumps({"command": command, "machine": machine, "runs": rows}, indent=1))
     fmt = lambda v: "-" if v is None else f"{v:.4f}"  # noqa: E731
     lines = ["# Federated retriever customization: MiniLM on ChatterBot pairs", "",

@@ -189,15 +189,22 @@ def run(cfg: RunConfig, console: Console | None = None) -> dict[str, Any]:
     return execute(build_job(cfg), console, start)
 
 
-def resume(path: str, console: Console | None = None, runtime: RuntimeFactory | None = None) -> dict[str, Any]:
+def resumed_config(out: Path, checkpoint: Checkpoint) -> RunConfig:
+    """The config of the run whose checkpoint is in ``out``, writing to ``out`` (the folder may have moved since)."""
+    values = checkpoint.config
+    values["output"]["dir"] = str(out)
+    return build_config(values)
+
+
+def resume(path: str, console: Console | None = None,
+           runtime_for: Callable[[RunConfig], RuntimeFactory | None] = lambda _cfg: None) -> dict[str, Any]:
     """`fedcustom run --resume DIR`: rebuild the job from DIR's checkpoint and run the rounds still to do
-    (``runtime``: where its clients are, as for build_job; a deployment resumes on a Flower Grid)."""
+    (``runtime_for(cfg)``: where its clients are, as for build_job; a deployment resumes on a Flower Grid)."""
     start = time.perf_counter()
     out = Path(path).expanduser()
     checkpoint = load_checkpoint(out)
-    values = checkpoint.config
-    values["output"]["dir"] = str(out)  # the folder may have moved since
-    job = build_job(build_config(values), runtime)
+    cfg = resumed_config(out, checkpoint)
+    job = build_job(cfg, runtime_for(cfg))
     parts = job.checkpoint_parts()
     if set(parts) != set(checkpoint.parts):
         raise FedCustomError(f"--resume {path}: the checkpoint holds {sorted(checkpoint.parts)}, this job needs "

@@ -17,8 +17,8 @@ from fedcustom.bench.plots import (accuracy_vs_alpha, accuracy_vs_megabytes, acc
                                    frameworks_accuracy_vs_mb, frameworks_flops)
 from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
 from fedcustom.bench.sweep import Sweep, as_json, load_sweep, run_sweep, sweep_names
-from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, main_table, paper_table, skew_dataset,
-                                    skew_table, targets, variants)
+from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, machine_line, main_table, paper_table,
+                                    skew_dataset, skew_table, targets, variants)
 from fedcustom.assemble import prepare_output
 from fedcustom.report import write_json
 from fedcustom.summary import versions
@@ -49,8 +49,7 @@ def write_report(out: Path, preset: BenchPreset, rows: list[dict], result: dict[
     many = len(variants(result["cells"])) > len(preset.methods)
     main = preset.datasets[0]
     parts = [f"# fedcustom bench — preset `{preset.name}`", "", preset.description, "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']['processor']}, "
-             f"{result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}; "
+             f"Command: `{result['command']}`  ", f"Machine: {machine_line(result['machine'])}; "
              f"the {len(result['cells'])} runs took {result['cells_wall_seconds'] / 60:.1f} min in all "
              f"({result['reused_cells']} reused from an earlier invocation of the same command; this invocation "
              f"{result['wall_seconds'] / 60:.1f} min); finished {result['finished']}.", "",

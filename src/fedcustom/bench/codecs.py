@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench.report import MB
+from fedcustom.bench.report import MB, machine_line
 from fedcustom.bench.reuse import run_or_reuse
 from fedcustom.bench.settings import Sst2Setting
 from fedcustom.config import RunConfig
@@ -131,8 +131,8 @@ def report(result_rows: list[dict], setting: CodecSetting, command: str, machine
     met = targets(result_rows)
     parts = ["# fedcustom bench — preset `codecs`", "",
              "Raw fp32 weights vs GradualDiff-Fed (arXiv 2506.19164) vs compressed codec chains, in both directions.",
-             "", f"Command: `{command}`  ", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch threads "
-             f"{machine['torch_threads']}; {runs} runs, this invocation {wall / 60:.1f} min.", "", "## Setup", "",
+             "", f"Command: `{command}`  ", f"Machine: {machine_line(machine)}; "
+             f"{runs} runs, this invocation {wall / 60:.1f} min.", "", "## Setup", "",
              f"- Model `{s.model}`; SST-2: {s.max_train} training rows from `{s.train}`, accuracy on the 872-row "
              f"`{s.eval}`; IID over {s.clients} clients (all sampled), {s.rounds} rounds of {s.local_epochs} local "
              f"epoch(s), batch {s.batch_size}, AdamW; seeds {', '.join(map(str, s.seeds))}; learning rates "

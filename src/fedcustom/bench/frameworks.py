@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench.report import MB
+from fedcustom.bench.report import MB, machine_line
 from fedcustom.bench.reuse import run_or_reuse
 from fedcustom.bench.settings import Sst2Setting
 from fedcustom.config import RunConfig
@@ -151,8 +151,8 @@ def report(records: list[dict], setting: Setting, command: str, machine: dict[st
     base = setting
     parts = ["# fedcustom bench — preset `frameworks`", "",
              "FedLLM (parameter sharing), KD-FedLLM and Split-FedLLM (arXiv 2501.04436), measured in one framework.",
-             "", f"Command: `{command}`  ", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch threads "
-             f"{machine['torch_threads']}; {len(records)} runs took {sum(r['wall_seconds'] for r in records) / 60:.1f} "
+             "", f"Command: `{command}`  ", f"Machine: {machine_line(machine)}; "
+             f"{len(records)} runs took {sum(r['wall_seconds'] for r in records) / 60:.1f} "
              f"min in all ({sum(r['reused'] for r in records)} reused from an earlier invocation of the same command; "
              f"this invocation {wall / 60:.1f} min).", "", "## Setup", "",
              f"- Model `{base.model}`; SST-2: {base.max_train} training rows drawn from `{base.train}` "

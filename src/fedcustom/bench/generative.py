@@ -27,7 +27,7 @@ matplotlib.use("Agg")  # files only; no display needed
 import matplotlib.pyplot as plt
 from rich.console import Console
 
-from fedcustom.bench.report import MB
+from fedcustom.bench.report import MB, machine_line
 from fedcustom.bench.reuse import pinned, run_or_reuse
 from fedcustom.config import RunConfig
 
@@ -204,8 +204,8 @@ def report(result_rows: list[dict], setting: GenerativeSetting, command: str, ma
     parts = ["# fedcustom bench — preset `generative`", "",
              "Federated instruction tuning of a causal LM: " + ", ".join(METHOD_NAMES.get(m, m) for m, _ in setting.methods)
              + ", each against its centralized baseline.", "",
-             f"Command: `{command}`  ", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch threads "
-             f"{machine['torch_threads']}; {len(records)} runs ({sum(r['reused'] for r in records)} reused), "
+             f"Command: `{command}`  ", f"Machine: {machine_line(machine)}; "
+             f"{len(records)} runs ({sum(r['reused'] for r in records)} reused), "
              f"{run_minutes:.1f} min of runs in all, this invocation {wall / 60:.1f} min.", "", "## Setup", "",
              *_setup(setting), "", "## Results", "",
              "Initial = the pretrained model before any training; final = the global model after the last round; "

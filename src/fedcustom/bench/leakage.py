@@ -24,6 +24,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 from rich.console import Console
 
+from fedcustom.bench.report import machine_line
 from fedcustom.bench.reuse import run_or_reuse
 from fedcustom.bench.settings import Sst2Setting
 from fedcustom.config import RunConfig
@@ -214,8 +215,7 @@ def write_report(out: Path, records: list[dict[str, Any]], result: dict[str, Any
               "client_update": first["client_update"]["loss_threshold"]["members"],
               "non_members": first["global_model"]["loss_threshold"]["non_members"]}
     lines = ["# fedcustom bench — preset `leakage`", "", __doc__.split("\n\n")[0].replace("\n", " "), "",
-             f"Command: `{result['command']}`  ", f"Machine: {result['machine']['processor']}, "
-             f"{result['machine']['cpus']} CPUs, torch threads {result['machine']['torch_threads']}; "
+             f"Command: `{result['command']}`  ", f"Machine: {machine_line(result['machine'])}; "
              f"{result['wall_seconds']:.0f} s "
              f"({result['reused']} of {len(records)} runs reused); finished {result['finished']}.", "",
              *_missing_lines(records), 

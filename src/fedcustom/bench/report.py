@@ -164,6 +164,11 @@ def machine() -> dict[str, Any]:
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()}
 
 
+def machine_line(m: dict[str, Any]) -> str:
+    """``machine()`` as a report states it: processor, CPUs and torch threads."""
+    return f"{m['processor']}, {m['cpus']} CPUs, torch threads {m['torch_threads']}"
+
+
 def build_rows(records: list[dict], preset: BenchPreset) -> list[dict]:
     return [method_row(records, preset, m, lr) for m, lr in variants(records)]
 

@@ -27,6 +27,7 @@ import matplotlib.pyplot as plt
 import torch
 from rich.console import Console
 
+from fedcustom.bench.report import machine_line
 from fedcustom.bench.reuse import run_or_reuse
 from fedcustom.bench.settings import Sst2Setting
 from fedcustom.config import RunConfig
@@ -225,8 +226,8 @@ def report(result_rows: list[dict], norms: list[dict], setting: RobustSetting, c
     run_minutes = sum(r["wall_seconds"] or 0.0 for r in records) / 60
     parts = ["# fedcustom bench — preset `robust`", "",
              "FedAvg against Byzantine-robust strategies while a share of the clients poisons its update.", "",
-             f"Command: `{command}`  ", f"Machine: {machine['processor']}, {machine['cpus']} CPUs, torch threads "
-             f"{machine['torch_threads']}; {len(records)} runs ({sum(r['reused'] for r in records)} reused), "
+             f"Command: `{command}`  ", f"Machine: {machine_line(machine)}; "
+             f"{len(records)} runs ({sum(r['reused'] for r in records)} reused), "
              f"{run_minutes:.1f} min of runs in all, this invocation {wall / 60:.1f} min.", "", "## Setup", "",
              f"- Model `{s.model}`; SST-2: {s.max_train} training rows from `{s.train}`, accuracy on the 872-row "
              f"`{s.eval}`; max {s.max_length} tokens; IID over {s.clients} clients (all sampled every round), "

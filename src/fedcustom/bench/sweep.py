@@ -46,6 +46,7 @@ from typing import Any
 
 from rich.console import Console
 
+from fedcustom.bench.report import machine_line
 from fedcustom.errors import ConfigError
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
@@ -257,6 +258,6 @@ def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
     m = result["machine"]
     return [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
             f"Command: `{result['command']}`  ",
-            f"Machine: {m['processor']}, {m['cpus']} CPUs; {result['runs']} runs "
+            f"Machine: {machine_line(m)}; {result['runs']} runs "
             f"({result['reused']} reused from earlier invocations), {result['cells_wall_seconds'] / 3600:.1f} h of "
             f"run time in all; finished {result['finished']}.", ""]

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from collections.abc import Iterator
@@ -243,7 +241,9 @@ def _eval(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     result = evaluate(settings)
     result["command"] = getattr(args, "command_line", None)
-    result["machine"] = f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}"
+    from fedcustom.bench.report import machine, machine_line
+
+    result["machine"] = machine_line(machine())
     result["wall_seconds"] = round(time.perf_counter() - started, 1)
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)

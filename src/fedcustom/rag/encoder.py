@@ -76,7 +76,7 @@ class Encoder:
         return out
 
     def _encode_batch(self, texts: list[str], out: np.ndarray) -> None:
-        import torch
+        from fedcustom.rag.contrastive import mean_pool  # torch loads with the model, not with this module
 
         batch = self._tokenizer(texts, padding=True, truncation=True, max_length=self.max_tokens,
                                 return_tensors="pt").to(self.device)
@@ -84,6 +84,4 @@ class Encoder:
             out[:] = self._adapted(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).embeddings.cpu()
             return
         hidden = self._model(**batch).last_hidden_state
-        mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        out[:] = torch.nn.functional.normalize(pooled, dim=-1).float().cpu().numpy()
+        out[:] = mean_pool(hidden, batch["attention_mask"]).float().cpu().numpy()

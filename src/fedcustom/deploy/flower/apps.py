@@ -86,13 +86,9 @@ def run_on_grid(grid: Grid, cfg: RunConfig) -> dict[str, Any]:
 
 def resume_on_grid(grid: Grid, folder: str) -> dict[str, Any]:
     """Continue the run whose last checkpoint is in ``folder`` (on this machine) with the nodes on ``grid``."""
-    from pathlib import Path
-
-    from fedcustom.checkpoint import load_checkpoint
     from fedcustom.runner import resume
 
-    cfg = build_config(load_checkpoint(Path(folder)).config)
-    return resume(folder, runtime=_grid_runtime(grid, cfg))
+    return resume(folder, runtime_for=lambda cfg: _grid_runtime(grid, cfg))
 
 
 def make_server_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> ServerApp:

@@ -116,12 +116,10 @@ def resume_blockers(cfg: RunConfig) -> list[str]:
 def resume_run_config(folder: str) -> tuple[RunConfig, dict[str, str]]:
     """`fedcustom submit --resume DIR`: the interrupted run's config and the run config that continues it."""
     from fedcustom.checkpoint import load_checkpoint
-    from fedcustom.config import build_config
+    from fedcustom.runner import resumed_config
 
     out = Path(folder).expanduser().resolve()
-    values = load_checkpoint(out).config
-    values["output"]["dir"] = str(out)
-    cfg = build_config(values)
+    cfg = resumed_config(out, load_checkpoint(out))
     blockers = resume_blockers(cfg)
     if blockers:
         raise FedCustomError(f"--resume {folder}: a deployment with {'; '.join(blockers)} cannot continue exactly: "

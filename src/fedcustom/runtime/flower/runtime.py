@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 from flwr.app import ConfigRecord, Message as FlowerMessage, RecordDict
 from flwr.serverapp import Grid
@@ -66,27 +66,33 @@ class FlowerRuntime:
         otherwise hold the start for the whole timeout)."""
         hello = ConfigRecord(dict(self.extra_config))
         hellos = [FlowerMessage(RecordDict({"hello": hello}), node, HELLO) for node in node_ids]
-        waiting = set(self.grid.push_messages(hellos))
         found: list[tuple[int, int]] = []
+        for reply in self._replies(self.grid.push_messages(hellos), timeout):
+            if reply.has_error():
+                log.warning("node %d did not say which partition it holds: %s", reply.metadata.src_node_id,
+                            reply.error.reason)
+                continue
+            answer = reply.content["hello"]
+            partition, node = int(answer["partition-id"]), reply.metadata.src_node_id
+            if "examples" in answer:  # a node with its own data file describes it (counts only, no rows)
+                self.node_stats[partition] = {"client": partition, "examples": int(answer["examples"]),
+                                              "label_histogram": json.loads(str(answer["label-histogram"]))}
+            found.append((partition, node))
+            if enough is not None and len({p for p, _ in found}) >= enough:
+                break
+        return found
+
+    def _replies(self, message_ids: Iterable[str], timeout: float) -> Iterator[FlowerMessage]:
+        """The replies to ``message_ids`` as they arrive, until all did or ``timeout`` seconds passed (the caller
+        may stop early)."""
+        waiting = set(message_ids)
         deadline = time.monotonic() + timeout
         while waiting and time.monotonic() < deadline:
             for reply in self.grid.pull_messages(list(waiting)):
                 waiting.discard(reply.metadata.reply_to_message_id)
-                if reply.has_error():
-                    log.warning("node %d did not say which partition it holds: %s", reply.metadata.src_node_id,
-                                reply.error.reason)
-                    continue
-                answer = reply.content["hello"]
-                partition, node = int(answer["partition-id"]), reply.metadata.src_node_id
-                if "examples" in answer:  # a node with its own data file describes it (counts only, no rows)
-                    self.node_stats[partition] = {"client": partition, "examples": int(answer["examples"]),
-                                                  "label_histogram": json.loads(str(answer["label-histogram"]))}
-                found.append((partition, node))
-            if enough is not None and len({p for p, _ in found}) >= enough:
-                break
+                yield reply
             if waiting:
                 time.sleep(POLL_SECONDS)
-        return found
 
     def _rejoin(self, connected: set[int]) -> None:
         """A SuperNode restarted after its node died connects with a new node id: ask each new id once which
@@ -136,15 +142,11 @@ class FlowerRuntime:
                                   group_id=str(m.round)) for p, m in messages.items()]
         by_id = dict(zip(self.grid.push_messages(outgoing), messages, strict=True))  # message id -> partition
         replies: dict[int, Reply] = {}
-        deadline = time.monotonic() + self.timeout
-        while by_id and time.monotonic() < deadline:
-            for reply in self.grid.pull_messages(list(by_id)):
-                partition = by_id.pop(reply.metadata.reply_to_message_id)
-                replies[partition] = self._reply(partition, reply)
-                if on_reply:
-                    on_reply(partition)
-            if by_id:
-                time.sleep(POLL_SECONDS)
+        for reply in self._replies(list(by_id), self.timeout):
+            partition = by_id.pop(reply.metadata.reply_to_message_id)
+            replies[partition] = self._reply(partition, reply)
+            if on_reply:
+                on_reply(partition)
         for partition in by_id.values():
             replies[partition] = Reply(error=f"no reply within {self.timeout:g} s (round timeout): the SuperNode "
                                              f"{self.partitions[partition]} left or is too slow")
