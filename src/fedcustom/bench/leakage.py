@@ -189,6 +189,7 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
                 linestyle="--", label=f"{method}: one client's upload")
     ax.axhline(0.5, color="grey", linewidth=0.8)
     ax.set_xscale("symlog", linthresh=0.03)  # 0 (no DP) and 0.03 .. 3 on one axis
+    ax.set_xlim(left=0)
     ax.set_xlabel("client-level DP noise multiplier (0: no DP)")
     ax.set_ylabel("membership AUC (reference attack)")
     ax.legend(fontsize=7)
