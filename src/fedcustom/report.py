@@ -126,7 +126,20 @@ def round_line(result: RoundResult, rounds: int, task: str = "classification") -
     epsilon = f", epsilon {result.epsilon:.3g}" if result.epsilon is not None else ""
     key, title = TASK_METRICS[task][0]
     return (f"round {result.round}/{rounds}: {title} {result.eval[key]:.4f}, train loss {loss}, "
-            f"{len(result.clients)} clients{rejected}{epsilon}, {result.wall_seconds:.1f} s")
+            f"{len(result.clients)} clients{rejected}{epsilon}{_client_columns(result, ', ')}, "
+            f"{result.wall_seconds:.1f} s")
+
+
+def _client_columns(result: RoundResult, sep: str) -> str:
+    """Per-client evaluation (global; each client's own model) and simulated device time, where a run has them."""
+    parts = []
+    for name, values in (("clients", result.client_eval), ("own models", result.client_eval_personal)):
+        if values:
+            stats = client_eval_stats(values)
+            parts.append(f"{name} {stats['client_eval_mean']:.4f} (worst 10% {stats['client_eval_worst10']:.4f})")
+    if result.simulated_seconds is not None:
+        parts.append(f"simulated {result.simulated_seconds:.1f} s")
+    return "".join(sep + part for part in parts)
 
 
 def clients_table(stats: list[dict], label_names: list[str]) -> Table:
@@ -151,7 +164,9 @@ def rounds_table(results: list[RoundResult], baselines: dict[str, dict[str, Any]
     server_side = any(r.server_flops for r in results)  # split learning: the server trains too
     metrics = TASK_METRICS[task]
     columns = ["round", *(title for _, title in metrics), "train loss", "up / client", "down / client", "client FLOPs"]
-    for column in [*columns, *(["server FLOPs / client"] if server_side else []), "wall s"]:
+    per_client = any(r.client_eval or r.simulated_seconds is not None for r in results)
+    for column in [*columns, *(["server FLOPs / client"] if server_side else []), "wall s",
+                   *(["per client"] if per_client else [])]:
         table.add_column(column, justify="right")
     flops = lambda d: f"{mean(list(d.values())):.3e}" if d else "-"  # noqa: E731
     for r in results:
@@ -161,13 +176,15 @@ def rounds_table(results: list[RoundResult], baselines: dict[str, dict[str, Any]
             human_bytes(mean(list(r.bytes_up.values()))) if r.bytes_up else "-",
             human_bytes(mean(list(r.bytes_down.values()))) if r.bytes_down else "-",
             flops(r.client_flops), *([flops(r.server_flops)] if server_side else []), f"{r.wall_seconds:.1f}",
+            *([_client_columns(r, "; ").removeprefix("; ") or "-"] if per_client else []),
         )
     for name, base in (baselines or {}).items():
         loss = base.get("train_loss")
         table.add_row(
             BASELINE_TITLES[name], *(f"{base[key]:.4f}" for key, _ in metrics),
             "-" if loss is None else f"{loss:.4f}", "-", "-", f"{base['flops']:.3e}",
-            *(["-"] if server_side else []), f"{base['wall_seconds']:.1f}", style="bold",
+            *(["-"] if server_side else []), f"{base['wall_seconds']:.1f}", *(["-"] if per_client else []),
+            style="bold",
         )
     return table
 
