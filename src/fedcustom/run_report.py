@@ -59,6 +59,10 @@ def write_plots(run_dir: Path, summary: dict[str, Any], records: list[dict[str, 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(rounds, [r.get(f"eval_{key}") for r in records], marker="o", label=f"federated ({summary['method']})")
+    for field, label in (("client_eval_mean", "clients' held-out rows (mean)"),
+                         ("client_eval_personal_mean", "clients' own models (mean)")):
+        if any(field in r for r in records):
+            ax.plot(rounds, [r.get(field) for r in records], marker=".", linestyle="--", label=label)
     for baseline, style in (("centralized", "--"), ("centralized_converged", ":")):
         value = summary.get(f"{baseline}_{key}")
         if value is not None:
@@ -135,7 +139,28 @@ def overview_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("strategy", str(summary.get("strategy"))), ("DP / SecAgg", f"{summary.get('dp')} / {summary.get('secagg')}"),
         ("device", str(summary.get("device", config.get("train", {}).get("device", "-")))),
         ("wall time (s)", _fmt(summary.get("wall_seconds"), 1)),
+        *_per_client_rows(summary, key),
     ]
+
+
+def _per_client_rows(summary: dict[str, Any], key: str) -> list[tuple[str, str]]:
+    """Per-client evaluation, personalization, simulated device time and time to target, where a run has them."""
+    rows = []
+    personalize = summary.get("config", {}).get("federation", {}).get("personalize", "none")
+    for suffix, what in (("", "global model"), ("_personal", f"own models ({personalize})")):
+        if f"client_{key}{suffix}_mean" in summary:
+            rows.append((f"clients' held-out {key}, {what}: mean / worst 10%",
+                         f"{_fmt(summary[f'client_{key}{suffix}_mean'])} / "
+                         f"{_fmt(summary[f'client_{key}{suffix}_worst10'])}"))
+    if "simulated_seconds_total" in summary:
+        rows.append(("simulated device time (s)", _fmt(summary["simulated_seconds_total"], 1)))
+    target = summary.get("time_to_target")
+    if target:
+        reached = "not reached" if target["round"] is None else \
+            f"round {target['round']}, {_fmt(target['wall_seconds'], 1)} s wall" + \
+            ("" if target["simulated_seconds"] is None else f", {_fmt(target['simulated_seconds'], 1)} s simulated")
+        rows.append((f"{target['metric']} >= {target['target']}", reached))
+    return rows
 
 
 def round_rows(summary: dict[str, Any], records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:

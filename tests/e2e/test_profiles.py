@@ -59,6 +59,12 @@ def test_a_slow_device_is_a_straggler_and_the_round_lasts_until_the_deadline(tin
     assert summary["simulated_seconds_total"] == 60.0 * len(log[1:])
     target = summary["time_to_target"]
     assert target["round"] == 1 and target["simulated_seconds"] == 60.0 and target["wall_seconds"] > 0
+    # the run's report states them
+    from fedcustom.run_report import write_report
+
+    write_report(job.out)
+    report = (job.out / "report.md").read_text()
+    assert "| simulated device time (s) | 120.0 |" in report and "| accuracy >= 0.0 | round 1," in report
 
 
 def test_profiles_set_each_clients_lora_rank(tiny_config, tmp_path: Path) -> None:
