@@ -85,7 +85,8 @@ class TrainingClient:
         # --personalize: the tensors that never leave a client; each node starts from the pretrained model's and keeps
         # its own between rounds (only the private tensors, so memory grows with them, not with the model)
         self.personalization = personalization or Personalization()
-        self.private_initial = self.personalization.split(trainable_state(model))[1]
+        self.private_initial: State = self.personalization.split(trainable_state(model))[1] \
+            if self.personalization.keeps_private else {}  # (no copy of every trainable tensor when there is none)
         self.private: dict[int, State] = {}
         self.ranks = ranks  # --lora-ranks: each client's rank on the full-rank adapter
 
