@@ -161,6 +161,11 @@ def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
     if from_profiles and m.lora_ranks:
         raise ConfigError("--client-profiles with lora_rank and --lora-ranks: both set each client's rank; keep one")
     parse_ranks(",".join(map(str, from_profiles)), m.lora_r)
+    personal = parse_personalize(cfg.federation.personalize).mode
+    if m.lora_aggregation != "fedavg" and personal == "lora-b-local":
+        raise ConfigError(f"--lora-aggregation {m.lora_aggregation} with --personalize lora-b-local: B stays with "
+                          f"each client, so only A is merged (there is no product to average, and ffa would "
+                          f"freeze it); use --lora-aggregation fedavg")
     if m.lora_aggregation == "svd":
         clash = [name for name, on in [(f"--strategy {cfg.federation.strategy}", cfg.federation.strategy != "fedavg"),
                                        ("--dp central", priv.dp == "central"), ("--secagg", priv.secagg)] if on]

@@ -94,6 +94,7 @@ def test_svd_merges_the_products_exactly_where_averaging_factors_does_not(tiny_c
     ({"method__lora_ranks": "2,4", "method__name": "prefix"}, "use --method lora"),
     ({"method__lora_aggregation": "svd", "method__name": "lora", "federation__strategy": "median"},
      "--lora-aggregation svd with --strategy median"),
+    ({"method__lora_aggregation": "ffa", "federation__personalize": "lora-b-local"}, "use --lora-aggregation fedavg"),
 ])
 def test_bad_capacity_settings_are_one_clear_error(tiny_config, overrides: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):

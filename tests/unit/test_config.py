@@ -143,3 +143,12 @@ def test_per_method_table_mistakes_are_named(tmp_path, toml: str, expected: str)
     path.write_text(toml)
     with pytest.raises(ConfigError, match=re.escape(expected)):
         load_config(path)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the configs name files relative to the repository root, as the README runs them
+    from fedcustom.assemble import check_runtime_support
+
+    monkeypatch.chdir(path.parents[1])
+    check_runtime_support(load_config(path))
