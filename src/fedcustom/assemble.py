@@ -24,7 +24,7 @@ from fedcustom.data import FederatedData, PublicSpec
 from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, trainable_state
-from fedcustom.methods.lora_capacity import parse_ranks
+from fedcustom.methods.lora_capacity import check_ranks, parse_ranks
 from fedcustom.models import load_model
 from fedcustom.personalize import (
     DEFAULT_CLIENT_EVAL_FRACTION, Personalization, add_personal_lora, parse_personalize,
@@ -160,7 +160,8 @@ def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
         raise ConfigError(f"--client-profiles with lora_rank and --method {method.name}: lora_rank needs --method lora")
     if from_profiles and m.lora_ranks:
         raise ConfigError("--client-profiles with lora_rank and --lora-ranks: both set each client's rank; keep one")
-    parse_ranks(",".join(map(str, from_profiles)), m.lora_r)
+    check_ranks(from_profiles, m.lora_r, f"--client-profiles {cfg.federation.client_profiles}: lora_rank "
+                f"{from_profiles}")
     personal = parse_personalize(cfg.federation.personalize).mode
     if m.lora_aggregation != "fedavg" and personal == "lora-b-local":
         raise ConfigError(f"--lora-aggregation {m.lora_aggregation} with --personalize lora-b-local: B stays with "

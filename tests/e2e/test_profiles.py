@@ -91,7 +91,7 @@ def test_profiles_set_each_clients_lora_rank(tiny_config, tmp_path: Path) -> Non
     ("compute\nfast\n", {}, "compute and bandwidth_mb_s are numbers"),
     ("lora_rank\n2\n", {"method__name": "prefix"}, "lora_rank needs --method lora"),
     ("lora_rank\n2\n", {"method__name": "lora", "method__lora_ranks": "2"}, "keep one"),
-    ("lora_rank\n2\n\n", {"method__name": "lora", "method__lora_r": 1}, "between 1 and the adapter's rank"),
+    ("lora_rank\n2\n\n", {"method__name": "lora", "method__lora_r": 1}, "lora_rank [2]; each rank must be between 1"),
 ])
 def test_bad_profiles_are_one_clear_error(tiny_config, tmp_path: Path, profiles: str | None, overrides: dict,
                                           expected: str) -> None:

@@ -27,9 +27,13 @@ def parse_ranks(text: str, full_rank: int) -> list[int]:
         ranks = [int(part) for part in str(text).split(",")]
     except ValueError:
         raise ConfigError(f"{WHERE}: {text!r}; expected comma-separated integers such as 4,8,16") from None
+    return check_ranks(ranks, full_rank, f"{WHERE}: {text!r}")
+
+
+def check_ranks(ranks: list[int], full_rank: int, where: str) -> list[int]:
+    """``ranks`` when each is in 1 .. ``full_rank``, else a ConfigError naming ``where`` they came from."""
     if any(not 1 <= r <= full_rank for r in ranks):
-        raise ConfigError(f"{WHERE}: {text!r}; each rank must be between 1 and the adapter's rank --lora-r "
-                          f"{full_rank}")
+        raise ConfigError(f"{where}; each rank must be between 1 and the adapter's rank --lora-r {full_rank}")
     return ranks
 
 
