@@ -137,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Sweep presets (and leakage, whose stages are its methods, or report: run nothing): run "
                             "only this stage's missing runs (repeatable); other stages' finished runs are reused and "
                             "the report covers what exists.")
+    bench.add_argument("--model", default=None, metavar="NAME_OR_PATH",
+                       help="Replace the backbone of a grid preset (quick, paper, tune) or of a sweep's base config "
+                            "(a packaged alias or a Hugging Face model folder); other presets fix their own models.")
     bench.add_argument("--jobs", type=int, default=1, metavar="N",
                        help="Sweep presets: runs at a time, in worker processes sharing the CPU threads (default: 1)")
     gen = sub.add_parser("generate", help="Answer prompts with a trained causal-LM adapter or model.",
@@ -170,14 +173,22 @@ def build_parser() -> argparse.ArgumentParser:
                                                                    "(default: every run, one after another, keeping "
                                                                    "only the latest run's model loaded)")
     worker.add_argument("--poll", type=float, default=0.05, metavar="SECONDS",
-                        help="How often to ask the node for a task when idle (default: 0.05)")
+                        help="How soon to ask the node for a task after one arrived or ended; the wait doubles while "
+                             "none comes, up to --max-poll (default: 0.05)")
+    worker.add_argument("--max-poll", type=float, default=0.5, metavar="SECONDS",
+                        help="The longest wait between asks when idle (default: 0.5)")
     worker.add_argument("--threads", type=int, metavar="N",
                         help="Torch threads (default: torch's; several nodes on one machine share its cores)")
     node = sub.add_parser("supernode", help="flower-supernode that polls every --poll seconds (for the worker).",
                           description="Flower's SuperNode with its fixed waits (3 s between pulls from the SuperLink, "
-                                      "0.5 s for a reply) shortened to --poll; every other argument goes to "
+                                      "0.5 s for a reply) shortened to --poll (backing off to --max-poll while "
+                                      "idle); every other argument goes to "
                                       "flower-supernode unchanged (authentication, TLS, node config).")
-    node.add_argument("--poll", type=float, default=0.05, metavar="SECONDS", help="(default: 0.05)")
+    node.add_argument("--poll", type=float, default=0.05, metavar="SECONDS",
+                      help="Wait between pulls from the SuperLink right after a message; it doubles while none "
+                           "comes, up to --max-poll (default: 0.05)")
+    node.add_argument("--max-poll", type=float, default=0.5, metavar="SECONDS",
+                      help="The longest wait between pulls when idle (Flower's own: 3; default: 0.5)")
     node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own arguments")
     report = sub.add_parser("report", help="Write a finished run's report.md and plots into its folder.",
                             description="report.md and PNG plots (metric and loss per round against the centralized "
@@ -277,13 +288,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "supernode":
             from fedcustom.deploy.flower.worker import run_supernode
 
-            run_supernode([*unknown, *args.flower_args], args.poll)
+            run_supernode([*unknown, *args.flower_args], args.poll, args.max_poll)
             return 0
         if args.command == "worker":
             from fedcustom.deploy.flower.worker import WorkerSettings, serve
 
-            serve(WorkerSettings(args.runtime_api, args.root_certificates is None, args.root_certificates,
-                                 args.auth_secret_file, args.run, args.poll, args.threads))
+            serve(WorkerSettings(runtime_api=args.runtime_api, insecure=args.root_certificates is None,
+                                 root_certificates=args.root_certificates, auth_secret_file=args.auth_secret_file,
+                                 run_id=args.run, poll_seconds=args.poll, max_poll_seconds=args.max_poll,
+                                 threads=args.threads))
             return 0
         if args.command == "report":
             from pathlib import Path
@@ -300,7 +313,7 @@ def main(argv: list[str] | None = None) -> int:
             check_preset(args.preset, args.jobs)
             name = os.path.splitext(os.path.basename(args.preset))[0]
             run_bench(args.preset, args.data_dir, args.output or f"runs/bench-{name}", command, stages=args.stage,
-                      jobs=args.jobs)
+                      jobs=args.jobs, model=args.model)
             return 0
         if getattr(args, "resume", None) and args.command == "submit":
             return resume_submit(args)

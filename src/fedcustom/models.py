@@ -141,13 +141,15 @@ def quantized_loading(load_in: str) -> dict[str, Any]:
 
 def load_classifier(name: str, label_names: list[str], tokenizer: PreTrainedTokenizerBase,
                     **extra: Any) -> PreTrainedModel:
-    """The backbone with a sequence-classification head over ``label_names``."""
+    """The backbone with a sequence-classification head over ``label_names`` (a checkpoint whose head has another
+    number of classes gets a new head, as transformers does for a bare encoder)."""
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             resolve_model(name),
             num_labels=len(label_names),
             id2label=dict(enumerate(label_names)),
             label2id={label: i for i, label in enumerate(label_names)},
+            ignore_mismatched_sizes=True,
             **extra,
         )
     except (OSError, ValueError) as exc:

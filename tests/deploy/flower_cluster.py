@@ -133,7 +133,9 @@ def flower_env(home: Path) -> dict[str, str]:
     (the SuperLink and SuperNodes start flower-superexec by name)."""
     return {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false",
+            # Flower's SuperExecs look for a new task every second by default: a second of idle wait per message
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.25"}
 
 
 class Cluster:
@@ -159,18 +161,25 @@ class Cluster:
         return (self.root / f"{name}.log").read_text(errors="replace")
 
     def _start(self, name: str, args: list[str], ready: str, timeout: float = 60.0) -> subprocess.Popen:
+        process = self._launch(name, args)
+        self._wait_ready(name, ready, timeout)
+        return process
+
+    def _launch(self, name: str, args: list[str]) -> subprocess.Popen:
         out = open(self.root / f"{name}.log", "w")  # noqa: SIM115 - closed with the process
         process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
                                    start_new_session=True)
         self.processes[name] = process
-        deadline = time.monotonic() + timeout
+        return process
+
+    def _wait_ready(self, name: str, ready: str, timeout: float) -> None:
+        process, deadline = self.processes[name], time.monotonic() + timeout
         while not re.search(ready, self.log(name)):
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}:\n{self.log(name)[-3000:]}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{name} not ready after {timeout:.0f} s:\n{self.log(name)[-3000:]}")
-            time.sleep(0.2)
-        return process
+            time.sleep(0.1)
 
     def stop(self, name: str, sig: int = signal.SIGTERM) -> None:
         """Signal the process group of ``name`` and wait for it (SIGKILL after 10 s)."""
@@ -227,9 +236,14 @@ class Cluster:
         assert '"success": true' in done.stdout, done.stdout + done.stderr
 
     def start_supernode(self, name: str, node_config: str, private_key: Path | None = None,
-                        ready: str = r"SuperNode ID: \d+") -> subprocess.Popen:
-        args = [str(BIN / "flower-supernode"), "--superlink", self.address, "--port", str(free_port()),
-                "--node-config", node_config]
+                        ready: str = r"SuperNode ID: \d+", poll: float | None = 0.05) -> subprocess.Popen:
+        """A SuperNode whose SuperExec starts a ClientApp process per message (Flower's default isolation). With
+        ``poll``, it is ``fedcustom supernode --poll`` (Flower's SuperNode polling the SuperLink every ``poll`` s
+        instead of every 3 s: the same per-message processes, without seconds of idle wait around each message);
+        ``poll=None`` runs the plain ``flower-supernode``."""
+        start = ([sys.executable, "-m", "fedcustom.cli", "supernode", "--poll", str(poll)] if poll is not None
+                 else [str(BIN / "flower-supernode")])
+        args = [*start, "--superlink", self.address, "--port", str(free_port()), "--node-config", node_config]
         args += ["--root-certificates", str(self.certs["ca_cert"])] if self.certs else ["--insecure"]
         if private_key is not None:
             args += ["--auth-supernode-private-key", str(private_key)]
@@ -238,20 +252,33 @@ class Cluster:
     def start_worker_node(self, name: str, node_config: str, private_key: Path | None = None,
                           worker_args: tuple[str, ...] = ()) -> int:
         """A SuperNode that leaves its ClientApp tasks to a persistent ``fedcustom worker`` (``name``-worker), via
-        ``fedcustom supernode`` (Flower's SuperNode, polling every 0.05 s); returns its Runtime API port."""
-        port = free_port()
-        args = [sys.executable, "-m", "fedcustom.cli", "supernode", "--poll", "0.05", "--superlink", self.address,
-                "--port", str(port), "--isolation", "process", "--node-config", node_config]
-        args += ["--root-certificates", str(self.certs["ca_cert"])] if self.certs else ["--insecure"]
-        if private_key is not None:
-            args += ["--auth-supernode-private-key", str(private_key)]
-        self._start(name, args, r"SuperNode ID: \d+")
-        self.start_worker(f"{name}-worker", port, worker_args)
-        return port
+        ``fedcustom supernode`` (Flower's SuperNode, polling from 0.05 s); returns its Runtime API port."""
+        return self.start_worker_nodes({name: node_config}, private_key, worker_args)[name]
+
+    def start_worker_nodes(self, configs: dict[str, str], private_key: Path | None = None,
+                           worker_args: tuple[str, ...] = ()) -> dict[str, int]:
+        """Several worker nodes (name -> node config) started side by side: every SuperNode, then every worker,
+        then the wait until all are ready (a worker's start is mostly importing torch and transformers, which
+        one node after another would pay in turn); returns each node's Runtime API port."""
+        ports = {name: free_port() for name in configs}
+        for name, node_config in configs.items():
+            args = [sys.executable, "-m", "fedcustom.cli", "supernode", "--poll", "0.05", "--superlink", self.address,
+                    "--port", str(ports[name]), "--isolation", "process", "--node-config", node_config]
+            args += ["--root-certificates", str(self.certs["ca_cert"])] if self.certs else ["--insecure"]
+            if private_key is not None:
+                args += ["--auth-supernode-private-key", str(private_key)]
+            self._launch(name, args)
+            self._launch(f"{name}-worker", self._worker_args(ports[name], worker_args))
+        for name in configs:
+            self._wait_ready(name, r"SuperNode ID: \d+", 60)
+            self._wait_ready(f"{name}-worker", r"fedcustom worker: serving", 120)
+        return ports
+
+    def _worker_args(self, port: int, extra: tuple[str, ...]) -> list[str]:
+        return [sys.executable, "-m", "fedcustom.cli", "worker", "--runtime-api", f"127.0.0.1:{port}", "--threads", "1",
+                *extra]
 
     def start_worker(self, name: str, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         """``fedcustom worker`` for the SuperNode whose Runtime API is on ``port`` (one torch thread: the nodes of a
         test share the machine's cores)."""
-        args = [sys.executable, "-m", "fedcustom.cli", "worker", "--runtime-api", f"127.0.0.1:{port}", "--threads", "1",
-                *extra]
-        return self._start(name, args, r"fedcustom worker: serving", timeout=120)
+        return self._start(name, self._worker_args(port, extra), r"fedcustom worker: serving", timeout=120)

@@ -63,8 +63,8 @@ def test_supernodes_serve_their_own_indexes_on_a_real_superlink(tmp_path: Path, 
     embedded = _query(capsys, "--index", str(index), "--encoder", tiny_bert)
     with Cluster(tmp_path) as cluster:
         cluster.start_superlink()
-        for i in range(2):
-            cluster.start_worker_node(f"owner{i}", f"partition-id={i} rag-index='{index / f'client-{i}'}'")
+        cluster.start_worker_nodes({f"owner{i}": f"partition-id={i} rag-index='{index / f'client-{i}'}'"
+                                    for i in range(2)})
         # Execute: one run per question, each submitted to the SuperLink
         deployed = _query(capsys, "--superlink", cluster.address, "--insecure", "--clients", "2", "--encoder",
                           tiny_bert, "--output", str(tmp_path / "deployed"), "--round-timeout", "60")

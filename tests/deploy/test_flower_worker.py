@@ -39,8 +39,7 @@ def _embedded(tmp_path: Path, tiny_bert: str, toy_csv: str, rounds: int) -> Path
 def _start_two_worker_nodes(cluster: Cluster) -> None:
     """A SuperLink and two nodes, each with a worker, each taking its partition of the run's dataset."""
     cluster.start_superlink()
-    for i in range(2):
-        cluster.start_worker_node(f"owner{i}", f"partition-id={i}")
+    cluster.start_worker_nodes({f"owner{i}": f"partition-id={i}" for i in range(2)})
 
 
 def _assert_same_adapter(out: Path, embedded: Path) -> None:
@@ -80,7 +79,7 @@ def test_a_killed_worker_costs_its_node_that_round_and_a_restarted_one_serves_th
     out = tmp_path / "out"
     with Cluster(tmp_path) as cluster:
         cluster.start_superlink()
-        ports = [cluster.start_worker_node(f"owner{i}", f"partition-id={i}") for i in range(2)]
+        ports = list(cluster.start_worker_nodes({f"owner{i}": f"partition-id={i}" for i in range(2)}).values())
 
         def rounds_logged(count: int) -> None:
             deadline = time.monotonic() + 300

@@ -1,5 +1,6 @@
-"""`fedcustom bench`: the aggregation math on hand-made records, and the quick preset end to end
-on the real MiniLM and the shared SST-2 / AG News files (structure only, never timings)."""
+"""`fedcustom bench`: the aggregation math on hand-made records, and the quick preset end to end on the shared
+SST-2 / AG News files with a tiny random BERT in place of MiniLM (`bench --model`; structure only, never timings;
+the packaged MiniLM's runs are tested in test_integration_minilm.py)."""
 
 from __future__ import annotations
 
@@ -56,16 +57,25 @@ def test_unknown_preset_is_a_clear_error() -> None:
         get_preset("huge")
 
 
+def test_bench_model_is_refused_for_a_preset_that_fixes_its_models(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--preset", "codecs", "--model", "minilm", "--output", str(tmp_path / "out")]) == 2
+    assert "bench --model: preset 'codecs' fixes its own models" in capsys.readouterr().err
+
+
 def test_missing_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["bench", "--preset", "quick", "--data-dir", str(tmp_path), "--output", str(tmp_path / "out")]) == 2
     assert "sst2/train.tsv: not found" in capsys.readouterr().err
 
 
 @pytest.mark.integration
-def test_quick_preset_writes_report_results_and_plots(tmp_path: Path) -> None:
+def test_quick_preset_writes_report_results_and_plots(tmp_path: Path, tiny_bert: str) -> None:
     out = tmp_path / "bench"
-    assert main(["bench", "--preset", "quick", "--data-dir", str(DATA_DIR), "--output", str(out)]) == 0
+    assert main(["bench", "--preset", "quick", "--model", tiny_bert, "--data-dir", str(DATA_DIR),
+                 "--output", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
+    summaries = [json.loads(p.read_text()) for p in (out / "runs").rglob("summary.json")]
+    assert len(summaries) >= len(result["cells"]) and {s["config"]["model"]["name"] for s in summaries} == {tiny_bert}
     assert [r["method"] for r in result["rows"]] == ["full", "lora", "prompt", "prefix"]
     assert len(result["cells"]) == len(cells(get_preset("quick")))
     for row in result["rows"]:

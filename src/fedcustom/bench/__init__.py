@@ -16,7 +16,8 @@ from fedcustom.bench.grid import cells, run_grid
 from fedcustom.bench.plots import (accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round, codecs_accuracy_vs_cumulative_mb,
                                    frameworks_accuracy_vs_mb, frameworks_flops)
 from fedcustom.bench.presets import PRESETS, BenchPreset, get_preset
-from fedcustom.bench.sweep import Sweep, as_json, load_sweep, run_sweep, sweep_names
+from fedcustom.errors import ConfigError
+from fedcustom.bench.sweep import Sweep, as_json, load_sweep, merge, run_sweep, sweep_names
 from fedcustom.bench.report import (best_rates, build_rows, diagnostics, machine, machine_line, main_table, paper_table,
                                     skew_dataset, skew_table, targets, variants)
 from fedcustom.assemble import prepare_output
@@ -30,7 +31,8 @@ PLOTS = {"accuracy_vs_round": "accuracy_vs_round.png", "accuracy_vs_mb": "accura
 
 
 def _setup_lines(preset: BenchPreset) -> list[str]:
-    lines = [f"- Model: `{preset.model}` (packaged all-MiniLM-L6-v2 encoder); {preset.clients} clients, all sampled "
+    backbone = " (packaged all-MiniLM-L6-v2 encoder)" if preset.model == "minilm" else ""
+    lines = [f"- Model: `{preset.model}`{backbone}; {preset.clients} clients, all sampled "
              f"every round; {preset.rounds} rounds of {preset.local_epochs} local epoch(s); batch {preset.batch_size}; "
              f"AdamW; seeds {', '.join(map(str, preset.seeds))}.",
              f"- Methods: prompt/prefix with {preset.num_virtual_tokens} virtual tokens, LoRA rank {preset.lora_r}; "
@@ -83,12 +85,20 @@ def write_report(out: Path, preset: BenchPreset, rows: list[dict], result: dict[
 
 
 def run_bench(preset_name: str, data_dir: str, output: str, command: str, console: Console | None = None,
-              stages: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
-    """Run the preset's grid, then write results.json, report.md and the PNG plots into ``output``."""
+              stages: list[str] | None = None, jobs: int = 1, model: str | None = None) -> dict[str, Any]:
+    """Run the preset's grid, then write results.json, report.md and the PNG plots into ``output``. ``model``
+    replaces the backbone of a grid preset (quick, paper, tune) or a sweep's base config."""
+    is_sweep = preset_name in sweep_names() or preset_name.endswith(".toml")
+    if model is not None and not is_sweep and preset_name not in PRESETS:
+        raise ConfigError(f"bench --model: preset {preset_name!r} fixes its own models; --model applies to "
+                          f"{', '.join(PRESETS)} and the sweep presets ({', '.join(sweep_names())}, or a .toml file)")
     out = prepare_output(output)
     console = console or Console()
-    if preset_name in sweep_names() or preset_name.endswith(".toml"):
-        return run_sweep_bench(load_sweep(preset_name), data_dir, out, command, console, stages, jobs)
+    if is_sweep:
+        sweep = load_sweep(preset_name)
+        if model is not None:
+            sweep = dataclasses.replace(sweep, base=merge(sweep.base, {"model": {"name": model}}))
+        return run_sweep_bench(sweep, data_dir, out, command, console, stages, jobs)
     if preset_name == "frameworks":
         return run_frameworks_bench(data_dir, out, command, console)
     if preset_name == "codecs":
@@ -102,6 +112,8 @@ def run_bench(preset_name: str, data_dir: str, output: str, command: str, consol
     if preset_name == "generative":  # packaged model and data: data_dir is not used
         return run_generative_bench(out, command, console)
     preset = get_preset(preset_name)
+    if model is not None:
+        preset = dataclasses.replace(preset, model=model)
     start = time.perf_counter()
     console.print(f"bench preset {preset.name!r}: {len(cells(preset))} federated runs -> {out}")
     records = run_grid(preset, Path(data_dir).expanduser(), out, console)

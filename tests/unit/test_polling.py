@@ -1,0 +1,35 @@
+"""Idle polling of `fedcustom worker` and `fedcustom supernode`: fast right after work, backing off while idle."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fedcustom[flower]'")
+from fedcustom.deploy.flower import worker  # noqa: E402
+
+
+@pytest.fixture
+def slept(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    waits: list[float] = []
+    monkeypatch.setattr(worker.time, "sleep", waits.append)
+    return waits
+
+
+def test_backoff_doubles_to_its_ceiling_and_resets_after_work(slept: list[float]) -> None:
+    backoff = worker.Backoff(0.05, 0.5)
+    for _ in range(6):
+        backoff.wait()
+    backoff.reset()
+    backoff.wait()
+    assert slept == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.5, 0.5, 0.05])
+
+
+def test_the_supernodes_idle_wait_backs_off_and_its_reply_wait_is_short(slept: list[float]) -> None:
+    # Flower's loop sleeps 3 s after an empty pull and 0.5 s while waiting for a task's reply
+    node = worker._NodeSleep(0.05, 0.5)
+    for _ in range(4):
+        node.sleep(3)
+    node.sleep(0.5)  # busy: a message is being handled
+    node.sleep(3)
+    assert slept == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.05, 0.05])
+    assert node.monotonic() > 0  # everything else is the time module's
