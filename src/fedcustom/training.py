@@ -171,6 +171,24 @@ class _DriftHooks:
             param.sub_(correction, alpha=lr)
 
 
+def _count_cpu_attention() -> None:
+    """Give FlopCounterMode the CPU kernel of scaled_dot_product_attention. Torch 2.13 counts the CUDA kernels
+    (flash, efficient, cuDNN) but not ``_scaled_dot_product_flash_attention_for_cpu``, so on CPU every attention
+    product (QK^T and the weighted sum of V, forward and backward) counted as 0 FLOPs: a few percent of an encoder
+    step at 64 tokens, and all of the extra cost of a prefix (its keys and values only enter attention). The
+    formulas are torch's own for the other kernels."""
+    from torch.utils import flop_counter as fc
+
+    aten = torch.ops.aten
+    for op, formula in ((aten._scaled_dot_product_flash_attention_for_cpu, fc.sdpa_flop),
+                        (aten._scaled_dot_product_flash_attention_for_cpu_backward, fc.sdpa_backward_flop)):
+        if op not in fc.flop_registry and getattr(op, "default", None) not in fc.flop_registry:
+            fc.register_flop_formula(op, get_raw=True)(formula)  # the formulas are shape-wrapped already
+
+
+_count_cpu_attention()
+
+
 def counted(model: nn.Module, key: tuple, step: Callable[[], T]) -> tuple[T, int]:
     """Run ``step`` and return its result with its FLOPs, counted with FlopCounterMode the first time
     ``key`` (the kind of step and the batch shape) is seen on ``model``."""
@@ -187,7 +205,10 @@ def _counted_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimize
                   drift: _DriftHooks | None = None, step: _Step | None = None) -> tuple[float, int]:
     """One training step and its FLOPs (counted once per batch shape)."""
     inputs = batch["input_ids"] if "input_ids" in batch else batch["pixel_values"]
-    return counted(model, ("train", *inputs.shape),
+    # a prompt's length changes the step's cost without changing the batch (--prefix-lengths)
+    virtual_tokens = getattr(getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None)),
+                             "num_virtual_tokens", None)
+    return counted(model, ("train", *inputs.shape, virtual_tokens),
                    lambda: _train_step(model, batch, optimizer, drift, step))
 
 

@@ -48,3 +48,23 @@ def test_flops_not_counted_when_disabled(tiny_bert: str) -> None:
     tokenizer, table, model = _setup(tiny_bert)
     result = train_local(model, table, tokenizer, LocalSchedule(lr=1e-3, batch_size=8, count_flops=False), seed=0)
     assert result.flops == 0 and result.steps == 5
+
+
+def test_a_checkpoint_with_another_number_of_classes_gets_a_new_head(tiny_bert: str) -> None:
+    # tiny_bert was saved with a 2-class head; a 4-class corpus (AG News) must get a 4-class head, not a load error
+    from fedcustom.models import load_classifier
+
+    model = load_classifier(tiny_bert, ["world", "sports", "business", "tech"], AutoTokenizer.from_pretrained(tiny_bert))
+    assert model.classifier.out_features == 4 and model.config.id2label[3] == "tech"
+
+
+def test_attention_on_cpu_is_counted_in_flops() -> None:
+    # torch counts its CUDA attention kernels; fedcustom.training registers the CPU one (4 b h s^2 d forward)
+    import fedcustom.training  # noqa: F401 - registers the formula
+
+    q = torch.randn(2, 4, 10, 8, requires_grad=True)
+    with FlopCounterMode(display=False) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == 4 * 2 * 4 * 10 * 10 * 8
+    assert counts["aten._scaled_dot_product_flash_attention_for_cpu_backward"] > 0
