@@ -25,6 +25,7 @@ from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, trainable_state
 from fedcustom.methods.lora_capacity import check_ranks, parse_ranks
+from fedcustom.methods.prompt_capacity import PROMPT_METHODS, lengths_for
 from fedcustom.models import load_model
 from fedcustom.personalize import (
     DEFAULT_CLIENT_EVAL_FRACTION, Personalization, add_personal_lora, parse_personalize,
@@ -36,6 +37,7 @@ from fedcustom.rounds import RoundDriver
 from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
 from fedcustom.strategies import Strategy, get_strategy
 from fedcustom.strategies.lora_svd import LoraSvd
+from fedcustom.strategies.positions import PositionFedAvg
 from fedcustom.tasks import get_task
 from fedcustom.training import LocalSchedule
 from fedcustom.trust import check_trust_support, client_tables
@@ -142,6 +144,7 @@ def check_runtime_support(cfg: RunConfig) -> None:
                           f"parameter-sharing method's tensors with each client; {method.name} sends "
                           f"{protocol_of(method).payload_note}")
     check_lora_capacity(cfg, method)
+    check_prompt_capacity(cfg, method)
     check_trust_support(cfg, method)
     check_convergence_support(cfg, method)
     codecs_for(cfg, method)
@@ -175,10 +178,38 @@ def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
                               f"by their products; use --lora-aggregation fedavg or ffa with it")
 
 
+def check_prompt_capacity(cfg: RunConfig, method: Method) -> None:
+    """--prefix-lengths (or a profile's prefix_length): prompt and prefix tuning, embedded, each token averaged over
+    its holders (so plain FedAvg of plain client updates)."""
+    explicit = bool(cfg.method.prefix_lengths.strip())
+    lengths = lengths_for(cfg)
+    if not (explicit or lengths):
+        return
+    where = "--prefix-lengths" if explicit else f"--client-profiles {cfg.federation.client_profiles} (prefix_length)"
+    if method.name not in PROMPT_METHODS:
+        raise ConfigError(f"{where} with --method {method.name}: lengths are numbers of virtual tokens; use --method "
+                          f"{' or '.join(PROMPT_METHODS)}")
+    fed, priv = cfg.federation, cfg.privacy
+    clash = [name for name, on in [
+        (f"--strategy {fed.strategy}", fed.strategy != "fedavg"), ("--dp central", priv.dp == "central"),
+        ("--secagg", priv.secagg),
+        (f"--personalize {fed.personalize}", parse_personalize(fed.personalize).keeps_private),
+        (f"--runtime {fed.runtime}", fed.runtime != "embedded")] if on]
+    if clash:
+        raise ConfigError(f"{where} with {', '.join(clash)}: each virtual token is averaged over the clients that "
+                          f"hold it, from each client's own update (FedAvg, embedded runtime, no private tensors; "
+                          f"--personalize finetune:K works)")
+
+
 def strategy_for(cfg: RunConfig) -> Strategy:
-    """The configured strategy (``--lora-aggregation svd``: FedAvg of the LoRA products)."""
+    """The configured strategy (``--lora-aggregation svd``: FedAvg of the LoRA products; per-client prompt lengths:
+    FedAvg per virtual token over its holders)."""
     if cfg.method.name == "lora" and cfg.method.lora_aggregation == "svd":
         return LoraSvd()
+    if cfg.method.name in PROMPT_METHODS:
+        lengths, full = lengths_for(cfg), cfg.method.num_virtual_tokens
+        if lengths:
+            return PositionFedAvg(lambda node: lengths[node % len(lengths)], full)
     return get_strategy(cfg.federation.strategy)
 
 

@@ -156,6 +156,11 @@ class MethodConfig:
                                 "initialisation, B averaged: exact; FFA-LoRA) or svd (the products B A averaged "
                                 "exactly, then truncated back to the adapter's rank by SVD; a client of rank r takes "
                                 "the top r components: FlexLoRA).", "--lora-aggregation", ("fedavg", "ffa", "svd"))
+    prefix_lengths: str = opt("", "Heterogeneous clients, prompt and prefix tuning: virtual-token lengths cycled over "
+                              "the clients (e.g. 4,8,16), each at most --num-virtual-tokens, or 'adaptive' (each "
+                              "device's from its --client-profiles compute and memory). A client of length L trains "
+                              "and runs with the first L tokens; each token is averaged over the clients that hold "
+                              "it. Empty: every client uses --num-virtual-tokens.", "--prefix-lengths")
 
 
 @dataclass(frozen=True)
@@ -484,8 +489,9 @@ METHOD_TABLES: dict[str, dict[str, str]] = {
     "lora": {"r": "lora_r", "alpha": "lora_alpha", "dropout": "lora_dropout", "targets": "lora_targets",
              "ranks": "lora_ranks", "aggregation": "lora_aggregation"},
     "prefix": {"num_virtual_tokens": "num_virtual_tokens", "init": "prefix_init", "projection": "prefix_projection",
-               "projection_hidden": "projection_hidden"},
-    "prompt": {"num_virtual_tokens": "num_virtual_tokens", "init": "prompt_init", "deep": "prompt_deep"},
+               "projection_hidden": "projection_hidden", "lengths": "prefix_lengths"},
+    "prompt": {"num_virtual_tokens": "num_virtual_tokens", "init": "prompt_init", "deep": "prompt_deep",
+               "lengths": "prefix_lengths"},
     "split": {"cut_layer": "cut_layer", "client": "split_client", "head": "split_head"},
     "distill": {"local_method": "local_method", "client_model": "client_model", "public_dataset": "public_dataset",
                 "public_size": "public_size", "topk": "topk", "weighting": "kd_weighting", "broadcast": "broadcast",

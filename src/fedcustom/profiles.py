@@ -7,7 +7,10 @@ rows for ten clients: 0, 3, 6, 9 take the first). Columns / keys, all optional:
 - ``name``: a label (e.g. ``phone``);
 - ``compute``: speed relative to the machine running the simulation (0.25: four times slower; default 1);
 - ``bandwidth_mb_s``: the link's megabytes per second, both ways (default: unlimited);
-- ``lora_rank``: the LoRA rank this device trains (``--method lora``; replaces ``--lora-ranks``).
+- ``memory_mb``: the memory the device can give training (with ``--prefix-lengths adaptive``);
+- ``lora_rank``: the LoRA rank this device trains (``--method lora``; replaces ``--lora-ranks``);
+- ``prefix_length``: the virtual tokens this device uses (``--method prefix`` or ``prompt``; replaces
+  ``--prefix-lengths``).
 
 A client's simulated time for a round is its measured training time divided by ``compute`` plus the bytes it
 receives and sends divided by its bandwidth. A client slower than ``--round-timeout`` is a straggler: its update
@@ -25,7 +28,7 @@ from pathlib import Path
 from fedcustom.errors import ConfigError
 
 WHERE = "federation.client_profiles (--client-profiles)"
-COLUMNS = ("name", "compute", "bandwidth_mb_s", "lora_rank")
+COLUMNS = ("name", "compute", "bandwidth_mb_s", "memory_mb", "lora_rank", "prefix_length")
 
 
 @dataclass(frozen=True)
@@ -33,7 +36,9 @@ class ClientProfile:
     name: str = ""
     compute: float = 1.0
     bandwidth_mb_s: float = math.inf
+    memory_mb: float | None = None
     lora_rank: int | None = None
+    prefix_length: int | None = None
 
     def seconds(self, train_seconds: float, bytes_moved: int) -> float:
         """Simulated seconds of one round on this device."""
@@ -49,14 +54,20 @@ def _row(raw: dict, where: str) -> ClientProfile:
         profile = ClientProfile(
             name=str(values.get("name", "")), compute=float(values.get("compute", 1.0)),
             bandwidth_mb_s=float(values.get("bandwidth_mb_s", math.inf)),
-            lora_rank=int(values["lora_rank"]) if "lora_rank" in values else None)
+            memory_mb=float(values["memory_mb"]) if "memory_mb" in values else None,
+            lora_rank=int(values["lora_rank"]) if "lora_rank" in values else None,
+            prefix_length=int(values["prefix_length"]) if "prefix_length" in values else None)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{where}: {exc}; compute and bandwidth_mb_s are numbers, lora_rank an integer") from None
+        raise ConfigError(f"{where}: {exc}; compute, bandwidth_mb_s and memory_mb are numbers, lora_rank and "
+                          f"prefix_length integers") from None
     if not (profile.compute > 0 and math.isfinite(profile.compute)) or not profile.bandwidth_mb_s > 0:
         raise ConfigError(f"{where}: compute must be a finite number > 0 and bandwidth_mb_s > 0, got "
                           f"{profile.compute} and {profile.bandwidth_mb_s}")
-    if profile.lora_rank is not None and profile.lora_rank < 1:
-        raise ConfigError(f"{where}: lora_rank must be >= 1, got {profile.lora_rank}")
+    if profile.memory_mb is not None and not (profile.memory_mb > 0 and math.isfinite(profile.memory_mb)):
+        raise ConfigError(f"{where}: memory_mb must be a finite number > 0, got {profile.memory_mb}")
+    for column in ("lora_rank", "prefix_length"):
+        if getattr(profile, column) is not None and getattr(profile, column) < 1:
+            raise ConfigError(f"{where}: {column} must be >= 1, got {getattr(profile, column)}")
     return profile
 
 
@@ -79,16 +90,22 @@ def load_profiles(path: str | Path) -> list[ClientProfile]:
     return [_row(r, f"{WHERE}: {path}, profile {i + 1}") for i, r in enumerate(rows)]
 
 
-def profile_ranks(path: str | None) -> list[int]:
-    """Each profile's LoRA rank (a ``lora_rank`` column), or [] when there are no profiles or they name none."""
+def profile_column(path: str | None, column: str) -> list[int]:
+    """Each profile's integer ``column`` (lora_rank, prefix_length), or [] when there are no profiles or they name
+    none."""
     if not path:
         return []
-    profiles = load_profiles(path)
-    if all(p.lora_rank is None for p in profiles):
+    values = [getattr(p, column) for p in load_profiles(path)]
+    if all(v is None for v in values):
         return []
-    if any(p.lora_rank is None for p in profiles):
-        raise ConfigError(f"{WHERE}: {path}: lora_rank is set for some profiles and not others; give every profile one")
-    return [p.lora_rank for p in profiles if p.lora_rank is not None]
+    if any(v is None for v in values):
+        raise ConfigError(f"{WHERE}: {path}: {column} is set for some profiles and not others; give every profile one")
+    return values
+
+
+def profile_ranks(path: str | None) -> list[int]:
+    """Each profile's LoRA rank (a ``lora_rank`` column), or [] when there are no profiles or they name none."""
+    return profile_column(path, "lora_rank")
 
 
 def profile_of(profiles: list[ClientProfile], client: int) -> ClientProfile:

@@ -60,7 +60,7 @@ def test_ffa_freezes_a_and_averages_b_exactly(tiny_config) -> None:
     names = [n for n, p in job.model.named_parameters() if "lora_A" in n]
     assert names and not any(n in job.server.global_state for n in names)
     assert all(not any("lora_A" in n for n in state) for state, _ in uploads)
-    ranks = job.server.runtime.local_handler.ranks
+    ranks = job.server.runtime.local_handler.capacity
     params = dict(job.model.named_parameters())
     for a_name in names:
         b_name = a_name.replace("lora_A", "lora_B")

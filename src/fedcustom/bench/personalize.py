@@ -26,8 +26,28 @@ def rows(records: list[dict]) -> list[dict[str, Any]]:
                     "personal_worst10": s["client_accuracy_personal_worst10"],
                     "personal_per_round": s["client_accuracy_personal_mean_per_round"],
                     "global_per_round": s["client_accuracy_mean_per_round"],
-                    "mb_up": s["bytes_up_per_round"] / MB, "wall": s["wall_seconds"]})
+                    "mb_up": s["bytes_up_per_round"] / MB, "wall": s["wall_seconds"],
+                    "simulated_s": s.get("simulated_seconds_total")})
     return out
+
+
+def lengths_lines(table: list[dict]) -> list[str]:
+    """Stage lengths: every client with all virtual tokens vs lengths adapted to its device."""
+    part = [r for r in table if r["method"] == "prefix-lengths"]
+    if not part:
+        return []
+    lines = ["", "## Prefix lengths on three device classes", "",
+             "Prefix tuning, clients cycled over a server (compute 1, 4,096 MB), a phone (0.25, 1,024 MB) and an IoT "
+             "board (0.05, 256 MB): every client with all 20 virtual tokens (fixed) vs 20, 5 and 1 tokens from each "
+             "device's compute and memory (adaptive). Simulated time: each round lasts as long as its slowest device "
+             "(measured training time / compute + bytes / bandwidth).", "",
+             "| variant | global test accuracy | global mean client accuracy | worst 10% | simulated s (all rounds) | "
+             "MB up per client per round |", "|---|---|---|---|---|---|"]
+    for r in part:
+        simulated = f"{r['simulated_s']:.0f}" if r["simulated_s"] is not None else "-"
+        lines.append(f"| {r['variant']} | {r['test_accuracy']:.3f} | {r['global_mean']:.3f} | "
+                     f"{r['global_worst10']:.3f} | {simulated} | {r['mb_up']:.3f} |")
+    return lines
 
 
 def _fedavg(table: list[dict], method: str, split: str) -> dict | None:
@@ -40,7 +60,7 @@ def _fedavg(table: list[dict], method: str, split: str) -> dict | None:
 def targets(records: list[dict]) -> list[dict[str, Any]]:
     """Per method at Dirichlet 0.1: its best personalization mode against its FedAvg model on the clients' rows."""
     table, out = rows(records), []
-    for method in dict.fromkeys(r["method"] for r in table):
+    for method in dict.fromkeys(r["method"] for r in table if r["method"] != "prefix-lengths"):
         base = _fedavg(table, method, SKEWED)
         modes = [r for r in table if r["method"] == method and r["split"] == SKEWED]
         if base is None or not modes:
@@ -102,7 +122,8 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
     lines += ["", "The ranks-* rows: clients of LoRA rank 2, 4 and 8 (cycled) on a rank-8 adapter, merged by "
               "averaging the factors (fedavg), with A frozen (ffa) or by their products (svd); their finetune:5 "
               "own-model columns add 5 local steps.", "",
-              "Not measured here (not built yet): local-only training, FLoRA's stacking, adaptive prefix lengths."]
+              "Not measured here (not built yet): local-only training, FLoRA's stacking."]
+    lines += lengths_lines(table)
     if table:
         lines += ["", f"![client accuracy]({PLOT})"]
     return "\n".join(lines) + "\n"

@@ -12,7 +12,7 @@ A sweep file::
     [[axis.method]]                      # an axis: its values in order; the grid is the product of the axes
     label = "prefix"                     # names the value in run folders and records
     group = "peft"                       # any other plain key is a tag, copied into the records
-    [axis.method.set]                    # config keys this value sets ("{data_dir}" is replaced)
+    [axis.method.set]                    # config keys this value sets ("{data_dir}", "{sweep_dir}" are replaced)
     method.name = "prefix"
 
     [stages.tune]                        # stages run in order; each may restrict an axis to some of its labels
@@ -162,12 +162,14 @@ def merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def substitute(values: Any, data_dir: Path) -> Any:
-    """Every ``{data_dir}`` in string values replaced by the benchmark data folder."""
+def substitute(values: Any, data_dir: Path, sweep_dir: Path | None = None) -> Any:
+    """Every ``{data_dir}`` in string values replaced by the benchmark data folder, and ``{sweep_dir}`` by the
+    sweep file's folder (for files that ship beside it, such as device profiles)."""
     if isinstance(values, dict):
-        return {k: substitute(v, data_dir) for k, v in values.items()}
+        return {k: substitute(v, data_dir, sweep_dir) for k, v in values.items()}
     if isinstance(values, str):
-        return values.replace("{data_dir}", str(data_dir))
+        values = values.replace("{data_dir}", str(data_dir))
+        return values.replace("{sweep_dir}", str(sweep_dir)) if sweep_dir is not None else values
     return values
 
 
@@ -223,7 +225,7 @@ def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages:
             picked = best_per_group(records[stage.pick.source], sweep, stage.pick)
         todo = cells(sweep, stage, picked)
         for cell in todo:
-            cell.values = substitute(cell.values, data_dir)
+            cell.values = substitute(cell.values, data_dir, Path(sweep.source).parent if sweep.source else None)
         run_now = stages is None or stage.name in stages
         start = time.perf_counter()
         console.print(f"stage {stage.name!r}: {len(todo)} runs" + ("" if run_now else " (only reused results)"))

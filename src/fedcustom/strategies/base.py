@@ -25,7 +25,7 @@ class ClientUpdate:
 class Accumulator(Protocol):
     """A strategy's merge, fed one client state at a time."""
 
-    def add(self, state: dict[str, torch.Tensor], num_examples: int) -> None: ...
+    def add(self, state: dict[str, torch.Tensor], num_examples: int, node_id: int | None = None) -> None: ...
 
     def result(self) -> dict[str, torch.Tensor]: ...
 
@@ -35,9 +35,9 @@ class Strategy(Protocol):
 
     name: str
 
-    def accumulator(self) -> Accumulator | None:
-        """A running merge the server feeds one update at a time and then drops the update (memory flat in the
-        number of clients), or None when the strategy needs every update at once (robust statistics)."""
+    def accumulator(self, global_state: dict[str, torch.Tensor] | None = None) -> Accumulator | None:
+        """A running merge the server feeds one update at a time (with its client) and then drops the update (memory
+        flat in the number of clients), or None when the strategy needs every update at once (robust statistics)."""
         ...
 
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:

@@ -17,7 +17,7 @@ class RunningMean:
         self.dtypes: dict[str, torch.dtype] = {}
         self.total = 0.0
 
-    def add(self, state: dict[str, torch.Tensor], num_examples: float) -> None:
+    def add(self, state: dict[str, torch.Tensor], num_examples: float, node_id: int | None = None) -> None:
         if not self.sums:
             self.sums = {name: torch.zeros(value.shape, dtype=torch.float64) for name, value in state.items()}
             self.dtypes = {name: value.dtype for name, value in state.items()}
@@ -47,7 +47,7 @@ class FedAvg:
 
     name = "fedavg"
 
-    def accumulator(self) -> RunningMean:
+    def accumulator(self, global_state: dict[str, torch.Tensor] | None = None) -> RunningMean:
         return RunningMean()
 
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:

@@ -42,7 +42,7 @@ class ProductMean:
         self.pairs: dict[str, str] = {}
         self.total = 0.0
 
-    def add(self, state: dict[str, torch.Tensor], num_examples: float) -> None:
+    def add(self, state: dict[str, torch.Tensor], num_examples: float, node_id: int | None = None) -> None:
         if not self.pairs:
             self.pairs = lora_pairs(list(state))
         for a_name, b_name in self.pairs.items():
@@ -70,7 +70,7 @@ class LoraSvd:
 
     name = "lora-svd"
 
-    def accumulator(self) -> ProductMean:
+    def accumulator(self, global_state: dict[str, torch.Tensor] | None = None) -> ProductMean:
         return ProductMean()
 
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:

@@ -103,7 +103,7 @@ class WholeRound:
     """Robust statistics compare the updates with each other: they need every update of the round at once (the
     server then holds every client's state until the merge; memory grows with the clients per round)."""
 
-    def accumulator(self) -> None:
+    def accumulator(self, global_state: State | None = None) -> None:
         return None
 
 

@@ -20,6 +20,7 @@ from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
 from fedcustom.methods import load_trainable_state, trainable_state
 from fedcustom.methods.lora_capacity import ClientRanks
+from fedcustom.methods.prompt_capacity import ClientLengths
 from fedcustom.personalize import Personalization
 from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
 from fedcustom.privacy.dp_sgd import DPSGDSettings
@@ -67,7 +68,7 @@ class TrainingClient:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, codec: Codec,
         client_tables: dict[int, datasets.Dataset], codec_down: Codec | None = None,
         adversary: Adversary | None = None, personalization: Personalization | None = None,
-        ranks: ClientRanks | None = None,
+        capacity: ClientRanks | ClientLengths | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -88,7 +89,8 @@ class TrainingClient:
         self.private_initial: State = self.personalization.split(trainable_state(model))[1] \
             if self.personalization.keeps_private else {}  # (no copy of every trainable tensor when there is none)
         self.private: dict[int, State] = {}
-        self.ranks = ranks  # --lora-ranks: each client's rank on the full-rank adapter
+        # --lora-ranks / --prefix-lengths: each client's rank on the full-rank adapter, or its prompt's length
+        self.capacity = capacity
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
@@ -123,10 +125,10 @@ class TrainingClient:
 
     def load(self, node_id: int | None, shared: State) -> None:
         """Put node ``node_id``'s own model (None: the global one) in place: the shared tensors, its private ones,
-        and its LoRA rank."""
+        and its LoRA rank or prompt length."""
         load_trainable_state(self.model, self.model_for(node_id, shared))
-        if self.ranks is not None:
-            self.ranks.apply(node_id)
+        if self.capacity is not None:
+            self.capacity.apply(node_id)
 
     def __call__(self, node_id: int, message: Message) -> Reply:
         if message.kind == TRAIN:
@@ -203,6 +205,8 @@ class TrainingClient:
             metrics["dp_sgd_epsilon"] = self._spend(node_id, dp_sgd, result.steps, schedule.batch_size / len(table),
                                                     float(message.config["dp_sgd_delta"]))
         trained, private = self.personalization.split(trainable_state(self.model))
+        if isinstance(self.capacity, ClientLengths):  # the tokens this client does not hold leave as they came
+            trained = self.capacity.outgoing(node_id, trained, received)
         if self.personalization.keeps_private:
             self.private[node_id] = private
         change = b""

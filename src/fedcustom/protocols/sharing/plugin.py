@@ -7,6 +7,7 @@ import torch
 from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
 from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
+from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
 from fedcustom.personalize import parse_personalize
 from fedcustom.profiles import profile_ranks
 from fedcustom.protocols.parts import ClientParts, ServerParts
@@ -21,11 +22,12 @@ def client_model(cfg: RunConfig) -> str:
 
 
 def build_client(parts: ClientParts) -> TrainingClient:
-    ranks = parse_ranks(parts.cfg.method.lora_ranks, parts.cfg.method.lora_r) or \
-        profile_ranks(parts.cfg.federation.client_profiles)
+    cfg = parts.cfg
+    ranks = parse_ranks(cfg.method.lora_ranks, cfg.method.lora_r) or profile_ranks(cfg.federation.client_profiles)
+    lengths = lengths_for(cfg) if cfg.method.name in PROMPT_METHODS else []
+    capacity = ClientRanks(parts.model, ranks) if ranks else ClientLengths(parts.model, lengths) if lengths else None
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
-                          parse_personalize(parts.cfg.federation.personalize),
-                          ClientRanks(parts.model, ranks) if ranks else None)
+                          parse_personalize(cfg.federation.personalize), capacity)
 
 
 def build_server(parts: ServerParts) -> FederatedServer:

@@ -269,7 +269,7 @@ class FederatedServer:
         of them. Returns the updates (their states empty when merged already), the control changes and the merge
         (None: merge the updates' states)."""
         updates, controls, rejected, answered = [], {}, {}, set()
-        running = self.strategy.accumulator() if self.safeguards.central_dp is None else None
+        running = self.strategy.accumulator(self.global_state) if self.safeguards.central_dp is None else None
         for node, reply in replies:
             answered.add(node)
             result.bytes_up[node] = len(reply.payload) + len(reply.attachment)
@@ -287,7 +287,7 @@ class FederatedServer:
                 rejected[node] = str(exc)
                 continue
             if running is not None:
-                running.add(state, reply.num_examples)
+                running.add(state, reply.num_examples, node)
                 state = {}
             updates.append(ClientUpdate(node, state, reply.num_examples, dict(reply.metrics)))
             result.client_flops[node] = int(reply.metrics.get("flops", 0))
