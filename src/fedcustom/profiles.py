@@ -71,9 +71,16 @@ def _row(raw: dict, where: str) -> ClientProfile:
     return profile
 
 
+def _shown(path: str | Path) -> str:
+    """``path`` as an error message shows it: quoted when it holds a newline or another unprintable character."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)
+
+
 def load_profiles(path: str | Path) -> list[ClientProfile]:
     """The profiles of ``path`` (CSV or TOML), in order; a clear error for a missing or malformed file."""
     file = Path(path).expanduser()
+    path = _shown(path)
     if not file.is_file():
         raise ConfigError(f"{WHERE}: {path}: no such file")
     try:

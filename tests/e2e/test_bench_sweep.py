@@ -164,16 +164,19 @@ def test_the_personalize_sweep_reports_each_mode_against_fedavg(tmp_path: Path, 
                    "method": {"num_virtual_tokens": 4},
                    "federation": {"clients": 3, "rounds": 2, "local_epochs": 2, "client_eval_fraction": 0.25},
                    "train": {"batch_size": 16, "seed": 0}}
-    sweep, out = parse_sweep(raw), tmp_path / "out"
+    sweep, out = parse_sweep(raw, str(SWEEPS_DIR / "personalize.toml")), tmp_path / "out"  # {sweep_dir}: its folder
     out.mkdir()
-    # Execute: the skewed and ranks stages
+    # Execute: the skewed, ranks and lengths stages
     result = run_sweep_bench(sweep, ".", out, "fedcustom bench --preset personalize", Console(quiet=True),
-                             stages=["skewed", "ranks"])
+                             stages=["skewed", "ranks", "lengths"])
     # Assert: one run per variant, each scored with the global and the clients' own models; targets per method
-    runs = result["stages"]["skewed"] + result["stages"]["ranks"]
+    runs = result["stages"]["skewed"] + result["stages"]["ranks"] + result["stages"]["lengths"]
     assert [r["labels"]["variant"] for r in runs] == [v.label for v in sweep.axes["variant"]]
     assert all(0 <= r["summary"]["client_accuracy_personal_mean"] <= 1 for r in runs)
     assert [t["target"].split(":")[0] for t in result["targets"]] == ["lora", "prefix", "lora-ranks"]
     text = (out / "report.md").read_text()
     assert "| dual-lora | dirichlet0.1 |" in text and "| ranks-svd | dirichlet0.1 |" in text
+    # Assert: the lengths stage ran on the device profiles beside the sweep, and its table compares the two
+    assert all(r["summary"]["simulated_seconds_total"] > 0 for r in result["stages"]["lengths"])
+    assert "## Prefix lengths on three device classes" in text and "| prefix-adaptive-devices |" in text
     assert (out / "personalize_client_accuracy.png").read_bytes()[:4] == b"\x89PNG"

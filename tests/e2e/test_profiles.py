@@ -88,7 +88,7 @@ def test_profiles_set_each_clients_lora_rank(tiny_config, tmp_path: Path) -> Non
     (None, {}, "no such file"),
     ("speed\n1\n", {}, "unknown column(s) speed"),
     ("compute\n0\n", {}, "compute must be a finite number > 0"),
-    ("compute\nfast\n", {}, "compute and bandwidth_mb_s are numbers"),
+    ("compute\nfast\n", {}, "compute, bandwidth_mb_s and memory_mb are numbers"),
     ("lora_rank\n2\n", {"method__name": "prefix"}, "lora_rank needs --method lora"),
     ("lora_rank\n2\n", {"method__name": "lora", "method__lora_ranks": "2"}, "keep one"),
     ("lora_rank\n2\n\n", {"method__name": "lora", "method__lora_r": 1}, "lora_rank [2]; each rank must be between 1"),

@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fedcustom.cli import build_parser, main, overrides_from_args
@@ -75,6 +75,7 @@ FLAGS = sorted({a.option_strings[0] for a in build_parser()._subparsers._group_a
 @settings(max_examples=300, deadline=None)
 @given(flag=st.sampled_from(FLAGS), value=st.one_of(st.text(max_size=20), st.sampled_from(
     ["nan", "inf", "-inf", "-1", "0", "1e999", "99999999999999999999999", "", "ü🚀", "--", "true"])))
+@example(flag="--client-profiles", value="\n")  # a file path read at validation: quoted in its error
 def test_any_command_line_value_is_accepted_or_a_one_line_error(flag: str, value: str) -> None:
     parser, err = build_parser(), io.StringIO()
     try:

@@ -83,7 +83,7 @@ class NormRecorder:
         self.inner, self.name = inner, inner.name
         self.rounds: list[dict[str, float]] = []  # per round: node id -> norm of (client state - global state)
 
-    def accumulator(self) -> None:
+    def accumulator(self, global_state: dict[str, torch.Tensor] | None = None) -> None:
         return None  # the norms need every update
 
     def aggregate(self, global_state: dict[str, torch.Tensor], updates: list[ClientUpdate]) -> dict[str, torch.Tensor]:
