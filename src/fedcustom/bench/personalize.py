@@ -43,7 +43,7 @@ def lengths_lines(table: list[dict]) -> list[str]:
              "(measured training time / compute + bytes / bandwidth), so it carries the noise of measured wall time; "
              "client FLOPs are counted (attention included).", "",
              "| variant | global test accuracy | global mean client accuracy | worst 10% | simulated s (all rounds) | "
-             "client TFLOPs per round | MB up per client per round |", "|---|---|---|---|---|---|---|"]
+             "TFLOPs per client per round | MB up per client per round |", "|---|---|---|---|---|---|---|"]
     for r in part:
         simulated = f"{r['simulated_s']:.0f}" if r["simulated_s"] is not None else "-"
         flops = f"{r['client_flops'] / 1e12:.1f}" if r["client_flops"] else "-"
