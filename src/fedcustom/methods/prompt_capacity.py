@@ -20,6 +20,7 @@ from torch import nn
 
 from fedcustom.config import RunConfig
 from fedcustom.errors import ConfigError
+from fedcustom.personalize import is_virtual_token_table
 
 WHERE = "method.prefix_lengths (--prefix-lengths)"
 ADAPTIVE = "adaptive"
@@ -61,7 +62,7 @@ def adaptive_lengths(compute: list[float], memory: list[float | None], full_leng
 
 def is_positional(name: str, value: torch.Tensor, full_length: int) -> bool:
     """Whether tensor ``name`` is a prompt encoder's embedding with one row per virtual token."""
-    return "prompt_encoder" in name and name.endswith("embedding.weight") and value.shape[0] == full_length
+    return is_virtual_token_table(name) and value.shape[0] == full_length
 
 
 def positional_tensors(model: nn.Module) -> list[str]:
