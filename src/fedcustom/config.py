@@ -205,8 +205,9 @@ class FederationConfig:
     personalize: str = opt("none", "Personalization: head (the task head stays with each client, FedPer), "
                            "lora-b-local (LoRA's A shared, B private, FedSA-LoRA), dual-lora (a private LoRA "
                            "adapter beside the global one, FedDPA-style), local-prefix[:L] (the last L virtual tokens "
-                           "of a prefix or prompt are each client's own; default half) or finetune:K (K local steps "
-                           "on the global model before a client's evaluation). Private tensors never leave the client; "
+                           "of a prefix or prompt are each client's own; default half), finetune:K (K local steps "
+                           "on the global model before a client's evaluation) or local (nothing shared: each client "
+                           "trains alone, the local-only baseline). Private tensors never leave the client; "
                            "each client's own model is scored on its held-out rows (round log client_eval_personal; "
                            "--client-eval-fraction defaults to 0.2) and saved under clients/<id>/. Embedded runtime, "
                            "parameter-sharing methods.", "--personalize")

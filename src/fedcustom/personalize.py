@@ -8,6 +8,8 @@ model is scored.
 - ``local-prefix[:L]``: the last L of the prefix's (or prompt's) virtual tokens are the client's own, the others
   are shared and averaged (default L: half of ``--num-virtual-tokens``); the seed paper's personalized prefix.
 - ``finetune:K``: everything is shared; a client's own model is the global one after K local steps on its rows.
+- ``local``: nothing is shared: each client trains its own model on its own rows only, from the pretrained one
+  (the local-only baseline every personalization mode should beat; the global model stays the initial one).
 
 Private tensors never leave their client: the server's global state holds only the shared part, uploads carry
 only that, and each client keeps its private part (starting from the pretrained model's) between rounds and in
@@ -30,8 +32,8 @@ HEAD_MODULES = frozenset({"classifier", "score", "head", "fc"})  # as fedcustom.
 PERSONAL_ADAPTER = "personal"  # dual-lora's private LoRA adapter
 DEFAULT_CLIENT_EVAL_FRACTION = 0.2  # each client's held-out share when personalizing and none is given
 WHERE = "federation.personalize (--personalize)"
-EXPECTED = "none, head, lora-b-local, dual-lora, local-prefix[:L] (L private virtual tokens) or finetune:K (K >= 1 " \
-           "local steps on the client's rows before its evaluation)"
+EXPECTED = "none, head, lora-b-local, dual-lora, local-prefix[:L] (L private virtual tokens), finetune:K (K >= 1 " \
+           "local steps on the client's rows before its evaluation) or local (nothing shared: local-only training)"
 
 
 def is_virtual_token_table(name: str) -> bool:
@@ -54,11 +56,13 @@ class Personalization:
     @property
     def keeps_private(self) -> bool:
         """Whether clients keep private tensors between rounds (all modes but finetune)."""
-        return self.mode in ("head", "lora-b-local", "dual-lora", "local-prefix")
+        return self.mode in ("head", "lora-b-local", "dual-lora", "local-prefix", "local")
 
     def is_private(self, name: str) -> bool:
         """Whether the whole trainable tensor ``name`` stays with its client (local-prefix: see :meth:`split`)."""
         parts = name.split(".")
+        if self.mode == "local":
+            return True
         if self.mode == "head":
             return any(part in HEAD_MODULES for part in parts)
         if self.mode == "lora-b-local":
@@ -107,7 +111,7 @@ class Personalization:
         if self.mode == "local-prefix" and any(not 0 < self.private_rows(t.shape[0]) < t.shape[0] for t in tables):
             raise ConfigError(f"{WHERE}: local-prefix:{self.local_tokens} private virtual tokens out of "
                               f"{tables[0].shape[0]}; expected 1 .. {tables[0].shape[0] - 1} (some must be shared)")
-        if not any(t.numel() for t in shared.values()):
+        if self.mode != "local" and not any(t.numel() for t in shared.values()):
             raise ConfigError(f"{WHERE}: {self.mode} would keep every tensor --method {method} trains private; "
                               f"nothing would be federated")
 
@@ -115,7 +119,7 @@ class Personalization:
 def parse_personalize(text: str) -> Personalization:
     """See :data:`EXPECTED`."""
     value = str(text).strip()
-    if value in ("none", "head", "lora-b-local", "dual-lora", "local-prefix"):
+    if value in ("none", "head", "lora-b-local", "dual-lora", "local-prefix", "local"):
         return Personalization(value)
     mode, _, number = value.partition(":")
     if mode in ("finetune", "local-prefix") and number.isdigit() and int(number) >= 1:

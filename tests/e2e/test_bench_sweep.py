@@ -166,16 +166,25 @@ def test_the_personalize_sweep_reports_each_mode_against_fedavg(tmp_path: Path, 
                    "train": {"batch_size": 16, "seed": 0}}
     sweep, out = parse_sweep(raw, str(SWEEPS_DIR / "personalize.toml")), tmp_path / "out"  # {sweep_dir}: its folder
     out.mkdir()
-    # Execute: the skewed, ranks and lengths stages
+    # Execute: the skewed, ranks, lengths and local stages
     result = run_sweep_bench(sweep, ".", out, "fedcustom bench --preset personalize", Console(quiet=True),
-                             stages=["skewed", "ranks", "lengths"])
-    # Assert: one run per variant, each scored with the global and the clients' own models; targets per method
+                             stages=["skewed", "ranks", "lengths", "local"])
+    # Assert: one run per variant (local-only at both skews), each scored with the global and the clients' own
+    # models; targets per method
     runs = result["stages"]["skewed"] + result["stages"]["ranks"] + result["stages"]["lengths"]
-    assert [r["labels"]["variant"] for r in runs] == [v.label for v in sweep.axes["variant"]]
+    local = result["stages"]["local"]
+    assert [r["labels"]["variant"] for r in runs + local[::2]] == [v.label for v in sweep.axes["variant"]
+                                                                   if v.label not in ("lora-local", "prefix-local")] + \
+        ["lora-local", "prefix-local"]
+    assert [r["labels"]["split"] for r in local] == ["dirichlet0.1", "dirichlet0.1", "dirichlet1.0", "dirichlet1.0"]
+    runs += local
     assert all(0 <= r["summary"]["client_accuracy_personal_mean"] <= 1 for r in runs)
     assert [t["target"].split(":")[0] for t in result["targets"]] == ["lora", "prefix", "lora-ranks"]
     text = (out / "report.md").read_text()
     assert "| dual-lora | dirichlet0.1 |" in text and "| ranks-svd | dirichlet0.1 |" in text
+    # Assert: local-only training, nothing uploaded, is compared with FedAvg and the best personalization mode
+    assert all(r["summary"]["bytes_up_per_round"] < 1000 for r in local)
+    assert "## Against local-only training" in text and "| prefix | dirichlet1.0 |" in text
     # Assert: the lengths stage ran on the device profiles beside the sweep, and its table compares the two
     assert all(r["summary"]["simulated_seconds_total"] > 0 for r in result["stages"]["lengths"])
     assert "## Prefix lengths on three device classes" in text and "| prefix-adaptive-devices |" in text

@@ -175,3 +175,29 @@ def test_modes_name_their_private_tensors() -> None:
     assert shared["prompt_encoder.default.embedding.weight"].shape == (3, 3) and set(private) == {
         "prompt_encoder.default.embedding.weight"}
     assert torch.equal(local.merge(shared, private)["prompt_encoder.default.embedding.weight"], table)
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix"])
+def test_local_only_training_shares_nothing_and_each_client_learns_alone(tiny_config, method: str) -> None:
+    # Prepare: 3 clients, 2 rounds, nothing shared
+    cfg = tiny_config(method__name=method, train__lr=TINY_LR[method], federation__clients=3,
+                      federation__personalize="local")
+    job = build_job(cfg)
+    initial = trainable_state(job.model)
+    uploads = _spy_uploads(job)
+    # Execute
+    summary = execute(job)
+    # Assert: no tensor is uploaded or held by the server, the global model stays the initial one
+    assert len(uploads) == 6 and all(update == {} for update in uploads)
+    assert job.server.global_state == {}
+    assert summary["accuracy_per_round"][0] == summary["final_accuracy"]
+    # each client's own model moved away from the pretrained one, and differs from the others'
+    client = job.server.runtime.local_handler
+    assert set(client.private) == {0, 1, 2}
+    for node in range(3):
+        assert set(client.private[node]) == set(initial)
+        assert any(not torch.equal(client.private[node][n], initial[n]) for n in initial)
+    assert any(not torch.equal(client.private[0][n], client.private[1][n]) for n in initial)
+    rounds = _log(job)
+    assert all(len(r["client_eval_personal"]) == 3 for r in rounds[1:])
+    assert summary["bytes_up_per_round"] < 1000  # an empty payload: a header only

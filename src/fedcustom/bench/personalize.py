@@ -63,6 +63,28 @@ def lengths_lines(table: list[dict]) -> list[str]:
     return lines
 
 
+def local_lines(table: list[dict]) -> list[str]:
+    """Stage local: each client trained alone on its own rows (nothing shared) against the best personalization
+    mode and FedAvg of the same method and split."""
+    local = [r for r in table if r["mode"] == "local"]
+    if not local:
+        return []
+    lines = ["## Against local-only training", "",
+             "The local rows train each client's model on its own rows only (`--personalize local`: nothing leaves "
+             "a client), for the same rounds and local epochs.", "",
+             "| method | split | local-only own mean | worst 10% | FedAvg global mean | best personalization | own mean "
+             "| worst 10% |", "|---|---|---|---|---|---|---|---|"]
+    for r in local:
+        base = _fedavg(table, r["method"], r["split"])
+        modes = [m for m in table if m["method"] == r["method"] and m["split"] == r["split"] and m["mode"] != "local"]
+        best = max(modes, key=lambda m: m["personal_mean"], default=None)
+        fedavg = f"{base['global_mean']:.3f}" if base else "-"
+        mode = f"{best['variant']} | {best['personal_mean']:.3f} | {best['personal_worst10']:.3f}" if best else "- | - | -"
+        lines.append(f"| {r['method']} | {r['split']} | {r['personal_mean']:.3f} | {r['personal_worst10']:.3f} | "
+                     f"{fedavg} | {mode} |")
+    return lines + [""]
+
+
 def _fedavg(table: list[dict], method: str, split: str) -> dict | None:
     """The method's plain FedAvg model on that split: the global scores of its finetune run (which trains exactly
     like FedAvg)."""
@@ -75,7 +97,7 @@ def targets(records: list[dict]) -> list[dict[str, Any]]:
     table, out = rows(records), []
     for method in dict.fromkeys(r["method"] for r in table if r["method"] != "prefix-lengths"):
         base = _fedavg(table, method, SKEWED)
-        modes = [r for r in table if r["method"] == method and r["split"] == SKEWED]
+        modes = [r for r in table if r["method"] == method and r["split"] == SKEWED and r["mode"] != "local"]
         if base is None or not modes:
             continue
         best = max(modes, key=lambda r: r["personal_mean"])
@@ -134,8 +156,9 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
                                        for t in result["targets"]]
     lines += ["", "The ranks-* rows: clients of LoRA rank 2, 4 and 8 (cycled) on a rank-8 adapter, merged by "
               "averaging the factors (fedavg), with A frozen (ffa) or by their products (svd); their finetune:5 "
-              "own-model columns add 5 local steps.", "",
-              "Not measured here (not built yet): local-only training, FLoRA's stacking."]
+              "own-model columns add 5 local steps.", ""]
+    lines += local_lines(table)
+    lines += ["Not measured here (not built yet): FLoRA's stacking."]
     lines += lengths_lines(table)
     if table:
         lines += ["", f"![client accuracy]({PLOT})"]
