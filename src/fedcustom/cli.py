@@ -127,21 +127,22 @@ def build_parser() -> argparse.ArgumentParser:
                             "LoRA, prompt, "
                             "prefix, split and KD instruction tuning of SmolLM2 on the packaged ChatterBot corpus, each with "
                             "its centralized baseline (perplexity, ROUGE-L, MB and client FLOPs per round); "
-                            "converge and vision (declarative sweeps, fedcustom/bench/sweeps): the paper's claims at "
-                            "convergence, and EfficientNet-Lite0 on Fashion-MNIST. "
+                            "vision: EfficientNet-Lite0 on Fashion-MNIST; personalize: personalization modes on "
+                            "label-skewed clients. Every preset is a declarative sweep (fedcustom/bench/sweeps/NAME.toml: "
+                            "a base config plus axes); copy one and pass its path to run your own. "
                             "(default: quick)")
     bench.add_argument("--data-dir", default="../shared/data",
                        help="Folder with sst2/ and ag_news/ (default: ../shared/data)")
     bench.add_argument("--output", default=None, help="Output folder (default: runs/bench-PRESET)")
     bench.add_argument("--stage", action="append", metavar="NAME",
-                       help="Sweep presets (and leakage, whose stages are its methods, or report: run nothing): run "
-                            "only this stage's missing runs (repeatable); other stages' finished runs are reused and "
-                            "the report covers what exists.")
+                       help="Run only this stage's missing runs (repeatable; e.g. leakage: its stages are its "
+                            "methods; a name no stage has, such as report: run nothing); other stages' finished runs "
+                            "are reused and the report covers what exists.")
     bench.add_argument("--model", default=None, metavar="NAME_OR_PATH",
-                       help="Replace the backbone of a grid preset (quick, paper, tune) or of a sweep's base config "
-                            "(a packaged alias or a Hugging Face model folder); other presets fix their own models.")
+                       help="Replace the backbone of the preset's base config (a packaged alias or a Hugging Face "
+                            "model folder; it must suit the preset's task).")
     bench.add_argument("--jobs", type=int, default=1, metavar="N",
-                       help="Sweep presets: runs at a time, in worker processes sharing the CPU threads (default: 1)")
+                       help="Runs at a time, in worker processes sharing the CPU threads (default: 1)")
     gen = sub.add_parser("generate", help="Answer prompts with a trained causal-LM adapter or model.",
                          description="Greedy answers from a generative run's PEFT adapter folder (backbone from "
                                      "--model or the adapter's config) or whole-model folder, as plain text.")
@@ -202,14 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-BENCH_PRESETS = ("quick", "paper", "tune", "frameworks", "codecs", "robust", "generative", "leakage")
-
-
 def check_preset(preset: str, jobs: int) -> None:
     """A clear error for an unknown preset or a bad --jobs before anything loads."""
     from fedcustom.bench.sweep import sweep_names
 
-    known = [*BENCH_PRESETS, *sweep_names()]
+    known = sweep_names()
     if preset not in known and not preset.endswith(".toml"):
         raise FedCustomError(f"--preset {preset!r}: expected one of {', '.join(known)}, or a sweep file (.toml)")
     if jobs < 1:

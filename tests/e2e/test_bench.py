@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from fedcustom.bench.presets import PRESETS, get_preset
-from fedcustom.bench.grid import cells
+from fedcustom.bench.paper import preset_of
 from fedcustom.bench.report import build_rows, targets
+from fedcustom.bench.sweep import cells, load_sweep
 from fedcustom.cli import main
 from fedcustom.errors import ConfigError
 
@@ -28,7 +28,8 @@ def _record(method: str, split: str, seed: int, acc: float, central: float | Non
 
 def test_rows_pair_gaps_and_drops_by_seed() -> None:
     # Prepare: one dataset with IID and a skewed split, two seeds
-    preset = PRESETS["paper"].__class__(**{**PRESETS["paper"].__dict__, "datasets": (PRESETS["paper"].datasets[1],)})
+    paper = preset_of(load_sweep("paper"))
+    preset = paper.__class__(**{**paper.__dict__, "datasets": (paper.datasets[1],)})
     records = [_record("prefix", "iid", 0, 0.80, 0.81), _record("prefix", "iid", 1, 0.70, 0.74),
                _record("prefix", "dirichlet:1.0", 0, 0.79, None), _record("prefix", "dirichlet:1.0", 1, 0.69, None),
                _record("prefix", "dirichlet:0.1", 0, 0.60, None), _record("prefix", "dirichlet:0.1", 1, 0.66, None)]
@@ -46,21 +47,28 @@ def test_rows_pair_gaps_and_drops_by_seed() -> None:
 
 
 def test_grid_runs_centralized_once_per_method_and_seed() -> None:
-    grid = cells(get_preset("paper"))
+    sweep = load_sweep("paper")
+    grid = [c for stage in sweep.stages for c in cells(sweep, stage)]
     assert len(grid) == 4 * 3 * (1 + 3)
-    assert sum(c.centralized for c in grid) == 4 * 3 * 2
+    assert sum(bool(c.values["train"].get("centralized")) for c in grid) == 4 * 3 * 2
     assert len({c.name for c in grid}) == len(grid)
 
 
-def test_unknown_preset_is_a_clear_error() -> None:
-    with pytest.raises(ConfigError, match="expected one of quick, paper, tune"):
-        get_preset("huge")
+def test_a_grid_sweep_describes_its_preset_for_the_report() -> None:
+    preset = preset_of(load_sweep("paper"))
+    assert preset.methods == ("full", "lora", "prompt", "prefix") and preset.seeds == (0, 1, 2)
+    assert preset.lrs == {"full": (1e-4,), "lora": (3e-3,), "prompt": (1e-1,), "prefix": (3e-2,)}
+    assert [(d.key, d.splits) for d in preset.datasets] == [
+        ("sst2", ("iid",)), ("ag_news", ("iid", "dirichlet:1.0", "dirichlet:0.1"))]
+    assert preset.centralized and (preset.clients, preset.rounds, preset.local_epochs) == (5, 3, 1)
+    assert not preset_of(load_sweep("tune")).centralized and len(preset_of(load_sweep("tune")).lrs["lora"]) == 4
 
 
-def test_bench_model_is_refused_for_a_preset_that_fixes_its_models(tmp_path: Path,
-                                                                    capsys: pytest.CaptureFixture) -> None:
-    assert main(["bench", "--preset", "codecs", "--model", "minilm", "--output", str(tmp_path / "out")]) == 2
-    assert "bench --model: preset 'codecs' fixes its own models" in capsys.readouterr().err
+def test_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:
+    assert main(["bench", "--preset", "huge"]) == 2
+    assert "expected one of" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="no such file"):
+        load_sweep("huge")
 
 
 def test_missing_data_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -75,9 +83,11 @@ def test_quick_preset_writes_report_results_and_plots(tmp_path: Path, tiny_bert:
                  "--output", str(out)]) == 0
     result = json.loads((out / "results.json").read_text())
     summaries = [json.loads(p.read_text()) for p in (out / "runs").rglob("summary.json")]
-    assert len(summaries) >= len(result["cells"]) and {s["config"]["model"]["name"] for s in summaries} == {tiny_bert}
+    runs = [r for stage in result["stages"].values() for r in stage]
+    assert len(summaries) >= len(runs) and {s["config"]["model"]["name"] for s in summaries} == {tiny_bert}
     assert [r["method"] for r in result["rows"]] == ["full", "lora", "prompt", "prefix"]
-    assert len(result["cells"]) == len(cells(get_preset("quick")))
+    sweep = load_sweep("quick")
+    assert len(runs) == sum(len(cells(sweep, stage)) for stage in sweep.stages) == 12
     for row in result["rows"]:
         assert 0.0 <= row["accuracy"][0] <= 1.0 and row["centralized_accuracy"][0] is not None
         # payload = the trainable fp32 tensors + the safetensors header (names, shapes, offsets) only:
@@ -87,6 +97,7 @@ def test_quick_preset_writes_report_results_and_plots(tmp_path: Path, tiny_bert:
     sizes = {r["method"]: r["trainable_params"] for r in result["rows"]}
     assert sizes["full"] > max(sizes["lora"], sizes["prefix"]) and min(sizes["lora"], sizes["prefix"]) > sizes["prompt"]
     assert result["command"].startswith("fedcustom bench --preset quick")
+    assert [t["target"].split(" ")[0] for t in result["targets"]] == ["prefix", "prefix", "bytes"]
     assert not list((out / "runs").rglob("*.safetensors"))  # the grid keeps logs and summaries, not weights
     report = (out / "report.md").read_text()
     for heading in ("## Setup", "## Results", "## Label skew", "## Against the paper", "## Targets"):
@@ -96,34 +107,41 @@ def test_quick_preset_writes_report_results_and_plots(tmp_path: Path, tiny_bert:
 
 
 def test_frameworks_preset_compares_the_three_families_and_sweeps(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
-    # Prepare: the frameworks pipeline on a tiny BERT and the toy corpus, one variant per family and sweep
+    # Prepare: the shipped frameworks sweep on a tiny BERT and the toy corpus, one variant per family and study
+    import tomllib
+
     from rich.console import Console
 
-    from fedcustom.bench import run_frameworks_bench
-    from fedcustom.bench.frameworks import Setting, Variant
+    from fedcustom.bench import run_sweep_bench
+    from fedcustom.bench.frameworks import flat
+    from fedcustom.bench.sweep import SWEEPS_DIR, merge, parse_sweep
 
-    setting = Setting(train=toy_csv, eval=toy_csv, max_train=120, max_length=16, clients=2, rounds=2, model=tiny_bert)
-    variants = (
-        Variant("lora", "FedLLM LoRA", {"name": "lora"}, 3e-3, ("base", "clients"), centralized=True),
-        Variant("kd", "KD-FedLLM", {"name": "distill", "public_size": 20}, 3e-3, ("base", "public")),
-        Variant("split-cut1", "Split-FedLLM", {"name": "split", "cut_layer": 1}, 3e-3, ("base", "cut")),
-    )
+    raw = tomllib.loads((SWEEPS_DIR / "frameworks.toml").read_text())
+    raw["base"] = merge(raw["base"], {"model": {"name": tiny_bert, "max_length": 16},
+                                      "data": {"dataset": toy_csv, "eval_dataset": toy_csv, "max_train_examples": 120},
+                                      "federation": {"clients": 2, "rounds": 2}})
+    keep = ("lora", "kd-public25", "split-cut1", "lora-10clients")
+    raw["axis"]["variant"] = [v for v in raw["axis"]["variant"] if v["label"] in keep]
+    raw["axis"]["variant"][1]["set"]["method"]["public_size"] = 20
+    sweep = parse_sweep(raw, str(SWEEPS_DIR / "frameworks.toml"))
     out = tmp_path / "frameworks"
     out.mkdir()
     # Execute
-    result = run_frameworks_bench("/", out, "fedcustom bench --preset frameworks", Console(quiet=True), setting, variants)
-    # Assert: every family measured on the same axes; the clients sweep added a 10-client LoRA run
-    runs = {r["key"]: r for r in result["runs"]}
-    assert set(runs) == {"lora", "kd", "split-cut1", "lora-10clients"}
+    result = run_sweep_bench(sweep, "/", out, "fedcustom bench --preset frameworks", Console(quiet=True))
+    # Assert: every family measured on the same axes; the clients study has a 10-client LoRA run
+    runs = {r["key"]: r for r in flat(result["stages"]["all"], sweep)}
+    assert set(runs) == set(keep)
     assert runs["lora-10clients"]["clients"] == 10 and runs["lora"]["clients"] == 2
     assert {r["family"] for r in runs.values()} == {"FedLLM", "KD-FedLLM", "Split-FedLLM"}
-    assert runs["kd"]["public_examples"] == 20 and runs["kd"]["server_flops_per_round"] > 0
+    kd = runs["kd-public25"]
+    assert kd["public_examples"] == 20 and kd["server_flops_per_round"] > 0
     assert runs["split-cut1"]["server_flops_per_round"] > 0 and runs["lora"]["server_flops_per_round"] is None
     assert runs["lora"]["centralized_accuracy"] is not None
-    assert runs["kd"]["bytes_up_per_round"] < runs["lora"]["bytes_up_per_round"] < runs["split-cut1"]["bytes_up_per_round"]
+    assert kd["bytes_up_per_round"] < runs["lora"]["bytes_up_per_round"] < runs["split-cut1"]["bytes_up_per_round"]
     report = (out / "report.md").read_text()
     assert "## All frameworks" in report and "## Split-FedLLM: where the model is cut" in report
     assert "## KD-FedLLM: size of the public set" in report and "Centralized reference" in report
+    assert "| 1 (Split-FedLLM (cut 1)) |" in report and "| 10 (FedLLM LoRA, 10 clients) |" in report
     assert (out / "accuracy_vs_mb.png").stat().st_size > 0 and (out / "flops.png").stat().st_size > 0
 
 
@@ -141,24 +159,34 @@ def test_a_finished_run_is_reused_only_when_its_config_is_the_same() -> None:
 
 
 def test_codecs_preset_reports_bytes_accuracy_and_the_target(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
-    # Prepare
+    # Prepare: the shipped codecs sweep on a tiny BERT and the toy corpus, full fine-tuning, three of its chains
+    import tomllib
+
     from rich.console import Console
 
-    from fedcustom.bench import run_codecs_bench
-    from fedcustom.bench.codecs import CodecSetting
+    from fedcustom.bench import run_sweep_bench
+    from fedcustom.bench.sweep import SWEEPS_DIR, merge, parse_sweep
 
-    setting = CodecSetting(train=toy_csv, eval=toy_csv, max_train=120, max_length=16, clients=2, rounds=2,
-                           model=tiny_bert, methods=(("full", 3e-3),))
-    chains = {"raw fp32": "raw", "GradualDiff-Fed": "gradualdiff", "delta,topk:0.05,int8,zstd": "delta,topk:0.05,int8,zstd"}
+    raw = tomllib.loads((SWEEPS_DIR / "codecs.toml").read_text())
+    raw["base"] = merge(raw["base"], {"model": {"name": tiny_bert, "max_length": 16},
+                                      "data": {"dataset": toy_csv, "eval_dataset": toy_csv, "max_train_examples": 120},
+                                      "federation": {"clients": 2, "rounds": 2}})
+    raw["axis"]["method"] = [{"label": "full", "set": {"method": {"name": "full"}, "train": {"lr": 3e-3}}}]
+    raw["axis"]["chain"] = [c for c in raw["axis"]["chain"] if c["label"] in ("raw", "gradualdiff",
+                                                                              "delta_topk0.05_int8_zstd")]
+    sweep = parse_sweep(raw, str(SWEEPS_DIR / "codecs.toml"))
     out = tmp_path / "codecs"
     out.mkdir()
     # Execute
-    result = run_codecs_bench("/", out, "fedcustom bench --preset codecs", Console(quiet=True), setting, chains)
-    # Assert
-    rows = {r["chain"]: r for r in result["rows"]}
-    assert rows["raw fp32"]["up_reduction"] == 1.0 and rows["raw fp32"]["delta_points"] == 0.0
-    assert rows["GradualDiff-Fed"]["up_reduction"] > 1.0 and rows["GradualDiff-Fed"]["delta_points"] == 0.0  # lossless
-    assert rows["delta,topk:0.05,int8,zstd"]["up_reduction"] > 10
+    result = run_sweep_bench(sweep, "/", out, "fedcustom bench --preset codecs", Console(quiet=True))
+    # Assert: raw is the reference, GradualDiff-Fed is lossless and smaller, top-k more than 10x smaller
+    from fedcustom.bench.codecs import flat, rows
+
+    table = {r["chain"]: r for r in rows(flat(result["stages"]["all"]))}
+    assert table["raw fp32"]["up_reduction"] == 1.0 and table["raw fp32"]["delta_points"] == 0.0
+    assert table["GradualDiff-Fed"]["up_reduction"] > 1.0 and table["GradualDiff-Fed"]["delta_points"] == 0.0
+    assert table["delta,topk:0.05,int8,zstd"]["up_reduction"] > 10
     assert result["targets"][0]["target"].startswith("full fine-tuning")
-    assert "| full | GradualDiff-Fed |" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "| full | GradualDiff-Fed |" in report and "Model `" + tiny_bert in report
     assert (out / "accuracy_vs_cumulative_mb.png").stat().st_size > 0

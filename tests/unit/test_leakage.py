@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fedcustom.attacks_mia import attacks, score_attack
-from fedcustom.bench.leakage import LeakageSetting, measure, targets
+from fedcustom.bench.leakage import measure, method_targets
+from fedcustom.bench.sweep import cells, load_sweep
 from fedcustom.methods import trainable_state
 from fedcustom.runner import build_job, execute
 
@@ -37,7 +38,7 @@ def test_a_runs_global_model_and_one_clients_upload_are_measured(tiny_config) ->
     execute(job)
     final = trainable_state(job.model)
     # Execute
-    result = measure(job, LeakageSetting())
+    result = measure(job)
     # Assert: both targets, both attacks, on the right rows; the model is left with the run's final state
     for target, members in (("global_model", len(job.data.train)), ("client_update", len(job.data.client_table(0)))):
         for attack in ("loss_threshold", "reference_ratio"):
@@ -56,7 +57,7 @@ def test_targets_name_the_smallest_cheap_epsilon_or_say_none_was_cheap() -> None
                {"method": "lora", "noise": 3.0, "epsilon": 2.0, "accuracy": 0.70, "leakage": leak(0.50)},
                {"method": "full", "noise": 0.0, "epsilon": None, "accuracy": 0.80, "leakage": leak(0.70)},
                {"method": "full", "noise": 1.0, "epsilon": 8.0, "accuracy": 0.60, "leakage": leak(0.50)}]
-    lines = targets(records)
+    lines = method_targets(records)
     assert lines[0].startswith("- lora: smallest epsilon within 2 points of accuracy: 8.00") and lines[0].endswith("met")
     assert lines[1].startswith("- full: no noise level") and lines[1].endswith("missed")
 
@@ -64,9 +65,11 @@ def test_targets_name_the_smallest_cheap_epsilon_or_say_none_was_cheap() -> None
 def test_a_report_of_a_preset_run_in_parts_names_the_runs_it_lacks() -> None:
     from fedcustom.bench.leakage import _missing_lines
 
-    finished = [{"method": m, "noise": z} for m, _ in LeakageSetting().methods for z in LeakageSetting().noise
-                if m == "prefix"]
-    line = _missing_lines(finished)[0]
+    sweep = load_sweep("leakage")
+    planned = [{"method": c.labels["method"], "noise": c.tags["noise_multiplier"]}
+               for stage in sweep.stages for c in cells(sweep, stage)]
+    assert len(planned) == 18 and {p["method"] for p in planned} == {"prefix", "lora", "full"}
+    finished = [p for p in planned if p["method"] == "prefix"]
+    line = _missing_lines(sweep, finished)[0]
     assert line.startswith("Not run yet") and "lora noise 0," in line and "prefix" not in line
-    assert _missing_lines(finished + [{"method": m, "noise": z} for m, _ in LeakageSetting().methods
-                                      for z in LeakageSetting().noise if m != "prefix"]) == []
+    assert _missing_lines(sweep, planned) == []

@@ -1,13 +1,17 @@
 """Run a sweep's cells, or reuse the finished ones: the one run-or-reuse loop every sweep goes through.
 
 A cell's run folder holds the run's summary.json; a later invocation reuses it when the recorded config equals
-the cell's (keys added to RunConfig since count as equal when left at their defaults). Cells can run in
+the cell's (keys added to RunConfig since count as equal when left at their defaults). A sweep's report module may
+measure more than a run records: its ``instrument(job, folder)`` hooks into the built job before it runs and
+returns what to do with the summary afterwards (write a file beside it), and its ``complete(folder)`` says whether
+a finished run has that measurement (a run without it is run again). Cells can run in
 ``jobs`` worker processes, each with its share of the CPU threads: two single-threaded MiniLM runs get through
 more examples per second on 2 cores than one run on two threads.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import multiprocessing
 import os
@@ -35,23 +39,51 @@ def cell_values(cell: Cell, out: Path) -> dict[str, Any]:
     return values
 
 
-def finished(values: dict[str, Any]) -> dict[str, Any] | None:
-    """The summary of an earlier run with the same config, if its folder holds one."""
-    path = Path(values["output"]["dir"]) / "summary.json"
-    if not path.is_file():
+def add_to_summary(folder: Path, summary: dict[str, Any], values: dict[str, Any]) -> None:
+    """A report module's own measurements added to a finished run's summary (and its summary.json), so that the
+    sweep's records carry them."""
+    from fedcustom.report import write_json
+
+    summary.update(values)
+    write_json(folder / "summary.json", summary)
+
+
+def summary_has(folder: Path, key: str) -> bool:
+    """Whether the run in ``folder`` finished with ``key`` in its summary (a report module's ``complete``)."""
+    path = folder / "summary.json"
+    return path.is_file() and key in json.loads(path.read_text())
+
+
+def _hook(report: str | None, name: str) -> Any:
+    """The report module's ``name`` hook (instrument, complete), or None."""
+    return getattr(importlib.import_module(f"fedcustom.bench.{report}"), name, None) if report else None
+
+
+def finished(values: dict[str, Any], report: str | None = None) -> dict[str, Any] | None:
+    """The summary of an earlier run with the same config (and, where the report module asks, its extra
+    measurement), if its folder holds one."""
+    folder = Path(values["output"]["dir"])
+    path, complete = folder / "summary.json", _hook(report, "complete")
+    if not path.is_file() or (complete and not complete(folder)):
         return None
     summary = json.loads(path.read_text())
     return summary if same_config(summary.get("config"), build_config(values)) else None
 
 
-def run_one(values: dict[str, Any], threads: int) -> dict[str, Any]:
-    """One federated run (in this process or a worker); returns its summary."""
+def run_one(values: dict[str, Any], threads: int, report: str | None = None) -> dict[str, Any]:
+    """One federated run (in this process or a worker), instrumented by the report module if it asks; returns its
+    summary."""
     import torch
 
     from fedcustom.runner import build_job, execute
 
     torch.set_num_threads(threads)
-    return execute(build_job(build_config(values)), Console(quiet=True))
+    job, instrument = build_job(build_config(values)), _hook(report, "instrument")
+    finish = instrument(job, Path(values["output"]["dir"])) if instrument else None
+    summary = execute(job, Console(quiet=True))
+    if finish:
+        finish(summary)
+    return summary
 
 
 def record(cell: Cell, out: Path, summary: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
@@ -60,13 +92,14 @@ def record(cell: Cell, out: Path, summary: dict[str, Any] | None, reused: bool) 
 
 
 def run_cells(todo: list[Cell], out: Path, console: Console, run_now: bool = True,
-              jobs: int = 1) -> list[dict[str, Any]]:
+              jobs: int = 1, report: str | None = None) -> list[dict[str, Any]]:
     """Records for ``todo`` in order (each keeps its run's whole summary but the config and versions): reused
-    where finished, else run (unless ``run_now`` is False, when missing cells are left out)."""
+    where finished, else run (unless ``run_now`` is False, when missing cells are left out). ``report`` names the
+    sweep's report module, whose instrument/complete hooks apply."""
     values = [cell_values(cell, out) for cell in todo]
-    done = [finished(v) for v in values]
+    done = [finished(v, report) for v in values]
     pending = [i for i, d in enumerate(done) if d is None] if run_now else []
-    fresh = _run_pending(todo, values, pending, console, jobs)
+    fresh = _run_pending(todo, values, pending, console, jobs, report)
     records = []
     for i, cell in enumerate(todo):
         summary = fresh.get(i, done[i])
@@ -76,7 +109,7 @@ def run_cells(todo: list[Cell], out: Path, console: Console, run_now: bool = Tru
 
 
 def _run_pending(todo: list[Cell], values: list[dict], pending: list[int], console: Console,
-                 jobs: int) -> dict[int, dict[str, Any]]:
+                 jobs: int, report: str | None = None) -> dict[int, dict[str, Any]]:
     """Run the pending cells, ``jobs`` at a time, with a progress bar (a line per run when not on a terminal)."""
     if not pending:
         return {}
@@ -99,10 +132,10 @@ def _run_pending(todo: list[Cell], values: list[dict], pending: list[int], conso
 
         if jobs <= 1:
             for i in pending:
-                done(i, run_one(values[i], threads))
+                done(i, run_one(values[i], threads, report))
             return results
         with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
-            futures = {i: pool.apply_async(run_one, (values[i], threads)) for i in pending}
+            futures = {i: pool.apply_async(run_one, (values[i], threads, report)) for i in pending}
             for i, future in futures.items():
                 done(i, future.get())
     return results

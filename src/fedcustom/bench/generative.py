@@ -1,4 +1,5 @@
-"""`fedcustom bench --preset generative`: federated instruction tuning of a causal LM, six methods.
+"""Report of `fedcustom bench --preset generative` (sweeps/generative.toml): federated instruction tuning of a
+causal LM, six methods.
 
 Full fine-tuning, LoRA (Hu et al. ICLR 2022), prompt tuning (Lester et al. EMNLP 2021), prefix
 tuning (Li & Liang ACL 2021), U-shaped split learning (Split-FedLLM, arXiv 2501.04436; SmolLM2 ties
@@ -15,8 +16,6 @@ method's trainable tensors, as in FedPETuning (Zhang et al. ACL 2023 Findings).
 from __future__ import annotations
 
 import json
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +24,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display needed
 
 import matplotlib.pyplot as plt
-from rich.console import Console
 
-from fedcustom.bench.report import MB, machine_line
-from fedcustom.bench.reuse import pinned, run_or_reuse
-from fedcustom.config import RunConfig
+from fedcustom.bench.report import MB
+from fedcustom.bench.sweep import Sweep, base_value, preamble
 
 METRICS = ("perplexity", "rouge_l", "exact_match")
 KEYS = (*(f"{stage}_{m}" for m in METRICS for stage in ("initial", "final", "centralized")),
@@ -40,64 +37,6 @@ METHOD_NAMES = {"full": "full fine-tuning", "lora": "LoRA", "prompt": "prompt tu
                 "split": "U-shaped split learning", "distill": "token-level KD-FedLLM"}
 
 
-@dataclass(frozen=True)
-class GenerativeSetting:
-    """Model, data, schedule and generation budget shared by every run; sized so the whole preset (4 methods, each
-    with its centralized baseline) takes about half an hour on 2 busy CPU cores. Learning rates are common
-    choices for a ~135M LM per method, not tuned."""
-
-    model: str = "smollm2"  # packaged alias, local folder or Hub name
-    dataset: str = "chatterbot"  # packaged alias or local instruction file (JSONL/CSV/Parquet)
-    chat_template: bool = True  # False for tokenizers without one (the tests' tiny LLaMA)
-    partition: str = "iid"
-    # Sizing, measured on this machine while another benchmark and a test suite ran (load 6-9 on 2 cores):
-    # LoRA with 3 clients x 2 steps of batch 8, 32 eval rows and 16 generations of 32 tokens took ~150 s for
-    # the initial evaluation and 311 s for one round, i.e. ~20 min per method with 2 rounds and its
-    # baseline. Halving the batch and the generations (and shortening them) brings it to ~8 min per method.
-    max_train: int = 120
-    max_eval: int = 24
-    max_length: int = 256  # prompt + response tokens: chatterbot's longest row is 345, its longest prompt 127
-    clients: int = 3  # all sampled every round
-    rounds: int = 2
-    local_steps: int = 2
-    batch_size: int = 4
-    max_new_tokens: int = 24
-    eval_generations: int = 8
-    num_virtual_tokens: int = 20
-    lora_r: int = 8
-    seed: int = 0
-    # the upper ends of the usual ranges for a ~135M LM, since each client takes only 4 steps in all; not tuned
-    methods: tuple[tuple[str, float], ...] = (("full", 5e-5), ("lora", 1e-3), ("prompt", 3e-2), ("prefix", 1e-2),
-                                              ("split", 5e-5), ("distill", 1e-3))
-    cut_layer: int = 4  # split: the clients run the embeddings, layers [0, 4) and (tied to the embeddings) the LM head
-    public_size: int = 24  # distill: public [prompt, response] pairs, carved out of the training rows
-    topk: int = 8  # distill: next-token probabilities sent per public response token
-
-
-def method_options(s: GenerativeSetting, method: str) -> dict[str, Any]:
-    """The [method] settings one method needs beyond the shared ones."""
-    if method == "split":
-        return {"cut_layer": s.cut_layer, "split_head": "client"}
-    if method == "distill":
-        return {"public_size": s.public_size, "topk": s.topk, "local_method": "lora"}
-    return {}
-
-
-def run_config(s: GenerativeSetting, method: str, lr: float, out: Path) -> RunConfig:
-    return pinned({
-        "model": {"name": s.model, "task": "causal-lm", "max_length": s.max_length},
-        "data": {"dataset": s.dataset, "partition": s.partition, "max_train_examples": s.max_train,
-                 "max_eval_examples": s.max_eval},
-        "method": {"name": method, "num_virtual_tokens": s.num_virtual_tokens, "lora_r": s.lora_r,
-                   **method_options(s, method)},
-        "federation": {"clients": s.clients, "rounds": s.rounds, "local_steps": s.local_steps},
-        "generation": {"chat_template": s.chat_template, "max_new_tokens": s.max_new_tokens,
-                       "eval_generations": s.eval_generations},
-        "train": {"batch_size": s.batch_size, "lr": lr, "seed": s.seed, "centralized": True},
-        "output": {"dir": str(out / "runs" / method), "quiet": True, "save_model": False, "checkpoint": False},
-    })
-
-
 def final_samples(folder: Path) -> list[dict[str, str]]:
     """The sample generations of the last round in the run's round log (none if it has no log)."""
     log = folder / "round_log.jsonl"
@@ -105,22 +44,21 @@ def final_samples(folder: Path) -> list[dict[str, str]]:
     return json.loads(lines[-1]).get("eval_samples", []) if lines else []
 
 
-def run_generative(out: Path, console: Console,
-                   setting: GenerativeSetting = GenerativeSetting()) -> list[dict[str, Any]]:
-    """One federated run per method, each with its centralized baseline, reusing finished runs with the same config."""
-    records = []
-    for i, (method, lr) in enumerate(setting.methods, 1):
-        cfg = run_config(setting, method, lr, out)
-        folder, start = Path(cfg.output.dir), time.perf_counter()
-        summary, reused = run_or_reuse(cfg)
-        central = summary.get("centralized") or {}
-        records.append({"method": method, "lr": lr, "reused": reused, **{k: summary.get(k) for k in KEYS},
-                        "centralized_wall_seconds": central.get("wall_seconds"),
-                        "centralized_flops": central.get("flops"), "samples": final_samples(folder)})
-        console.print(f"[{i}/{len(setting.methods)}] {method} lr {lr:g}: perplexity {summary['initial_perplexity']:.2f}"
-                      f" -> {summary['final_perplexity']:.2f} (centralized {summary['centralized_perplexity']:.2f}), "
-                      f"ROUGE-L {summary['final_rouge_l']:.3f} ({time.perf_counter() - start:.0f} s)")
-    return records
+def flat(records: list[dict], runs_dir: Path) -> list[dict[str, Any]]:
+    """The sweep's records as one flat record per method, with its final sample generations (from the run's round
+    log under ``runs_dir``, the sweep output's runs/ folder)."""
+    out = []
+    for r in records:
+        summary, central = r["summary"], r["summary"].get("centralized") or {}
+        out.append({"method": r["labels"]["method"], "lr": summary["learning_rate"], "reused": r["reused"],
+                    **{k: summary.get(k) for k in KEYS}, "centralized_wall_seconds": central.get("wall_seconds"),
+                    "centralized_flops": central.get("flops"), "samples": final_samples(runs_dir / r["run_dir"])})
+    return out
+
+
+def targets(records: list[dict]) -> list[dict[str, Any]]:
+    """The generative comparison states no target: it measures."""
+    return []
 
 
 def rows(records: list[dict]) -> list[dict[str, Any]]:
@@ -173,44 +111,52 @@ def plot_perplexity_vs_round(records: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _setup(s: GenerativeSetting) -> list[str]:
-    template = "the tokenizer's chat template" if s.chat_template else "plain text (no chat template)"
-    return [
-        f"- Model `{s.model}`; data `{s.dataset}`: {s.max_train} training rows split `{s.partition}` over {s.clients} "
-        f"clients (all sampled every round), {s.max_eval} held-out rows; prompts formatted with {template}, at most "
-        f"{s.max_length} tokens of prompt plus response; loss on response tokens only.",
-        f"- {s.rounds} rounds of {s.local_steps} local AdamW steps of batch {s.batch_size}; seed {s.seed} (one seed). "
-        f"Prompt/prefix tuning with {s.num_virtual_tokens} virtual tokens, LoRA rank {s.lora_r}.",
-        "- Learning rates " + ", ".join(f"{m} {lr:g}" for m, lr in s.methods) + ": common choices for a ~135M "
-        "LM per method, not tuned.",
-        f"- Perplexity: exp of the mean loss over the {s.max_eval} held-out responses' tokens. ROUGE-L (F1 of the "
-        f"longest common subsequence) and exact match: greedy generations of at most {s.max_new_tokens} tokens for "
-        f"the first {s.eval_generations} held-out prompts against their references.",
+def _setup(sweep: Sweep, records: list[dict]) -> list[str]:
+    b = lambda key: base_value(sweep, key)  # noqa: E731
+    template = "the tokenizer's chat template" if b("generation.chat_template") else "plain text (no chat template)"
+    options = {v.label: v.settings.get("method", {}) for v in sweep.axes["method"]}
+    split, distill = options.get("split", {}), options.get("distill", {})
+    lines = [
+        f"- Model `{b('model.name')}`; data `{b('data.dataset')}`: {b('data.max_train_examples')} training rows split "
+        f"`{b('data.partition')}` over {b('federation.clients')} clients (all sampled every round), "
+        f"{b('data.max_eval_examples')} held-out rows; prompts formatted with {template}, at most "
+        f"{b('model.max_length')} tokens of prompt plus response; loss on response tokens only.",
+        f"- {b('federation.rounds')} rounds of {b('federation.local_steps')} local AdamW steps of batch "
+        f"{b('train.batch_size')}; seed {b('train.seed')} (one seed). Prompt/prefix tuning with "
+        f"{b('method.num_virtual_tokens')} virtual tokens, LoRA rank {b('method.lora_r')}.",
+        "- Learning rates " + ", ".join(f"{r['method']} {r['lr']:g}" for r in records) + ": common choices for a "
+        "~135M LM per method, not tuned.",
+        f"- Perplexity: exp of the mean loss over the {b('data.max_eval_examples')} held-out responses' tokens. "
+        f"ROUGE-L (F1 of the longest common subsequence) and exact match: greedy generations of at most "
+        f"{b('generation.max_new_tokens')} tokens for the first {b('generation.eval_generations')} held-out prompts "
+        "against their references.",
         "- Centralized baseline: same model, method, optimizer and learning rate from the same start, trained on the "
         "union of the clients' rows for the same number of example passes as the federated run.",
         "- Bytes: the encoded payload (raw fp32 trainable tensors) per client per round. Client FLOPs: one client's "
         "training in one round, counted with torch's FlopCounterMode.",
-        f"- Split: the clients run the embeddings, layers [0, {s.cut_layer}) and the LM head (tied to the embeddings); "
-        "bytes are every per-batch message plus the client half at the start and end of a round. Distill: "
-        f"{s.public_size} public pairs carved out of the training rows (the clients keep the rest), top-{s.topk} "
-        "next-token probabilities per public response token up, the global model's own top-k down; LoRA on both "
-        "sides; the centralized baseline trains LoRA on the clients' rows.",
     ]
+    if split:
+        lines.append(f"- Split: the clients run the embeddings, layers [0, {split.get('cut_layer')}) and the LM head "
+                     "(tied to the embeddings); bytes are every per-batch message plus the client half at the start "
+                     "and end of a round.")
+    if distill:
+        lines.append(f"- Distill: {distill.get('public_size')} public pairs carved out of the training rows (the "
+                     f"clients keep the rest), top-{distill.get('topk')} next-token probabilities per public response "
+                     "token up, the global model's own top-k down; LoRA on both sides; the centralized baseline "
+                     "trains LoRA on the clients' rows.")
+    return lines
 
 
-def report(result_rows: list[dict], setting: GenerativeSetting, command: str, machine: dict[str, Any], wall: float,
-           records: list[dict]) -> str:
-    run_minutes = sum(r["wall_seconds"] or 0.0 for r in records) / 60
-    parts = ["# fedcustom bench — preset `generative`", "",
-             "Federated instruction tuning of a causal LM: " + ", ".join(METHOD_NAMES.get(m, m) for m, _ in setting.methods)
-             + ", each against its centralized baseline.", "",
-             f"Command: `{command}`  ", f"Machine: {machine_line(machine)}; "
-             f"{len(records)} runs ({sum(r['reused'] for r in records)} reused), "
-             f"{run_minutes:.1f} min of runs in all, this invocation {wall / 60:.1f} min.", "", "## Setup", "",
-             *_setup(setting), "", "## Results", "",
+def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], out: Path) -> str:
+    """report.md: setup, one row per method (initial, final and centralized metrics, bytes, FLOPs) and the plot."""
+    records = flat([r for stage in stages.values() for r in stage], out / "runs")
+    result_rows = rows(records)
+    if records:
+        plot_perplexity_vs_round(records, out / PLOT)
+    parts = [*preamble(sweep, result), "## Setup", "", *_setup(sweep, records), "", "## Results", "",
              "Initial = the pretrained model before any training; final = the global model after the last round; "
              "gap = federated minus centralized (lower perplexity and higher ROUGE-L are better).", "",
              table(result_rows), "", f"![perplexity vs round]({PLOT})", "",
-             "Per-round metrics, sample generations and every summary field are in `results.json`; each run's round "
-             "log and summary under `runs/`.", ""]
+             "Per-round metrics and every summary field are in `results.json`; each run's round log (with the sample "
+             "generations) and summary under `runs/`.", ""]
     return "\n".join(parts)

@@ -1,6 +1,7 @@
-"""`fedcustom bench --preset leakage`: how much federated prefix tuning, LoRA and full fine-tuning leak about the
-training rows, without DP and with client-level DP (DP-FedAvg, the server adds Gaussian noise to the clipped mean)
-at several noise levels, measured by membership inference (fedcustom.attacks_mia).
+"""Report of `fedcustom bench --preset leakage` (sweeps/leakage.toml): how much federated prefix tuning, LoRA and
+full fine-tuning leak about the training rows, without DP and with client-level DP (DP-FedAvg, the server adds
+Gaussian noise to the clipped mean) at several noise levels, measured by membership inference
+(fedcustom.attacks_mia).
 
 Two targets per run: the final global model (what anyone who receives it sees), and one client's upload in the
 next round (what an honest-but-curious server sees without secure aggregation). The seed paper names the first as
@@ -9,10 +10,9 @@ its open limitation ("the exchanged prefix vectors could still leak information"
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,50 +22,18 @@ matplotlib.use("Agg")  # files only
 
 import matplotlib.pyplot as plt
 import numpy as np
-from rich.console import Console
 
-from fedcustom.bench.report import machine_line
-from fedcustom.bench.reuse import run_or_reuse
-from fedcustom.bench.settings import Sst2Setting
-from fedcustom.config import RunConfig
-from fedcustom.errors import FedCustomError
-from fedcustom.report import write_json
+from fedcustom.bench.cells import add_to_summary, summary_has
+from fedcustom.bench.sweep import Sweep, cells, preamble
 
 LEAKAGE_FILE = "leakage.json"
 PLOT = "leakage_auc_vs_epsilon.png"
 AUC_TARGET = 0.05  # the issue's target: AUC within 0.05 of 0.5 ...
 ACCURACY_BUDGET = 0.02  # ... at the smallest epsilon that costs at most 2 points of accuracy
+OBSERVED_CLIENT = 0  # whose next upload the second attack targets
 
 
-@dataclass(frozen=True)
-class LeakageSetting(Sst2Setting):
-    """SST-2, 400 training rows over 10 clients (40 each), 3 rounds of 5 local epochs; 400 held-out rows are the
-    non-members. Client-level DP: the server clips every update to the method's C and adds noise z * C / n."""
-
-    max_train: int = 400
-    max_eval: int = 400
-    clients: int = 10
-    rounds: int = 3
-    local_epochs: int = 5
-    batch_size: int = 16
-    methods: tuple[tuple[str, float], ...] = (("prefix", 3e-2), ("lora", 5e-3), ("full", 1e-4))
-    # DP clip norms: the median honest update norm of the robust preset for prefix (22) and LoRA (2.1); full
-    # fine-tuning's is not measured there, 2.0 is a guess (a larger C only adds noise; a smaller one clips more)
-    clip: tuple[tuple[str, float], ...] = (("prefix", 22.0), ("lora", 2.1), ("full", 2.0))
-    # 0: no DP. With 10 clients z = 0.3 already takes every method to chance (the noise on the mean, z * C / 10 per
-    # coordinate, outweighs the clipped updates), so 0.03 and 0.1 look for the point where accuracy holds
-    noise: tuple[float, ...] = (0.0, 0.03, 0.1, 0.3, 1.0, 3.0)
-    observed_client: int = 0
-
-
-def run_config(s: LeakageSetting, method: str, lr: float, noise: float, data_dir: Path, out: Path) -> RunConfig:
-    privacy = {"dp": "central", "clip_norm": dict(s.clip)[method], "noise_multiplier": noise} if noise else {}
-    cfg = s.run_config(data_dir, out / "runs" / method / f"noise{noise:g}", {"name": method}, lr,
-                       train={"count_flops": False}, privacy=privacy)
-    return dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, max_eval_examples=s.max_eval))
-
-
-def measure(job: Any, setting: LeakageSetting) -> dict[str, Any]:
+def measure(job: Any, node: int = OBSERVED_CLIENT) -> dict[str, Any]:
     """Both attacks against the final global model and against one client's next upload; the model is left as the
     run left it (the final global state)."""
     from fedcustom.attacks_mia import attacks, per_example_losses
@@ -73,7 +41,6 @@ def measure(job: Any, setting: LeakageSetting) -> dict[str, Any]:
 
     model, data, tokenizer, batch = job.model, job.data, job.tokenizer, job.eval_batch
     final = trainable_state(model)
-    node = setting.observed_client
     client_rows = data.client_table(node)
 
     def losses() -> dict[str, np.ndarray]:
@@ -95,66 +62,34 @@ def measure(job: Any, setting: LeakageSetting) -> dict[str, Any]:
     }
 
 
-def _record(method: str, noise: float, setting: LeakageSetting, folder: Path, summary: dict[str, Any],
-            reused: bool) -> dict[str, Any]:
-    log = [json.loads(line) for line in (folder / "round_log.jsonl").read_text().splitlines()]
-    return {"method": method, "noise": noise, "clip": dict(setting.clip)[method] if noise else None,
-            "accuracy": summary["final_accuracy"], "epsilon": log[-1].get("epsilon"),
-            "leakage": json.loads((folder / LEAKAGE_FILE).read_text()), "reused": reused,
-            "wall_seconds": summary.get("wall_seconds")}
+def instrument(job: Any, folder: Path) -> Callable[[dict[str, Any]], None]:
+    """After the run: both attacks (:func:`measure`) and the client-level epsilon after the last round (from the
+    round log), added to the run's summary (and its summary.json), so that the sweep's records carry them."""
+    def finish(summary: dict[str, Any]) -> None:
+        log = (folder / "round_log.jsonl").read_text().splitlines()
+        add_to_summary(folder, summary, {"leakage": measure(job), "final_epsilon": json.loads(log[-1]).get("epsilon")})
+    return finish
 
 
-def _finished(cfg: RunConfig) -> dict[str, Any] | None:
-    """The summary of a finished, measured run with this config, else None."""
-    from fedcustom.bench.reuse import same_config
-
-    folder = Path(cfg.output.dir)
-    path = folder / "summary.json"
-    if not (path.is_file() and (folder / LEAKAGE_FILE).is_file()):
-        return None
-    summary = json.loads(path.read_text())
-    return summary if same_config(summary.get("config"), cfg) else None
+def complete(folder: Path) -> bool:
+    """A finished run counts only with its leakage measurement."""
+    return summary_has(folder, "leakage")
 
 
-def run_leakage(data_dir: Path, out: Path, console: Console, setting: LeakageSetting = LeakageSetting(),
-                stages: list[str] | None = None) -> list[dict[str, Any]]:
-    """Every (method, noise) run, reusing finished ones; with ``stages`` (method names) only those methods' missing
-    runs are run, and the other methods' finished runs are reported as they are (``report``: run nothing)."""
-    for rel in (setting.train, setting.eval):
-        if not (data_dir / rel).is_file():
-            raise FedCustomError(f"benchmark data {data_dir / rel}: not found; expected the shared data folder")
-    methods = [m for m, _ in setting.methods]
-    unknown = sorted(set(stages or []) - set(methods) - {"report"})
-    if unknown:
-        raise FedCustomError(f"--stage {', '.join(unknown)}: the leakage preset's stages are its methods "
-                             f"({', '.join(methods)}), or report (run nothing, report the finished runs)")
-    records = []
-    todo = [(m, lr, z) for m, lr in setting.methods for z in setting.noise]
-    for i, (method, lr, noise) in enumerate(todo, 1):
-        cfg = run_config(setting, method, lr, noise, data_dir, out)
-        folder = Path(cfg.output.dir)
-        if stages and method not in stages:
-            summary = _finished(cfg)
-            if summary is not None:
-                records.append(_record(method, noise, setting, folder, summary, True))
-            continue
-
-        def instrument(job: Any) -> Any:
-            return lambda _summary: write_json(folder / LEAKAGE_FILE, measure(job, setting))
-
-        start = time.perf_counter()
-        summary, reused = run_or_reuse(cfg, complete=lambda _s: (folder / LEAKAGE_FILE).is_file(),
-                                       instrument=instrument)
-        records.append(_record(method, noise, setting, folder, summary, reused))
-        console.print(f"[{i}/{len(todo)}] {method} noise {noise:g}: accuracy {summary['final_accuracy']:.3f}, "
-                      f"global AUC {records[-1]['leakage']['global_model']['reference_ratio']['auc']:.3f}"
-                      f"{' (reused)' if reused else ''} ({time.perf_counter() - start:.0f} s)")
-    if not records:
-        raise FedCustomError("no leakage run has finished yet: run the preset without --stage first")
-    return records
+def flat(records: list[dict]) -> list[dict[str, Any]]:
+    """The sweep's records as one flat record per (method, noise) run."""
+    return [{"method": r["labels"]["method"], "noise": r["tags"]["noise_multiplier"], "clip": r["tags"].get("clip")
+             if r["tags"]["noise_multiplier"] else None, "accuracy": r["summary"]["final_accuracy"],
+             "epsilon": r["summary"]["final_epsilon"], "leakage": r["summary"]["leakage"], "reused": r["reused"],
+             "wall_seconds": r["summary"].get("wall_seconds")} for r in records]
 
 
 def targets(records: list[dict[str, Any]]) -> list[str]:
+    """The sweep's targets, one line per method: see :func:`method_targets`."""
+    return method_targets(flat(records))
+
+
+def method_targets(records: list[dict[str, Any]]) -> list[str]:
     """Per method: the smallest epsilon costing at most 2 points of accuracy, and whether its AUCs are within 0.05
     of 0.5."""
     lines = []
@@ -198,11 +133,11 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def _missing_lines(records: list[dict[str, Any]]) -> list[str]:
-    """A line naming the grid's runs this report lacks (a preset run in parts), else nothing."""
-    setting = LeakageSetting()
+def _missing_lines(sweep: Sweep, records: list[dict[str, Any]]) -> list[str]:
+    """A line naming the sweep's runs this report lacks (a preset run in parts), else nothing."""
     have = {(r["method"], r["noise"]) for r in records}
-    missing = [f"{m} noise {z:g}" for m, _ in setting.methods for z in setting.noise if (m, z) not in have]
+    planned = [(c.labels["method"], c.tags["noise_multiplier"]) for stage in sweep.stages for c in cells(sweep, stage)]
+    missing = [f"{m} noise {z:g}" for m, z in planned if (m, z) not in have]
     return [f"Not run yet (the report covers the finished runs): {', '.join(missing)}.", ""] if missing else []
 
 
@@ -210,21 +145,23 @@ def _cell(result: dict[str, Any]) -> str:
     return f"{result['auc']:.3f} / {result['tpr_at_1pct_fpr']:.3f}"
 
 
-def write_report(out: Path, records: list[dict[str, Any]], result: dict[str, Any]) -> None:
+def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], out: Path) -> str:
+    """report.md: one row per (method, noise) run with both attacks' AUC and TPR, the targets and the plot."""
+    records = flat([r for stage in stages.values() for r in stage])
+    if not records:
+        return "\n".join([*preamble(sweep, result), "No leakage run has finished yet.", ""])
+    plot(records, out / PLOT)
     first = records[0]["leakage"]
     counts = {"global_model": first["global_model"]["loss_threshold"]["members"],
               "client_update": first["client_update"]["loss_threshold"]["members"],
               "non_members": first["global_model"]["loss_threshold"]["non_members"]}
-    lines = ["# fedcustom bench — preset `leakage`", "", __doc__.split("\n\n")[0].replace("\n", " "), "",
-             f"Command: `{result['command']}`  ", f"Machine: {machine_line(result['machine'])}; "
-             f"{result['wall_seconds']:.0f} s "
-             f"({result['reused']} of {len(records)} runs reused); finished {result['finished']}.", "",
-             *_missing_lines(records), 
+    lines = [*preamble(sweep, result), __doc__.split("\n\n")[1].replace("\n", " "), "",
+             *_missing_lines(sweep, records),
              f"Each cell: ROC AUC / TPR at 1% FPR. Global model: the {counts['global_model']} training rows against "
-             f"{counts['non_members']} held-out rows. One client's upload: client 0's {counts['client_update']} rows "
-             f"against the same held-out rows, from the state it uploads in the round after the last (the server "
-             f"decodes it before any noise: central DP adds noise to the mean). Epsilon: client-level, at delta "
-             f"1e-5, after the last round.", "",
+             f"{counts['non_members']} held-out rows. One client's upload: client {OBSERVED_CLIENT}'s "
+             f"{counts['client_update']} rows against the same held-out rows, from the state it uploads in the round "
+             f"after the last (the server decodes it before any noise: central DP adds noise to the mean). Epsilon: "
+             f"client-level, at delta 1e-5, after the last round.", "",
              "| method | DP noise | epsilon | accuracy | global: loss | global: reference | upload: loss | "
              "upload: reference | mean loss members / non-members |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -235,24 +172,4 @@ def write_report(out: Path, records: list[dict[str, Any]], result: dict[str, Any
                      f"| {_cell(g['reference_ratio'])} | {_cell(u['loss_threshold'])} | {_cell(u['reference_ratio'])} "
                      f"| {loss['members']:.3f} / {loss['non_members']:.3f} |")
     lines += ["", "## Targets", "", *result["targets"], "", f"![AUC vs noise]({PLOT})", ""]
-    (out / "report.md").write_text("\n".join(lines))
-
-
-def run_leakage_bench(data_dir: str, out: Path, command: str, console: Console,
-                      stages: list[str] | None = None) -> dict[str, Any]:
-    from datetime import datetime, timezone
-
-    from fedcustom.bench.report import machine
-    from fedcustom.summary import versions
-
-    start = time.perf_counter()
-    records = run_leakage(Path(data_dir).expanduser(), out, console, stages=stages)
-    result = {"preset": "leakage", "command": command, "machine": machine(), "versions": versions(),
-              "wall_seconds": time.perf_counter() - start, "reused": sum(r["reused"] for r in records),
-              "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "records": records}
-    result["targets"] = targets(records)
-    write_json(out / "results.json", result)
-    plot(records, out / PLOT)
-    write_report(out, records, result)
-    console.print(f"report: {out / 'report.md'}")
-    return result
+    return "\n".join(lines)

@@ -47,7 +47,7 @@ from typing import Any
 from rich.console import Console
 
 from fedcustom.bench.report import machine_line
-from fedcustom.errors import ConfigError
+from fedcustom.errors import ConfigError, FedCustomError
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
 RESERVED = {"label", "set"}
@@ -173,6 +173,17 @@ def substitute(values: Any, data_dir: Path, sweep_dir: Path | None = None) -> An
     return values
 
 
+def check_data(values: dict[str, Any], data_dir: Path) -> None:
+    """Fail before any training when a data file the sweep takes from the benchmark data folder is missing."""
+    for key in ("dataset", "eval_dataset"):
+        value = values.get("data", {}).get(key)
+        if isinstance(value, str) and "{data_dir}" in value:
+            path = Path(substitute(value, data_dir))
+            if not path.is_file():
+                raise FedCustomError(f"benchmark data {path}: not found; expected the shared data folder (sst2/, "
+                                     f"ag_news/) at --data-dir {data_dir}")
+
+
 def cells(sweep: Sweep, stage: Stage, picked: dict[tuple, AxisValue] | None = None) -> list[Cell]:
     """The runs of one stage, in axis order; a picked axis takes the value chosen for the cell's group."""
     iterated = [a for a in sweep.axes if not (stage.pick and a == stage.pick.axis)]
@@ -224,12 +235,14 @@ def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages:
                 raise ConfigError(f"stage {stage.name!r} picks from stage {stage.pick.source!r}, which has not run")
             picked = best_per_group(records[stage.pick.source], sweep, stage.pick)
         todo = cells(sweep, stage, picked)
-        for cell in todo:
-            cell.values = substitute(cell.values, data_dir, Path(sweep.source).parent if sweep.source else None)
         run_now = stages is None or stage.name in stages
+        for cell in todo:
+            if run_now:
+                check_data(cell.values, data_dir)
+            cell.values = substitute(cell.values, data_dir, Path(sweep.source).parent if sweep.source else None)
         start = time.perf_counter()
         console.print(f"stage {stage.name!r}: {len(todo)} runs" + ("" if run_now else " (only reused results)"))
-        records[stage.name] = run_cells(todo, out / "runs" / stage.name, console, run_now, jobs)
+        records[stage.name] = run_cells(todo, out / "runs" / stage.name, console, run_now, jobs, sweep.report)
         console.print(f"stage {stage.name!r} done in {(time.perf_counter() - start) / 60:.1f} min")
     return records
 
@@ -263,3 +276,10 @@ def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
             f"Machine: {machine_line(m)}; {result['runs']} runs "
             f"({result['reused']} reused from earlier invocations), {result['cells_wall_seconds'] / 3600:.1f} h of "
             f"run time in all; finished {result['finished']}.", ""]
+
+
+def base_value(sweep: Sweep, key: str) -> Any:
+    """A setting every run of the sweep shares (``section.key`` of its base config), for a report's setup lines;
+    None where the base does not set it."""
+    section, _, name = key.partition(".")
+    return sweep.base.get(section, {}).get(name)
