@@ -173,7 +173,7 @@ def test_the_personalize_sweep_reports_each_mode_against_fedavg(tmp_path: Path, 
     # models; targets per method
     runs = result["stages"]["skewed"] + result["stages"]["ranks"] + result["stages"]["lengths"]
     local = result["stages"]["local"]
-    assert [r["labels"]["variant"] for r in runs + local[::2]] == [v.label for v in sweep.axes["variant"]
+    assert [r["labels"]["variant"] for r in runs + local[:2]] == [v.label for v in sweep.axes["variant"]
                                                                    if v.label not in ("lora-local", "prefix-local")] + \
         ["lora-local", "prefix-local"]
     assert [r["labels"]["split"] for r in local] == ["dirichlet0.1", "dirichlet0.1", "dirichlet1.0", "dirichlet1.0"]
