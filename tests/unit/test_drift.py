@@ -19,7 +19,6 @@ from fedcustom.protocols.sharing.server import Convergence, FederatedServer
 from fedcustom.runtime import EmbeddedRuntime
 from fedcustom.scaffold import ServerControl, client_update
 from fedcustom.strategies import FedAvg
-from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
 from fedcustom.training import DriftControl, LocalSchedule, train_local
 
 from conftest import toy_rows

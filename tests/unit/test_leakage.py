@@ -4,7 +4,6 @@ model and of one client's observed upload."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from fedcustom.attacks_mia import attacks, score_attack

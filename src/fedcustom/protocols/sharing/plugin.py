@@ -33,7 +33,7 @@ def build_client(parts: ClientParts) -> TrainingClient:
 def build_server(parts: ServerParts) -> FederatedServer:
     """The server holds (and clients exchange) only the shared tensors; the global model is evaluated with the
     pretrained values of the private ones (--personalize)."""
-    cfg, model, evaluate_model = parts.cfg, parts.model, parts.evaluate_model
+    cfg, evaluate_model = parts.cfg, parts.evaluate_model
     client = build_client(parts)
 
     def evaluate_state(state: dict[str, torch.Tensor]) -> dict[str, float]:
