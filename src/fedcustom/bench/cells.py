@@ -3,8 +3,8 @@
 A cell's run folder holds the run's summary.json; a later invocation reuses it when the recorded config equals
 the cell's (keys added to RunConfig since count as equal when left at their defaults). A sweep's report module may
 measure more than a run records: its ``instrument(job, folder)`` hooks into the built job before it runs and
-returns what to do with the summary afterwards (write a file beside it), and its ``complete(folder)`` says whether
-a finished run has that measurement (a run without it is run again). Cells can run in
+returns what to do with the summary afterwards (add to it, or write a file beside it), and its
+``complete(folder, summary)`` says whether a finished run has that measurement (a run without it is run again). Cells can run in
 ``jobs`` worker processes, each with its share of the CPU threads: two single-threaded MiniLM runs get through
 more examples per second on 2 cores than one run on two threads.
 """
@@ -48,12 +48,6 @@ def add_to_summary(folder: Path, summary: dict[str, Any], values: dict[str, Any]
     write_json(folder / "summary.json", summary)
 
 
-def summary_has(folder: Path, key: str) -> bool:
-    """Whether the run in ``folder`` finished with ``key`` in its summary (a report module's ``complete``)."""
-    path = folder / "summary.json"
-    return path.is_file() and key in json.loads(path.read_text())
-
-
 def _hook(report: str | None, name: str) -> Any:
     """The report module's ``name`` hook (instrument, complete), or None."""
     return getattr(importlib.import_module(f"fedcustom.bench.{report}"), name, None) if report else None
@@ -64,9 +58,11 @@ def finished(values: dict[str, Any], report: str | None = None) -> dict[str, Any
     measurement), if its folder holds one."""
     folder = Path(values["output"]["dir"])
     path, complete = folder / "summary.json", _hook(report, "complete")
-    if not path.is_file() or (complete and not complete(folder)):
+    if not path.is_file():
         return None
     summary = json.loads(path.read_text())
+    if complete and not complete(folder, summary):
+        return None
     return summary if same_config(summary.get("config"), build_config(values)) else None
 
 

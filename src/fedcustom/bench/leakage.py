@@ -23,7 +23,7 @@ matplotlib.use("Agg")  # files only
 import matplotlib.pyplot as plt
 import numpy as np
 
-from fedcustom.bench.cells import add_to_summary, summary_has
+from fedcustom.bench.cells import add_to_summary
 from fedcustom.bench.sweep import Sweep, cells, preamble
 
 LEAKAGE_FILE = "leakage.json"
@@ -71,9 +71,9 @@ def instrument(job: Any, folder: Path) -> Callable[[dict[str, Any]], None]:
     return finish
 
 
-def complete(folder: Path) -> bool:
+def complete(folder: Path, summary: dict[str, Any]) -> bool:
     """A finished run counts only with its leakage measurement."""
-    return summary_has(folder, "leakage")
+    return "leakage" in summary
 
 
 def flat(records: list[dict]) -> list[dict[str, Any]]:

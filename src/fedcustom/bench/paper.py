@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fedcustom.bench.cells import add_to_summary, summary_has
+from fedcustom.bench.cells import add_to_summary
 from fedcustom.bench.plots import accuracy_vs_alpha, accuracy_vs_megabytes, accuracy_vs_round
 from fedcustom.bench.presets import BenchDataset, BenchPreset
 from fedcustom.bench.report import (best_rates, build_rows, diagnostics, main_table, paper_table, skew_dataset,
@@ -67,9 +67,9 @@ def instrument(job: Any, folder: Path) -> Callable[[dict[str, Any]], None]:
     return lambda summary: add_to_summary(folder, summary, {"flops_vs_forward": ratio})
 
 
-def complete(folder: Path) -> bool:
+def complete(folder: Path, summary: dict[str, Any]) -> bool:
     """A finished run counts only with its FLOPs ratio."""
-    return summary_has(folder, "flops_vs_forward")
+    return "flops_vs_forward" in summary
 
 
 def flat(records: list[dict]) -> list[dict[str, Any]]:

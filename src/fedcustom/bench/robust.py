@@ -60,7 +60,7 @@ def instrument(job: Any, folder: Path) -> Callable[[dict[str, Any]], None]:
     return lambda _summary: write_json(folder / NORMS_FILE, recorder.rounds)
 
 
-def complete(folder: Path) -> bool:
+def complete(folder: Path, summary: dict[str, Any]) -> bool:
     """A finished run counts only with its update norms."""
     return (folder / NORMS_FILE).is_file()
 
