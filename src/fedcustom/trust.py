@@ -17,8 +17,11 @@ from fedcustom.methods import Method
 from fedcustom.privacy.dp import CentralDP, PrivacyAccountant
 from fedcustom.privacy.secure_round import SecureRound
 from fedcustom.protocols import require_server_features
+from fedcustom.protocols.sharing.aggregation import (
+    Aggregation, CentralDPAggregation, SecAggSettings, SecureAggregation, StrategyAggregation,
+)
 from fedcustom.protocols.sharing.client import Adversary
-from fedcustom.protocols.sharing.server import Safeguards, SecAggSettings
+from fedcustom.protocols.sharing.server import Safeguards
 from fedcustom.rounds import RoundResult
 from fedcustom.wire import dp_sgd_config, local_dp_config
 
@@ -55,23 +58,31 @@ def secure_round_for(cfg: RunConfig) -> type:
     return SecAggPlusRound
 
 
+def aggregation_for(cfg: RunConfig) -> Aggregation:
+    """How the parameter-sharing server collects and merges a round: secure aggregation's masked sum, central DP's
+    noised mean of clipped updates, or the strategy's merge (config checks exclude the other combinations)."""
+    priv = cfg.privacy
+    if priv.secagg:
+        return SecureAggregation(SecAggSettings(priv.secagg_clip, priv.secagg_threshold, secure_round_for(cfg)))
+    if priv.dp == "central":
+        # The textbook fixed denominator (the expected cohort), whose guarantee matches the accountant exactly.
+        return CentralDPAggregation(CentralDP(priv.clip_norm, priv.noise_multiplier,
+                                              expected_clients=clients_per_round(cfg)))
+    return StrategyAggregation()
+
+
 def safeguards_for(cfg: RunConfig) -> Safeguards:
-    """Update size limit and DP settings for the parameter-sharing server."""
+    """Update size limit, what clients are told to privatize, and the privacy accountant."""
     priv, fed = cfg.privacy, cfg.federation
     guards = Safeguards(max_update_bytes=int(fed.max_update_mb * 1e6) if fed.max_update_mb else None)
     if priv.dp_sgd:
         guards.client_config.update(dp_sgd_config(priv.sgd_noise, priv.sgd_clip, priv.delta))
-    if priv.secagg:
-        guards.secagg = SecAggSettings(priv.secagg_clip, priv.secagg_threshold, secure_round_for(cfg))
     if priv.dp == "off":
         return guards
     guards.accountant = PrivacyAccountant()
     guards.noise_multiplier, guards.dp_delta = priv.noise_multiplier, priv.delta
     guards.sample_rate = clients_per_round(cfg) / fed.clients if priv.dp == "central" else 1.0
-    if priv.dp == "central":
-        # The textbook fixed denominator (the expected cohort), whose guarantee matches the accountant exactly.
-        guards.central_dp = CentralDP(priv.clip_norm, priv.noise_multiplier, expected_clients=clients_per_round(cfg))
-    else:
+    if priv.dp == "local":
         guards.client_config.update(local_dp_config(priv.clip_norm, priv.noise_multiplier))
     return guards
 

@@ -13,7 +13,7 @@ from fedcustom.profiles import profile_ranks
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.protocols.sharing.client import TrainingClient
 from fedcustom.protocols.sharing.server import FederatedServer
-from fedcustom.trust import clients_per_round, safeguards_for
+from fedcustom.trust import aggregation_for, clients_per_round, safeguards_for
 
 
 def client_model(cfg: RunConfig) -> str:
@@ -44,5 +44,5 @@ def build_server(parts: ServerParts) -> FederatedServer:
     return FederatedServer(
         parts.runtime(client), parts.strategy, parts.codec, shared, evaluate_state,
         parts.schedule, clients_per_round(cfg), cfg.train.seed, parts.codec_down, cfg.federation.min_available,
-        safeguards_for(cfg), convergence_for(cfg, parts.method, parts.schedule),
+        safeguards_for(cfg), convergence_for(cfg, parts.method, parts.schedule), aggregation_for(cfg),
     )

@@ -1,9 +1,11 @@
 """Server side: drive rounds through the runtime, validate and merge updates, evaluate.
 
     global_state --encode--> Message("train") --runtime--> clients --Reply--> check envelope -> decode
-    -> validate -> strategy.aggregate (or central DP's clipped, noised mean) -> new global_state -> evaluate
+    -> validate -> aggregation.merge -> server optimizer step -> new global_state -> evaluate
 
-The server never touches a client's data or a method's internals: it sees named tensors, example
+How replies are collected and merged is the round's aggregation (:mod:`.aggregation`: the strategy's merge,
+central DP's clipped and noised mean, or secure aggregation's masked sum); the round itself does not branch on
+privacy. The server never touches a client's data or a method's internals: it sees named tensors, example
 counts and metrics.
 """
 
@@ -19,11 +21,12 @@ import numpy as np
 from fedcustom import scaffold
 from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
 from fedcustom.errors import FedCustomError, PayloadError, UpdateRejected
-from fedcustom.privacy.dp import CentralDP, PrivacyAccountant, noise_generator
-from fedcustom.privacy.secure_round import SecureRound
+from fedcustom.privacy.dp import PrivacyAccountant
+from fedcustom.protocols.sharing.aggregation import Aggregation, Collected, StrategyAggregation
 from fedcustom.rounds import RoundResult, State, sample_clients
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
+from fedcustom.strategies.base import Accumulator
 from fedcustom.strategies.server_opt import ServerOptimizer, ServerOptSettings
 from fedcustom.tensorstate import SEP, group
 from fedcustom.training import LocalSchedule
@@ -37,16 +40,15 @@ Evaluator = Callable[[State], dict[str, float]]
 
 @dataclass
 class Safeguards:
-    """What the server enforces besides the strategy: update limits and client-level DP."""
+    """What the server enforces besides the aggregation: update limits, the DP settings clients get, and the
+    privacy accountant (central and local DP)."""
 
     max_update_bytes: int | None = None  # None: validation.default_max_bytes of the global state
-    central_dp: CentralDP | None = None
     client_config: dict[str, float] = field(default_factory=dict)  # in every train message (--dp local, --dp-sgd)
     accountant: PrivacyAccountant | None = None
     noise_multiplier: float = 0.0
     dp_delta: float = 1e-5
     sample_rate: float = 1.0  # share of clients sampled per round, for privacy amplification
-    secagg: SecAggSettings | None = None
 
 
 @dataclass
@@ -59,16 +61,6 @@ class Convergence:
     prox_mu: float = 0.0
 
 
-@dataclass(frozen=True)
-class SecAggSettings:
-    """Secure aggregation: per-element bound on a client's weighted update, the share that must survive, and the
-    round that runs it (this process's SecureRound; on Flower, Flower's SecAgg+, chosen by the assembler)."""
-
-    clip: float
-    threshold: float
-    protocol: type = SecureRound
-
-
 class FederatedServer:
     """Holds the global state and runs one round at a time."""
 
@@ -76,11 +68,12 @@ class FederatedServer:
         self, runtime: Runtime, strategy: Strategy, codec: Codec, initial_state: State,
         evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
         codec_down: Codec | None = None, min_available: int = 1, safeguards: Safeguards | None = None,
-        convergence: Convergence | None = None,
+        convergence: Convergence | None = None, aggregation: Aggregation | None = None,
     ) -> None:
         self.runtime = runtime
         self.min_available = min_available  # fewest valid updates that change the global state
         self.strategy = strategy
+        self.aggregation = aggregation or StrategyAggregation()  # how replies are collected and merged
         self.codec = codec  # client to server
         self.codec_down = codec_down or codec  # server to client
         self.links_down: dict[int, Link] = {}  # per client: what it last reconstructed (delta), our residual (topk)
@@ -130,23 +123,18 @@ class FederatedServer:
         steer = self.convergence
         config = self._round_config(rnd)
         result = RoundResult(round=rnd, eval={}, clients=chosen)
-        controls: dict[int, State] = {}
-        if self.safeguards.secagg is not None:
-            updates, merged = self._secure_round(rnd, chosen, config, result, on_reply)
-        else:
-            messages = self._broadcast(rnd, chosen, config)
-            updates, controls, merged = self._accept(self.runtime.stream(messages, on_reply), result, messages)
-            result.bytes_down = {node: len(messages[node].payload) + len(messages[node].attachment) for node in chosen}
+        collected = self.aggregation.collect(self, rnd, chosen, config, result, on_reply)
+        updates = collected.updates
         for node in result.rejected:
             self.links_down.pop(node, None)  # its state is unknown now: the next broadcast starts from zero
         if 0 < len(updates) < self.min_available:
             log.warning("round %d: %d valid updates, fewer than min_available = %d; the global state is unchanged",
                         rnd, len(updates), self.min_available)
         elif updates:
-            aggregate = merged if merged is not None else self._merge(rnd, updates, result)
+            aggregate = self.aggregation.merge(self, rnd, collected, result)
             self.global_state = steer.optimizer.step(self.global_state, aggregate)
             if self.control is not None:
-                self.control.apply([controls[u.node_id] for u in updates], len(self.runtime.nodes()))
+                self.control.apply([collected.controls[u.node_id] for u in updates], len(self.runtime.nodes()))
             weights = np.array([u.num_examples for u in updates], dtype=np.float64)
             losses = np.array([u.metrics["train_loss"] for u in updates])
             result.train_loss = float(np.average(losses, weights=weights))
@@ -171,40 +159,11 @@ class FederatedServer:
         """What an honest-but-curious server without secure aggregation sees of one client: the trained state
         ``node`` uploads when sent the current global state as round ``rnd`` (decoded; noised if the client applies
         local DP). Nothing is merged; for membership-inference measurements (fedcustom.bench.leakage)."""
-        message = self._broadcast(rnd, [node], self._round_config(rnd))[node]
+        message = self.broadcast(rnd, [node], self._round_config(rnd))[node]
         reply = dict(self.runtime.stream({node: message}))[node]
         if reply.error:
             raise FedCustomError(f"client {node} gave no update to observe: {reply.error}")
         return self._decode(node, reply, message)
-
-    def _secure_round(self, rnd: int, chosen: list[int], config: dict, result: RoundResult,
-                      on_reply: Callable[[int], None] | None) -> tuple[list[ClientUpdate], State | None]:
-        """Secure aggregation's four stages; the server sees example counts and metrics, never a client's
-        tensors (each ClientUpdate's state is empty), and gets the FedAvg state from the masked sum."""
-        settings = self.safeguards.secagg
-        assert settings is not None
-        secure = settings.protocol(self.runtime, rnd, chosen, self.global_state, settings.clip, settings.threshold)
-        outcome = secure.run(lambda nodes: self._broadcast(rnd, nodes, config), on_reply)
-        result.bytes_up, result.bytes_down, result.rejected = outcome.bytes_up, outcome.bytes_down, outcome.rejected
-        updates = [ClientUpdate(node, {}, reply.num_examples, dict(reply.metrics))
-                   for node, reply in sorted(outcome.replies.items())]
-        for update in updates:
-            result.client_flops[update.node_id] = int(update.metrics.get("flops", 0))
-            result.examples_seen += int(update.metrics.get("examples_seen", 0))
-        if outcome.mean_update is None:
-            return [], None
-        merged = {k: (v.double() + outcome.mean_update[k].double()).to(v.dtype) for k, v in self.global_state.items()}
-        return updates, merged
-
-    def _merge(self, rnd: int, updates: list[ClientUpdate], result: RoundResult) -> State:
-        """The strategy's merge, or under central DP the noised mean of clipped updates."""
-        dp = self.safeguards.central_dp
-        if dp is None:
-            return self.strategy.aggregate(self.global_state, updates)
-        generator = noise_generator(self.seed, rnd)
-        state, stats = dp.aggregate(self.global_state, [u.state for u in updates], generator)
-        result.privacy = {k: float(v) for k, v in stats.items()}
-        return state
 
     def _account(self, updates: list[ClientUpdate]) -> float:
         """One accountant step per round whose updates were released; epsilon spent so far."""
@@ -214,7 +173,7 @@ class FederatedServer:
             guards.accountant.step(guards.noise_multiplier, guards.sample_rate)
         return guards.accountant.epsilon(guards.dp_delta)
 
-    def _broadcast(self, rnd: int, chosen: list[int], config: dict) -> dict[int, Message]:
+    def broadcast(self, rnd: int, chosen: list[int], config: dict) -> dict[int, Message]:
         """One train message per client: the global state, encoded along that client's link."""
         attachment = scaffold.encode(self.control.c) if self.control is not None else b""
         if self.codec_down.stateless:
@@ -261,15 +220,12 @@ class FederatedServer:
             return state  # the client started from the exact global: nothing to re-base (and bit-exact)
         return {k: self.global_state[k] + (state[k] - start[k]) for k in state}
 
-    def _accept(self, replies: Iterator[tuple[int, Reply]], result: RoundResult, messages: dict[int, Message],
-                ) -> tuple[list[ClientUpdate], dict[int, State], State | None]:
+    def accept(self, replies: Iterator[tuple[int, Reply]], result: RoundResult, messages: dict[int, Message],
+               running: Accumulator | None = None) -> Collected:
         """Decode and validate each reply as it arrives (and, with SCAFFOLD, its control-variate change); record
-        byte counts, FLOPs and rejections. A strategy that merges one update at a time (FedAvg, without central DP)
-        gets each state at once and the state is dropped: the round holds one client's payload and state, not all
-        of them. Returns the updates (their states empty when merged already), the control changes and the merge
-        (None: merge the updates' states)."""
+        byte counts, FLOPs and rejections. Given a ``running`` merge (FedAvg's, without central DP), each state is
+        fed to it at once and dropped: the round holds one client's payload and state, not all of them."""
         updates, controls, rejected, answered = [], {}, {}, set()
-        running = self.strategy.accumulator(self.global_state) if self.safeguards.central_dp is None else None
         for node, reply in replies:
             answered.add(node)
             result.bytes_up[node] = len(reply.payload) + len(reply.attachment)
@@ -296,4 +252,4 @@ class FederatedServer:
             log.warning("round %d: no reply from client %d", result.round, node)
             result.rejected[node] = "no reply"
         result.rejected.update(rejected)
-        return updates, controls, running.result() if running is not None and updates else None
+        return Collected(updates, controls, running.result() if running is not None and updates else None)
