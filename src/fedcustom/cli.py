@@ -108,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Continue the interrupted deployment whose output folder DIR (on the SuperLink's machine, "
                              "as the ServerApp wrote it) holds its last checkpoint, with the config it was started with.")
     add_config_flags(submit)
+    pinger = sub.add_parser("ping", help="Time a no-op message to every SuperNode of a SuperLink.",
+                            description="Submit a run that sends a no-op query to every SuperNode --messages times "
+                                        "and times each round trip (SuperLink, SuperNode, its ClientApp process or "
+                                        "fedcustom worker, and back): what a message costs apart from its work. "
+                                        "The ServerApp writes ping.json to --output on the SuperLink's machine.")
+    pinger.add_argument("--superlink", required=True, help="host:port of the SuperLink (default port 8000).")
+    pinger_trust = pinger.add_mutually_exclusive_group(required=True)
+    pinger_trust.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's TLS "
+                                                          "certificate.")
+    pinger_trust.add_argument("--insecure", action="store_true", help="Plain HTTP (a SuperLink started with --insecure).")
+    pinger.add_argument("--clients", type=int, required=True, help="SuperNodes to wait for and ping.")
+    pinger.add_argument("--messages", type=int, default=20, help="Round trips per node (default: 20).")
+    pinger.add_argument("--output", default="runs/ping", help="Folder for ping.json (default: runs/ping).")
     bench = sub.add_parser("bench", help="Reproduce the paper's method comparison (report.md, plots, results.json).",
                            description="Run a benchmark preset: methods x data splits x seeds, each with its "
                                        "centralized baseline; finished runs with the same config are reused.")
@@ -180,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="The longest wait between asks when idle (default: 0.5)")
     worker.add_argument("--threads", type=int, metavar="N",
                         help="Torch threads (default: torch's; several nodes on one machine share its cores)")
+    worker.add_argument("--wake-socket", metavar="PATH",
+                        help="The node's --wake-socket: the node wakes the worker for each message instead of the "
+                             "worker polling for it (polling at --max-poll stays as the fallback)")
     node = sub.add_parser("supernode", help="flower-supernode that polls every --poll seconds (for the worker).",
                           description="Flower's SuperNode with its fixed waits (3 s between pulls from the SuperLink, "
                                       "0.5 s for a reply) shortened to --poll (backing off to --max-poll while "
@@ -190,6 +206,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "comes, up to --max-poll (default: 0.05)")
     node.add_argument("--max-poll", type=float, default=0.5, metavar="SECONDS",
                       help="The longest wait between pulls when idle (Flower's own: 3; default: 0.5)")
+    node.add_argument("--wake-socket", metavar="PATH",
+                      help="Listen on this Unix socket (created 0600) and wake the node's fedcustom worker for each "
+                           "message; give the worker the same --wake-socket")
     node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own arguments")
     report = sub.add_parser("report", help="Write a finished run's report.md and plots into its folder.",
                             description="report.md and PNG plots (metric and loss per round against the centralized "
@@ -227,6 +246,33 @@ def submit_run(cfg: RunConfig, args: argparse.Namespace) -> int:
     result = submit(cfg, Connection(args.superlink, args.root_certificates, args.insecure), wait=not args.no_wait)
     print(f"run {result['run_id']}: {result['status']}; the server writes its results to {cfg.output.dir} "
           f"(relative to the SuperLink's working directory)")
+    return 0
+
+
+def ping_nodes(args: argparse.Namespace) -> int:
+    """`fedcustom ping`: per-message round trips through a SuperLink."""
+    if args.clients < 1 or args.messages < 2:
+        raise FedCustomError(f"--clients {args.clients} --messages {args.messages}: expected at least 1 client and "
+                             f"2 messages (the first round trip pays start-up costs and is reported apart)")
+    try:
+        from fedcustom.deploy.flower.ping import PING_KEY, PingJob
+        from fedcustom.deploy.flower.submit import Connection, submit
+    except ImportError as exc:
+        raise FedCustomError(f"fedcustom ping needs Flower: pip install 'fedcustom[flower]' ({exc})") from None
+    import json
+    from pathlib import Path
+
+    job = PingJob(args.clients, args.messages, args.output)
+    result = submit({PING_KEY: job.to_json()}, Connection(args.superlink, args.root_certificates, args.insecure))
+    written = Path(args.output) / "ping.json"
+    if written.is_file():  # the SuperLink runs on this machine
+        summary = json.loads(written.read_text())["summary"]
+        print(f"run {result['run_id']}: {summary['messages']} round trips, median {summary['median_s'] * 1000:.0f} ms, "
+              f"p90 {summary['p90_s'] * 1000:.0f} ms (first round {summary['first_round_s'] * 1000:.0f} ms); "
+              f"{written}")
+    else:
+        print(f"run {result['run_id']}: {result['status']}; the server wrote ping.json to {args.output} on the "
+              f"SuperLink's machine")
     return 0
 
 
@@ -286,7 +332,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "supernode":
             from fedcustom.deploy.flower.worker import run_supernode
 
-            run_supernode([*unknown, *args.flower_args], args.poll, args.max_poll)
+            run_supernode([*unknown, *args.flower_args], args.poll, args.max_poll, args.wake_socket)
             return 0
         if args.command == "worker":
             from fedcustom.deploy.flower.worker import WorkerSettings, serve
@@ -294,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             serve(WorkerSettings(runtime_api=args.runtime_api, insecure=args.root_certificates is None,
                                  root_certificates=args.root_certificates, auth_secret_file=args.auth_secret_file,
                                  run_id=args.run, poll_seconds=args.poll, max_poll_seconds=args.max_poll,
-                                 threads=args.threads))
+                                 threads=args.threads, wake_socket=args.wake_socket))
             return 0
         if args.command == "report":
             from pathlib import Path
@@ -313,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             run_bench(args.preset, args.data_dir, args.output or f"runs/bench-{name}", command, stages=args.stage,
                       jobs=args.jobs, model=args.model)
             return 0
+        if args.command == "ping":
+            return ping_nodes(args)
         if getattr(args, "resume", None) and args.command == "submit":
             return resume_submit(args)
         if getattr(args, "resume", None):

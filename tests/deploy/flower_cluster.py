@@ -9,10 +9,12 @@ import datetime
 import ipaddress
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -149,6 +151,10 @@ class Cluster:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.processes: dict[str, subprocess.Popen] = {}
+        # Each worker node's wake socket (fedcustom supernode/worker --wake-socket), by Runtime API port; in a short
+        # folder of its own, since a Unix socket's path may not exceed about 100 bytes (pytest's tmp_path can)
+        self.sockets = Path(tempfile.mkdtemp(prefix="fcwake-"))
+        self.wake = True
 
     def __enter__(self) -> Cluster:
         return self
@@ -156,6 +162,10 @@ class Cluster:
     def __exit__(self, *_exc: object) -> None:
         for name in list(self.processes):
             self.stop(name)
+        shutil.rmtree(self.sockets, ignore_errors=True)
+
+    def wake_socket(self, port: int) -> str:
+        return str(self.sockets / f"{port}.sock")
 
     def log(self, name: str) -> str:
         return (self.root / f"{name}.log").read_text(errors="replace")
@@ -262,8 +272,9 @@ class Cluster:
         one node after another would pay in turn); returns each node's Runtime API port."""
         ports = {name: free_port() for name in configs}
         for name, node_config in configs.items():
-            args = [sys.executable, "-m", "fedcustom.cli", "supernode", "--poll", "0.05", "--superlink", self.address,
-                    "--port", str(ports[name]), "--isolation", "process", "--node-config", node_config]
+            wake = ["--wake-socket", self.wake_socket(ports[name])] if self.wake else []  # before Flower's arguments
+            args = [sys.executable, "-m", "fedcustom.cli", "supernode", "--poll", "0.05", *wake, "--superlink",
+                    self.address, "--port", str(ports[name]), "--isolation", "process", "--node-config", node_config]
             args += ["--root-certificates", str(self.certs["ca_cert"])] if self.certs else ["--insecure"]
             if private_key is not None:
                 args += ["--auth-supernode-private-key", str(private_key)]
@@ -275,8 +286,9 @@ class Cluster:
         return ports
 
     def _worker_args(self, port: int, extra: tuple[str, ...]) -> list[str]:
+        wake = ["--wake-socket", self.wake_socket(port)] if self.wake else []
         return [sys.executable, "-m", "fedcustom.cli", "worker", "--runtime-api", f"127.0.0.1:{port}", "--threads", "1",
-                *extra]
+                *wake, *extra]
 
     def start_worker(self, name: str, port: int, extra: tuple[str, ...] = ()) -> subprocess.Popen:
         """``fedcustom worker`` for the SuperNode whose Runtime API is on ``port`` (one torch thread: the nodes of a

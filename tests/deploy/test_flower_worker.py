@@ -158,3 +158,40 @@ def test_resuming_a_deployment_whose_nodes_kept_state_is_refused(tmp_path: Path,
     capsys.readouterr()
     assert main(["submit", "--resume", str(out), "--superlink", "127.0.0.1:1", "--insecure"]) == 2
     assert "--scaffold (each node's control variate)" in capsys.readouterr().err
+
+
+def test_ping_times_a_no_op_message_to_every_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare: a SuperLink and two worker nodes
+    with Cluster(tmp_path / "cluster") as cluster:
+        _start_two_worker_nodes(cluster)
+        # Execute: five no-op round trips to each node
+        assert main(["ping", "--superlink", cluster.address, "--insecure", "--clients", "2", "--messages", "5",
+                     "--output", str(tmp_path / "ping")]) == 0
+    # Assert: every round has both nodes' round trips; the summary leaves out the first round (start-up)
+    result = json.loads((tmp_path / "ping" / "ping.json").read_text())
+    assert [sorted(row) for row in result["samples"]] == [["0", "1"]] * 5
+    assert all(0 < seconds < 60 for row in result["samples"] for seconds in row.values())
+    steady = sorted(s for row in result["samples"][1:] for s in row.values())
+    assert result["summary"]["messages"] == 8 and result["summary"]["max_s"] == steady[-1]
+    assert "round trips, median" in capsys.readouterr().out
+
+
+def test_split_learning_through_workers_keeps_the_session_in_memory_and_gives_the_embedded_results(
+        tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
+    # Prepare: U-shaped split learning embedded, and on two worker nodes (each message of a batch to a worker that
+    # keeps the session in memory; the context gets the node's state only between rounds)
+    split = ["--method", "split", "--cut-layer", "1", "--split-head", "client", "--local-steps", "2", "--rounds", "2"]
+    embedded = tmp_path / "embedded"
+    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, *split, "--output", str(embedded)]) == 0
+    out = tmp_path / "out"
+    with Cluster(tmp_path / "cluster") as cluster:
+        _start_two_worker_nodes(cluster)
+        # Execute
+        code = _submit(cluster, tiny_bert, toy_csv, out, *split)
+    # Assert: the same losses and bytes as in one process
+    assert code == 0
+    ours, reference = _log(out), _log(embedded)
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in ours[1:])
+    assert [r["bytes_up"] for r in ours] == [r["bytes_up"] for r in reference]
+    assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
+    assert [r["eval_loss"] for r in ours] == pytest.approx([r["eval_loss"] for r in reference], abs=1e-6)

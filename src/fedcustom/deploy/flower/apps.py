@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcustom.config import RunConfig, build_config
 from fedcustom.deploy.flower.rag import RAG_KINDS, RagJob, handle_rag, job_from_run_config, run_rag_on_grid
+from fedcustom.deploy.flower import ping
 from fedcustom.deploy.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
 from fedcustom.errors import FedCustomError
 from fedcustom.protocols import message_kinds
@@ -92,11 +93,16 @@ def resume_on_grid(grid: Grid, folder: str) -> dict[str, Any]:
 
 
 def make_server_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> ServerApp:
-    """A ServerApp for ``cfg`` (training) or ``rag`` (retrieval), or (deployment) for what the run config holds."""
+    """A ServerApp for ``cfg`` (training) or ``rag`` (retrieval), or (deployment) for what the run config holds:
+    a training run, a retrieval job, a resumed run, or ``fedcustom ping``'s round trips."""
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        pings = None if cfg or rag else ping.job_from_run_config(context.run_config)
+        if pings is not None:
+            ping.run_ping_on_grid(grid, pings)
+            return
         job = rag or (None if cfg else job_from_run_config(context.run_config))
         if job is not None:
             run_rag_on_grid(grid, job)

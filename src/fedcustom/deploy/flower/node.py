@@ -49,8 +49,25 @@ def restore_client_state(node: NodeClient, context: Context) -> None:
         node.handler.load_state_dict(tensors, json.loads(str(context.state[STATE_META]["meta"])))
 
 
+_PERSISTENT = False  # this process serves one node for the whole run (fedcustom worker): see keep_client_state
+
+
+def serve_persistently() -> None:
+    """Mark this process as a node's persistent worker: its clients stay in memory from message to message."""
+    global _PERSISTENT
+    _PERSISTENT = True
+
+
 def keep_client_state(node: NodeClient, context: Context) -> None:
-    """Store the client's state in ``context.state`` for the next message of this run."""
+    """Store the client's state in ``context.state`` for the next message of this run.
+
+    In a persistent worker the client in memory is what the next message uses; the context copy only lets a
+    restarted worker continue. So while a round is in flight (split learning's session: the client half, its
+    optimizer moments and the pending batch, about 200 MB for MiniLM at cut layer 3, three times per batch) the
+    context keeps the state from before the round: a worker killed mid-round loses that round, as a killed node
+    does, and continues from the next one."""
+    if _PERSISTENT and getattr(node.handler, "in_round", lambda: False)():
+        return
     if hasattr(node.handler, "state_dict"):
         tensors, meta = node.handler.state_dict()
         context.state[STATE_TENSORS] = bytes_record(st_save({k: v.contiguous() for k, v in tensors.items()}))

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcustom.deploy.flower.wake import WakeClient, WakeServer
+
 log = logging.getLogger(__name__)
 
 
@@ -44,6 +46,7 @@ class WorkerSettings:
     max_poll_seconds: float = 0.5  # the longest wait between asks when idle
     threads: int | None = None  # torch threads (nodes sharing one machine: its cores divided between them)
     max_tasks: int | None = None  # stop after this many tasks (tests)
+    wake_socket: str | None = None  # the node's --wake-socket: woken for each message instead of polling
 
 
 def _client(settings: WorkerSettings, interceptors: list[Any]) -> Any:
@@ -63,6 +66,9 @@ def serve(settings: WorkerSettings) -> int:
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
 
     from fedcustom.deploy.flower.apps import client_app  # torch and transformers load once, here
+    from fedcustom.deploy.flower.node import serve_persistently
+
+    serve_persistently()
 
     if settings.threads:
         import torch
@@ -78,6 +84,7 @@ def serve(settings: WorkerSettings) -> int:
                                                          protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
     node = _client(settings, interceptors)
     backoff = Backoff(settings.poll_seconds, settings.max_poll_seconds)
+    wake = WakeClient(settings.wake_socket) if settings.wake_socket else None
     served, started = _Served(), 0
     running: list[threading.Thread] = []
     print(f"fedcustom worker: serving the SuperNode at {settings.runtime_api}", flush=True)
@@ -86,10 +93,14 @@ def serve(settings: WorkerSettings) -> int:
             acquired = node.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP],
                                                            agentapp_fab_hashes=[]))
             if not (acquired.HasField("task") and acquired.token):
-                backoff.wait()
+                if wake is not None:
+                    wake.wait(settings.max_poll_seconds)  # the node wakes us; the timeout is the fallback poll
+                else:
+                    backoff.wait()
                 continue
             backoff.reset()
-            task = threading.Thread(target=_run_then_reset, args=(settings, acquired.token, client_app, served, backoff),
+            task = threading.Thread(target=_run_then_reset,
+                                    args=(settings, acquired.token, client_app, served, backoff, wake),
                                     name=f"task-{acquired.task.task_id}", daemon=True)
             task.start()
             started += 1
@@ -98,6 +109,8 @@ def serve(settings: WorkerSettings) -> int:
             task.join()
     finally:
         node.close()
+        if wake is not None:
+            wake.close()
     return started
 
 
@@ -166,11 +179,15 @@ def run_task(settings: WorkerSettings, token: str, app: Any, served: _Served) ->
             client.close()
 
 
-def _run_then_reset(settings: WorkerSettings, token: str, app: Any, served: _Served, backoff: Backoff) -> None:
-    """Run the task, then poll fast again: the server's next message usually follows its reply closely."""
+def _run_then_reset(settings: WorkerSettings, token: str, app: Any, served: _Served, backoff: Backoff,
+                    wake: WakeClient | None = None) -> None:
+    """Run the task, tell the node its reply is there, then poll fast again: the server's next message usually
+    follows its reply closely."""
     try:
         run_task(settings, token, app, served)
     finally:
+        if wake is not None:
+            wake.reply_pushed()
         backoff.reset()
 
 
@@ -195,16 +212,20 @@ class Backoff:
 class _NodeSleep:
     """``time`` for Flower's SuperNode loop: its 3 s wait between empty pulls from the SuperLink becomes a backoff
     from ``poll`` to ``max_poll`` seconds, its 0.5 s waits for a task's reply become ``poll`` (and reset the backoff,
-    since the node is busy and the server's next message will follow the reply)."""
+    since the node is busy and the server's next message will follow the reply), ended early when a worker says
+    on the wake socket that its reply is there."""
 
     IDLE_SECONDS = 3  # Flower 1.41's wait after a pull that found no message
 
-    def __init__(self, poll: float, max_poll: float) -> None:
-        self.poll, self.backoff = poll, Backoff(poll, max_poll)
+    def __init__(self, poll: float, max_poll: float, wake: WakeServer | None = None) -> None:
+        self.poll, self.backoff, self.wake = poll, Backoff(poll, max_poll), wake
 
     def sleep(self, seconds: float) -> None:
         if seconds >= self.IDLE_SECONDS:
             self.backoff.wait()
+        elif self.wake is not None and self.wake.connected:
+            self.backoff.reset()
+            self.wake.wait_for_reply(min(seconds, self.poll))
         else:
             self.backoff.reset()
             time.sleep(min(seconds, self.poll))
@@ -213,16 +234,32 @@ class _NodeSleep:
         return getattr(time, name)
 
 
-def run_supernode(argv: list[str], poll: float, max_poll: float = 0.5) -> None:
+def run_supernode(argv: list[str], poll: float, max_poll: float = 0.5, wake_socket: str | None = None) -> None:
     """Flower's own SuperNode (``flower-supernode ARGV``: the same authentication, TLS and node config) whose waits
     between pulls from the SuperLink (``poll`` backing off to ``max_poll`` while idle) and for a task's reply
     (``poll``) replace Flower 1.41's fixed 3 s and 0.5 s. Those fixed waits put 1.5 s on average (up to 3.5 s) on
-    every message a node receives, which is most of a round once the worker removes the per-message process."""
+    every message a node receives, which is most of a round once the worker removes the per-message process.
+    With ``wake_socket`` the node also wakes its workers for each message it stores (:mod:`.wake`)."""
     import sys
 
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
-    loop.time = _NodeSleep(poll, max_poll)  # the module's only use of ``time`` is sleeping between polls
+    wake = WakeServer(wake_socket) if wake_socket else None
+    loop.time = _NodeSleep(poll, max_poll, wake)  # the module's only use of ``time`` is sleeping between polls
+    if wake is not None:
+        pull_and_store = loop._pull_and_store_message  # looked up by name in the node's loop at each call
+
+        def pull_store_and_wake(*args: Any, **kwargs: Any) -> int | None:
+            run_id = pull_and_store(*args, **kwargs)
+            if run_id is not None:  # a message (and its task) is stored: its worker can take it now
+                wake.task_stored()
+            return run_id
+
+        loop._pull_and_store_message = pull_store_and_wake
     sys.argv = ["flower-supernode", *argv]
-    flower_supernode()
+    try:
+        flower_supernode()
+    finally:
+        if wake is not None:
+            wake.close()

@@ -193,6 +193,10 @@ class SplitClient:
         return Reply(payload=self.codec.encode(client_half_state(self.split)), num_examples=session.num_examples,
                      metrics={"flops": float(session.flops)})
 
+    def in_round(self) -> bool:
+        """Whether a round is in flight (a session open): a persistent worker then keeps it in memory only."""
+        return bool(self.sessions)
+
     def state_dict(self) -> tuple[State, dict]:
         """The sessions in flight: client-half weights and gradients, optimizer moments, the pending batch, RNG."""
         tensors: State = {}
