@@ -1,17 +1,26 @@
 """One workload on four runtimes, side by side: embedded, Flower simulation (Ray), a real local SuperLink with one
 SuperNode per client whose SuperExec starts a ClientApp process per message (Flower's default), and the same with
-a persistent `fedcustom worker` per node (`fedcustom supernode --isolation process`). Reports wall seconds per
-round (from each run's own round log), the SuperLink round minus the embedded round (a sharing round sends one
-message to every node at once, so with 2 nodes this is about what one message costs on top of its work; with 10
-nodes on 2 cores it is mostly the nodes competing for the cores), and the peak resident memory of all processes of the run together (sampled every 0.2 s with psutil). Writes results.json
-and results.md beside this script; the numbers measured before the worker are kept there under "previous".
+a persistent `fedcustom worker` per node (`fedcustom supernode --isolation process --wake-socket`). Reports wall
+seconds per round (from each run's own round log), the SuperLink round minus the embedded round (a sharing round
+sends one message to every node at once, so with 2 nodes this is about what one message costs on top of its work;
+with 10 nodes on 2 cores it is mostly the nodes competing for the cores), and the peak resident memory of all
+processes of the run together (sampled every 0.2 s with psutil).
+
+Workloads: ``prefix`` (MiniLM prefix tuning, one message per node per round) and ``split`` (split learning, three
+messages per batch: s/batch is a steady round's seconds over its batches). ``--ping N`` also times N no-op
+round trips to each node (``fedcustom ping``) on both SuperLink runtimes: a message's cost apart from its work.
+
+Writes results.json and results.md beside this script; rows not re-run are kept, and the numbers measured before
+the worker and before the wake socket are kept there too.
 
     .venv/bin/python benchmarks/runtimes/run.py [--clients 2 10] [--rounds 3] [--runtimes embedded superlink-worker]
+        [--workloads prefix split] [--ping 20]
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -64,12 +73,21 @@ class PeakMemory:
             time.sleep(0.2)
 
 
-def workload(clients: int, rounds: int, out: Path) -> list[str]:
-    """MiniLM prefix tuning on SST-2 rows, the same steps on every runtime (the main job's other settings)."""
-    return ["--config", str(REPO / "configs" / "main.toml"), "--method", "prefix", "--num-virtual-tokens", "20",
+ROWS, BATCH = 30, 8  # each client's rows and batch size: ceil(30 / 8) = 4 batches per client per round
+WORKLOADS = {
+    "prefix": ["--method", "prefix", "--num-virtual-tokens", "20", "--max-eval-examples", "200"],
+    # the client runs the embeddings and 3 layers, the server the other 3 and the head; a small eval set, so that
+    # a round is mostly its batches
+    "split": ["--method", "split", "--cut-layer", "3", "--max-eval-examples", "40"],
+}
+
+
+def workload(clients: int, rounds: int, out: Path, kind: str = "prefix") -> list[str]:
+    """MiniLM on SST-2 rows, the same steps on every runtime (the main job's other settings)."""
+    return ["--config", str(REPO / "configs" / "main.toml"), *WORKLOADS[kind],
             "--dataset", str(SST2 / "validation.tsv"), "--clients", str(clients), "--rounds", str(rounds),
-            "--local-epochs", "1", "--batch-size", "8", "--max-train-examples", str(30 * clients),
-            "--max-eval-examples", "200", "--no-centralized", "--no-report", "--quiet", "--output", str(out)]
+            "--local-epochs", "1", "--batch-size", str(BATCH), "--max-train-examples", str(ROWS * clients),
+            "--no-centralized", "--no-report", "--quiet", "--output", str(out)]
 
 
 def rounds_of(out: Path) -> list[float]:
@@ -102,21 +120,27 @@ LABELS = {"superlink": "flower (SuperLink + SuperNodes, a process per message)",
           "superlink-worker": "flower (SuperLink + SuperNodes + fedcustom worker)"}
 
 
-def on_superlink(clients: int, rounds: int, root: Path, env: dict[str, str], worker: bool) -> dict:
+def start_nodes(cluster: Cluster, clients: int, root: Path, worker: bool) -> None:
+    """A SuperLink and one SuperNode per client, each with its own rows (and its worker)."""
+    files = owner_files(clients, root)
+    cluster.start_superlink()
+    configs = {f"owner{i}": f"partition-id={i} data-path='{files[i]}'" for i in range(clients)}
+    if worker:
+        cluster.start_worker_nodes(configs)
+    else:
+        for name, config in configs.items():
+            cluster.start_supernode(name, config)
+
+
+def on_superlink(clients: int, rounds: int, root: Path, env: dict[str, str], worker: bool, kind: str) -> dict:
     """One run submitted to a local SuperLink with one SuperNode per client (each with its own rows)."""
-    out, files = root / "out", owner_files(clients, root)
+    out = root / "out"
     with Cluster(root / "cluster") as cluster:
-        cluster.start_superlink()
-        for i in range(clients):
-            config = f"partition-id={i} data-path='{files[i]}'"
-            if worker:
-                cluster.start_worker_node(f"owner{i}", config)
-            else:
-                cluster.start_supernode(f"owner{i}", config)
+        start_nodes(cluster, clients, root, worker)
         daemons = [p.pid for p in cluster.processes.values()]
         start = time.perf_counter()
         process = subprocess.Popen([str(BIN / "fedcustom"), "submit", "--superlink", cluster.address, "--insecure",
-                                    *workload(clients, rounds, out)], env=env)
+                                    *workload(clients, rounds, out, kind)], env=env)
         with PeakMemory([process.pid, *daemons]) as memory:
             if process.wait() != 0:
                 raise RuntimeError("fedcustom submit failed")
@@ -124,18 +148,34 @@ def on_superlink(clients: int, rounds: int, root: Path, env: dict[str, str], wor
                 "peak_rss_bytes": memory.peak}
 
 
-def measure(runtime: str, clients: int, rounds: int, root: Path) -> dict:
+def measure(runtime: str, clients: int, rounds: int, root: Path, kind: str = "prefix") -> dict:
     env = flower_env(root / "flwr-home")
     if runtime in ("embedded", "flower-sim"):
         out = root / runtime
-        wall, peak = run_cli(["run", *workload(clients, rounds, out), "--runtime", runtime], env)
+        wall, peak = run_cli(["run", *workload(clients, rounds, out, kind), "--runtime", runtime], env)
         row = {"wall_seconds": wall, "round_seconds": rounds_of(out), "peak_rss_bytes": peak}
     else:
-        row = on_superlink(clients, rounds, root, env, worker=runtime == "superlink-worker")
+        row = on_superlink(clients, rounds, root, env, runtime == "superlink-worker", kind)
     steady = row["round_seconds"][1:] or row["round_seconds"]  # round 1 includes loading the model
-    return {"runtime": LABELS.get(runtime, runtime), "key": runtime, "clients": clients,
-            "mean_s_per_round": sum(row["round_seconds"]) / len(row["round_seconds"]),
-            "steady_s_per_round": sum(steady) / len(steady), **row}
+    out = {"runtime": LABELS.get(runtime, runtime), "key": runtime, "clients": clients, "workload": kind,
+           "measured": datetime.date.today().isoformat(),
+           "mean_s_per_round": sum(row["round_seconds"]) / len(row["round_seconds"]),
+           "steady_s_per_round": sum(steady) / len(steady), **row}
+    if kind == "split":
+        out["s_per_batch"] = out["steady_s_per_round"] / (clients * -(-ROWS // BATCH))
+    return out
+
+
+def ping(runtime: str, clients: int, messages: int, root: Path) -> dict:
+    """``fedcustom ping``: ``messages`` no-op round trips to each node of a local SuperLink."""
+    env = flower_env(root / "flwr-home")
+    with Cluster(root / "cluster") as cluster:
+        start_nodes(cluster, clients, root, runtime == "superlink-worker")
+        subprocess.run([str(BIN / "fedcustom"), "ping", "--superlink", cluster.address, "--insecure", "--clients",
+                        str(clients), "--messages", str(messages), "--output", str(root / "ping")], env=env, check=True)
+    result = json.loads((root / "ping" / "ping.json").read_text())
+    return {"runtime": LABELS[runtime], "key": runtime, "clients": clients,
+            "measured": datetime.date.today().isoformat(), **result["summary"]}
 
 
 def main() -> None:
@@ -143,44 +183,76 @@ def main() -> None:
     parser.add_argument("--clients", type=int, nargs="+", default=[2, 10])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runtimes", nargs="+", default=list(RUNTIMES), choices=RUNTIMES)
+    parser.add_argument("--workloads", nargs="+", default=["prefix"], choices=list(WORKLOADS))
+    parser.add_argument("--ping", type=int, default=0, metavar="N", help="also N no-op round trips per node")
     args = parser.parse_args()
     path = HERE / "results.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    previous = saved.get("previous") or [{**r, "clients": 10, "mean_s_per_round": sum(r["round_seconds"]) /
-                                          len(r["round_seconds"])} for r in saved.get("results", [])
-                                         if "key" not in r]
-    results = [r for r in saved.get("results", []) if "key" in r]
+    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping")}
+    results = [{**r, "workload": r.get("workload", "prefix")} for r in saved.get("results", []) if "key" in r]
     for clients in args.clients:
-        for runtime in args.runtimes:
-            with tempfile.TemporaryDirectory(prefix="fedcustom-runtimes-") as tmp:
-                row = measure(runtime, clients, args.rounds, Path(tmp))
-            results = [r for r in results if (r["key"], r["clients"]) != (runtime, clients)] + [row]
-            print(f"{row['runtime']}, {clients} clients: {row['mean_s_per_round']:.2f} s / round", flush=True)
-            write(results, previous, args.rounds)
+        for kind in args.workloads:
+            for runtime in args.runtimes:
+                with tempfile.TemporaryDirectory(prefix="fedcustom-runtimes-") as tmp:
+                    row = measure(runtime, clients, args.rounds, Path(tmp), kind)
+                results = [r for r in results if (r["key"], r["clients"], r["workload"]) != (runtime, clients, kind)]
+                results.append(row)
+                print(f"{kind}: {row['runtime']}, {clients} clients: {row['mean_s_per_round']:.2f} s / round", flush=True)
+                write(results, kept, args.rounds)
+        for runtime in [r for r in args.runtimes if r.startswith("superlink")] if args.ping else []:
+            with tempfile.TemporaryDirectory(prefix="fedcustom-ping-") as tmp:
+                row = ping(runtime, clients, args.ping, Path(tmp))
+            kept["ping"] = [r for r in kept["ping"] if (r["key"], r["clients"]) != (runtime, clients)] + [row]
+            print(f"ping: {row['runtime']}, {clients} clients: median {row['median_s']:.3f} s", flush=True)
+            write(results, kept, args.rounds)
 
 
-def write(results: list[dict], previous: list[dict], rounds: int) -> None:
+def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {platform.system()}"
-    command = ".venv/bin/python benchmarks/runtimes/run.py --clients 2 10"
+    command = ".venv/bin/python benchmarks/runtimes/run.py --clients 2 10 --workloads prefix split --ping 20"
     (HERE / "results.json").write_text(json.dumps({"command": command, "machine": machine, "results": results,
-                                                   "previous": previous}, indent=2) + "\n")
-    embedded = {r["clients"]: r["steady_s_per_round"] for r in results if r["key"] == "embedded"}
+                                                   **kept}, indent=2) + "\n")
+    prefix = [r for r in results if r["workload"] == "prefix"]
+    embedded = {r["clients"]: r["steady_s_per_round"] for r in prefix if r["key"] == "embedded"}
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
              f"Workload: MiniLM prefix tuning (20 tokens), N clients x 30 SST-2 rows, 1 local epoch, batch 8, {rounds} "
              f"rounds, 200 eval rows; every node on this machine (torch: 1 thread per worker).", "",
              "| runtime | clients | mean s / round | rounds (s) | steady s / round (rounds 2+) | x embedded | "
-             "minus embedded (s / round) | peak RSS, all processes |", "|---|---:|---:|---|---:|---:|---:|---:|"]
-    for r in sorted(results, key=lambda r: (r["clients"], RUNTIMES.index(r["key"]))):
+             "minus embedded (s / round) | peak RSS, all processes | measured |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---|"]
+    for r in sorted(prefix, key=lambda r: (r["clients"], RUNTIMES.index(r["key"]))):
         base = embedded.get(r["clients"])
         ratio = f"{r['steady_s_per_round'] / base:.1f}" if base else "-"
         overhead = f"{r['steady_s_per_round'] - base:.2f}" if base and r["key"].startswith("superlink") else "-"
         lines.append(f"| {r['runtime']} | {r['clients']} | {r['mean_s_per_round']:.1f} | "
                      f"{', '.join(f'{s:.1f}' for s in r['round_seconds'])} | {r['steady_s_per_round']:.1f} | {ratio} | "
-                     f"{overhead} | {r['peak_rss_bytes'] / 2**30:.2f} GiB |")
+                     f"{overhead} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r.get('measured', 'earlier')} |")
+    split = [r for r in results if r["workload"] == "split"]
+    if split:
+        base = {r["clients"]: r["s_per_batch"] for r in split if r["key"] == "embedded"}
+        lines += ["", "Split learning (`--method split --cut-layer 3`, 3 messages per batch, 4 batches per client per "
+                  "round, 40 eval rows): s / batch is a steady round over its batches.", "",
+                  "| runtime | clients | rounds (s) | s / batch | x embedded |", "|---|---:|---|---:|---:|"]
+        for r in sorted(split, key=lambda r: (r["clients"], RUNTIMES.index(r["key"]))):
+            ratio = f"{r['s_per_batch'] / base[r['clients']]:.1f}" if r["clients"] in base else "-"
+            lines.append(f"| {r['runtime']} | {r['clients']} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} | "
+                         f"{r['s_per_batch']:.2f} | {ratio} |")
+    if kept["ping"]:
+        lines += ["", "Per-message overhead (`fedcustom ping`: a no-op query to every node, round trips after the "
+                  "first):", "", "| runtime | clients | median s | mean s | p90 s | max s | first round s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['runtime']} | {r['clients']} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {r['p90_s']:.3f} | "
+                  f"{r['max_s']:.3f} | {r['first_round_s']:.3f} |" for r in kept["ping"]]
+    if kept["before_wake"]:
+        lines += ["", "The worker before the wake socket (it polled its node for tasks, backing off to 0.5 s; the node "
+                  "polled for the worker's reply every 0.05 s), as measured then:", "",
+                  "| runtime | clients | steady s / round | x embedded then |", "|---|---:|---:|---:|"]
+        lines += [f"| {r['runtime']} | {r['clients']} | {r['steady_s_per_round']:.1f} | {r['x_embedded']:.1f} |"
+                  for r in kept["before_wake"]]
     lines += ["", "Before the worker (issue 20's starting point; prefix tuning through the main job of that time, "
               "10 clients, 3 rounds):", "", "| runtime | mean s / round | rounds (s) |", "|---|---:|---|"]
     lines += [f"| {r['runtime']} | {r['mean_s_per_round']:.1f} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} |"
-              for r in previous]
+              for r in kept["previous"]]
     (HERE / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
