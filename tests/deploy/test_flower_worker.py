@@ -48,6 +48,15 @@ def _assert_same_adapter(out: Path, embedded: Path) -> None:
         torch.testing.assert_close(adapters[0][name], tensor, rtol=0, atol=1e-6)
 
 
+def _assert_same_rounds(out: Path, embedded: Path) -> None:
+    """Every round had both clients, and the same bytes and losses as in one process (1e-6)."""
+    ours, reference = _log(out), _log(embedded)
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in ours[1:])
+    assert [r["bytes_up"] for r in ours] == [r["bytes_up"] for r in reference]
+    assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
+    assert [r["eval_loss"] for r in ours] == pytest.approx([r["eval_loss"] for r in reference], abs=1e-6)
+
+
 def _submit(cluster: Cluster, tiny_bert: str, toy_csv: str, out: Path, *extra: str) -> int:
     return main(["submit", "--superlink", cluster.address, "--insecure", "--model", tiny_bert, "--dataset", toy_csv,
                  *JOB, "--output", str(out), *extra])
@@ -65,11 +74,7 @@ def test_workers_give_the_embedded_runtimes_results(tmp_path: Path, tiny_bert: s
         worker_log = cluster.log("owner0-worker")
     # Assert: the same losses, bytes and adapter as in one process (1e-6), and every message ran in the worker
     assert code == 0
-    ours, reference = _log(out), _log(embedded)
-    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in ours[1:])
-    assert [r["bytes_up"] for r in ours] == [r["bytes_up"] for r in reference]
-    assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
-    assert [r["eval_loss"] for r in ours] == pytest.approx([r["eval_loss"] for r in reference], abs=1e-6)
+    _assert_same_rounds(out, embedded)
     _assert_same_adapter(out, embedded)
     assert "task failed" not in worker_log
 
@@ -190,8 +195,4 @@ def test_split_learning_through_workers_keeps_the_session_in_memory_and_gives_th
         code = _submit(cluster, tiny_bert, toy_csv, out, *split)
     # Assert: the same losses and bytes as in one process
     assert code == 0
-    ours, reference = _log(out), _log(embedded)
-    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in ours[1:])
-    assert [r["bytes_up"] for r in ours] == [r["bytes_up"] for r in reference]
-    assert [r["train_loss"] for r in ours] == pytest.approx([r["train_loss"] for r in reference], abs=1e-6)
-    assert [r["eval_loss"] for r in ours] == pytest.approx([r["eval_loss"] for r in reference], abs=1e-6)
+    _assert_same_rounds(out, embedded)
