@@ -199,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     node = sub.add_parser("supernode", help="flower-supernode that polls every --poll seconds (for the worker).",
                           description="Flower's SuperNode with its fixed waits (3 s between pulls from the SuperLink, "
                                       "0.5 s for a reply) shortened to --poll (backing off to --max-poll while "
-                                      "idle); every other argument goes to "
+                                      "idle); every other argument, before or after these, goes to "
                                       "flower-supernode unchanged (authentication, TLS, node config).")
     node.add_argument("--poll", type=float, default=0.05, metavar="SECONDS",
                       help="Wait between pulls from the SuperLink right after a message; it doubles while none "
@@ -209,7 +209,6 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--wake-socket", metavar="PATH",
                       help="Listen on this Unix socket (created 0600) and wake the node's fedcustom worker for each "
                            "message; give the worker the same --wake-socket")
-    node.add_argument("flower_args", nargs=argparse.REMAINDER, help="flower-supernode's own arguments")
     report = sub.add_parser("report", help="Write a finished run's report.md and plots into its folder.",
                             description="report.md and PNG plots (metric and loss per round against the centralized "
                                         "baselines, cumulative MB, each client's data) from DIR's summary.json and "
@@ -332,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "supernode":
             from fedcustom.deploy.flower.worker import run_supernode
 
-            run_supernode([*unknown, *args.flower_args], args.poll, args.max_poll, args.wake_socket)
+            run_supernode(unknown, args.poll, args.max_poll, args.wake_socket)  # Flower's, in their order
             return 0
         if args.command == "worker":
             from fedcustom.deploy.flower.worker import WorkerSettings, serve

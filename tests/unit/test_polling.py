@@ -33,3 +33,15 @@ def test_the_supernodes_idle_wait_backs_off_and_its_reply_wait_is_short(slept: l
     node.sleep(3)
     assert slept == pytest.approx([0.05, 0.1, 0.2, 0.4, 0.05, 0.05])
     assert node.monotonic() > 0  # everything else is the time module's
+
+
+def test_the_supernode_commands_own_flags_may_follow_flowers_and_flowers_pass_through_in_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from fedcustom.cli import main
+
+    calls: list[tuple] = []
+    monkeypatch.setattr(worker, "run_supernode", lambda *args: calls.append(args))
+    flower = ["--superlink", "127.0.0.1:9092", "--port", "9094", "--isolation", "process", "--node-config",
+              "partition-id=0 data-path='/data/my rows.csv'", "--insecure"]
+    assert main(["supernode", "--poll", "0.02", *flower, "--wake-socket", "/tmp/n.sock", "--max-poll", "0.3"]) == 0
+    assert calls == [(flower, 0.02, 0.3, "/tmp/n.sock")]
