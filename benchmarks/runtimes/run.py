@@ -157,13 +157,13 @@ def measure(runtime: str, clients: int, rounds: int, root: Path, kind: str = "pr
     else:
         row = on_superlink(clients, rounds, root, env, runtime == "superlink-worker", kind)
     steady = row["round_seconds"][1:] or row["round_seconds"]  # round 1 includes loading the model
-    out = {"runtime": LABELS.get(runtime, runtime), "key": runtime, "clients": clients, "workload": kind,
-           "measured": datetime.date.today().isoformat(),
-           "mean_s_per_round": sum(row["round_seconds"]) / len(row["round_seconds"]),
-           "steady_s_per_round": sum(steady) / len(steady), **row}
+    measured = {"runtime": LABELS.get(runtime, runtime), "key": runtime, "clients": clients, "workload": kind,
+                "measured": datetime.date.today().isoformat(),
+                "mean_s_per_round": sum(row["round_seconds"]) / len(row["round_seconds"]),
+                "steady_s_per_round": sum(steady) / len(steady), **row}
     if kind == "split":
-        out["s_per_batch"] = out["steady_s_per_round"] / (clients * -(-ROWS // BATCH))
-    return out
+        measured["s_per_batch"] = measured["steady_s_per_round"] / (clients * -(-ROWS // BATCH))
+    return measured
 
 
 def ping(runtime: str, clients: int, messages: int, root: Path) -> dict:

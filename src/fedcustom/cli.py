@@ -84,6 +84,14 @@ def one_line(message: str) -> str:
     return message.replace("\r", "\\r").replace("\n", "\\n")
 
 
+def add_superlink_flags(parser: argparse.ArgumentParser) -> None:
+    """Where the SuperLink listens and how to trust it (submit, ping)."""
+    parser.add_argument("--superlink", required=True, help="host:port of the SuperLink (default port 8000).")
+    trust = parser.add_mutually_exclusive_group(required=True)
+    trust.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's TLS certificate.")
+    trust.add_argument("--insecure", action="store_true", help="Plain HTTP (a SuperLink started with --insecure).")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="fedcustom", description="Federated customization of large models.")
     parser.add_argument("--version", action="version", version=f"fedcustom {package_version()}")
@@ -99,10 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Run the job as a Flower ServerApp on a SuperLink, with one SuperNode per "
                                         "data owner; waits for it to finish unless --no-wait.")
     submit.add_argument("--config", help="TOML file, as for `fedcustom run`.")
-    submit.add_argument("--superlink", required=True, help="host:port of the SuperLink (default port 8000).")
-    trust = submit.add_mutually_exclusive_group(required=True)
-    trust.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's TLS certificate.")
-    trust.add_argument("--insecure", action="store_true", help="Plain HTTP (a SuperLink started with --insecure).")
+    add_superlink_flags(submit)
     submit.add_argument("--no-wait", action="store_true", help="Return once the run is submitted.")
     submit.add_argument("--resume", metavar="DIR",
                         help="Continue the interrupted deployment whose output folder DIR (on the SuperLink's machine, "
@@ -113,11 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "and times each round trip (SuperLink, SuperNode, its ClientApp process or "
                                         "fedcustom worker, and back): what a message costs apart from its work. "
                                         "The ServerApp writes ping.json to --output on the SuperLink's machine.")
-    pinger.add_argument("--superlink", required=True, help="host:port of the SuperLink (default port 8000).")
-    pinger_trust = pinger.add_mutually_exclusive_group(required=True)
-    pinger_trust.add_argument("--root-certificates", help="CA certificate (PEM) that signed the SuperLink's TLS "
-                                                          "certificate.")
-    pinger_trust.add_argument("--insecure", action="store_true", help="Plain HTTP (a SuperLink started with --insecure).")
+    add_superlink_flags(pinger)
     pinger.add_argument("--clients", type=int, required=True, help="SuperNodes to wait for and ping.")
     pinger.add_argument("--messages", type=int, default=20, help="Round trips per node (default: 20).")
     pinger.add_argument("--output", default="runs/ping", help="Folder for ping.json (default: runs/ping).")

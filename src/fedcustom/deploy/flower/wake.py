@@ -15,14 +15,11 @@ lost wake-up or a restarted worker costs at most one poll.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
 import threading
 import time
 from pathlib import Path
-
-log = logging.getLogger(__name__)
 
 TASK, DONE = b"t", b"d"
 
