@@ -36,6 +36,8 @@ from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
 from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
 from fedcustom.strategies import Strategy, get_strategy
+from fedcustom.methods.lora_stack import stacks
+from fedcustom.strategies.lora_stack import LoraStack
 from fedcustom.strategies.lora_svd import LoraSvd
 from fedcustom.strategies.positions import PositionFedAvg
 from fedcustom.tasks import get_task
@@ -82,6 +84,14 @@ class Job:
         else:
             load_trainable_state(self.model, self.server.global_state)
 
+    def load_pretrained(self) -> None:
+        """Put the pretrained model back (the initial trainable tensors and, with --lora-aggregation stack, the
+        pretrained backbone weights the rounds merged their updates into): where a centralized baseline starts."""
+        stacked = getattr(self.server.runtime.local_handler, "stacked", None)
+        if stacked is not None:
+            stacked.apply(stacked.initial)
+        load_trainable_state(self.model, self.initial)
+
     def checkpoint_parts(self) -> dict[str, Any]:
         """What a checkpoint must hold: the server, and the state of clients that live in this process."""
         parts: dict[str, Any] = {"server": self.server}
@@ -104,8 +114,9 @@ class Job:
 
     @property
     def model_dir(self) -> Path:
-        """Where the final global adapter (PEFT methods) or whole model (full, split) is saved."""
-        whole = self.method.saves_whole_model or not isinstance(self.model, PeftModel)
+        """Where the final global adapter (PEFT methods) or whole model (full, split, LoRA merged by stack) is
+        saved."""
+        whole = self.method.saves_whole_model or not isinstance(self.model, PeftModel) or stacks(self.cfg)
         return self.out / ("model" if whole else "adapter")
 
 
@@ -176,6 +187,27 @@ def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
         if clash:
             raise ConfigError(f"--lora-aggregation svd with {', '.join(clash)}: svd merges the clients' own factors "
                               f"by their products; use --lora-aggregation fedavg or ffa with it")
+    if m.lora_aggregation == "stack":
+        check_stack_support(cfg)
+
+
+def check_stack_support(cfg: RunConfig) -> None:
+    """--lora-aggregation stack merges the clients' own products into the backbone, which every broadcast then
+    carries: plain client factors (no robust strategy, central DP noise or secure aggregation in between), no
+    control variate over the backbone (SCAFFOLD), a full-precision backbone, and the embedded runtime (the only one
+    it is tested on)."""
+    fed, priv = cfg.federation, cfg.privacy
+    personal = parse_personalize(fed.personalize).mode
+    clash = [name for name, on in [
+        (f"--strategy {fed.strategy}", fed.strategy != "fedavg"), ("--dp central", priv.dp == "central"),
+        ("--secagg", priv.secagg), ("--scaffold", fed.scaffold),
+        (f"--load-in {cfg.model.load_in}", bool(cfg.model.load_in)),
+        (f"--personalize {fed.personalize}", personal in ("dual-lora", "local")),
+        (f"--runtime {fed.runtime}", fed.runtime != "embedded")] if on]
+    if clash:
+        raise ConfigError(f"--lora-aggregation stack with {', '.join(clash)}: stack merges the average of the clients' "
+                          f"own B A products into the full-precision backbone each round (FedAvg, embedded runtime; "
+                          f"--personalize head and finetune:K work); use --lora-aggregation svd or fedavg with it")
 
 
 def check_prompt_capacity(cfg: RunConfig, method: Method) -> None:
@@ -202,10 +234,13 @@ def check_prompt_capacity(cfg: RunConfig, method: Method) -> None:
 
 
 def strategy_for(cfg: RunConfig) -> Strategy:
-    """The configured strategy (``--lora-aggregation svd``: FedAvg of the LoRA products; per-client prompt lengths:
+    """The configured strategy (``--lora-aggregation svd``: FedAvg of the LoRA products; ``stack``: the same, merged
+    into the backbone; per-client prompt lengths:
     FedAvg per virtual token over its holders)."""
     if cfg.method.name == "lora" and cfg.method.lora_aggregation == "svd":
         return LoraSvd()
+    if stacks(cfg):
+        return LoraStack(cfg.method.lora_alpha / cfg.method.lora_r)
     if cfg.method.name in PROMPT_METHODS:
         lengths, full = lengths_for(cfg), cfg.method.num_virtual_tokens
         if lengths:

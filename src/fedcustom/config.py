@@ -153,9 +153,13 @@ class MethodConfig:
                           "Empty: every client uses --lora-r.", "--lora-ranks")
     lora_aggregation: str = opt("fedavg", "How LoRA factors merge: fedavg (A and B averaged separately, zero-padded "
                                 "across ranks: not the average of the products), ffa (A frozen at its shared "
-                                "initialisation, B averaged: exact; FFA-LoRA) or svd (the products B A averaged "
+                                "initialisation, B averaged: exact; FFA-LoRA), stack (the products B A averaged "
+                                "exactly and merged into the backbone each round, adapters restarting from B = 0: "
+                                "FLoRA's exact aggregate; each broadcast then carries the adapted weights, out x in "
+                                "each, where FLoRA sends the stacked factors) or svd (the products B A averaged "
                                 "exactly, then truncated back to the adapter's rank by SVD; a client of rank r takes "
-                                "the top r components: FlexLoRA).", "--lora-aggregation", ("fedavg", "ffa", "svd"))
+                                "the top r components: FlexLoRA).", "--lora-aggregation",
+                                ("fedavg", "ffa", "stack", "svd"))
     prefix_lengths: str = opt("", "Heterogeneous clients, prompt and prefix tuning: virtual-token lengths cycled over "
                               "the clients (e.g. 4,8,16), each at most --num-virtual-tokens, or 'adaptive' (each "
                               "device's from its --client-profiles compute and memory). A client of length L trains "

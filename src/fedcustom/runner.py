@@ -11,6 +11,7 @@ Output folder:
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ from fedcustom.convergence import EarlyStop, resolved_settings
 from fedcustom.device import model_device, peak_memory_mb
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import save_trained
+from fedcustom.methods.lora_stack import stacks
 from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
@@ -71,10 +73,13 @@ def finetune(job: Job, client: int, steps: int, rnd: int) -> None:
 
 
 def save_global_model(job: Job) -> None:
-    """The global adapter (PEFT methods) or whole model; dual-lora's personal adapter is each client's own (saved
+    """The global adapter (PEFT methods) or whole model (full fine-tuning, and LoRA with --lora-aggregation stack:
+    the merged backbone); dual-lora's personal adapter is each client's own (saved
     under clients/<id>/ beside the global one), so the global folder holds the global adapter only."""
     if job.personalization.mode == "dual-lora":
         job.model.save_pretrained(job.model_dir, selected_adapters=[job.model.active_adapter])
+    elif stacks(job.cfg):  # the training lives in the backbone (the adapter restarts each round): a whole model
+        copy.deepcopy(job.model).merge_and_unload().save_pretrained(job.model_dir)
     else:
         (job.method.save or save_trained)(job.model, job.model_dir)
 
@@ -158,6 +163,8 @@ def run_baselines(job: Job, results: list[RoundResult], console: Console | None)
     back into the model afterwards."""
     cfg, baselines = job.cfg, {}
     status = console.status if console else (lambda _text: contextlib.nullcontext())
+    if cfg.train.centralized or cfg.train.centralized_converged:
+        job.load_pretrained()  # (each baseline loads the initial trainable tensors itself as well)
     if cfg.train.centralized:
         passes = sum(r.examples_seen for r in results)
         with status("training the centralized baseline (same example passes)"):

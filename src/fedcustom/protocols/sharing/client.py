@@ -20,6 +20,7 @@ from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
 from fedcustom.methods import load_trainable_state, trainable_state
 from fedcustom.methods.lora_capacity import ClientRanks
+from fedcustom.methods.lora_stack import StackedBase
 from fedcustom.methods.prompt_capacity import ClientLengths
 from fedcustom.personalize import Personalization
 from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
@@ -68,7 +69,7 @@ class TrainingClient:
         self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, codec: Codec,
         client_tables: dict[int, datasets.Dataset], codec_down: Codec | None = None,
         adversary: Adversary | None = None, personalization: Personalization | None = None,
-        capacity: ClientRanks | ClientLengths | None = None,
+        capacity: ClientRanks | ClientLengths | None = None, stacked: StackedBase | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -91,6 +92,8 @@ class TrainingClient:
         self.private: dict[int, State] = {}
         # --lora-ranks / --prefix-lengths: each client's rank on the full-rank adapter, or its prompt's length
         self.capacity = capacity
+        # --lora-aggregation stack: the adapted backbone weights arrive with every broadcast and are never sent back
+        self.stacked = stacked
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
@@ -125,7 +128,10 @@ class TrainingClient:
 
     def load(self, node_id: int | None, shared: State) -> None:
         """Put node ``node_id``'s own model (None: the global one) in place: the shared tensors, its private ones,
-        and its LoRA rank or prompt length."""
+        and its LoRA rank or prompt length (--lora-aggregation stack: the broadcast's backbone weights too)."""
+        if self.stacked is not None:
+            shared, base = self.stacked.split(shared)
+            self.stacked.apply(base)
         load_trainable_state(self.model, self.model_for(node_id, shared))
         if self.capacity is not None:
             self.capacity.apply(node_id)
@@ -186,6 +192,8 @@ class TrainingClient:
         start = time.perf_counter()
         received = self._receive(node_id, message)
         self.load(node_id, received)
+        if self.stacked is not None:  # the backbone weights are in place; the update starts from the adapter
+            received = self.stacked.split(received)[0]
         schedule = schedule_from_config(message.config)
         seed = derive_seed(int(message.config["seed"]), message.round, node_id)
         table = self.client_tables[node_id]

@@ -7,6 +7,7 @@ import torch
 from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
 from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
+from fedcustom.methods.lora_stack import StackedBase, stacks
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
 from fedcustom.personalize import parse_personalize
 from fedcustom.profiles import profile_ranks
@@ -26,8 +27,10 @@ def build_client(parts: ClientParts) -> TrainingClient:
     ranks = parse_ranks(cfg.method.lora_ranks, cfg.method.lora_r) or profile_ranks(cfg.federation.client_profiles)
     lengths = lengths_for(cfg) if cfg.method.name in PROMPT_METHODS else []
     capacity = ClientRanks(parts.model, ranks) if ranks else ClientLengths(parts.model, lengths) if lengths else None
+    stacked = StackedBase(parts.model, cfg.method.lora_alpha / cfg.method.lora_r) if stacks(cfg) else None
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
-                          parse_personalize(cfg.federation.personalize), capacity)
+                          parse_personalize(cfg.federation.personalize), capacity, stacked)
+
 
 
 def build_server(parts: ServerParts) -> FederatedServer:
@@ -41,8 +44,10 @@ def build_server(parts: ServerParts) -> FederatedServer:
         return evaluate_model()
 
     shared = client.personalization.split(parts.initial)[0]
+    base = client.stacked.base_state() if client.stacked is not None else {}
     return FederatedServer(
-        parts.runtime(client), parts.strategy, parts.codec, shared, evaluate_state,
+        parts.runtime(client), parts.strategy, parts.codec, {**shared, **base}, evaluate_state,
         parts.schedule, clients_per_round(cfg), cfg.train.seed, parts.codec_down, cfg.federation.min_available,
         safeguards_for(cfg), convergence_for(cfg, parts.method, parts.schedule), aggregation_for(cfg),
+        frozenset(base),
     )

@@ -69,6 +69,7 @@ class FederatedServer:
         evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
         codec_down: Codec | None = None, min_available: int = 1, safeguards: Safeguards | None = None,
         convergence: Convergence | None = None, aggregation: Aggregation | None = None,
+        broadcast_only: frozenset[str] = frozenset(),
     ) -> None:
         self.runtime = runtime
         self.min_available = min_available  # fewest valid updates that change the global state
@@ -79,6 +80,8 @@ class FederatedServer:
         self.links_down: dict[int, Link] = {}  # per client: what it last reconstructed (delta), our residual (topk)
         self.shared = SharedReferences()  # clients that rebuilt the same global share one copy of it
         self.global_state = {k: v.clone() for k, v in initial_state.items()}
+        # tensors clients receive but never send back (--lora-aggregation stack: the backbone weights LoRA adapts)
+        self.broadcast_only = broadcast_only
         self.evaluate = evaluate
         self.schedule = schedule
         self.clients_per_round = clients_per_round
@@ -199,11 +202,19 @@ class FederatedServer:
             messages[node] = Message(TRAIN, rnd, payload, {**config, "codec_base": base}, attachment)
         return messages
 
+    def upload_reference(self) -> State:
+        """The tensors a client's update must hold: the global state less what is only broadcast."""
+        if not self.broadcast_only:
+            return self.global_state
+        return {k: v for k, v in self.global_state.items() if k not in self.broadcast_only}
+
     def _client_start(self, node: int, message: Message) -> State:
-        """The state the client reconstructed from ``message``: where its uploaded difference starts."""
-        if self.codec_down.delta:
-            return self.links_down[node].reference
-        return self.codec_down.decode(message.payload)
+        """The state the client reconstructed from ``message`` (less what is only broadcast): where its uploaded
+        difference starts."""
+        start = self.links_down[node].reference if self.codec_down.delta else self.codec_down.decode(message.payload)
+        if not self.broadcast_only:
+            return start
+        return {k: v for k, v in start.items() if k not in self.broadcast_only}
 
     def _decode(self, node: int, reply: Reply, message: Message) -> State:
         """The client's trained state, as an update applied to the current global state.
@@ -235,7 +246,7 @@ class FederatedServer:
             try:
                 check_envelope(reply, result.round, self.max_update_bytes)
                 state = self._decode(node, reply, messages[node])
-                validate_update(state, self.global_state)
+                validate_update(state, self.upload_reference())
                 if self.control is not None:
                     controls[node] = scaffold.decode(reply.attachment, self.global_state, "control variate change")
             except (PayloadError, UpdateRejected) as exc:
