@@ -81,8 +81,8 @@ class Job:
         clients = self.server.runtime.local_handler
         if hasattr(clients, "load"):
             clients.load(client, self.server.global_state)
-        else:
-            load_trainable_state(self.model, self.server.global_state)
+        else:  # the clients live on Flower nodes: the global tensors, private ones (--personalize) as pretrained
+            load_trainable_state(self.model, {**self.initial, **self.server.global_state})
 
     def load_pretrained(self) -> None:
         """Put the pretrained model back (the initial trainable tensors and, with --lora-aggregation stack, the
@@ -277,17 +277,22 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
                client_evaluators(cfg, model, data, tokenizer), personalization)
 
 
-def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], dict[int, datasets.Dataset]]) -> Any:
+Tables = dict[int, datasets.Dataset]
+
+
+def build_client(cfg: RunConfig, setup: ClientSetup, tables: Callable[[Any], tuple[Tables, Tables]]) -> Any:
     """A client handler outside the server's process (a Flower node): the protocol's client for the backbone its
-    clients train, over the rows ``tables(tokenizer)`` gives (this node's own)."""
+    clients train, over the rows ``tables(tokenizer)`` gives (this node's own: its training rows and the rows it
+    holds out for its own evaluation)."""
     method = get_method(cfg.method.name)
     protocol = protocol_of(method).plugin()
     codec, codec_down = codecs_for(cfg, method)
     name = protocol.client_model(cfg)
     tokenizer = get_task(cfg.model.task).load_processor(name, cfg)
-    rows = tables(tokenizer)
+    rows, held_out = tables(tokenizer)
     model = build_model(cfg, method, name, setup.label_names, tokenizer)
-    return protocol.build_client(ClientParts(cfg, method, model, tokenizer, codec, codec_down, rows, setup))
+    return protocol.build_client(ClientParts(cfg, method, model, tokenizer, codec, codec_down, rows, setup,
+                                             eval_tables=held_out))
 
 
 def build_model(cfg: RunConfig, method: Method, name: str, label_names: list[str], tokenizer: Any) -> nn.Module:
@@ -305,12 +310,16 @@ def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> Federat
     """Labelled texts (classification) or instruction rows (causal LM), split over the clients."""
     public = PublicSpec(cfg.method.public_size, cfg.method.public_dataset) if protocol_of(method).public_set else None
     data = get_task(cfg.model.task).prepare_data(cfg, tokenizer, public)
+    fraction = held_out_fraction(cfg)
+    return data.holding_out(fraction, cfg.train.seed) if fraction else data
+
+
+def held_out_fraction(cfg: RunConfig) -> float:
+    """The share of each client's rows it holds out for its own evaluation (0: none)."""
     fraction = cfg.federation.client_eval_fraction
     if not fraction and parse_personalize(cfg.federation.personalize).enabled:
         fraction = DEFAULT_CLIENT_EVAL_FRACTION  # a personalized model is judged on its own client's rows
-    if fraction:
-        data = data.holding_out(fraction, cfg.train.seed)
-    return data
+    return fraction
 
 
 def client_evaluators(cfg: RunConfig, model: nn.Module, data: FederatedData,

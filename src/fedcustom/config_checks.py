@@ -32,10 +32,6 @@ def validate(cfg: RunConfig) -> None:
     if not 0.0 <= fed.client_eval_fraction < 1.0:
         raise ConfigError(f"federation.client_eval_fraction (--client-eval-fraction): {fed.client_eval_fraction!r} "
                           f"is not in [0, 1): the share of each client's rows held out for its own test")
-    if fed.client_eval_fraction and fed.runtime != "embedded":
-        raise ConfigError(f"--client-eval-fraction with --runtime {fed.runtime}: per-client evaluation scores each "
-                          f"client's held-out rows in this process; Flower nodes evaluating their own rows are not "
-                          f"implemented yet (use --runtime embedded)")
     if fed.client_profiles is not None:
         if fed.runtime != "embedded":
             raise ConfigError(f"--client-profiles with --runtime {fed.runtime}: device profiles simulate clients in "
@@ -43,11 +39,6 @@ def validate(cfg: RunConfig) -> None:
         from fedcustom.profiles import load_profiles
 
         load_profiles(fed.client_profiles)
-    from fedcustom.personalize import parse_personalize
-
-    if parse_personalize(fed.personalize).enabled and fed.runtime != "embedded":
-        raise ConfigError(f"--personalize with --runtime {fed.runtime}: each client's own model is scored in this "
-                          f"process; personalization on Flower nodes is not implemented yet (use --runtime embedded)")
     from fedcustom.tasks import get_task
 
     _positive("model.max_length (--max-length)", cfg.model.max_length,

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
+import logging
 import time
 from pathlib import Path
 from collections.abc import Callable
@@ -24,6 +24,7 @@ from rich.console import Console
 from fedcustom.assemble import Job, RuntimeFactory, build_job
 from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedcustom.codecs import RawCodec
 from fedcustom.config import RunConfig, build_config
 from fedcustom.convergence import EarlyStop, resolved_settings
 from fedcustom.device import model_device, peak_memory_mb
@@ -34,19 +35,24 @@ from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.rounds import RoundResult
+from fedcustom.runtime import Message
 from fedcustom.summary import summarize
 from fedcustom.tasks import get_task
 from fedcustom.tracking import Trackers
-from fedcustom.training import derive_seed, train_local
+from fedcustom.wire import EVALUATE, client_eval_config
 
 __all__ = ["build_job", "execute", "resume", "run"]  # build_job: the assembler's, re-exported for the run API
-FINETUNE = 7  # separates --personalize finetune:K's dropout and shuffling from the client's training seed
+log = logging.getLogger(__name__)
 
 
 def evaluate_clients(job: Job, result: RoundResult) -> None:
     """With per-client evaluation on: the round's global model scored on each client's held-out rows (its task's
     headline metric) into ``result.client_eval``, and with --personalize each client's own model into
-    ``result.client_eval_personal``."""
+    ``result.client_eval_personal``. Clients on Flower nodes score on their own rows (an evaluate message)."""
+    if job.server.runtime.local_handler is None:
+        if job.client_evaluators:
+            evaluate_on_nodes(job, result)
+        return
     if not job.client_evaluators:
         return
     metric = get_task(job.cfg.model.task).headline_metric
@@ -55,21 +61,36 @@ def evaluate_clients(job: Job, result: RoundResult) -> None:
     personal = job.personalization
     if not personal.enabled:
         return
+    clients = job.server.runtime.local_handler
     for client, evaluate in job.client_evaluators.items():
         job.load_model(client)
-        if personal.mode == "finetune":
-            finetune(job, client, personal.finetune_steps, result.round)
+        clients.finetune(client, eval_config(job), result.round)
         result.client_eval_personal[client] = float(evaluate()[metric])
     job.load_model()
 
 
-def finetune(job: Job, client: int, steps: int, rnd: int) -> None:
-    """``--personalize finetune:K``: K local steps of ``client`` on its training rows, from the model as loaded, at
-    the client rate (constant; nothing is sent or kept)."""
-    schedule = dataclasses.replace(job.schedule, steps=steps, examples=None, decay="constant", warmup_rounds=0,
-                                   per_step=False)
-    table = job.server.runtime.local_handler.client_tables[client]
-    train_local(job.model, table, job.tokenizer, schedule, derive_seed(job.cfg.train.seed, rnd, client, FINETUNE))
+def eval_config(job: Job) -> dict:
+    """The evaluate message's settings: --personalize finetune:K's local steps (none for the other modes)."""
+    personal = job.personalization
+    return client_eval_config(job.schedule, job.cfg.train.seed,
+                              personal.finetune_steps if personal.mode == "finetune" else 0)
+
+
+def evaluate_on_nodes(job: Job, result: RoundResult) -> None:
+    """Per-client evaluation on Flower: every node gets the global model (raw tensors) and replies with its
+    scores on the rows it holds out; a node that fails or does not answer is left out of this round's scores."""
+    runtime = job.server.runtime
+    payload = RawCodec().encode(job.server.global_state)
+    config = eval_config(job)
+    messages = {node: Message(EVALUATE, result.round, payload, config) for node in runtime.nodes()}
+    for node, reply in runtime.stream(messages):
+        if reply.error:
+            log.warning("client %d did not evaluate round %d: %s", node, result.round, reply.error)
+            continue
+        if "client_eval" in reply.metrics:
+            result.client_eval[node] = float(reply.metrics["client_eval"])
+        if "client_eval_personal" in reply.metrics:
+            result.client_eval_personal[node] = float(reply.metrics["client_eval_personal"])
 
 
 def save_global_model(job: Job) -> None:

@@ -1,11 +1,16 @@
 """The wire schema of a training message: its kind and the config keys a server writes and a client reads
-(the round's local schedule, drift correction, local DP). Every protocol that sends local training uses it."""
+(the round's local schedule, drift correction, local DP). Every protocol that sends local training uses it; the
+parameter-sharing protocol also sends ``evaluate`` (per-client evaluation on a node's own held-out rows)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from fedcustom.training import LocalSchedule
 
 TRAIN = "train"
+EVALUATE = "evaluate"  # score the global model (and this client's own) on the rows the client holds out
+FINETUNE_STREAM = 7  # separates --personalize finetune:K's dropout and shuffling from the client's training seed
 
 
 def schedule_to_config(schedule: LocalSchedule, seed: int, rnd: int | None = None) -> dict[str, int | float | bool | str]:
@@ -23,6 +28,14 @@ def schedule_to_config(schedule: LocalSchedule, seed: int, rnd: int | None = Non
     if schedule.precision != "fp32":
         config["precision"] = schedule.precision
     return config
+
+
+def client_eval_config(schedule: LocalSchedule, seed: int, finetune_steps: int = 0) -> dict[str, int | float | bool | str]:
+    """What an evaluate message says: --personalize finetune:K's K local steps (at the client's base rate,
+    constant, from the global model; nothing is sent or kept) before a client scores its own model."""
+    tuned = dataclasses.replace(schedule, steps=finetune_steps or None, examples=None, decay="constant",
+                                warmup_rounds=0, per_step=False)
+    return {**schedule_to_config(tuned, seed), "finetune_steps": finetune_steps}
 
 
 def drift_config(prox_mu: float, scaffold: bool) -> dict[str, float | bool]:

@@ -227,3 +227,23 @@ def test_stateful_codec_links_survive_the_per_message_clientapp_processes(tmp_pa
     assert [r["round"] for r in log] == [0, 1, 2]
     assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in log[1:])
     assert log[2]["eval_loss"] < log[0]["eval_loss"]
+
+
+def test_each_supernode_scores_the_global_and_its_own_model_on_rows_it_holds_out(tmp_path: Path, tiny_bert: str,
+                                                                                toy_csv: str) -> None:
+    """Per-client evaluation in a deployment: each owner holds out a quarter of its own file (15 of its 60 rows),
+    trains on the rest, keeps a private head (--personalize head) in its node state and scores both models on its
+    held-out rows; the server only gets the scores."""
+    out = tmp_path / "out"
+    with Cluster(tmp_path) as cluster:
+        _start_two_owners(cluster, _node_files(toy_csv, tmp_path), workers=True)
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--personalize", "head", "--client-eval-fraction", "0.25")
+    assert code == 0
+    log = _log(out)
+    assert all(r["rejected"] == {} and r["examples_seen"] == 90 for r in log[1:])  # 45 training rows per owner
+    for record in log:
+        for key in ("client_eval", "client_eval_personal"):
+            assert set(record[key]) == {"0", "1"}
+            assert all(abs(15 * score - round(15 * score)) < 1e-9 for score in record[key].values())  # k of 15 rows
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["client_accuracy_personal"]) == {"0", "1"} and "client_accuracy_worst10" in summary

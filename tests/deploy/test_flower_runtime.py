@@ -74,6 +74,40 @@ def test_flower_simulation_gives_the_embedded_runtimes_global_state(tiny_config,
 
 
 @pytest.mark.integration
+@pytest.mark.parametrize("personalize", ["head", "finetune:2"])
+def test_flower_nodes_score_themselves_on_their_own_rows_like_the_embedded_runtime(tiny_config, tmp_path,
+                                                                                  personalize) -> None:
+    # Prepare: per-client evaluation with a personalization that keeps a private head on each node (across
+    # rounds, in the node's state) or fine-tunes 2 local steps before scoring; only the runtime differs
+    settings = {"method__name": "lora", "train__lr": 3e-3, "federation__local_epochs": 1, "federation__clients": 3,
+                "federation__personalize": personalize, "federation__client_eval_fraction": 0.25,
+                "output__save_model": False}
+    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
+    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
+    # Execute
+    summaries = [run(embedded), run(simulated)]
+    # Assert: every node scored the global model and its own on its held-out rows each round, as in one process
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    for key in ("client_eval", "client_eval_personal"):
+        per_round = [[r[key] for r in log] for log in logs]
+        assert all(set(scores) == {"0", "1", "2"} for scores in per_round[1])
+        for ours, theirs in zip(*per_round, strict=True):
+            assert ours == pytest.approx(theirs, abs=1e-6)
+    assert [r["client_eval_personal"] for r in logs[1]] != [r["client_eval"] for r in logs[1]]
+    for key in ("client_accuracy_mean", "client_accuracy_personal_mean", "client_accuracy_personal_worst10"):
+        assert summaries[1][key] == pytest.approx(summaries[0][key], abs=1e-6)
+
+
+def test_a_deployment_with_private_tensors_on_its_nodes_is_not_resumed(tiny_config) -> None:
+    from fedcustom.deploy.flower.submit import resume_blockers
+
+    assert resume_blockers(tiny_config(method__name="lora", federation__personalize="head")) == [
+        "--personalize head (each node's private tensors)"]
+    assert resume_blockers(tiny_config(method__name="lora", federation__personalize="finetune:2")) == []
+
+
+@pytest.mark.integration
 @pytest.mark.parametrize("overrides", [
     {"method__name": "split", "method__cut_layer": 1, "method__split_head": "client", "federation__local_steps": 2},
     {"method__name": "distill", "method__public_size": 20, "data__max_train_examples": 100},
@@ -103,9 +137,9 @@ def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:
     from fedcustom.protocols.distill.protocol import DISTILL
     from fedcustom.protocols.split import protocol as split
     from fedcustom.deploy.flower.apps import make_client_app
-    from fedcustom.wire import TRAIN
+    from fedcustom.wire import EVALUATE, TRAIN
 
-    sent = {TRAIN, split.BEGIN, split.FORWARD, split.HEAD, split.BACKWARD, split.END, DISTILL}
+    sent = {TRAIN, EVALUATE, split.BEGIN, split.FORWARD, split.HEAD, split.BACKWARD, split.END, DISTILL}
     assert set(message_kinds()) == sent  # the registry names them without importing the protocols
     registered = set(make_client_app()._registered_funcs)
     assert {message_type(kind) for kind in sent - {TRAIN}} | {"train.default", "query.fedcustom_hello"} <= registered

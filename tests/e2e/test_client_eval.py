@@ -42,7 +42,6 @@ def test_each_client_is_scored_on_rows_it_held_out(tiny_config) -> None:
 
 @pytest.mark.parametrize("overrides, expected", [
     ({"federation__client_eval_fraction": 1.0}, "is not in [0, 1)"),
-    ({"federation__client_eval_fraction": 0.2, "federation__runtime": "flower-sim"}, "not implemented yet"),
     ({"federation__client_eval_fraction": 0.2, "method__name": "split"}, "has no single one per round"),
 ])
 def test_per_client_evaluation_mistakes_are_named(tiny_config, overrides: dict, expected: str) -> None:

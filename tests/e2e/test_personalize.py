@@ -146,7 +146,6 @@ def test_finetune_scores_each_client_after_local_steps_without_changing_training
 @pytest.mark.parametrize("overrides, expected", [
     ({"federation__personalize": "private"}, "'private'; expected none, head, lora-b-local, dual-lora"),
     ({"federation__personalize": "finetune:0"}, "finetune:K"),
-    ({"federation__personalize": "head", "federation__runtime": "flower-sim"}, "not implemented yet"),
     ({"federation__personalize": "head", "method__name": "split", "method__cut_layer": 1}, "--personalize with"),
     ({"federation__personalize": "lora-b-local", "method__name": "prefix"}, "trains none"),
     ({"federation__personalize": "dual-lora", "method__name": "prefix"}, "needs --method lora"),

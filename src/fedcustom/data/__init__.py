@@ -23,6 +23,15 @@ __all__ = ["FederatedData", "FileLayout", "PACKAGED_DATASETS", "LabeledData", "P
 HOLD_OUT_STREAM = 11  # separates the per-client test split's draws from every other seeded draw
 
 
+def hold_out(count: int, fraction: float, seed: int, client: int) -> tuple[list[int], list[int]]:
+    """Which of a client's ``count`` rows (positions) it keeps for training and which it holds out for its own
+    evaluation: ``fraction`` of them, seeded per client, at least one and never all (a single row is kept). The
+    server's simulation and a Flower node reading its own file draw the same."""
+    order = np.random.default_rng([seed, client, HOLD_OUT_STREAM]).permutation(count).tolist()
+    held = min(max(1, round(fraction * count)), count - 1) if count > 1 else 0
+    return order[held:], order[:held]
+
+
 @dataclass(frozen=True)
 class FederatedData:
     """Tokenized training rows split over clients, plus the server's held-out evaluation set."""
@@ -51,10 +60,9 @@ class FederatedData:
         rows to its own test rows; a client with a single row keeps it for training."""
         keep, held = [], []
         for client, rows in enumerate(self.client_indices):
-            order = np.random.default_rng([seed, client, HOLD_OUT_STREAM]).permutation(len(rows))
-            count = min(max(1, round(fraction * len(rows))), len(rows) - 1) if len(rows) > 1 else 0
-            held.append(sorted(rows[i] for i in order[:count]))
-            keep.append(sorted(rows[i] for i in order[count:]))
+            kept, out = hold_out(len(rows), fraction, seed, client)
+            held.append(sorted(rows[i] for i in out))
+            keep.append(sorted(rows[i] for i in kept))
         return dataclasses.replace(self, client_indices=keep, client_eval_indices=held)
 
     def retokenized(self, tokenizer: PreTrainedTokenizerBase, max_length: int) -> FederatedData:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import datasets
@@ -30,6 +30,8 @@ class ClientParts:
     tables: dict[int, datasets.Dataset]
     setup: ClientSetup
     adversary: Any = None  # fedcustom.protocols.sharing.client.Adversary: simulated poisoning (embedded only)
+    # the rows each client holds out for its own evaluation, where the client scores itself (a Flower node)
+    eval_tables: dict[int, datasets.Dataset] = field(default_factory=dict)
 
 
 @dataclass

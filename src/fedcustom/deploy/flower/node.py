@@ -92,31 +92,43 @@ def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) ->
     return {"examples": own["examples"], "label-histogram": json.dumps(own["histogram"])}
 
 
-def _own_table(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None, tokenizer: Any) -> Any:
-    """This node's tokenized rows: its own file, or (simulation) its partition of the run's dataset, prepared as
-    the server prepares it."""
+def _own_tables(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None,
+                tokenizer: Any) -> tuple[Any, Any]:
+    """This node's tokenized rows, for training and held out for its own evaluation (None when per-client
+    evaluation is off): its own file (held out as the simulation would draw it for this partition), or (simulation)
+    its partition of the run's dataset, prepared as the server prepares it."""
+    from fedcustom.assemble import held_out_fraction
+
     if data_path:
+        from fedcustom.data import hold_out
         from fedcustom.tasks import get_task
 
-        return get_task(cfg.model.task).own_table(cfg, setup.label_names, data_path, tokenizer)
+        table = get_task(cfg.model.task).own_table(cfg, setup.label_names, data_path, tokenizer)
+        fraction = held_out_fraction(cfg)
+        if not fraction:
+            return table, None
+        keep, held = hold_out(len(table), fraction, cfg.train.seed, partition)
+        return table.select(sorted(keep)), table.select(sorted(held))
     from fedcustom.assemble import prepare_task_data
     from fedcustom.methods import get_method
 
     data = prepare_task_data(cfg, get_method(cfg.method.name), tokenizer)
     if data.label_names != setup.label_names:
         raise FedCustomError(f"the server's labels {setup.label_names} differ from this node's {data.label_names}")
-    return data.client_table(partition)
+    held = data.client_eval_table(partition) if data.client_eval_indices is not None else None
+    return data.client_table(partition), held
 
 
 def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None) -> NodeClient:
     """The handler one data owner runs (the job assembler's client for this run's protocol), trained on this
-    node's own rows."""
+    node's own rows (and scoring itself on the rows it holds out)."""
     from fedcustom.assemble import build_client
 
-    def own_rows(tokenizer: Any) -> dict[int, Any]:
-        table = _own_table(cfg, setup, partition, data_path, tokenizer)
-        log.info("partition %d: %d local rows from %s", partition, len(table), data_path or "the run's dataset")
-        return {partition: table}
+    def own_rows(tokenizer: Any) -> tuple[dict[int, Any], dict[int, Any]]:
+        table, held = _own_tables(cfg, setup, partition, data_path, tokenizer)
+        log.info("partition %d: %d local rows from %s%s", partition, len(table), data_path or "the run's dataset",
+                 f", {len(held)} held out for its own evaluation" if held is not None else "")
+        return {partition: table}, ({partition: held} if held is not None else {})
 
     return NodeClient(build_client(cfg, setup, own_rows), partition)
 

@@ -146,6 +146,7 @@ def resume_blockers(cfg: RunConfig) -> list[str]:
     a new run starts without (the server's own state is in its checkpoint)."""
     from fedcustom.assemble import codecs_for
     from fedcustom.methods import get_method
+    from fedcustom.personalize import parse_personalize
     from fedcustom.protocols import protocol_of
 
     method = get_method(cfg.method.name)
@@ -158,6 +159,8 @@ def resume_blockers(cfg: RunConfig) -> list[str]:
         blockers.append("--dp-sgd (each node's privacy accountant)")
     if any(not codec.stateless for codec in codecs_for(cfg, method)):
         blockers.append(f"--codec {cfg.codec.up}/{cfg.codec.down or cfg.codec.up} (each node's link references)")
+    if parse_personalize(cfg.federation.personalize).keeps_private:
+        blockers.append(f"--personalize {cfg.federation.personalize} (each node's private tensors)")
     return blockers
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import datasets
@@ -17,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom import scaffold
 from fedcustom.attacks import MODEL_POISONING, poison_update
-from fedcustom.codecs import Codec, Link, SharedReferences, links_from_state, links_state
+from fedcustom.codecs import Codec, Link, RawCodec, SharedReferences, links_from_state, links_state
 from fedcustom.methods import load_trainable_state, trainable_state
 from fedcustom.methods.lora_capacity import ClientRanks
 from fedcustom.methods.lora_stack import StackedBase
@@ -31,7 +32,7 @@ from fedcustom.privacy.secure_round import unpack as unpack_secure
 from fedcustom.runtime import Message, Reply
 from fedcustom.tensorstate import SEP, group
 from fedcustom.training import DriftControl, derive_seed, train_local
-from fedcustom.wire import TRAIN, schedule_from_config
+from fedcustom.wire import EVALUATE, FINETUNE_STREAM, TRAIN, schedule_from_config
 
 SECAGG_KINDS = (ADVERTISE, SHARE, UNMASK)
 State = dict[str, torch.Tensor]
@@ -70,6 +71,8 @@ class TrainingClient:
         client_tables: dict[int, datasets.Dataset], codec_down: Codec | None = None,
         adversary: Adversary | None = None, personalization: Personalization | None = None,
         capacity: ClientRanks | ClientLengths | None = None, stacked: StackedBase | None = None,
+        eval_tables: dict[int, datasets.Dataset] | None = None,
+        score: Callable[[datasets.Dataset], float] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -94,6 +97,10 @@ class TrainingClient:
         self.capacity = capacity
         # --lora-aggregation stack: the adapted backbone weights arrive with every broadcast and are never sent back
         self.stacked = stacked
+        # per-client evaluation on a Flower node: the rows each client holds out, and the task's headline metric of
+        # the model as loaded on such rows (the embedded runtime scores in the server's process instead)
+        self.eval_tables = eval_tables or {}
+        self.score = score
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
@@ -143,8 +150,34 @@ class TrainingClient:
             return self.train_masked(node_id, message)
         if message.kind in SECAGG_KINDS:
             return self.secure.handle(node_id, message, len(self.client_tables[node_id]))
-        return Reply(error=f"unknown message kind {message.kind!r}; this client handles {TRAIN!r}, {TRAIN_MASKED!r} "
-                           f"and {', '.join(SECAGG_KINDS)}")
+        if message.kind == EVALUATE:
+            return self.evaluate(node_id, message)
+        return Reply(error=f"unknown message kind {message.kind!r}; this client handles {TRAIN!r}, {TRAIN_MASKED!r}, "
+                           f"{EVALUATE!r} and {', '.join(SECAGG_KINDS)}")
+
+    def evaluate(self, node_id: int, message: Message) -> Reply:
+        """Per-client evaluation: the global model of the message (raw safetensors, off the codec links) and, with
+        --personalize, this client's own model, scored on the rows it holds out; metrics only, nothing uploaded. A
+        client without held-out rows replies with no metrics."""
+        rows = self.eval_tables.get(node_id)
+        if self.score is None or rows is None or len(rows) == 0:
+            return Reply(b"", 0, {}, round=message.round)
+        shared = RawCodec().decode(message.payload)
+        self.load(None, shared)
+        metrics = {"client_eval": self.score(rows)}
+        if self.personalization.enabled:
+            self.load(node_id, shared)
+            self.finetune(node_id, message.config, message.round)
+            metrics["client_eval_personal"] = self.score(rows)
+        return Reply(b"", len(rows), metrics, round=message.round)
+
+    def finetune(self, node_id: int, config: dict, rnd: int) -> None:
+        """``--personalize finetune:K``: K local steps of the loaded model on this client's training rows, as
+        ``config`` (wire.client_eval_config) says; nothing when K is 0."""
+        steps = int(config.get("finetune_steps", 0))
+        if steps:
+            seed = derive_seed(int(config["seed"]), rnd, node_id, FINETUNE_STREAM)
+            train_local(self.model, self.client_tables[node_id], self.tokenizer, schedule_from_config(config), seed)
 
     def _receive(self, node_id: int, message: Message) -> dict:
         """Decode the global state; a difference is applied to this node's last reconstruction."""

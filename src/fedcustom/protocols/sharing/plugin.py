@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
 import torch
 
 from fedcustom.config import RunConfig
@@ -11,6 +15,7 @@ from fedcustom.methods.lora_stack import StackedBase, stacks
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
 from fedcustom.personalize import parse_personalize
 from fedcustom.profiles import profile_ranks
+from fedcustom.tasks import get_task
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.protocols.sharing.client import TrainingClient
 from fedcustom.protocols.sharing.server import FederatedServer
@@ -28,8 +33,24 @@ def build_client(parts: ClientParts) -> TrainingClient:
     lengths = lengths_for(cfg) if cfg.method.name in PROMPT_METHODS else []
     capacity = ClientRanks(parts.model, ranks) if ranks else ClientLengths(parts.model, lengths) if lengths else None
     stacked = StackedBase(parts.model, cfg.method.lora_alpha / cfg.method.lora_r) if stacks(cfg) else None
+    score = held_out_score(cfg, parts.model, parts.tokenizer) if parts.eval_tables else None
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
-                          parse_personalize(cfg.federation.personalize), capacity, stacked)
+                          parse_personalize(cfg.federation.personalize), capacity, stacked, parts.eval_tables, score)
+
+
+@dataclass(frozen=True)
+class HeldOutRows:
+    """What a task's evaluator reads, for a client's own held-out rows (no generation prompts)."""
+
+    eval: Any
+    eval_prompts: list | None = None
+    eval_references: list | None = None
+
+
+def held_out_score(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any) -> Callable[[Any], float]:
+    """The task's headline metric of ``model`` (as it is when called) on a client's held-out rows."""
+    task = get_task(cfg.model.task)
+    return lambda rows: float(task.evaluator(cfg, model, HeldOutRows(rows), tokenizer)()[task.headline_metric])
 
 
 
