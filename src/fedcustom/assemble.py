@@ -78,16 +78,21 @@ class Job:
     def load_model(self, client: int | None = None) -> None:
         """Put the global model in ``model`` (``client``: that client's own, with its private tensors
         (--personalize) and its LoRA rank (--lora-ranks))."""
-        clients = self.server.runtime.local_handler
+        clients = self.in_process_client()
         if hasattr(clients, "load"):
             clients.load(client, self.server.global_state)
-        else:  # the clients live on Flower nodes: the global tensors, private ones (--personalize) as pretrained
-            load_trainable_state(self.model, {**self.initial, **self.server.global_state})
+        else:
+            load_trainable_state(self.model, self.server.global_state)
+
+    def in_process_client(self) -> Any:
+        """The client handler in this process that loads states into ``model``: the one the embedded runtime
+        calls, or (clients on Flower nodes) the server's own, holding only pretrained private tensors."""
+        return getattr(self.server, "in_process", None) or self.server.runtime.local_handler
 
     def load_pretrained(self) -> None:
         """Put the pretrained model back (the initial trainable tensors and, with --lora-aggregation stack, the
         pretrained backbone weights the rounds merged their updates into): where a centralized baseline starts."""
-        stacked = getattr(self.server.runtime.local_handler, "stacked", None)
+        stacked = getattr(self.in_process_client(), "stacked", None)
         if stacked is not None:
             stacked.apply(stacked.initial)
         load_trainable_state(self.model, self.initial)
@@ -194,25 +199,23 @@ def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
 def check_stack_support(cfg: RunConfig) -> None:
     """--lora-aggregation stack merges the clients' own products into the backbone, which every broadcast then
     carries: plain client factors (no robust strategy, central DP noise or secure aggregation in between), no
-    control variate over the backbone (SCAFFOLD), a full-precision backbone, and the embedded runtime (the only one
-    it is tested on)."""
+    control variate over the backbone (SCAFFOLD) and a full-precision backbone."""
     fed, priv = cfg.federation, cfg.privacy
     personal = parse_personalize(fed.personalize).mode
     clash = [name for name, on in [
         (f"--strategy {fed.strategy}", fed.strategy != "fedavg"), ("--dp central", priv.dp == "central"),
         ("--secagg", priv.secagg), ("--scaffold", fed.scaffold),
         (f"--load-in {cfg.model.load_in}", bool(cfg.model.load_in)),
-        (f"--personalize {fed.personalize}", personal in ("dual-lora", "local")),
-        (f"--runtime {fed.runtime}", fed.runtime != "embedded")] if on]
+        (f"--personalize {fed.personalize}", personal in ("dual-lora", "local"))] if on]
     if clash:
         raise ConfigError(f"--lora-aggregation stack with {', '.join(clash)}: stack merges the average of the clients' "
-                          f"own B A products into the full-precision backbone each round (FedAvg, embedded runtime; "
-                          f"--personalize head and finetune:K work); use --lora-aggregation svd or fedavg with it")
+                          f"own B A products into the full-precision backbone each round (FedAvg; --personalize head "
+                          f"and finetune:K work); use --lora-aggregation svd or fedavg with it")
 
 
 def check_prompt_capacity(cfg: RunConfig, method: Method) -> None:
-    """--prefix-lengths (or a profile's prefix_length): prompt and prefix tuning, embedded, each token averaged over
-    its holders (so plain FedAvg of plain client updates)."""
+    """--prefix-lengths (or a profile's prefix_length): prompt and prefix tuning, each token averaged over its
+    holders (so plain FedAvg of plain client updates)."""
     explicit = bool(cfg.method.prefix_lengths.strip())
     lengths = lengths_for(cfg)
     if not (explicit or lengths):
@@ -225,12 +228,11 @@ def check_prompt_capacity(cfg: RunConfig, method: Method) -> None:
     clash = [name for name, on in [
         (f"--strategy {fed.strategy}", fed.strategy != "fedavg"), ("--dp central", priv.dp == "central"),
         ("--secagg", priv.secagg),
-        (f"--personalize {fed.personalize}", parse_personalize(fed.personalize).keeps_private),
-        (f"--runtime {fed.runtime}", fed.runtime != "embedded")] if on]
+        (f"--personalize {fed.personalize}", parse_personalize(fed.personalize).keeps_private)] if on]
     if clash:
         raise ConfigError(f"{where} with {', '.join(clash)}: each virtual token is averaged over the clients that "
-                          f"hold it, from each client's own update (FedAvg, embedded runtime, no private tensors; "
-                          f"--personalize finetune:K works)")
+                          f"hold it, from each client's own update (FedAvg, no private tensors; --personalize "
+                          f"finetune:K works)")
 
 
 def strategy_for(cfg: RunConfig) -> Strategy:

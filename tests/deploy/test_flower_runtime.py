@@ -99,6 +99,32 @@ def test_flower_nodes_score_themselves_on_their_own_rows_like_the_embedded_runti
         assert summaries[1][key] == pytest.approx(summaries[0][key], abs=1e-6)
 
 
+@pytest.mark.integration
+@pytest.mark.parametrize("overrides", [
+    {"method__name": "lora", "method__lora_ranks": "1,2", "method__lora_aggregation": "stack"},
+    {"method__name": "lora", "method__lora_ranks": "1,2", "method__lora_aggregation": "svd"},
+    {"method__name": "prefix", "method__num_virtual_tokens": 4, "method__prefix_lengths": "2,4"},
+], ids=["ranks-stack", "ranks-svd", "prefix-lengths"])
+def test_flower_nodes_with_their_own_capacity_train_like_the_embedded_runtime(tiny_config, tmp_path,
+                                                                             overrides) -> None:
+    # Prepare: each node trains at its own LoRA rank (merged by FLoRA's stack into the backbone the broadcast
+    # carries, or by FlexLoRA's svd) or with its own number of virtual tokens; only the runtime differs
+    settings = {"train__lr": 3e-3, "federation__local_epochs": 1, "output__save_model": False, **overrides}
+    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
+    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
+    # Execute
+    summaries = [run(embedded), run(simulated)]
+    # Assert: the same losses and bytes each round through Flower's messages as in one process
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in logs[1][1:])
+    assert [r["bytes_up"] for r in logs[0]] == [r["bytes_up"] for r in logs[1]]
+    assert [r["train_loss"] for r in logs[0]] == pytest.approx([r["train_loss"] for r in logs[1]], abs=1e-6)
+    assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-6)
+    assert logs[1][-1]["eval_loss"] != logs[1][0]["eval_loss"]
+    assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
+
+
 def test_a_deployment_with_private_tensors_on_its_nodes_is_not_resumed(tiny_config) -> None:
     from fedcustom.deploy.flower.submit import resume_blockers
 

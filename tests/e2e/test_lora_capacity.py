@@ -175,7 +175,6 @@ def test_stack_saves_the_merged_model_and_its_baseline_starts_from_the_pretraine
     ({"method__lora_aggregation": "stack", "federation__strategy": "krum:0"}, "--lora-aggregation stack with --strategy"),
     ({"method__lora_aggregation": "stack", "federation__scaffold": True, "privacy__secagg": True},
      "--lora-aggregation stack with --secagg, --scaffold"),
-    ({"method__lora_aggregation": "stack", "federation__runtime": "flower-sim"}, "--runtime flower-sim"),
     ({"method__lora_aggregation": "stack", "federation__personalize": "dual-lora"}, "--personalize dual-lora"),
 ])
 def test_bad_capacity_settings_are_one_clear_error(tiny_config, overrides: dict, expected: str) -> None:

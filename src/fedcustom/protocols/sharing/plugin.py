@@ -70,5 +70,5 @@ def build_server(parts: ServerParts) -> FederatedServer:
         parts.runtime(client), parts.strategy, parts.codec, {**shared, **base}, evaluate_state,
         parts.schedule, clients_per_round(cfg), cfg.train.seed, parts.codec_down, cfg.federation.min_available,
         safeguards_for(cfg), convergence_for(cfg, parts.method, parts.schedule), aggregation_for(cfg),
-        frozenset(base),
+        frozenset(base), client,
     )

@@ -15,6 +15,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -69,7 +70,7 @@ class FederatedServer:
         evaluate: Evaluator, schedule: LocalSchedule, clients_per_round: int, seed: int,
         codec_down: Codec | None = None, min_available: int = 1, safeguards: Safeguards | None = None,
         convergence: Convergence | None = None, aggregation: Aggregation | None = None,
-        broadcast_only: frozenset[str] = frozenset(),
+        broadcast_only: frozenset[str] = frozenset(), in_process: Any = None,
     ) -> None:
         self.runtime = runtime
         self.min_available = min_available  # fewest valid updates that change the global state
@@ -82,6 +83,9 @@ class FederatedServer:
         self.global_state = {k: v.clone() for k, v in initial_state.items()}
         # tensors clients receive but never send back (--lora-aggregation stack: the backbone weights LoRA adapts)
         self.broadcast_only = broadcast_only
+        # the client handler in this process (embedded: the one the runtime calls; Flower: the one the global model
+        # is evaluated with), which puts a state into the shared model
+        self.in_process = in_process
         self.evaluate = evaluate
         self.schedule = schedule
         self.clients_per_round = clients_per_round
