@@ -26,7 +26,8 @@ def rows(records: list[dict]) -> list[dict[str, Any]]:
                     "personal_worst10": s["client_accuracy_personal_worst10"],
                     "personal_per_round": s["client_accuracy_personal_mean_per_round"],
                     "global_per_round": s["client_accuracy_mean_per_round"],
-                    "mb_up": s["bytes_up_per_round"] / MB, "wall": s["wall_seconds"],
+                    "mb_up": s["bytes_up_per_round"] / MB, "mb_down": s["bytes_down_per_round"] / MB,
+                    "wall": s["wall_seconds"],
                     "simulated_s": s.get("simulated_seconds_total"), "client_flops": s.get("client_flops_per_round")})
     return out
 
@@ -144,21 +145,22 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
              "the lowest tenth (worst 10%). `global`: the federated model; `own`: each client's personalized model. "
              "The finetune rows' global columns are plain FedAvg (finetune changes only the evaluation).", "",
              "| variant | split | global mean | global worst 10% | own mean | own worst 10% | global test accuracy | "
-             "MB up per client per round |", "|---|---|---|---|---|---|---|---|"]
+             "MB up per client per round | MB down per client per round |", "|---|---|---|---|---|---|---|---|---|"]
     for r in table:
         lines.append(f"| {r['variant']} | {r['split']} | {r['global_mean']:.3f} | {r['global_worst10']:.3f} | "
                      f"{r['personal_mean']:.3f} | {r['personal_worst10']:.3f} | {r['test_accuracy']:.3f} | "
-                     f"{r['mb_up']:.3f} |")
+                     f"{r['mb_up']:.3f} | {r['mb_down']:.3f} |")
     lines += ["", "Own-model mean client accuracy per round (round 0: before training):", ""]
     lines += [f"- {r['variant']}, {r['split']}: " + ", ".join(f"{a:.3f}" for a in r["personal_per_round"] if a is not None)
               for r in table]
     lines += ["", "## Targets", ""] + [f"- {t['target']}: {t['measured']} — {'met' if t['met'] else 'not met'}"
                                        for t in result["targets"]]
     lines += ["", "The ranks-* rows: clients of LoRA rank 2, 4 and 8 (cycled) on a rank-8 adapter, merged by "
-              "averaging the factors (fedavg), with A frozen (ffa) or by their products (svd); their finetune:5 "
-              "own-model columns add 5 local steps.", ""]
+              "averaging the factors (fedavg), with A frozen (ffa), by their products factored back to each "
+              "client's rank (svd, FlexLoRA) or by their products merged into the backbone each round (stack, "
+              "FLoRA; its MB down is the dense adapted weights); their finetune:5 own-model columns add 5 local "
+              "steps.", ""]
     lines += local_lines(table)
-    lines += ["Not measured here (not built yet): FLoRA's stacking."]
     lines += lengths_lines(table)
     if table:
         lines += ["", f"![client accuracy]({PLOT})"]
