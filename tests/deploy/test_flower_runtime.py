@@ -82,13 +82,9 @@ def test_flower_nodes_score_themselves_on_their_own_rows_like_the_embedded_runti
     settings = {"method__name": "lora", "train__lr": 3e-3, "federation__local_epochs": 1, "federation__clients": 3,
                 "federation__personalize": personalize, "federation__client_eval_fraction": 0.25,
                 "output__save_model": False}
-    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
-    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
     # Execute
-    summaries = [run(embedded), run(simulated)]
+    summaries, logs = _on_both_runtimes(tiny_config, tmp_path, settings)
     # Assert: every node scored the global model and its own on its held-out rows each round, as in one process
-    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
-            for d in ("embedded", "flower-sim")]
     for key in ("client_eval", "client_eval_personal"):
         per_round = [[r[key] for r in log] for log in logs]
         assert all(set(scores) == {"0", "1", "2"} for scores in per_round[1])
@@ -99,32 +95,6 @@ def test_flower_nodes_score_themselves_on_their_own_rows_like_the_embedded_runti
         assert summaries[1][key] == pytest.approx(summaries[0][key], abs=1e-6)
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("overrides", [
-    {"method__name": "lora", "method__lora_ranks": "1,2", "method__lora_aggregation": "stack"},
-    {"method__name": "lora", "method__lora_ranks": "1,2", "method__lora_aggregation": "svd"},
-    {"method__name": "prefix", "method__num_virtual_tokens": 4, "method__prefix_lengths": "2,4"},
-], ids=["ranks-stack", "ranks-svd", "prefix-lengths"])
-def test_flower_nodes_with_their_own_capacity_train_like_the_embedded_runtime(tiny_config, tmp_path,
-                                                                             overrides) -> None:
-    # Prepare: each node trains at its own LoRA rank (merged by FLoRA's stack into the backbone the broadcast
-    # carries, or by FlexLoRA's svd) or with its own number of virtual tokens; only the runtime differs
-    settings = {"train__lr": 3e-3, "federation__local_epochs": 1, "output__save_model": False, **overrides}
-    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
-    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
-    # Execute
-    summaries = [run(embedded), run(simulated)]
-    # Assert: the same losses and bytes each round through Flower's messages as in one process
-    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
-            for d in ("embedded", "flower-sim")]
-    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in logs[1][1:])
-    assert [r["bytes_up"] for r in logs[0]] == [r["bytes_up"] for r in logs[1]]
-    assert [r["train_loss"] for r in logs[0]] == pytest.approx([r["train_loss"] for r in logs[1]], abs=1e-6)
-    assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-6)
-    assert logs[1][-1]["eval_loss"] != logs[1][0]["eval_loss"]
-    assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
-
-
 def test_a_deployment_with_private_tensors_on_its_nodes_is_not_resumed(tiny_config) -> None:
     from fedcustom.deploy.flower.submit import resume_blockers
 
@@ -133,22 +103,33 @@ def test_a_deployment_with_private_tensors_on_its_nodes_is_not_resumed(tiny_conf
     assert resume_blockers(tiny_config(method__name="lora", federation__personalize="finetune:2")) == []
 
 
+def _on_both_runtimes(tiny_config, tmp_path, settings: dict) -> tuple[list[dict], list[list[dict]]]:
+    """The same job embedded and on Flower's simulation engine: both summaries and both round logs."""
+    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
+    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
+    summaries = [run(embedded), run(simulated)]
+    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
+            for d in ("embedded", "flower-sim")]
+    return summaries, logs
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("overrides", [
     {"method__name": "split", "method__cut_layer": 1, "method__split_head": "client", "federation__local_steps": 2},
     {"method__name": "distill", "method__public_size": 20, "data__max_train_examples": 100},
-], ids=["split-u-shaped", "distill"])
+    {"method__name": "lora", "method__lora_ranks": "1,2", "method__lora_aggregation": "stack"},
+    {"method__name": "lora", "method__lora_ranks": "1,2", "method__lora_aggregation": "svd"},
+    {"method__name": "prefix", "method__num_virtual_tokens": 4, "method__prefix_lengths": "2,4"},
+], ids=["split-u-shaped", "distill", "ranks-stack", "ranks-svd", "prefix-lengths"])
 def test_flower_simulation_runs_the_many_message_protocols_like_the_embedded_runtime(tiny_config, tmp_path,
                                                                                      overrides) -> None:
-    # Prepare: split exchanges five kinds of message per batch; distillation ships the public texts to the nodes
+    # Prepare: split exchanges five kinds of message per batch; distillation ships the public texts to the nodes;
+    # per-client LoRA ranks (merged by FLoRA's stack into the backbone the broadcast carries, or by FlexLoRA's svd)
+    # and per-client prefix lengths live on the nodes
     settings = {"train__lr": 3e-3, "federation__local_epochs": 1, "output__save_model": False, **overrides}
-    embedded = tiny_config(**settings, output__dir=str(tmp_path / "embedded"))
-    simulated = tiny_config(**settings, output__dir=str(tmp_path / "flower-sim"), federation__runtime="flower-sim")
     # Execute
-    summaries = [run(embedded), run(simulated)]
+    summaries, logs = _on_both_runtimes(tiny_config, tmp_path, settings)
     # Assert: the same rounds, bytes and losses through Flower's messages as in one process
-    logs = [[json.loads(line) for line in (tmp_path / d / "round_log.jsonl").read_text().splitlines()]
-            for d in ("embedded", "flower-sim")]
     assert [r["round"] for r in logs[1]] == [0, 1, 2]
     assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in logs[1][1:])
     assert [r["bytes_up"] for r in logs[0]] == [r["bytes_up"] for r in logs[1]]
