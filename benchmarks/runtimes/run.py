@@ -6,8 +6,8 @@ sends one message to every node at once, so with 2 nodes this is about what one 
 with 10 nodes on 2 cores it is mostly the nodes competing for the cores), and the peak resident memory of all
 processes of the run together (sampled every 0.2 s with psutil).
 
-Workloads: ``prefix`` (MiniLM prefix tuning, one message per node per round) and ``split`` (split learning, three
-messages per batch: s/batch is a steady round's seconds over its batches). ``--ping N`` also times N no-op
+Workloads: ``prefix`` (MiniLM prefix tuning, one message per node per round) and ``split`` (split learning, one
+exchange per batch: s/batch is a steady round's seconds over its batches). ``--ping N`` also times N no-op
 round trips to each node (``fedcustom ping``) on both SuperLink runtimes: a message's cost apart from its work.
 
 Writes results.json and results.md beside this script; rows not re-run are kept, and the numbers measured before
@@ -188,7 +188,7 @@ def main() -> None:
     args = parser.parse_args()
     path = HERE / "results.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping")}
+    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "split_before_fused")}
     results = [{**r, "workload": r.get("workload", "prefix")} for r in saved.get("results", []) if "key" in r]
     for clients in args.clients:
         for kind in args.workloads:
@@ -230,13 +230,21 @@ def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None
     split = [r for r in results if r["workload"] == "split"]
     if split:
         base = {r["clients"]: r["s_per_batch"] for r in split if r["key"] == "embedded"}
-        lines += ["", "Split learning (`--method split --cut-layer 3`, 3 messages per batch, 4 batches per client per "
-                  "round, 40 eval rows): s / batch is a steady round over its batches.", "",
+        lines += ["", "Split learning (`--method split --cut-layer 3`, 4 batches per client per round, 40 eval rows; "
+                  "one exchange per batch: its backward and the next batch's forward, plus begin and end per client): "
+                  "s / batch is a steady round over its batches.", "",
                   "| runtime | clients | rounds (s) | s / batch | x embedded |", "|---|---:|---|---:|---:|"]
         for r in sorted(split, key=lambda r: (r["clients"], RUNTIMES.index(r["key"]))):
             ratio = f"{r['s_per_batch'] / base[r['clients']]:.1f}" if r["clients"] in base else "-"
             lines.append(f"| {r['runtime']} | {r['clients']} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} | "
                          f"{r['s_per_batch']:.2f} | {ratio} |")
+    if kept["split_before_fused"]:
+        lines += ["", "Split learning before a batch's backward and the next forward shared one exchange (two "
+                  "exchanges per batch: an empty forward request, then the backward), as measured then:", "",
+                  "| runtime | clients | rounds (s) | s / batch | x embedded then | measured |",
+                  "|---|---:|---|---:|---:|---|"]
+        lines += [f"| {r['runtime']} | {r['clients']} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} | "
+                  f"{r['s_per_batch']:.2f} | {r['x_embedded']:.1f} | {r['measured']} |" for r in kept["split_before_fused"]]
     if kept["ping"]:
         lines += ["", "Per-message overhead (`fedcustom ping`: a no-op query to every node, round trips after the "
                   "first):", "", "| runtime | clients | median s | mean s | p90 s | max s | first round s |",

@@ -36,7 +36,7 @@ def test_messages_and_replies_survive_the_flower_records_bytes_for_bytes() -> No
     assert message_back == Message("train", 3, payload, {**message.config, "extra": "x"}, payload[:999])
     assert reply_back == reply
     assert failed_back.error == "out of memory" and failed_back.payload == b""
-    assert message_type("train") == "train" and message_type("split_forward") == "train.split_forward"
+    assert message_type("train") == "train" and message_type("split_backward") == "train.split_backward"
 
 
 def test_content_from_something_else_is_a_clear_error() -> None:
@@ -146,7 +146,7 @@ def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:
     from fedcustom.deploy.flower.apps import make_client_app
     from fedcustom.wire import EVALUATE, TRAIN
 
-    sent = {TRAIN, EVALUATE, split.BEGIN, split.FORWARD, split.HEAD, split.BACKWARD, split.END, DISTILL}
+    sent = {TRAIN, EVALUATE, split.BEGIN, split.HEAD, split.BACKWARD, split.END, DISTILL}
     assert set(message_kinds()) == sent  # the registry names them without importing the protocols
     registered = set(make_client_app()._registered_funcs)
     assert {message_type(kind) for kind in sent - {TRAIN}} | {"train.default", "query.fedcustom_hello"} <= registered

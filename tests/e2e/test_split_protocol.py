@@ -19,7 +19,7 @@ from conftest import toy_rows
 from fedcustom.codecs import get_codec
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.methods.split import cut_model
-from fedcustom.protocols.split.protocol import BACKWARD, END, FORWARD, SplitClient, SplitServer, client_half_state
+from fedcustom.protocols.split.protocol import BACKWARD, BEGIN, END, SplitClient, SplitServer, client_half_state
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
 from fedcustom.strategies.fedavg import FedAvg, weighted_average
 from fedcustom.training import LocalSchedule, evaluate
@@ -67,11 +67,18 @@ def test_split_rounds_train_count_bytes_and_merge_client_halves(tiny_bert: str) 
     # Assert: it learns, and the clients' halves trained too (not only the server's)
     assert after < before
     assert any(not torch.equal(initial_half[k], server.global_client_half[k]) for k in initial_half)
-    # Assert: one forward/backward exchange per batch, activations of shape (batch, seq, hidden)
+    # Assert: one exchange per batch (its backward, the next batch's forward) besides begin and end, activations
+    # of shape (batch, seq, hidden)
     last = results[-1]
-    assert last.batches == {0: math.ceil(20 / BATCH), 1: math.ceil(30 / BATCH)}
-    forwards = [(n, codec.decode(r.payload)) for n, m, r in recorder.log if m.kind == FORWARD and m.round == 4 and r.payload]
-    assert all(w["activations"].shape[-1] == model.config.hidden_size and w["activations"].dim() == 3 for _, w in forwards)
+    batches = {0: math.ceil(20 / BATCH), 1: math.ceil(30 / BATCH)}
+    assert last.batches == batches
+    for node, count in batches.items():
+        kinds = [m.kind for n, m, _ in recorder.log if n == node and m.round == 4]
+        assert kinds == [BEGIN] + [BACKWARD] * count + [END]
+    forwards = [codec.decode(r.payload) for n, m, r in recorder.log
+                if m.kind in (BEGIN, BACKWARD) and m.round == 4 and r.payload]
+    assert len(forwards) == sum(batches.values())
+    assert all(w["activations"].shape[-1] == model.config.hidden_size and w["activations"].dim() == 3 for w in forwards)
     # Assert: bytes are exactly what travelled in round 4, per client and direction
     for node in (0, 1):
         exchanged = [(m, r) for n, m, r in recorder.log if n == node and m.round == 4]

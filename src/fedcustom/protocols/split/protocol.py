@@ -3,16 +3,20 @@
 Per round, for each sampled client in turn (SplitFed-V2: the server half trains on one client's
 batches after another):
 
-    server --split_begin(client-half global state, schedule)--> client   loads it, builds its batches
-    loop:  server --split_forward--> client   runs embeddings + layers [0, K) on its next batch
-           client --activations, mask, labels--> server   server half: forward, loss, backward, step
-           server --split_backward(grad at the cut)--> client   back-propagates, steps its optimizer
+    server --split_begin(client-half global state, schedule)--> client   loads it, builds its batches,
+           client --activations, mask, labels of its first batch--> server   (embeddings + layers [0, K))
+    loop:  server half: forward, loss, backward, step
+           server --split_backward(grad at the cut)--> client   back-propagates, steps its optimizer,
+           client --activations, mask, labels of its next batch (or done)--> server
     server --split_end--> client   replies with its trained client half
 
 and the client halves are merged with the strategy (FedAvg). U-shaped (head on the client), the
 labels stay on the client and each batch takes one more exchange: the server sends its last hidden
-states (``split_head``) and the client returns the gradient of its loss with respect to them. Every exchange is one Message/Reply,
-so the same protocol will run on Flower; bytes are the real encoded payloads in both directions.
+states (``split_head``) and the client returns the gradient of its loss with respect to them. Every exchange is one
+Message/Reply, so the same protocol runs on Flower; bytes are the real encoded payloads in both directions. A
+batch's backward and the next batch's forward share one exchange (the client computes them in that order either
+way): on a SuperLink each exchange costs a round trip through the SuperLink (measured in benchmarks/runtimes), and a
+separate forward request was half of them.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from fedcustom.wire import schedule_from_config, schedule_to_config
 
 log = logging.getLogger(__name__)
 
-BEGIN, FORWARD, HEAD, BACKWARD, END = "split_begin", "split_forward", "split_head", "split_backward", "split_end"
+BEGIN, HEAD, BACKWARD, END = "split_begin", "split_head", "split_backward", "split_end"
 State = dict[str, torch.Tensor]
 T = TypeVar("T")
 
@@ -98,7 +102,7 @@ class SplitClient:
         self.sessions: dict[int, _Session] = {}
 
     def __call__(self, node_id: int, message: Message) -> Reply:
-        handlers = {BEGIN: self.begin, FORWARD: self.forward, HEAD: self.head, BACKWARD: self.backward, END: self.end}
+        handlers = {BEGIN: self.begin, HEAD: self.head, BACKWARD: self.backward, END: self.end}
         if message.kind not in handlers:
             return Reply(error=f"unknown message kind {message.kind!r}; this client handles {', '.join(handlers)}")
         if message.kind != BEGIN and node_id not in self.sessions:
@@ -121,9 +125,10 @@ class SplitClient:
         return session
 
     def begin(self, node_id: int, message: Message) -> Reply:
+        """Load the global client half, open the round's session and reply with the first batch's activations."""
         _copy_into(self.split.client_parameters(), self.codec.decode(message.payload))
-        session = self._open(node_id, dict(message.config), message.round)
-        return Reply(num_examples=session.num_examples)
+        self._open(node_id, dict(message.config), message.round)
+        return self.forward(node_id)
 
     @staticmethod
     @contextmanager
@@ -145,7 +150,9 @@ class SplitClient:
         session.flops += flops
         return activations
 
-    def forward(self, node_id: int, message: Message) -> Reply:
+    def forward(self, node_id: int) -> Reply:
+        """The client half on the session's next batch: its activations (with the labels unless U-shaped), or
+        ``done`` when the batches are used up."""
         session = self.sessions[node_id]
         batch = next(session.batches, None)
         if batch is None:
@@ -174,6 +181,7 @@ class SplitClient:
         return Reply(payload=self.codec.encode({"grad": grad}), metrics={"loss": float(loss)})
 
     def backward(self, node_id: int, message: Message) -> Reply:
+        """Back-propagate the server's gradient at the cut, step, and reply with the next batch's forward."""
         session = self.sessions[node_id]
         grad = self.codec.decode(message.payload)["grad"].to(model_device(self.split.model))
         if session.activations is None and session.pending is not None:  # restarted since the forward
@@ -186,7 +194,7 @@ class SplitClient:
         session.optimizer.step()
         session.optimizer.zero_grad(set_to_none=True)
         session.activations = session.pending = session.rng_before = None
-        return Reply()
+        return self.forward(node_id)
 
     def end(self, node_id: int, message: Message) -> Reply:
         session = self.sessions.pop(node_id)
@@ -361,10 +369,10 @@ class SplitServer:
     def _train_client(self, rnd: int, node: int, result: SplitRoundResult, losses: list[float]) -> ClientUpdate:
         config = schedule_to_config(self.schedule, self.seed)
         begin = Message(BEGIN, rnd, self.codec.encode(self.global_client_half), config)
-        self._exchange(node, begin, result)
+        reply = self._exchange(node, begin, result)  # the first batch's activations
         self.split.model.train()
         step = self._u_shaped_step if self.split.head_on_client else self._server_step
-        while (reply := self._exchange(node, Message(FORWARD, rnd), result)).metrics.get("done") == 0.0:
+        while reply.metrics.get("done") == 0.0:
             wire = to_device(self.codec.decode(reply.payload), model_device(self.split.model))
             loss, grad_at_cut = step(rnd, node, wire, result)
             self.optimizer.step()
@@ -372,7 +380,7 @@ class SplitServer:
             losses.append(loss)
             result.batches[node] = result.batches.get(node, 0) + 1
             result.examples_seen += len(grad_at_cut)
-            self._exchange(node, Message(BACKWARD, rnd, self.codec.encode({"grad": grad_at_cut})), result)
+            reply = self._exchange(node, Message(BACKWARD, rnd, self.codec.encode({"grad": grad_at_cut})), result)
         end = self._exchange(node, Message(END, rnd), result)
         state = self.codec.decode(end.payload)
         validate_update(state, self.global_client_half)
