@@ -39,7 +39,7 @@ from fedcustom.runtime import Message
 from fedcustom.summary import summarize
 from fedcustom.tasks import get_task
 from fedcustom.tracking import Trackers
-from fedcustom.wire import EVALUATE, client_eval_config
+from fedcustom.wire import EVALUATE, SAVE, client_eval_config
 
 __all__ = ["build_job", "execute", "resume", "run"]  # build_job: the assembler's, re-exported for the run API
 log = logging.getLogger(__name__)
@@ -107,14 +107,30 @@ def save_global_model(job: Job) -> None:
 
 def save_client_models(job: Job) -> None:
     """``--personalize`` with private tensors: each client's own model under ``clients/<id>/`` (PEFT adapter
-    format for adapter methods), then the global model back in place."""
+    format for adapter methods), then the global model back in place. Clients on Flower nodes write theirs on their
+    own machines (a save message), under the node config's ``output-dir`` or else this run's output folder."""
     clients = job.server.runtime.local_handler
+    if clients is None:
+        if job.personalization.keeps_private:
+            save_on_nodes(job)
+        return
     for client in sorted(getattr(clients, "private", {})):
-        folder = job.out / "clients" / str(client) / job.model_dir.name
         job.load_model(client)
-        (job.method.save or save_trained)(job.model, folder)
-        get_task(job.cfg.model.task).describe_saved(job.model, folder)
+        clients.save_model(job.out / "clients" / str(client) / job.model_dir.name)
     job.load_model()
+
+
+def save_on_nodes(job: Job) -> None:
+    """Each Flower node saves its own model where it runs; a node that fails is logged, the run still ends."""
+    runtime = job.server.runtime
+    payload = RawCodec().encode(job.server.global_state)
+    config = {"folder": str(job.out), "model_dir": job.model_dir.name}
+    messages = {node: Message(SAVE, job.cfg.federation.rounds, payload, config) for node in runtime.nodes()}
+    for node, reply in runtime.stream(messages):
+        if reply.error:
+            log.warning("client %d did not save its own model: %s", node, reply.error)
+        else:
+            log.info("client %d saved its own model to %s (on its machine)", node, reply.payload.decode())
 
 
 def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None,

@@ -10,6 +10,7 @@ from fedcustom.training import LocalSchedule
 
 TRAIN = "train"
 EVALUATE = "evaluate"  # score the global model (and this client's own) on the rows the client holds out
+SAVE = "save"  # the run's end: a client writes its own model (private tensors in place) on its own machine
 FINETUNE_STREAM = 7  # separates --personalize finetune:K's dropout and shuffling from the client's training seed
 
 

@@ -232,13 +232,19 @@ def test_stateful_codec_links_survive_the_per_message_clientapp_processes(tmp_pa
 def test_each_supernode_scores_the_global_and_its_own_model_on_rows_it_holds_out(tmp_path: Path, tiny_bert: str,
                                                                                 toy_csv: str) -> None:
     """Per-client evaluation in a deployment: each owner holds out a quarter of its own file (15 of its 60 rows),
-    trains on the rest, keeps a private head (--personalize head) in its node state and scores both models on its
-    held-out rows; the server only gets the scores."""
-    out = tmp_path / "out"
+    trains on the rest, keeps a private head (--personalize head) in its node state, scores both models on its
+    held-out rows and at the end saves its own model in its own folder; the server only gets the scores."""
+    out, files = tmp_path / "out", _node_files(toy_csv, tmp_path)
     with Cluster(tmp_path) as cluster:
-        _start_two_owners(cluster, _node_files(toy_csv, tmp_path), workers=True)
+        cluster.start_superlink()
+        cluster.start_worker_nodes({f"owner{i}": f"partition-id={i} data-path='{files[i]}' "
+                                                 f"output-dir='{tmp_path / f'owner{i}'}'" for i in range(2)})
         code = _submit(cluster, tiny_bert, toy_csv, out, "--personalize", "head", "--client-eval-fraction", "0.25")
     assert code == 0
+    for i in range(2):  # each owner's own adapter, with its private head, in its own folder (none on the server)
+        own = load_file(str(tmp_path / f"owner{i}" / "clients" / str(i) / "adapter" / "adapter_model.safetensors"))
+        assert any("classifier" in name for name in own)
+    assert not (out / "clients").exists()
     log = _log(out)
     assert all(r["rejected"] == {} and r["examples_seen"] == 90 for r in log[1:])  # 45 training rows per owner
     for record in log:

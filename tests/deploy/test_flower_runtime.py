@@ -78,10 +78,11 @@ def test_flower_simulation_gives_the_embedded_runtimes_global_state(tiny_config,
 def test_flower_nodes_score_themselves_on_their_own_rows_like_the_embedded_runtime(tiny_config, tmp_path,
                                                                                   personalize) -> None:
     # Prepare: per-client evaluation with a personalization that keeps a private head on each node (across
-    # rounds, in the node's state) or fine-tunes 2 local steps before scoring; only the runtime differs
+    # rounds, in the node's state; each node saves its own model at the end) or fine-tunes 2 local steps before
+    # scoring; only the runtime differs
     settings = {"method__name": "lora", "train__lr": 3e-3, "federation__local_epochs": 1, "federation__clients": 3,
                 "federation__personalize": personalize, "federation__client_eval_fraction": 0.25,
-                "output__save_model": False}
+                "output__save_model": personalize == "head"}
     # Execute
     summaries, logs = _on_both_runtimes(tiny_config, tmp_path, settings)
     # Assert: every node scored the global model and its own on its held-out rows each round, as in one process
@@ -93,6 +94,13 @@ def test_flower_nodes_score_themselves_on_their_own_rows_like_the_embedded_runti
     assert [r["client_eval_personal"] for r in logs[1]] != [r["client_eval"] for r in logs[1]]
     for key in ("client_accuracy_mean", "client_accuracy_personal_mean", "client_accuracy_personal_worst10"):
         assert summaries[1][key] == pytest.approx(summaries[0][key], abs=1e-6)
+    # Assert (head): every node wrote its own adapter (its private head in place), as the embedded run writes them
+    for client in range(3 if personalize == "head" else 0):
+        own = [load_file(str(tmp_path / d / "clients" / str(client) / "adapter" / "adapter_model.safetensors"))
+               for d in ("embedded", "flower-sim")]
+        assert own[0].keys() == own[1].keys() and any("classifier" in name for name in own[1])
+        for name, tensor in own[0].items():
+            torch.testing.assert_close(own[1][name], tensor, rtol=0, atol=1e-6)
 
 
 def test_a_deployment_with_private_tensors_on_its_nodes_is_not_resumed(tiny_config) -> None:
@@ -144,9 +152,9 @@ def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:
     from fedcustom.protocols.distill.protocol import DISTILL
     from fedcustom.protocols.split import protocol as split
     from fedcustom.deploy.flower.apps import make_client_app
-    from fedcustom.wire import EVALUATE, TRAIN
+    from fedcustom.wire import EVALUATE, SAVE, TRAIN
 
-    sent = {TRAIN, EVALUATE, split.BEGIN, split.HEAD, split.BACKWARD, split.END, DISTILL}
+    sent = {TRAIN, EVALUATE, SAVE, split.BEGIN, split.HEAD, split.BACKWARD, split.END, DISTILL}
     assert set(message_kinds()) == sent  # the registry names them without importing the protocols
     registered = set(make_client_app()._registered_funcs)
     assert {message_type(kind) for kind in sent - {TRAIN}} | {"train.default", "query.fedcustom_hello"} <= registered

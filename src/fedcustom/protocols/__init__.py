@@ -82,7 +82,7 @@ def require_server_features(asked: list[str], method: Any) -> None:
 
 
 register(ProtocolSpec(
-    "parameter_sharing", "fedcustom.protocols.sharing.plugin", ("train", "evaluate"),
+    "parameter_sharing", "fedcustom.protocols.sharing.plugin", ("train", "evaluate", "save"),
     "bytes are the encoded safetensors payload of the method's trainable tensors, task head included",
     codec_chains=True, server_features=True,
 ))

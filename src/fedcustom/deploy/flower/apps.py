@@ -38,6 +38,7 @@ CONFIG_KEY = "fedcustom-config"  # run config: the resolved RunConfig as JSON
 RESUME_KEY = "fedcustom-resume"  # run config: the output folder of an interrupted run to continue (submit --resume)
 LABELS_KEY = "fedcustom.labels"  # message config: the server's label names as JSON (clients need the same order)
 PUBLIC_KEY = "fedcustom.public"  # message config: the public texts as JSON (distillation: every party labels them)
+SAVE_KIND = "save"  # fedcustom.wire.SAVE (not imported here: wire imports the training loop, and torch with it)
 
 
 def config_to_run_config(cfg: RunConfig) -> dict[str, str]:
@@ -128,6 +129,8 @@ def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None) -> F
     else:
         ours = content_to_message(message.content)
     config = dict(ours.config)
+    if ours.kind == SAVE_KIND and context.node_config.get("output-dir"):  # where this owner keeps its own model
+        config["folder"] = str(context.node_config["output-dir"])
     setup = setup_from_config(config)
     node = node_client(context, cfg or config_from_run_config(context.run_config), setup)
     restore_client_state(node, context)

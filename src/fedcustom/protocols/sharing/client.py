@@ -10,6 +10,7 @@ import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import datasets
 import torch
@@ -32,7 +33,7 @@ from fedcustom.privacy.secure_round import unpack as unpack_secure
 from fedcustom.runtime import Message, Reply
 from fedcustom.tensorstate import SEP, group
 from fedcustom.training import DriftControl, derive_seed, train_local
-from fedcustom.wire import EVALUATE, FINETUNE_STREAM, TRAIN, schedule_from_config
+from fedcustom.wire import EVALUATE, FINETUNE_STREAM, SAVE, TRAIN, schedule_from_config
 
 SECAGG_KINDS = (ADVERTISE, SHARE, UNMASK)
 State = dict[str, torch.Tensor]
@@ -72,7 +73,7 @@ class TrainingClient:
         adversary: Adversary | None = None, personalization: Personalization | None = None,
         capacity: ClientRanks | ClientLengths | None = None, stacked: StackedBase | None = None,
         eval_tables: dict[int, datasets.Dataset] | None = None,
-        score: Callable[[datasets.Dataset], float] | None = None,
+        score: Callable[[datasets.Dataset], float] | None = None, save_model: Callable[[Path], None] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -101,6 +102,7 @@ class TrainingClient:
         # the model as loaded on such rows (the embedded runtime scores in the server's process instead)
         self.eval_tables = eval_tables or {}
         self.score = score
+        self.save_model = save_model  # writes the model as loaded to a folder (each client's own, at the end)
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
@@ -152,8 +154,21 @@ class TrainingClient:
             return self.secure.handle(node_id, message, len(self.client_tables[node_id]))
         if message.kind == EVALUATE:
             return self.evaluate(node_id, message)
+        if message.kind == SAVE:
+            return self.save(node_id, message)
         return Reply(error=f"unknown message kind {message.kind!r}; this client handles {TRAIN!r}, {TRAIN_MASKED!r}, "
-                           f"{EVALUATE!r} and {', '.join(SECAGG_KINDS)}")
+                           f"{EVALUATE!r}, {SAVE!r} and {', '.join(SECAGG_KINDS)}")
+
+    def save(self, node_id: int, message: Message) -> Reply:
+        """The end of a run with private tensors: this client's own model (the message's global tensors with its
+        private ones) written on its own machine, under ``<folder>/clients/<id>/<model_dir>``; replies with the path."""
+        if self.save_model is None or not self.personalization.keeps_private:
+            return Reply(error="this client keeps no private tensors to save (--personalize head, lora-b-local, "
+                               "dual-lora, local-prefix or local)")
+        self.load(node_id, RawCodec().decode(message.payload))
+        folder = Path(str(message.config["folder"])) / "clients" / str(node_id) / str(message.config["model_dir"])
+        self.save_model(folder)
+        return Reply(str(folder).encode(), round=message.round)
 
     def evaluate(self, node_id: int, message: Message) -> Reply:
         """Per-client evaluation: the global model of the message (raw safetensors, off the codec links) and, with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,10 +16,10 @@ from fedcustom.methods.lora_stack import StackedBase, stacks
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
 from fedcustom.personalize import parse_personalize
 from fedcustom.profiles import profile_ranks
-from fedcustom.tasks import get_task
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.protocols.sharing.client import TrainingClient
 from fedcustom.protocols.sharing.server import FederatedServer
+from fedcustom.tasks import get_task
 from fedcustom.trust import aggregation_for, clients_per_round, safeguards_for
 
 
@@ -35,7 +36,20 @@ def build_client(parts: ClientParts) -> TrainingClient:
     stacked = StackedBase(parts.model, cfg.method.lora_alpha / cfg.method.lora_r) if stacks(cfg) else None
     score = held_out_score(cfg, parts.model, parts.tokenizer) if parts.eval_tables else None
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
-                          parse_personalize(cfg.federation.personalize), capacity, stacked, parts.eval_tables, score)
+                          parse_personalize(cfg.federation.personalize), capacity, stacked, parts.eval_tables, score,
+                          model_saver(cfg, parts.method, parts.model))
+
+
+def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module) -> Callable[[Path], None]:
+    """Writes ``model`` as it is when called to a folder: the method's format (a PEFT adapter for adapter methods)
+    with the task's description of the saved model (class names)."""
+    from fedcustom.methods import save_trained
+
+    def save(folder: Path) -> None:
+        (method.save or save_trained)(model, folder)
+        get_task(cfg.model.task).describe_saved(model, folder)
+
+    return save
 
 
 @dataclass(frozen=True)
