@@ -25,6 +25,7 @@ from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, trainable_state
 from fedcustom.methods.lora_capacity import check_ranks, parse_ranks
+from fedcustom.methods.lora_stack import stacks
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, lengths_for
 from fedcustom.models import load_model
 from fedcustom.personalize import (
@@ -36,7 +37,6 @@ from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.rounds import RoundDriver
 from fedcustom.runtime import ClientSetup, EmbeddedRuntime, Handler, Runtime, SimulatedFaults
 from fedcustom.strategies import Strategy, get_strategy
-from fedcustom.methods.lora_stack import stacks
 from fedcustom.strategies.lora_stack import LoraStack
 from fedcustom.strategies.lora_svd import LoraSvd
 from fedcustom.strategies.positions import PositionFedAvg

@@ -15,7 +15,7 @@ import copy
 import logging
 import time
 from pathlib import Path
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -35,7 +35,7 @@ from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.rounds import RoundResult
-from fedcustom.runtime import Message
+from fedcustom.runtime import Message, Reply
 from fedcustom.summary import summarize
 from fedcustom.tasks import get_task
 from fedcustom.tracking import Trackers
@@ -79,11 +79,7 @@ def eval_config(job: Job) -> dict:
 def evaluate_on_nodes(job: Job, result: RoundResult) -> None:
     """Per-client evaluation on Flower: every node gets the global model (raw tensors) and replies with its
     scores on the rows it holds out; a node that fails or does not answer is left out of this round's scores."""
-    runtime = job.server.runtime
-    payload = RawCodec().encode(job.server.global_state)
-    config = eval_config(job)
-    messages = {node: Message(EVALUATE, result.round, payload, config) for node in runtime.nodes()}
-    for node, reply in runtime.stream(messages):
+    for node, reply in to_every_node(job, EVALUATE, result.round, eval_config(job)):
         if reply.error:
             log.warning("client %d did not evaluate round %d: %s", node, result.round, reply.error)
             continue
@@ -91,6 +87,14 @@ def evaluate_on_nodes(job: Job, result: RoundResult) -> None:
             result.client_eval[node] = float(reply.metrics["client_eval"])
         if "client_eval_personal" in reply.metrics:
             result.client_eval_personal[node] = float(reply.metrics["client_eval_personal"])
+
+
+def to_every_node(job: Job, kind: str, rnd: int, config: dict) -> Iterator[tuple[int, Reply]]:
+    """One ``kind`` message with the global tensors (raw, off the codec links) to every node the runtime still
+    has, and their replies in node order."""
+    payload = RawCodec().encode(job.server.global_state)
+    runtime = job.server.runtime
+    yield from runtime.stream({node: Message(kind, rnd, payload, config) for node in runtime.nodes()})
 
 
 def save_global_model(job: Job) -> None:
@@ -122,11 +126,8 @@ def save_client_models(job: Job) -> None:
 
 def save_on_nodes(job: Job) -> None:
     """Each Flower node saves its own model where it runs; a node that fails is logged, the run still ends."""
-    runtime = job.server.runtime
-    payload = RawCodec().encode(job.server.global_state)
     config = {"folder": str(job.out), "model_dir": job.model_dir.name}
-    messages = {node: Message(SAVE, job.cfg.federation.rounds, payload, config) for node in runtime.nodes()}
-    for node, reply in runtime.stream(messages):
+    for node, reply in to_every_node(job, SAVE, job.cfg.federation.rounds, config):
         if reply.error:
             log.warning("client %d did not save its own model: %s", node, reply.error)
         else:

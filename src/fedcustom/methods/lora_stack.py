@@ -58,10 +58,6 @@ class StackedBase:
             raise ConfigError("--lora-aggregation stack: the model has no LoRA layer to merge into")
         self.initial = self.base_state()  # the pretrained values (centralized baselines start from them)
 
-    @property
-    def names(self) -> frozenset[str]:
-        return frozenset(self.params)
-
     def base_state(self) -> State:
         """CPU copies of the adapted weights (the server's initial values)."""
         return {name: p.detach().to("cpu", copy=True) for name, p in self.params.items()}

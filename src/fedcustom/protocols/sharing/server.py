@@ -208,17 +208,19 @@ class FederatedServer:
 
     def upload_reference(self) -> State:
         """The tensors a client's update must hold: the global state less what is only broadcast."""
+        return self._uploaded_part(self.global_state)
+
+    def _uploaded_part(self, state: State) -> State:
+        """``state`` less the tensors that are only broadcast (itself when there are none)."""
         if not self.broadcast_only:
-            return self.global_state
-        return {k: v for k, v in self.global_state.items() if k not in self.broadcast_only}
+            return state
+        return {k: v for k, v in state.items() if k not in self.broadcast_only}
 
     def _client_start(self, node: int, message: Message) -> State:
         """The state the client reconstructed from ``message`` (less what is only broadcast): where its uploaded
         difference starts."""
         start = self.links_down[node].reference if self.codec_down.delta else self.codec_down.decode(message.payload)
-        if not self.broadcast_only:
-            return start
-        return {k: v for k, v in start.items() if k not in self.broadcast_only}
+        return self._uploaded_part(start)
 
     def _decode(self, node: int, reply: Reply, message: Message) -> State:
         """The client's trained state, as an update applied to the current global state.
