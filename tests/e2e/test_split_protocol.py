@@ -19,7 +19,10 @@ from conftest import toy_rows
 from fedcustom.codecs import get_codec
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.methods.split import cut_model
-from fedcustom.protocols.split.protocol import BACKWARD, BEGIN, END, SplitClient, SplitServer, client_half_state
+from fedcustom.protocols.split.client import SplitClient
+from fedcustom.protocols.split.protocol import (BACKWARD, BASE, BASE_MISSING, BEGIN, END, ROWS_ONLY, SplitServer,
+                                                client_half_state)
+from fedcustom.protocols.split.rows import decode_rows
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
 from fedcustom.strategies.fedavg import FedAvg, weighted_average
 from fedcustom.training import LocalSchedule, evaluate
@@ -61,7 +64,9 @@ def test_split_rounds_train_count_bytes_and_merge_client_halves(tiny_bert: str) 
     before = evaluate(model, held_out, tokenizer, 16)["loss"]
     initial_half = {k: v.clone() for k, v in server.global_client_half.items()}
     # Execute
-    results = [server.run_round(rnd, [0, 1]) for rnd in range(1, 5)]
+    results = [server.run_round(rnd, [0, 1]) for rnd in range(1, 4)]
+    before_last = dict(server.global_client_half)
+    results.append(server.run_round(4, [0, 1]))
     server.load_global()
     after = evaluate(model, held_out, tokenizer, 16)["loss"]
     # Assert: it learns, and the clients' halves trained too (not only the server's)
@@ -84,21 +89,27 @@ def test_split_rounds_train_count_bytes_and_merge_client_halves(tiny_bert: str) 
         exchanged = [(m, r) for n, m, r in recorder.log if n == node and m.round == 4]
         assert last.bytes_up[node] == sum(len(r.payload) for _, r in exchanged)
         assert last.bytes_down[node] == sum(len(m.payload) for m, _ in exchanged)
-    # Assert: the global client half is the example-weighted mean of the uploaded halves
+    # Assert: the global client half is the example-weighted mean of the uploaded halves (each the rows it changed
+    # in the global half it received)
     ends = {n: r for n, m, r in recorder.log if m.kind == END and m.round == 4}
-    expected = weighted_average([codec.decode(ends[0].payload), codec.decode(ends[1].payload)], [20, 30])
+    assert all(r.metrics[ROWS_ONLY] == 1.0 for r in ends.values())
+    uploads = [decode_rows(before_last, codec.decode(ends[n].payload)) for n in (0, 1)]
+    expected = weighted_average(uploads, [20, 30])
+    assert expected.keys() == server.global_client_half.keys()
     assert all(torch.equal(server.global_client_half[k], expected[k]) for k in expected)
 
 
 def test_a_corrupted_client_half_is_rejected_and_the_round_completes(tiny_bert: str) -> None:
     # Prepare
     server, recorder, _, _, _, codec = _setup(tiny_bert, corrupt_end_of=1)
+    initial = dict(server.global_client_half)
     # Execute
     result = server.run_round(1, [0, 1])
     # Assert: client 1 rejected with a reason, the global half is client 0's upload alone
     assert set(result.rejected) == {1} and "safetensors" in result.rejected[1]
     (end0,) = [r for n, m, r in recorder.log if m.kind == END and n == 0]
-    uploaded = codec.decode(end0.payload)
+    uploaded = decode_rows(initial, codec.decode(end0.payload))
+    assert uploaded.keys() == server.global_client_half.keys()
     assert all(torch.equal(server.global_client_half[k], uploaded[k]) for k in uploaded)
 
 
@@ -174,3 +185,61 @@ def test_a_client_rebuilt_for_every_message_trains_exactly_like_one_kept_in_memo
         for name, value in kept_half.items():
             torch.testing.assert_close(rebuilt_half[name], value, rtol=0, atol=1e-6)
     assert any(not torch.equal(kept.global_client_half[k], v) for k, v in client_half_state(cut(start)).items())
+
+
+class Forgetful:
+    """A client that loses, before each split_begin, the global half it kept (a restarted worker), or, before each
+    split_end, the one its session received (a session restored from a node's context): the exchanges then fall
+    back to whole client halves."""
+
+    def __init__(self, handler: SplitClient, before: str) -> None:
+        self.handler, self.before, self.log = handler, before, []
+
+    def __call__(self, node: int, message: Message) -> Reply:
+        if message.kind == BEGIN == self.before:
+            self.handler.kept.clear()
+        if message.kind == END == self.before:
+            self.handler.sessions[node].base = None
+        reply = self.handler(node, message)
+        self.log.append((node, message, reply))
+        return reply
+
+
+def test_changed_rows_give_the_whole_halves_bit_for_bit_in_fewer_bytes_and_fall_back_when_forgotten(
+        tiny_bert: str) -> None:
+    # Prepare: three runs from the same start: rows both ways; a node that forgets its version before every
+    # begin; a session that forgets what it received before every end
+    def train(wrap) -> tuple[SplitServer, list]:
+        server, recorder, *_ = _setup(tiny_bert)
+        handler = wrap(recorder.handler) if wrap else recorder
+        server.runtime = EmbeddedRuntime(handler, 2)
+        torch.manual_seed(1)  # the server half's dropout
+        results = [server.run_round(rnd, [0, 1]) for rnd in (1, 2, 3)]
+        assert all(r.rejected == {} for r in results)
+        return server, results, (handler.log if wrap else recorder.log)
+
+    # Execute
+    rows, forgets_version, forgets_base = (train(None), train(lambda h: Forgetful(h, BEGIN)),
+                                           train(lambda h: Forgetful(h, END)))
+    # Assert: the same global halves, bit for bit
+    for other in (forgets_version, forgets_base):
+        for name, value in rows[0].global_client_half.items():
+            assert torch.equal(other[0].global_client_half[name], value), name
+        for name, value in rows[0].global_server_half.items():
+            assert torch.equal(other[0].global_server_half[name], value), name
+    # Assert: from round 2 on, begin carries rows built on round 1's version; a forgotten version is asked again
+    # whole (one more exchange); a forgotten base makes both ways whole
+    begins = [m for _, m, _ in rows[2] if m.kind == BEGIN]
+    assert [BASE in m.config for m in begins] == [False, False, True, True, True, True]
+    asked_again = [r.metrics.get(BASE_MISSING) for n, m, r in forgets_version[2] if m.kind == BEGIN]
+    assert asked_again == [None, None, 1.0, None, 1.0, None, 1.0, None, 1.0, None]
+    assert not any(BASE in m.config for _, m, _ in forgets_base[2] if m.kind == BEGIN)
+    def weights_bytes(log: list, kind: str) -> list[int]:  # per round, both nodes: the weights' messages alone
+        return [sum(len(m.payload if kind == BEGIN else r.payload) for _, m, r in log if m.kind == kind and m.round == rnd)
+                for rnd in (1, 2, 3)]
+
+    whole_down, whole_up = weights_bytes(forgets_base[2], BEGIN), weights_bytes(forgets_base[2], END)
+    down, up = weights_bytes(rows[2], BEGIN), weights_bytes(rows[2], END)
+    assert down[0] == whole_down[0] and all(d < w for d, w in zip(down[1:], whole_down[1:]))
+    assert all(u < w for u, w in zip(up, whole_up))  # (the tiny model's vocabulary is small: 14% less here)
+    assert weights_bytes(forgets_version[2], BEGIN)[1:] == [d + w for d, w in zip(down[1:], whole_down[1:])]

@@ -5,8 +5,9 @@ from __future__ import annotations
 from fedcustom.config import RunConfig
 from fedcustom.methods.split import SplitModel, cut_model
 from fedcustom.protocols.parts import ClientParts, ServerParts
+from fedcustom.protocols.split.client import SplitClient
 from fedcustom.protocols.split.driver import SplitFederatedServer
-from fedcustom.protocols.split.protocol import SplitClient, SplitServer
+from fedcustom.protocols.split.protocol import SplitServer
 from fedcustom.trust import clients_per_round
 
 
