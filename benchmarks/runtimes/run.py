@@ -94,6 +94,12 @@ def rounds_of(out: Path) -> list[float]:
     return [json.loads(line)["wall_seconds"] for line in (out / "round_log.jsonl").read_text().splitlines()[1:]]
 
 
+def megabytes_of(out: Path) -> list[float]:
+    """MB sent both ways per round (all clients), from the round log."""
+    rounds = [json.loads(line) for line in (out / "round_log.jsonl").read_text().splitlines()[1:]]
+    return [(sum(r["bytes_up"].values()) + sum(r["bytes_down"].values())) / 1e6 for r in rounds]
+
+
 def run_cli(args: list[str], env: dict[str, str]) -> tuple[float, int]:
     """Wall seconds and peak memory of one `fedcustom` command and its children."""
     start = time.perf_counter()
@@ -145,7 +151,7 @@ def on_superlink(clients: int, rounds: int, root: Path, env: dict[str, str], wor
             if process.wait() != 0:
                 raise RuntimeError("fedcustom submit failed")
         return {"wall_seconds": time.perf_counter() - start, "round_seconds": rounds_of(out),
-                "peak_rss_bytes": memory.peak}
+                "round_megabytes": megabytes_of(out), "peak_rss_bytes": memory.peak}
 
 
 def measure(runtime: str, clients: int, rounds: int, root: Path, kind: str = "prefix") -> dict:
@@ -153,7 +159,8 @@ def measure(runtime: str, clients: int, rounds: int, root: Path, kind: str = "pr
     if runtime in ("embedded", "flower-sim"):
         out = root / runtime
         wall, peak = run_cli(["run", *workload(clients, rounds, out, kind), "--runtime", runtime], env)
-        row = {"wall_seconds": wall, "round_seconds": rounds_of(out), "peak_rss_bytes": peak}
+        row = {"wall_seconds": wall, "round_seconds": rounds_of(out), "round_megabytes": megabytes_of(out),
+               "peak_rss_bytes": peak}
     else:
         row = on_superlink(clients, rounds, root, env, runtime == "superlink-worker", kind)
     steady = row["round_seconds"][1:] or row["round_seconds"]  # round 1 includes loading the model

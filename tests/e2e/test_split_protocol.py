@@ -20,7 +20,7 @@ from fedcustom.codecs import get_codec
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.methods.split import cut_model
 from fedcustom.protocols.split.client import SplitClient
-from fedcustom.protocols.split.protocol import (BACKWARD, BASE, BASE_MISSING, BEGIN, END, ROWS_ONLY, SplitServer,
+from fedcustom.protocols.split.protocol import (BACKWARD, BASE, BASE_MISSING, BEGIN, ROWS_ONLY, SplitServer,
                                                 client_half_state)
 from fedcustom.protocols.split.rows import decode_rows
 from fedcustom.runtime import EmbeddedRuntime, Message, Reply
@@ -30,16 +30,22 @@ from fedcustom.training import LocalSchedule, evaluate
 BATCH = 8
 
 
+def done(reply: Reply) -> bool:
+    """The reply carries the trained client half (it answers the last batch's backward)."""
+    return reply.metrics.get("done") == 1.0
+
+
 class Recorder:
-    """Wraps a client handler, keeps every (node, message, reply); optionally corrupts one node's END reply."""
+    """Wraps a client handler, keeps every (node, message, reply); optionally corrupts the reply that carries one
+    node's trained client half."""
 
     def __init__(self, handler: SplitClient, corrupt_end_of: int | None = None) -> None:
         self.handler, self.corrupt_end_of, self.log = handler, corrupt_end_of, []
 
     def __call__(self, node: int, message: Message) -> Reply:
         reply = self.handler(node, message)
-        if message.kind == END and node == self.corrupt_end_of:
-            reply = Reply(payload=reply.payload[:-7], num_examples=reply.num_examples)  # truncated upload
+        if done(reply) and node == self.corrupt_end_of:
+            reply = Reply(payload=reply.payload[:-7], num_examples=reply.num_examples, metrics=reply.metrics)  # truncated
         self.log.append((node, message, reply))
         return reply
 
@@ -72,16 +78,16 @@ def test_split_rounds_train_count_bytes_and_merge_client_halves(tiny_bert: str) 
     # Assert: it learns, and the clients' halves trained too (not only the server's)
     assert after < before
     assert any(not torch.equal(initial_half[k], server.global_client_half[k]) for k in initial_half)
-    # Assert: one exchange per batch (its backward, the next batch's forward) besides begin and end, activations
-    # of shape (batch, seq, hidden)
+    # Assert: one exchange per batch (its backward, the next batch's forward or the trained half) besides begin,
+    # activations of shape (batch, seq, hidden)
     last = results[-1]
     batches = {0: math.ceil(20 / BATCH), 1: math.ceil(30 / BATCH)}
     assert last.batches == batches
     for node, count in batches.items():
         kinds = [m.kind for n, m, _ in recorder.log if n == node and m.round == 4]
-        assert kinds == [BEGIN] + [BACKWARD] * count + [END]
+        assert kinds == [BEGIN] + [BACKWARD] * count
     forwards = [codec.decode(r.payload) for n, m, r in recorder.log
-                if m.kind in (BEGIN, BACKWARD) and m.round == 4 and r.payload]
+                if m.kind in (BEGIN, BACKWARD) and m.round == 4 and not done(r)]
     assert len(forwards) == sum(batches.values())
     assert all(w["activations"].shape[-1] == model.config.hidden_size and w["activations"].dim() == 3 for w in forwards)
     # Assert: bytes are exactly what travelled in round 4, per client and direction
@@ -91,7 +97,7 @@ def test_split_rounds_train_count_bytes_and_merge_client_halves(tiny_bert: str) 
         assert last.bytes_down[node] == sum(len(m.payload) for m, _ in exchanged)
     # Assert: the global client half is the example-weighted mean of the uploaded halves (each the rows it changed
     # in the global half it received)
-    ends = {n: r for n, m, r in recorder.log if m.kind == END and m.round == 4}
+    ends = {n: r for n, m, r in recorder.log if done(r) and m.round == 4}
     assert all(r.metrics[ROWS_ONLY] == 1.0 for r in ends.values())
     uploads = [decode_rows(before_last, codec.decode(ends[n].payload)) for n in (0, 1)]
     expected = weighted_average(uploads, [20, 30])
@@ -107,7 +113,7 @@ def test_a_corrupted_client_half_is_rejected_and_the_round_completes(tiny_bert: 
     result = server.run_round(1, [0, 1])
     # Assert: client 1 rejected with a reason, the global half is client 0's upload alone
     assert set(result.rejected) == {1} and "safetensors" in result.rejected[1]
-    (end0,) = [r for n, m, r in recorder.log if m.kind == END and n == 0]
+    (end0,) = [r for n, m, r in recorder.log if done(r) and n == 0]
     uploaded = decode_rows(initial, codec.decode(end0.payload))
     assert uploaded.keys() == server.global_client_half.keys()
     assert all(torch.equal(server.global_client_half[k], uploaded[k]) for k in uploaded)
@@ -189,7 +195,7 @@ def test_a_client_rebuilt_for_every_message_trains_exactly_like_one_kept_in_memo
 
 class Forgetful:
     """A client that loses, before each split_begin, the global half it kept (a restarted worker), or, before each
-    split_end, the one its session received (a session restored from a node's context): the exchanges then fall
+    later message, the one its session received (a session restored from a node's context): the exchanges then fall
     back to whole client halves."""
 
     def __init__(self, handler: SplitClient, before: str) -> None:
@@ -198,7 +204,7 @@ class Forgetful:
     def __call__(self, node: int, message: Message) -> Reply:
         if message.kind == BEGIN == self.before:
             self.handler.kept.clear()
-        if message.kind == END == self.before:
+        if message.kind != BEGIN and self.before != BEGIN:
             self.handler.sessions[node].base = None
         reply = self.handler(node, message)
         self.log.append((node, message, reply))
@@ -220,7 +226,7 @@ def test_changed_rows_give_the_whole_halves_bit_for_bit_in_fewer_bytes_and_fall_
 
     # Execute
     rows, forgets_version, forgets_base = (train(None), train(lambda h: Forgetful(h, BEGIN)),
-                                           train(lambda h: Forgetful(h, END)))
+                                           train(lambda h: Forgetful(h, BACKWARD)))
     # Assert: the same global halves, bit for bit
     for other in (forgets_version, forgets_base):
         for name, value in rows[0].global_client_half.items():
@@ -234,12 +240,12 @@ def test_changed_rows_give_the_whole_halves_bit_for_bit_in_fewer_bytes_and_fall_
     asked_again = [r.metrics.get(BASE_MISSING) for n, m, r in forgets_version[2] if m.kind == BEGIN]
     assert asked_again == [None, None, 1.0, None, 1.0, None, 1.0, None, 1.0, None]
     assert not any(BASE in m.config for _, m, _ in forgets_base[2] if m.kind == BEGIN)
-    def weights_bytes(log: list, kind: str) -> list[int]:  # per round, both nodes: the weights' messages alone
-        return [sum(len(m.payload if kind == BEGIN else r.payload) for _, m, r in log if m.kind == kind and m.round == rnd)
-                for rnd in (1, 2, 3)]
+    def weights_bytes(log: list, up: bool) -> list[int]:  # per round, both nodes: the weights' messages alone
+        return [sum(len(r.payload) if up else len(m.payload) for _, m, r in log
+                    if m.round == rnd and (done(r) if up else m.kind == BEGIN)) for rnd in (1, 2, 3)]
 
-    whole_down, whole_up = weights_bytes(forgets_base[2], BEGIN), weights_bytes(forgets_base[2], END)
-    down, up = weights_bytes(rows[2], BEGIN), weights_bytes(rows[2], END)
+    whole_down, whole_up = weights_bytes(forgets_base[2], False), weights_bytes(forgets_base[2], True)
+    down, up = weights_bytes(rows[2], False), weights_bytes(rows[2], True)
     assert down[0] == whole_down[0] and all(d < w for d, w in zip(down[1:], whole_down[1:]))
     assert all(u < w for u, w in zip(up, whole_up))  # (the tiny model's vocabulary is small: 14% less here)
-    assert weights_bytes(forgets_version[2], BEGIN)[1:] == [d + w for d, w in zip(down[1:], whole_down[1:])]
+    assert weights_bytes(forgets_version[2], False)[1:] == [d + w for d, w in zip(down[1:], whole_down[1:])]

@@ -88,7 +88,7 @@ register(ProtocolSpec(
 ))
 register(ProtocolSpec(
     "split", "fedcustom.protocols.split.plugin",
-    ("split_begin", "split_head", "split_backward", "split_end"),
+    ("split_begin", "split_head", "split_backward"),
     "bytes are every per-batch message (activations, masks and labels up; gradients down) plus the client "
     "half's weights at the start and end of a round; server FLOPs are per client served",
 ))

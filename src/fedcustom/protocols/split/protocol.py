@@ -8,8 +8,8 @@ batches after another):
            client --activations, mask, labels of its first batch--> server   (embeddings + layers [0, K))
     loop:  server half: forward, loss, backward, step
            server --split_backward(grad at the cut)--> client   back-propagates, steps its optimizer,
-           client --activations, mask, labels of its next batch (or done)--> server
-    server --split_end--> client   replies with its trained client half (the rows it changed)
+           client --activations, mask, labels of its next batch, or done with its trained client half
+                   (the rows it changed)--> server
 
 and the client halves are merged with the strategy (FedAvg). U-shaped (head on the client), the
 labels stay on the client and each batch takes one more exchange: the server sends its last hidden
@@ -17,7 +17,8 @@ states (``split_head``) and the client returns the gradient of its loss with res
 Message/Reply, so the same protocol runs on Flower; bytes are the real encoded payloads in both directions. A
 batch's backward and the next batch's forward share one exchange (the client computes them in that order either
 way): on a SuperLink each exchange costs a round trip through the SuperLink (measured in benchmarks/runtimes), and a
-separate forward request was half of them. The client side is :mod:`.client`.
+separate forward request was half of them; for the same reason the trained client half rides on the reply to the
+last batch's backward instead of a message of its own. The client side is :mod:`.client`.
 """
 
 from __future__ import annotations
@@ -44,10 +45,10 @@ from fedcustom.wire import schedule_to_config
 
 log = logging.getLogger(__name__)
 
-BEGIN, HEAD, BACKWARD, END = "split_begin", "split_head", "split_backward", "split_end"
+BEGIN, HEAD, BACKWARD = "split_begin", "split_head", "split_backward"
 # split_begin's config: the version of the global client half it carries, and (rows only) the version it builds on
 VERSION, BASE = "split.version", "split.base"
-# reply metrics: split_begin's base is not here (send it whole); split_end sends rows only and keeps the version
+# reply metrics: split_begin's base is not here (send it whole); the done reply sends rows only, keeps the version
 BASE_MISSING, ROWS_ONLY, KEEPS_BASE = "base_missing", "rows_only", "keeps_base"
 State = dict[str, torch.Tensor]
 T = TypeVar("T")
@@ -210,7 +211,10 @@ class SplitServer:
             result.batches[node] = result.batches.get(node, 0) + 1
             result.examples_seen += len(grad_at_cut)
             reply = self._exchange(node, Message(BACKWARD, rnd, self.codec.encode({"grad": grad_at_cut})), result)
-        end = self._exchange(node, Message(END, rnd), result)
+        if reply.metrics.get("done") != 1.0:
+            raise UpdateRejected(f"expected activations (done = 0) or the trained client half (done = 1), got done = "
+                                 f"{reply.metrics.get('done')!r}")
+        end = reply  # done: it carries the trained client half
         state = self.codec.decode(end.payload)
         if end.metrics.get(ROWS_ONLY):
             state = decode_rows(self.global_client_half, state)

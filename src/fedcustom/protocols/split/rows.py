@@ -1,7 +1,7 @@
 """Split learning's weight exchanges as changed rows only: exact, and a third of the bytes for a full client half.
 
 A SplitFed round moves the whole client half twice per client: the global half down at ``split_begin`` and the
-trained half up at ``split_end`` (about 68 MB for MiniLM at cut layer 3, 47 MB of it the word embeddings). Most of
+trained half up with the client's last reply (about 68 MB for MiniLM at cut layer 3, 47 MB of it the word embeddings). Most of
 it does not change: a client's optimizer leaves every embedding row of a token it never saw bit for bit as it was
 (AdamW without weight decay steps a row by its moments, which stay zero while its gradient is zero), and FedAvg's
 float64 mean returns identical inputs exactly. So each direction sends only what differs from a copy both ends
