@@ -195,7 +195,7 @@ def main() -> None:
     args = parser.parse_args()
     path = HERE / "results.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "split_before_fused")}
+    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "split_before_fused", "split_before_rows")}
     results = [{**r, "workload": r.get("workload", "prefix")} for r in saved.get("results", []) if "key" in r]
     for clients in args.clients:
         for kind in args.workloads:
@@ -212,6 +212,13 @@ def main() -> None:
             kept["ping"] = [r for r in kept["ping"] if (r["key"], r["clients"]) != (runtime, clients)] + [row]
             print(f"ping: {row['runtime']}, {clients} clients: median {row['median_s']:.3f} s", flush=True)
             write(results, kept, args.rounds)
+
+
+def _split_row(r: dict, embedded_s_per_batch: float | None) -> str:
+    ratio = f"{r['s_per_batch'] / embedded_s_per_batch:.1f}" if embedded_s_per_batch else "-"
+    megabytes = ", ".join(f"{m:.0f}" for m in r.get("round_megabytes", [])) or "-"
+    return (f"| {r['runtime']} | {r['clients']} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} | {megabytes} | "
+            f"{r['s_per_batch']:.2f} | {ratio} | {r.get('measured', 'earlier')} |")
 
 
 def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None:
@@ -238,13 +245,21 @@ def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None
     if split:
         base = {r["clients"]: r["s_per_batch"] for r in split if r["key"] == "embedded"}
         lines += ["", "Split learning (`--method split --cut-layer 3`, 4 batches per client per round, 40 eval rows; "
-                  "one exchange per batch: its backward and the next batch's forward, plus begin and end per client): "
-                  "s / batch is a steady round over its batches.", "",
-                  "| runtime | clients | rounds (s) | s / batch | x embedded |", "|---|---:|---|---:|---:|"]
-        for r in sorted(split, key=lambda r: (r["clients"], RUNTIMES.index(r["key"]))):
-            ratio = f"{r['s_per_batch'] / base[r['clients']]:.1f}" if r["clients"] in base else "-"
-            lines.append(f"| {r['runtime']} | {r['clients']} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} | "
-                         f"{r['s_per_batch']:.2f} | {ratio} |")
+                  "one exchange per batch: its backward and the next batch's forward or, after the last, the trained "
+                  "client half; plus begin per client; weights as changed rows): s / batch is a steady round over its "
+                  "batches.", "",
+                  "| runtime | clients | rounds (s) | MB per round | s / batch | x embedded | measured |",
+                  "|---|---:|---|---|---:|---:|---|"]
+        lines += [_split_row(r, base.get(r["clients"])) for r in sorted(split, key=lambda r: (r["clients"],
+                                                                                               RUNTIMES.index(r["key"])))]
+    if kept["split_before_rows"]:
+        lines += ["", "Split learning before the weights travelled as changed rows and the trained half rode on the last "
+                  "reply (commit 504353e: the whole 68 MB client half down at begin and up at a split_end message), "
+                  "measured in the same session as the rows above:", "",
+                  "| runtime | clients | rounds (s) | MB per round | s / batch | x embedded | measured |",
+                  "|---|---:|---|---|---:|---:|---|"]
+        before = {r["clients"]: r["s_per_batch"] for r in kept["split_before_rows"] if r["key"] == "embedded"}
+        lines += [_split_row(r, before.get(r["clients"])) for r in kept["split_before_rows"]]
     if kept["split_before_fused"]:
         lines += ["", "Split learning before a batch's backward and the next forward shared one exchange (two "
                   "exchanges per batch: an empty forward request, then the backward), as measured then:", "",
