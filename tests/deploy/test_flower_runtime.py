@@ -195,7 +195,7 @@ def test_a_causal_lm_node_reads_and_describes_its_own_instruction_file(causal_co
     cfg = causal_config()
     # Execute
     node = build_node_client(cfg, ClientSetup(["actors", "plot"]), 1, str(own))
-    described = describe_own_data(cfg, ["actors", "plot"], str(own))
+    described = describe_own_data(cfg, ["actors", "plot"], str(own), 1)
     # Assert
     table = node.handler.client_tables[1]
     assert len(table) == 13

@@ -53,3 +53,26 @@ def test_a_worker_keeps_only_the_state_between_rounds(persistent) -> None:
     restarted = node.NodeClient(_Handler(in_round=False, value=0.0), 0)  # a worker started after a kill
     node.restore_client_state(restarted, context)
     assert restarted.handler.value == 1.0
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.25])
+def test_a_node_describes_the_rows_it_trains_on_not_those_it_holds_out(tiny_config, tmp_path, fraction) -> None:
+    # Prepare: an owner's own file of 40 rows, 30 of label 1; per-client evaluation holds a quarter out
+    import json
+
+    from conftest import toy_rows
+    from fedcustom.runtime import ClientSetup
+
+    rows = toy_rows(40)
+    rows["label"] = [1] * 30 + [0] * 10
+    own = tmp_path / "own.csv"
+    rows.to_csv(own, index=False)
+    cfg = tiny_config(federation__client_eval_fraction=fraction)
+    # Execute
+    described = node.describe_own_data(cfg, ["0", "1"], str(own), 1)
+    client = node.build_node_client(cfg, ClientSetup(["0", "1"]), 1, str(own))
+    # Assert: the counts are those of the rows the node trains on
+    table = client.handler.client_tables[1]
+    expected = [sum(1 for label in table["labels"] if label == k) for k in (0, 1)]
+    assert described == {"examples": len(table), "label-histogram": json.dumps(expected)}
+    assert len(table) == (30 if fraction else 40) and sum(expected) == len(table)

@@ -66,8 +66,9 @@ class Task:
         """A Flower node's own rows from its own file, tokenized as the server tokenizes."""
         raise NotImplementedError
 
-    def describe_own_data(self, cfg: Any, label_names: list[str], data_path: str) -> dict[str, Any]:
-        """How many rows a node holds and how its labels are spread (for the server's client table)."""
+    def own_labels(self, cfg: Any, label_names: list[str], data_path: str) -> list[int | None]:
+        """The label (index into ``label_names``; None for one the server does not know) of each row of a node's own
+        file, in the order of :meth:`own_table`'s rows: the node counts them for the server's client table."""
         raise NotImplementedError
 
     def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:

@@ -48,18 +48,16 @@ class CausalLM(Task):
         texts = as_rows(rows, tokenizer, topics, cfg.generation.chat_template)
         return tokenize_rows(texts, tokenizer, cfg.model.max_length, f"this node's data-path {data_path}")
 
-    def describe_own_data(self, cfg: Any, label_names: list[str], data_path: str) -> dict[str, Any]:
-        """Rows and topics; topics the server does not know are not in the histogram."""
+    def own_labels(self, cfg: Any, label_names: list[str], data_path: str) -> list[int | None]:
+        """Each row's topic; a topic the server does not know is None (counted in examples, not the histogram)."""
         from fedcustom.data.causal import topic_name
         from fedcustom.data.instructions import load_instructions
         from fedcustom.data.sources import FileLayout
-        from fedcustom.data.partition import label_histogram
 
         topics = load_instructions(data_path, "train", cfg.data.text_column, cfg.data.label_column,
                                    FileLayout.of(cfg.data))["topic"]
         index = {name: i for i, name in enumerate(label_names)}
-        known = [index[topic_name(t)] for t in topics if topic_name(t) in index]
-        return {"examples": len(topics), "histogram": label_histogram(known, len(label_names))}
+        return [index.get(topic_name(t)) for t in topics]
 
     def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
         from fedcustom.causal_lm import GenerationSettings, evaluate_causal

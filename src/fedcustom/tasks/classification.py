@@ -38,13 +38,11 @@ class Classification(Task):
                             layout=FileLayout.of(cfg.data)).dataset
         return tokenize(rows, tokenizer, cfg.model.max_length)
 
-    def describe_own_data(self, cfg: Any, label_names: list[str], data_path: str) -> dict[str, Any]:
+    def own_labels(self, cfg: Any, label_names: list[str], data_path: str) -> list[int | None]:
         from fedcustom.data import FileLayout, load_labeled
-        from fedcustom.data.partition import label_histogram
 
-        rows = load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names,
-                            layout=FileLayout.of(cfg.data)).dataset
-        return {"examples": len(rows), "histogram": label_histogram(rows["label"], len(label_names))}
+        return list(load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names,
+                                 layout=FileLayout.of(cfg.data)).dataset["label"])
 
     def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
         from fedcustom.training import evaluate

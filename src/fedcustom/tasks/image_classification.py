@@ -48,12 +48,10 @@ class ImageClassification(Task):
 
         return load_images(data_path, "train", label_names).table()
 
-    def describe_own_data(self, cfg: Any, label_names: list[str], data_path: str) -> dict[str, Any]:
+    def own_labels(self, cfg: Any, label_names: list[str], data_path: str) -> list[int | None]:
         from fedcustom.data.images import load_images
-        from fedcustom.data.partition import label_histogram
 
-        labels = load_images(data_path, "train", label_names).labels.tolist()
-        return {"examples": len(labels), "histogram": label_histogram(labels, len(label_names))}
+        return load_images(data_path, "train", label_names).labels.tolist()
 
     def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
         from fedcustom.training import evaluate

@@ -162,7 +162,7 @@ def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> 
         data_path = context.node_config.get("data-path")
         if labels is not None and data_path:
             answer.update(describe_own_data(cfg or config_from_run_config(context.run_config), json.loads(str(labels)),
-                                            str(data_path)))
+                                            str(data_path), answer["partition-id"]))
         return FlowerMessage(RecordDict({"hello": ConfigRecord(answer)}), reply_to=message)
 
     @app.train(mods=[secaggplus_when_asked])

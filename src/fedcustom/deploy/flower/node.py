@@ -83,13 +83,22 @@ def partition_of(context: Context) -> int:
     return int(value)
 
 
-def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str) -> dict[str, Any]:
-    """How many rows this node holds and how its labels (causal LM: topics) are spread, for the server's client
-    table and summary; the rows themselves stay here."""
+def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str, partition: int) -> dict[str, Any]:
+    """How many rows this node trains on and how their labels (causal LM: topics) are spread, for the server's
+    client table and summary; the rows themselves stay here. With per-client evaluation the rows it holds out
+    (the same draw as :func:`_own_tables`) are not counted."""
+    from fedcustom.assemble import held_out_fraction
+    from fedcustom.data import hold_out
+    from fedcustom.data.partition import label_histogram
     from fedcustom.tasks import get_task
 
-    own = get_task(cfg.model.task).describe_own_data(cfg, label_names, data_path)
-    return {"examples": own["examples"], "label-histogram": json.dumps(own["histogram"])}
+    labels = get_task(cfg.model.task).own_labels(cfg, label_names, data_path)
+    fraction = held_out_fraction(cfg)
+    if fraction:
+        keep, _ = hold_out(len(labels), fraction, cfg.train.seed, partition)
+        labels = [labels[i] for i in keep]
+    histogram = label_histogram([label for label in labels if label is not None], len(label_names))
+    return {"examples": len(labels), "label-histogram": json.dumps(histogram)}
 
 
 def _own_tables(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None,
