@@ -249,3 +249,61 @@ def test_changed_rows_give_the_whole_halves_bit_for_bit_in_fewer_bytes_and_fall_
     assert down[0] == whole_down[0] and all(d < w for d, w in zip(down[1:], whole_down[1:]))
     assert all(u < w for u, w in zip(up, whole_up))  # (the tiny model's vocabulary is small: 14% less here)
     assert weights_bytes(forgets_version[2], False)[1:] == [d + w for d, w in zip(down[1:], whole_down[1:])]
+
+
+class Deferred(EmbeddedRuntime):
+    """A runtime whose clients live elsewhere and handle a posted message only when its reply is collected (on Flower
+    a node works on its own while the server goes on): here every node has a model of its own."""
+
+    def __init__(self, handlers: dict, num_nodes: int) -> None:
+        super().__init__(lambda node, message: handlers[node](node, message), num_nodes)
+        self.posted: list[tuple[int, str]] = []
+        self.handled: list[tuple[int, str]] = []
+
+    @property
+    def local_handler(self) -> None:
+        return None
+
+    def post(self, messages: dict[int, Message]) -> dict[int, Message]:
+        self.posted += [(node, message.kind) for node, message in messages.items()]
+        return messages
+
+    def collect(self, posted: dict[int, Message]) -> dict[int, Reply]:
+        self.handled += [(node, message.kind) for node, message in posted.items()]
+        return self.send_and_receive(posted)
+
+
+def test_remote_clients_begin_early_and_upload_late_and_the_round_is_the_same(tiny_bert: str) -> None:
+    # Prepare: one start; the embedded runtime (each message handled at once, one model shared with the server) and
+    # a runtime that handles a posted message only when its reply is collected (each node its own model)
+    torch.manual_seed(0)
+    start = AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    table = tokenize(datasets.Dataset.from_pandas(toy_rows(60).rename(columns={"sentence": "text"})), tokenizer, 16)
+    tables, codec = {0: table.select(range(0, 20)), 1: table.select(range(20, 50))}, get_codec("raw")
+
+    def train(runtime_for, split) -> SplitServer:
+        torch.manual_seed(1)
+        server = SplitServer(runtime_for(split), split, FedAvg(), codec, LocalSchedule(lr=3e-3, batch_size=BATCH), 0)
+        for rnd in (1, 2):
+            assert server.run_round(rnd, [0, 1]).rejected == {}
+        return server
+
+    deferred = Deferred({n: SplitClient(cut_model(copy.deepcopy(start), 1), tokenizer, codec, tables) for n in (0, 1)},
+                        2)
+    # Execute
+    at_once = train(lambda split: EmbeddedRuntime(SplitClient(split, tokenizer, codec, tables), 2),
+                    cut_model(copy.deepcopy(start), 1))
+    overlapped = train(lambda _split: deferred, cut_model(copy.deepcopy(start), 1))
+    # Assert: node 1's split_begin went out with node 0's, before node 0's first backward
+    assert deferred.posted[:3] == [(0, BEGIN), (1, BEGIN), (0, BACKWARD)]
+    # Assert: each node's last backward (whose reply is its trained half) was handled at the round's end, node 0's
+    # after node 1's batches
+    first_round = deferred.handled[:len(deferred.handled) // 2]
+    batches = math.ceil(20 / BATCH), math.ceil(30 / BATCH)
+    assert first_round == ([(0, BEGIN)] + [(0, BACKWARD)] * (batches[0] - 1) + [(1, BEGIN)]
+                           + [(1, BACKWARD)] * (batches[1] - 1) + [(0, BACKWARD), (1, BACKWARD)])
+    # Assert: the same global halves, bit for bit
+    for mine, theirs in [(overlapped.global_client_half, at_once.global_client_half),
+                         (overlapped.global_server_half, at_once.global_server_half)]:
+        assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in theirs)

@@ -103,6 +103,13 @@ class EmbeddedRuntime:
     ) -> dict[int, Reply]:
         return dict(self.stream(messages, on_reply))
 
+    def post(self, messages: dict[int, Message]) -> dict[int, Reply]:
+        """Handled at once, in node order (the replies are what :meth:`collect` returns)."""
+        return self.send_and_receive(messages)
+
+    def collect(self, posted: dict[int, Reply]) -> dict[int, Reply]:
+        return posted
+
     def _call(self, node_id: int, message: Message) -> Reply:
         try:
             return self._handler(node_id, message)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 Scalar = int | float | str | bool
 
@@ -75,4 +75,13 @@ class Runtime(Protocol):
         self, messages: dict[int, Message], on_reply: Callable[[int], None] | None = None
     ) -> dict[int, Reply]:
         """Deliver one message per node and collect the replies that arrive."""
+        ...
+
+    def post(self, messages: dict[int, Message]) -> Any:
+        """Deliver one message per node without waiting for the replies: :meth:`collect` gets them later, so the
+        server can go on meanwhile (the embedded runtime handles them at once, in node order)."""
+        ...
+
+    def collect(self, posted: Any) -> dict[int, Reply]:
+        """The replies to what :meth:`post` delivered (an error reply for a node that did not answer in time)."""
         ...

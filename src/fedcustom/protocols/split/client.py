@@ -15,7 +15,7 @@ from fedcustom.codecs import Codec
 from fedcustom.device import model_device, to_device
 from fedcustom.errors import PayloadError
 from fedcustom.methods.split.cut import SplitModel
-from fedcustom.protocols.split.protocol import (BACKWARD, BASE, BASE_MISSING, BEGIN, HEAD, KEEPS_BASE,
+from fedcustom.protocols.split.protocol import (BACKWARD, BASE, BASE_MISSING, BEGIN, HEAD, KEEPS_BASE, LAST,
                                                 ROWS_ONLY, VERSION, State, client_half_state, copy_into, moments)
 from fedcustom.protocols.split.rows import changed_rows, decode_rows, encode_rows
 from fedcustom.runtime import Message, Reply
@@ -38,6 +38,8 @@ class _Session:
     activations: torch.Tensor | None = None  # its client-half output, with the graph to back-propagate through
     flops: int = 0  # client-half forward + backward FLOPs so far this round
     base: State | None = None  # the global client half received at split_begin (in memory only, not in state_dict)
+    ahead: dict | None = None  # the batch after the pending one, drawn early to say which batch is the last (not in
+    # state_dict: a restored session draws it again, from the same position)
 
 
 class SplitClient:
@@ -135,7 +137,8 @@ class SplitClient:
         """The client half on the session's next batch: its activations (with the labels unless U-shaped), or,
         when the batches are used up, ``done`` with the trained client half (:meth:`finish`)."""
         session = self.sessions[node_id]
-        batch = next(session.batches, None)
+        batch = session.ahead if session.ahead is not None else next(session.batches, None)
+        session.ahead = None
         if batch is None:
             return self.finish(node_id)
         session.position += 1
@@ -144,7 +147,9 @@ class SplitClient:
         wire = {"activations": session.activations.detach(), "attention_mask": batch["attention_mask"]}
         if not self.split.head_on_client:  # U-shaped, the labels stay here
             wire["labels"] = batch["labels"]
-        return Reply(payload=self.codec.encode(wire), num_examples=len(batch["labels"]), metrics={"done": 0.0})
+        session.ahead = next(session.batches, None)
+        return Reply(payload=self.codec.encode(wire), num_examples=len(batch["labels"]),
+                     metrics={"done": 0.0, LAST: float(session.ahead is None)})
 
     def head(self, node_id: int, message: Message) -> Reply:
         """U-shaped: the loss on the server's last hidden states, and its gradient for the server."""

@@ -50,6 +50,7 @@ BEGIN, HEAD, BACKWARD = "split_begin", "split_head", "split_backward"
 VERSION, BASE = "split.version", "split.base"
 # reply metrics: split_begin's base is not here (send it whole); the done reply sends rows only, keeps the version
 BASE_MISSING, ROWS_ONLY, KEEPS_BASE = "base_missing", "rows_only", "keeps_base"
+LAST = "last"  # activations' reply metric: this is the client's last batch (its backward's reply is the trained half)
 State = dict[str, torch.Tensor]
 T = TypeVar("T")
 
@@ -141,18 +142,32 @@ class SplitServer:
 
     def run_round(self, rnd: int, clients: list[int],
                   on_client_done: Callable[[int], None] | None = None) -> SplitRoundResult:
-        """Train the server half on each client's batches in turn, then merge the client halves."""
+        """Train the server half on each client's batches in turn, then merge the client halves.
+
+        Clients on their own machines (a Flower runtime) work while the server serves another one: the next client's
+        split_begin goes out when the server starts on a client, and a client's trained half, the reply to its last
+        batch's backward, is collected only after the server has served the others. In one process (embedded) every
+        message is handled when it is sent, one client after another, since the clients share one model there."""
         result = SplitRoundResult(round=rnd, clients=clients)
         copy_into(self.split.server_parameters(), self.global_server_half)
-        updates, losses = [], []
-        for node in clients:
+        updates, losses, uploads = [], [], []
+        remote, begins = self.runtime.local_handler is None, {}
+        for index, node in enumerate(clients):
+            begin = begins.pop(node, None) or self._post(node, self._begin(rnd, node), result)
+            if remote and index + 1 < len(clients):  # it loads its half and computes a batch while `node` is served
+                following = clients[index + 1]
+                begins[following] = self._post(following, self._begin(rnd, following), result)
             try:
-                updates.append(self._train_client(rnd, node, result, losses))
+                uploads.append((node, self._train_client(rnd, node, result, losses, begin)))
             except (PayloadError, UpdateRejected) as exc:
-                log.warning("round %d: rejected client %d: %s", rnd, node, exc)
-                result.rejected[node] = str(exc)
+                self._reject(rnd, node, exc, result)
             if on_client_done:
                 on_client_done(node)
+        for node, upload in uploads:
+            try:
+                updates.append(self._client_update(node, upload(), result))
+            except (PayloadError, UpdateRejected) as exc:
+                self._reject(rnd, node, exc, result)
         self.global_server_half = snapshot(self.split.server_parameters())
         if updates:
             merged = self.strategy.aggregate(self.global_client_half, updates)
@@ -187,16 +202,33 @@ class SplitServer:
         self._count(node, result, ("split_middle_backward", *top.shape), lambda: top.backward(grad_top))
         return float(head.metrics["loss"]), received.grad
 
-    def _exchange(self, node: int, message: Message, result: SplitRoundResult) -> Reply:
-        reply = self.runtime.send_and_receive({node: message})[node]
+    @staticmethod
+    def _reject(rnd: int, node: int, exc: Exception, result: SplitRoundResult) -> None:
+        log.warning("round %d: rejected client %d: %s", rnd, node, exc)
+        result.rejected[node] = str(exc)
+
+    def _post(self, node: int, message: Message, result: SplitRoundResult) -> Callable[[], Reply]:
+        """Send ``message`` now; the returned call waits for its reply (both directions' bytes counted)."""
+        posted = self.runtime.post({node: message})
         result.bytes_down[node] = result.bytes_down.get(node, 0) + len(message.payload)
-        result.bytes_up[node] = result.bytes_up.get(node, 0) + len(reply.payload)
-        if reply.error:
-            raise UpdateRejected(f"client reported an error: {reply.error}")
+
+        def reply() -> Reply:
+            received = self.runtime.collect(posted)[node]
+            result.bytes_up[node] = result.bytes_up.get(node, 0) + len(received.payload)
+            if received.error:
+                raise UpdateRejected(f"client reported an error: {received.error}")
+            return received
+
         return reply
 
-    def _train_client(self, rnd: int, node: int, result: SplitRoundResult, losses: list[float]) -> ClientUpdate:
-        reply = self._exchange(node, self._begin(rnd, node), result)  # the first batch's activations
+    def _exchange(self, node: int, message: Message, result: SplitRoundResult) -> Reply:
+        return self._post(node, message, result)()
+
+    def _train_client(self, rnd: int, node: int, result: SplitRoundResult, losses: list[float],
+                      begin: Callable[[], Reply]) -> Callable[[], Reply]:
+        """Serve ``node``'s batches, from the reply to its split_begin; returns the call that waits for its trained
+        client half."""
+        reply = begin()  # the first batch's activations
         if reply.metrics.get(BASE_MISSING):
             self.versions.kept(node, None)
             reply = self._exchange(node, self._begin(rnd, node), result)
@@ -210,11 +242,17 @@ class SplitServer:
             losses.append(loss)
             result.batches[node] = result.batches.get(node, 0) + 1
             result.examples_seen += len(grad_at_cut)
-            reply = self._exchange(node, Message(BACKWARD, rnd, self.codec.encode({"grad": grad_at_cut})), result)
-        if reply.metrics.get("done") != 1.0:
+            backward = Message(BACKWARD, rnd, self.codec.encode({"grad": grad_at_cut}))
+            if reply.metrics.get(LAST) == 1.0:  # its reply is the trained half: collected after the other clients
+                return self._post(node, backward, result)
+            reply = self._exchange(node, backward, result)
+        return lambda: reply  # done before any batch, or a client that did not say which batch was its last
+
+    def _client_update(self, node: int, end: Reply, result: SplitRoundResult) -> ClientUpdate:
+        """The trained client half in ``end`` (the client's done reply), whole again and checked."""
+        if end.metrics.get("done") != 1.0:
             raise UpdateRejected(f"expected activations (done = 0) or the trained client half (done = 1), got done = "
-                                 f"{reply.metrics.get('done')!r}")
-        end = reply  # done: it carries the trained client half
+                                 f"{end.metrics.get('done')!r}")
         state = self.codec.decode(end.payload)
         if end.metrics.get(ROWS_ONLY):
             state = decode_rows(self.global_client_half, state)

@@ -154,12 +154,21 @@ class FlowerRuntime:
                          on_reply: Callable[[int], None] | None = None) -> dict[int, Reply]:
         """Push one message per partition, pull replies until all arrived or ``timeout`` passed; a node that did
         not answer in time gets a Reply with an error (the server rejects it and the round goes on)."""
+        return self.collect(self.post(messages), on_reply)
+
+    def post(self, messages: dict[int, Message]) -> dict[str, int]:
+        """Push one message per partition now; returns message id -> partition, for :meth:`collect`."""
         unknown = sorted(set(messages) - set(self.partitions))
         if unknown:
             raise KeyError(f"partitions {unknown} have no SuperNode in this run")
         outgoing = [FlowerMessage(message_to_content(m, self.extra_config), self.partitions[p], message_type(m.kind),
                                   group_id=str(m.round)) for p, m in messages.items()]
-        by_id = dict(zip(self.grid.push_messages(outgoing), messages, strict=True))  # message id -> partition
+        return dict(zip(self.grid.push_messages(outgoing), messages, strict=True))
+
+    def collect(self, posted: dict[str, int], on_reply: Callable[[int], None] | None = None) -> dict[int, Reply]:
+        """Pull the replies to ``posted`` until all arrived or ``timeout`` passed (from now); a node that did not answer
+        in time gets a Reply with an error (the server rejects it and the round goes on)."""
+        by_id = dict(posted)
         replies: dict[int, Reply] = {}
         for reply in self._replies(list(by_id), self.timeout):
             partition = by_id.pop(reply.metadata.reply_to_message_id)
