@@ -195,7 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     path = HERE / "results.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "split_before_fused", "split_before_rows")}
+    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "split_before_fused", "split_before_rows",
+                                         "split_repeats")}
     results = [{**r, "workload": r.get("workload", "prefix")} for r in saved.get("results", []) if "key" in r]
     for clients in args.clients:
         for kind in args.workloads:
@@ -229,8 +230,9 @@ def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None
     prefix = [r for r in results if r["workload"] == "prefix"]
     embedded = {r["clients"]: r["steady_s_per_round"] for r in prefix if r["key"] == "embedded"}
     lines = [f"Command: `{command}`  ", f"Machine: {machine}  ",
-             f"Workload: MiniLM prefix tuning (20 tokens), N clients x 30 SST-2 rows, 1 local epoch, batch 8, {rounds} "
-             f"rounds, 200 eval rows; every node on this machine (torch: 1 thread per worker).", "",
+             f"Workload: MiniLM prefix tuning (20 tokens), N clients x 30 SST-2 rows, 1 local epoch, batch 8, the "
+             f"rounds listed (--rounds, {rounds} in the last run), 200 eval rows; every node on this machine (torch: 1 "
+             f"thread per worker). Rows of 2026-12-05 were measured with the background converge bench paused (SIGSTOP), nothing else running.", "",
              "| runtime | clients | mean s / round | rounds (s) | steady s / round (rounds 2+) | x embedded | "
              "minus embedded (s / round) | peak RSS, all processes | measured |",
              "|---|---:|---:|---|---:|---:|---:|---:|---|"]
@@ -252,6 +254,12 @@ def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None
                   "|---|---:|---|---|---:|---:|---|"]
         lines += [_split_row(r, base.get(r["clients"])) for r in sorted(split, key=lambda r: (r["clients"],
                                                                                                RUNTIMES.index(r["key"])))]
+    if kept["split_repeats"]:
+        lines += ["", "The same split workload and code, an earlier run of the same session (rounds vary by up to 40% on "
+                  "this machine):", "", "| runtime | clients | rounds (s) | MB per round | s / batch | x embedded | "
+                  "measured |", "|---|---:|---|---|---:|---:|---|"]
+        earlier = {r["clients"]: r["s_per_batch"] for r in kept["split_repeats"] if r["key"] == "embedded"}
+        lines += [_split_row(r, earlier.get(r["clients"])) for r in kept["split_repeats"]]
     if kept["split_before_rows"]:
         lines += ["", "Split learning before the weights travelled as changed rows and the trained half rode on the last "
                   "reply (commit 504353e: the whole 68 MB client half down at begin and up at a split_end message), "
