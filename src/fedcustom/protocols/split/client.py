@@ -31,7 +31,7 @@ class _Session:
     batches: Iterator[dict]
     num_examples: int
     config: dict  # the begin message's schedule and seed, to rebuild the batches after a restart
-    position: int = 0  # batches drawn so far
+    position: int = 0  # batches used so far (not counting the one drawn ahead)
     rng: torch.Tensor | None = None  # this client's own CPU RNG state (dropout), apart from the server's
     pending: dict[str, torch.Tensor] | None = None  # the batch whose gradient has not come back yet
     rng_before: torch.Tensor | None = None  # this client's RNG state before the pending batch's forward
