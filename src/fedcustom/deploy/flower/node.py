@@ -87,18 +87,28 @@ def describe_own_data(cfg: RunConfig, label_names: list[str], data_path: str, pa
     """How many rows this node trains on and how their labels (causal LM: topics) are spread, for the server's
     client table and summary; the rows themselves stay here. With per-client evaluation the rows it holds out
     (the same draw as :func:`_own_tables`) are not counted."""
-    from fedcustom.assemble import held_out_fraction
-    from fedcustom.data import hold_out
     from fedcustom.data.partition import label_histogram
     from fedcustom.tasks import get_task
 
     labels = get_task(cfg.model.task).own_labels(cfg, label_names, data_path)
-    fraction = held_out_fraction(cfg)
-    if fraction:
-        keep, _ = hold_out(len(labels), fraction, cfg.train.seed, partition)
-        labels = [labels[i] for i in keep]
+    split = _own_hold_out(cfg, len(labels), partition)
+    if split is not None:
+        labels = [labels[i] for i in split[0]]
     histogram = label_histogram([label for label in labels if label is not None], len(label_names))
     return {"examples": len(labels), "label-histogram": json.dumps(histogram)}
+
+
+def _own_hold_out(cfg: RunConfig, count: int, partition: int) -> tuple[list[int], list[int]] | None:
+    """Which of a node's ``count`` own rows it trains on and which it holds out for its own evaluation (sorted
+    positions; the simulation's draw for this partition), or None when per-client evaluation is off."""
+    from fedcustom.assemble import held_out_fraction
+    from fedcustom.data import hold_out
+
+    fraction = held_out_fraction(cfg)
+    if not fraction:
+        return None
+    keep, held = hold_out(count, fraction, cfg.train.seed, partition)
+    return sorted(keep), sorted(held)
 
 
 def _own_tables(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None,
@@ -106,18 +116,14 @@ def _own_tables(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: s
     """This node's tokenized rows, for training and held out for its own evaluation (None when per-client
     evaluation is off): its own file (held out as the simulation would draw it for this partition), or (simulation)
     its partition of the run's dataset, prepared as the server prepares it."""
-    from fedcustom.assemble import held_out_fraction
-
     if data_path:
-        from fedcustom.data import hold_out
         from fedcustom.tasks import get_task
 
         table = get_task(cfg.model.task).own_table(cfg, setup.label_names, data_path, tokenizer)
-        fraction = held_out_fraction(cfg)
-        if not fraction:
+        split = _own_hold_out(cfg, len(table), partition)
+        if split is None:
             return table, None
-        keep, held = hold_out(len(table), fraction, cfg.train.seed, partition)
-        return table.select(sorted(keep)), table.select(sorted(held))
+        return table.select(split[0]), table.select(split[1])
     from fedcustom.assemble import prepare_task_data
     from fedcustom.methods import get_method
 

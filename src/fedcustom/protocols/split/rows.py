@@ -51,8 +51,10 @@ def changed_rows(new: State, base: State) -> Rows:
 
 def union(first: Rows, second: Rows) -> Rows:
     """Rows changed in either (e.g. over two rounds)."""
-    return {name: first[name] | second[name] if name in first else mask for name, mask in second.items()} | {
-        name: mask for name, mask in first.items() if name not in second}
+    rows = dict(first)
+    for name, mask in second.items():
+        rows[name] = rows[name] | mask if name in rows else mask
+    return rows
 
 
 def encode_rows(state: State, rows: Rows) -> State:
