@@ -152,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Run only this stage's missing runs (repeatable; e.g. leakage: its stages are its "
                             "methods; a name no stage has, such as report: run nothing); other stages' finished runs "
                             "are reused and the report covers what exists.")
+    bench.add_argument("--only", action="append", metavar="AXIS=LABEL[,LABEL]",
+                       help="Run only the missing runs with one of these labels on this axis (repeatable, one axis "
+                            "each; e.g. --only method=prefix --only setting=ag_news-iid,ag_news-dirichlet0.1: the "
+                            "runs a long sweep needs first); the rest are reused where finished, and the report "
+                            "covers what exists.")
     bench.add_argument("--model", default=None, metavar="NAME_OR_PATH",
                        help="Replace the backbone of the preset's base config (a packaged alias or a Hugging Face "
                             "model folder; it must suit the preset's task).")
@@ -357,7 +362,7 @@ def main(argv: list[str] | None = None) -> int:
             check_preset(args.preset, args.jobs)
             name = os.path.splitext(os.path.basename(args.preset))[0]
             run_bench(args.preset, args.data_dir, args.output or f"runs/bench-{name}", command, stages=args.stage,
-                      jobs=args.jobs, model=args.model)
+                      jobs=args.jobs, model=args.model, only=args.only)
             return 0
         if args.command == "ping":
             return ping_nodes(args)

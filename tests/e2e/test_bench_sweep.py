@@ -10,7 +10,7 @@ import pytest
 from rich.console import Console
 
 from fedcustom.bench import run_sweep_bench
-from fedcustom.bench.sweep import Pick, best_per_group, cells, load_sweep, parse_sweep, sweep_names
+from fedcustom.bench.sweep import Pick, best_per_group, cells, load_sweep, parse_only, parse_sweep, sweep_names
 from fedcustom.errors import ConfigError
 
 from conftest import TINY_LR
@@ -123,13 +123,16 @@ def test_the_converge_sweep_runs_in_parts_reuses_its_runs_and_reports_targets(sw
     # Prepare
     sweep, out = load_sweep(str(sweep_file)), tmp_path / "out"
     out.mkdir()
-    # Execute: the tuning stage alone, then everything (the tuning runs reused), then again (all reused)
-    first = run_sweep_bench(sweep, ".", out, "first", Console(quiet=True), stages=["tune"])
+    # Execute: the tuning stage's SST-2 runs alone (--stage tune --only setting=sst2-iid), then everything (those
+    # runs reused), then again (all reused)
+    first = run_sweep_bench(sweep, ".", out, "first", Console(quiet=True), stages=["tune"],
+                            only=parse_only(sweep, ["setting=sst2-iid"]))
     second = run_sweep_bench(sweep, ".", out, "second", Console(quiet=True))
     third = run_sweep_bench(sweep, ".", out, "third", Console(quiet=True))
     # Assert
-    assert first["runs"] == 4 and first["reused"] == 0 and first["stages"]["report"] == []
-    assert second["runs"] == 10 and second["reused"] == 4 and third["reused"] == 10
+    assert first["runs"] == 2 and first["reused"] == 0 and first["stages"]["report"] == []
+    assert {r["labels"]["setting"] for r in first["stages"]["tune"]} == {"sst2-iid"}
+    assert second["runs"] == 10 and second["reused"] == 2 and third["reused"] == 10
     report = [r for r in second["stages"]["report"]]
     assert {r["labels"]["variant"] for r in report if r["tags"]["dataset"] == "sst2"} == {"fedavg"}  # frozen learns nothing
     iid = [r for r in report if r["tags"]["setting"] == "sst2-iid"]
@@ -147,6 +150,14 @@ def test_malformed_sweeps_are_refused_clearly() -> None:
     with pytest.raises(ConfigError, match="has no value"):
         parse_sweep({"name": "x", "report": "converge", "axis": {"seed": [{"label": "a"}]},
                      "stages": {"s": {"axis": {"seed": ["b"]}}}})
+    sweep = load_sweep("converge")
+    assert parse_only(sweep, None) is None
+    assert parse_only(sweep, ["method=prefix", "method=lora", "setting=ag_news-iid"]) == {
+        "method": {"prefix", "lora"}, "setting": {"ag_news-iid"}}
+    with pytest.raises(ConfigError, match="expected AXIS=LABEL"):
+        parse_only(sweep, ["methods=prefix"])
+    with pytest.raises(ConfigError, match=r"axis 'method' has no value \['pefix'\]"):
+        parse_only(sweep, ["method=pefix"])
     with pytest.raises(ConfigError, match="no such file"):
         load_sweep("nonexistent-sweep")
     assert "converge" in sweep_names()

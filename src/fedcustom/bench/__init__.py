@@ -14,7 +14,7 @@ from rich.console import Console
 
 from fedcustom.assemble import prepare_output
 from fedcustom.bench.report import machine
-from fedcustom.bench.sweep import Sweep, as_json, load_sweep, merge, run_sweep, sweep_names
+from fedcustom.bench.sweep import Sweep, as_json, load_sweep, merge, parse_only, run_sweep, sweep_names
 from fedcustom.report import write_json
 from fedcustom.summary import versions
 
@@ -22,21 +22,26 @@ __all__ = ["run_bench", "run_sweep_bench", "sweep_names"]
 
 
 def run_bench(preset_name: str, data_dir: str, output: str, command: str, console: Console | None = None,
-              stages: list[str] | None = None, jobs: int = 1, model: str | None = None) -> dict[str, Any]:
+              stages: list[str] | None = None, jobs: int = 1, model: str | None = None,
+              only: list[str] | None = None) -> dict[str, Any]:
     """Run a shipped sweep (by name) or a sweep file (a .toml path), then write results.json, report.md and the PNG
-    plots into ``output``. ``model`` replaces the backbone of the sweep's base config."""
+    plots into ``output``. ``model`` replaces the backbone of the sweep's base config; ``only`` (``AXIS=LABELS``
+    strings) limits which missing runs run."""
     sweep = load_sweep(preset_name)
     if model is not None:
         sweep = dataclasses.replace(sweep, base=merge(sweep.base, {"model": {"name": model}}))
-    return run_sweep_bench(sweep, data_dir, prepare_output(output), command, console or Console(), stages, jobs)
+    selection = parse_only(sweep, only)  # checked before the output folder is made
+    return run_sweep_bench(sweep, data_dir, prepare_output(output), command, console or Console(), stages, jobs,
+                           selection)
 
 
 def run_sweep_bench(sweep: Sweep, data_dir: str, out: Path, command: str, console: Console,
-                    stages: list[str] | None = None, jobs: int = 1) -> dict[str, Any]:
+                    stages: list[str] | None = None, jobs: int = 1,
+                    only: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """A declarative sweep (fedcustom/bench/sweeps/*.toml): its stages' runs, then results.json and the report its
     ``report`` module writes (with its plots)."""
     start = time.perf_counter()
-    records = run_sweep(sweep, Path(data_dir).expanduser(), out, console, stages, jobs)
+    records = run_sweep(sweep, Path(data_dir).expanduser(), out, console, stages, jobs, only)
     runs = [r for stage in records.values() for r in stage]
     writer = importlib.import_module(f"fedcustom.bench.{sweep.report}")
     result = {"preset": sweep.name, "command": command, "versions": versions(), "machine": machine(),

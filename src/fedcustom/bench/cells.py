@@ -87,14 +87,15 @@ def record(cell: Cell, out: Path, summary: dict[str, Any] | None, reused: bool) 
             "reused": reused, "summary": {k: v for k, v in (summary or {}).items() if k not in DROPPED}}
 
 
-def run_cells(todo: list[Cell], out: Path, console: Console, run_now: bool = True,
+def run_cells(todo: list[Cell], out: Path, console: Console, run_now: list[bool] | None = None,
               jobs: int = 1, report: str | None = None) -> list[dict[str, Any]]:
     """Records for ``todo`` in order (each keeps its run's whole summary but the config and versions): reused
-    where finished, else run (unless ``run_now`` is False, when missing cells are left out). ``report`` names the
-    sweep's report module, whose instrument/complete hooks apply."""
+    where finished, else run (a missing cell whose ``run_now`` entry is False is left out; default: run every
+    missing cell). ``report`` names the sweep's report module, whose instrument/complete hooks apply."""
     values = [cell_values(cell, out) for cell in todo]
     done = [finished(v, report) for v in values]
-    pending = [i for i, d in enumerate(done) if d is None] if run_now else []
+    run_now = [True] * len(todo) if run_now is None else run_now
+    pending = [i for i, d in enumerate(done) if d is None and run_now[i]]
     fresh = _run_pending(todo, values, pending, console, jobs, report)
     records = []
     for i, cell in enumerate(todo):

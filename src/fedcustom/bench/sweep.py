@@ -223,8 +223,9 @@ def best_per_group(records: list[dict[str, Any]], sweep: Sweep, pick: Pick) -> d
 
 
 def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages: list[str] | None = None,
-              jobs: int = 1) -> dict[str, list[dict[str, Any]]]:
-    """Run (or reuse) every stage's cells in order; returns each stage's records."""
+              jobs: int = 1, only: dict[str, set[str]] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Run (or reuse) every stage's cells in order; returns each stage's records. ``stages`` and ``only`` (axis ->
+    labels, see :func:`parse_only`) limit which missing cells run; finished ones are reused either way."""
     from fedcustom.bench.cells import run_cells  # torch and transformers load only when runs start
 
     records: dict[str, list[dict[str, Any]]] = {}
@@ -235,16 +236,42 @@ def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages:
                 raise ConfigError(f"stage {stage.name!r} picks from stage {stage.pick.source!r}, which has not run")
             picked = best_per_group(records[stage.pick.source], sweep, stage.pick)
         todo = cells(sweep, stage, picked)
-        run_now = stages is None or stage.name in stages
-        for cell in todo:
-            if run_now:
+        run_now = [(stages is None or stage.name in stages) and selected(cell, only) for cell in todo]
+        for cell, runs in zip(todo, run_now):
+            if runs:
                 check_data(cell.values, data_dir)
             cell.values = substitute(cell.values, data_dir, Path(sweep.source).parent if sweep.source else None)
         start = time.perf_counter()
-        console.print(f"stage {stage.name!r}: {len(todo)} runs" + ("" if run_now else " (only reused results)"))
+        limited = "" if all(run_now) else (" (only reused results)" if not any(run_now) else
+                                           f" ({sum(run_now)} selected to run, the rest only reused)")
+        console.print(f"stage {stage.name!r}: {len(todo)} runs" + limited)
         records[stage.name] = run_cells(todo, out / "runs" / stage.name, console, run_now, jobs, sweep.report)
         console.print(f"stage {stage.name!r} done in {(time.perf_counter() - start) / 60:.1f} min")
     return records
+
+
+def parse_only(sweep: Sweep, specs: list[str] | None) -> dict[str, set[str]] | None:
+    """``--only AXIS=LABEL[,LABEL...]`` options (repeatable; a cell runs when every named axis has one of the labels):
+    axis -> labels, checked against the sweep's axes."""
+    if not specs:
+        return None
+    only: dict[str, set[str]] = {}
+    for spec in specs:
+        axis, sep, labels = spec.partition("=")
+        if not sep or not labels or axis not in sweep.axes:
+            raise ConfigError(f"--only {spec!r}: expected AXIS=LABEL[,LABEL...] with AXIS one of "
+                              f"{', '.join(sweep.axes)}")
+        wanted, known = set(labels.split(",")), {v.label for v in sweep.axes[axis]}
+        if wanted - known:
+            raise ConfigError(f"--only {spec!r}: axis {axis!r} has no value {sorted(wanted - known)}; "
+                              f"it has {', '.join(sorted(known))}")
+        only[axis] = only.get(axis, set()) | wanted
+    return only
+
+
+def selected(cell: Cell, only: dict[str, set[str]] | None) -> bool:
+    """Whether ``cell`` has one of the wanted labels on every axis ``only`` names (a picked axis included)."""
+    return not only or all(cell.labels.get(axis) in labels for axis, labels in only.items())
 
 
 def picks_table(records: list[dict[str, Any]], pick: Pick) -> list[dict[str, Any]]:
