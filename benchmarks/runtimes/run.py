@@ -195,8 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     path = HERE / "results.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "split_before_fused", "split_before_rows",
-                                         "split_repeats")}
+    kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "ping_before_pulls", "split_before_fused",
+                                         "split_before_rows", "split_repeats", "split_before_pulls")}
     results = [{**r, "workload": r.get("workload", "prefix")} for r in saved.get("results", []) if "key" in r]
     for clients in args.clients:
         for kind in args.workloads:
@@ -255,15 +255,24 @@ def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None
         lines += [_split_row(r, base.get(r["clients"])) for r in sorted(split, key=lambda r: (r["clients"],
                                                                                                RUNTIMES.index(r["key"])))]
     if kept["split_repeats"]:
-        lines += ["", "The same split workload and code, an earlier run of the same session (rounds vary by up to 40% on "
-                  "this machine):", "", "| runtime | clients | rounds (s) | MB per round | s / batch | x embedded | "
+        lines += ["", "The same split workload and code, a pair measured about 25 minutes earlier (rounds vary by up to 40% "
+                  "on this machine):", "", "| runtime | clients | rounds (s) | MB per round | s / batch | x embedded | "
                   "measured |", "|---|---:|---|---|---:|---:|---|"]
         earlier = {r["clients"]: r["s_per_batch"] for r in kept["split_repeats"] if r["key"] == "embedded"}
         lines += [_split_row(r, earlier.get(r["clients"])) for r in kept["split_repeats"]]
+    if kept["split_before_pulls"]:
+        lines += ["", "Split learning before the shorter object pulls (Flower's 1 s first retry for a message object not "
+                  "pushed yet, `deploy/flower/pulls.py`), two pairs measured minutes apart in the session before:", "",
+                  "| runtime | clients | rounds (s) | MB per round | s / batch | x embedded | measured |",
+                  "|---|---:|---|---|---:|---:|---|"]
+        for note in dict.fromkeys(r.get("note") for r in kept["split_before_pulls"]):
+            pair = [r for r in kept["split_before_pulls"] if r.get("note") == note]
+            before = {r["clients"]: r["s_per_batch"] for r in pair if r["key"] == "embedded"}
+            lines += [_split_row(r, before.get(r["clients"])) for r in pair]
     if kept["split_before_rows"]:
         lines += ["", "Split learning before the weights travelled as changed rows and the trained half rode on the last "
                   "reply (commit 504353e: the whole 68 MB client half down at begin and up at a split_end message), "
-                  "measured in the same session as the rows above:", "",
+                  "measured in the same session as the pairs before the shorter pulls:", "",
                   "| runtime | clients | rounds (s) | MB per round | s / batch | x embedded | measured |",
                   "|---|---:|---|---|---:|---:|---|"]
         before = {r["clients"]: r["s_per_batch"] for r in kept["split_before_rows"] if r["key"] == "embedded"}
@@ -281,6 +290,12 @@ def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None
                   "|---|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {r['runtime']} | {r['clients']} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {r['p90_s']:.3f} | "
                   f"{r['max_s']:.3f} | {r['first_round_s']:.3f} |" for r in kept["ping"]]
+    if kept["ping_before_pulls"]:
+        lines += ["", "The same before the shorter object pulls:", "",
+                  "| runtime | clients | median s | mean s | p90 s | max s | first round s |",
+                  "|---|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['runtime']} | {r['clients']} | {r['median_s']:.3f} | {r['mean_s']:.3f} | {r['p90_s']:.3f} | "
+                  f"{r['max_s']:.3f} | {r['first_round_s']:.3f} |" for r in kept["ping_before_pulls"]]
     if kept["before_wake"]:
         lines += ["", "The worker before the wake socket (it polled its node for tasks, backing off to 0.5 s; the node "
                   "polled for the worker's reply every 0.05 s), as measured then:", "",

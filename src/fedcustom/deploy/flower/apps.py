@@ -24,6 +24,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedcustom.config import RunConfig, build_config
 from fedcustom.deploy.flower import ping
+from fedcustom.deploy.flower.pulls import quicker_object_pulls
 from fedcustom.deploy.flower.rag import RAG_KINDS, RagJob, handle_rag, job_from_run_config, run_rag_on_grid
 from fedcustom.deploy.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
 from fedcustom.errors import FedCustomError
@@ -178,6 +179,9 @@ def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> 
     return app
 
 
+# Every process that loads these apps (a ServerApp, a ClientApp process, a worker) pulls message objects with
+# shorter waits than Flower's (:mod:`.pulls`).
+quicker_object_pulls()
 # What `flwr run` loads (pyproject [tool.flwr.app.components]): the config comes with the run.
 server_app = make_server_app()
 client_app = make_client_app()

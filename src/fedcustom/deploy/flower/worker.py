@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcustom.deploy.flower.pulls import quicker_object_pulls
 from fedcustom.deploy.flower.wake import WakeClient, WakeServer
 
 log = logging.getLogger(__name__)
@@ -245,6 +246,7 @@ def run_supernode(argv: list[str], poll: float, max_poll: float = 0.5, wake_sock
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    quicker_object_pulls()  # the node pulls each message's objects from the SuperLink
     wake = WakeServer(wake_socket) if wake_socket else None
     loop.time = _NodeSleep(poll, max_poll, wake)  # the module's only use of ``time`` is sleeping between polls
     if wake is not None:
