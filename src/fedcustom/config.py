@@ -201,6 +201,9 @@ class FederationConfig:
                                           "--early-stop-patience")
     early_stop_min_delta: float = opt(0.0, "Early stopping: the smallest gain that counts as an improvement.",
                                       "--early-stop-min-delta")
+    early_stop_min_rounds: int = opt(0, "Early stopping: never before this round (a method that needs a few rounds "
+                                     "before its metric moves, e.g. prompt tuning at a high client rate, is not cut "
+                                     "off while it warms up).", "--early-stop-min-rounds")
     client_eval_fraction: float = opt(0.0, "Per-client evaluation: share of each client's rows held out as its own "
                                       "test set (not trained on, by it or the centralized baselines); every round "
                                       "the global model is scored on each client's held-out rows (round log "

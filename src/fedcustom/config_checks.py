@@ -175,6 +175,7 @@ def validate_convergence(cfg: RunConfig) -> None:
                           f"got {','.join(f'{b:g}' for b in fed.server_betas) or 'nothing'}")
     for where, value in [("federation.prox_mu (--prox-mu)", fed.prox_mu),
                          ("federation.early_stop_min_delta (--early-stop-min-delta)", fed.early_stop_min_delta),
+                         ("federation.early_stop_min_rounds (--early-stop-min-rounds)", fed.early_stop_min_rounds),
                          ("train.warmup_rounds (--warmup-rounds)", train.warmup_rounds)]:
         if not value >= 0:
             raise ConfigError(f"{where}: expected a number >= 0, got {value}")

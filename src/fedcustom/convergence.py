@@ -81,12 +81,14 @@ def resolved_settings(cfg: RunConfig, method: Method, schedule: LocalSchedule) -
 
 @dataclass(frozen=True)
 class EarlyStop:
-    """Stop once the headline metric has not improved by more than ``min_delta`` for ``patience`` rounds."""
+    """Stop once the headline metric has not improved by more than ``min_delta`` for ``patience`` rounds, but not
+    before round ``min_rounds`` (a method whose first rounds do not improve yet is not cut off while it warms up)."""
 
     metric: str
     higher_is_better: bool
     patience: int
     min_delta: float = 0.0
+    min_rounds: int = 0
 
     def best_round(self, results: list[RoundResult]) -> int:
         """The round (0 = initial model) whose metric is the best so far; the earliest on ties."""
@@ -97,8 +99,10 @@ class EarlyStop:
         return results[best].round
 
     def should_stop(self, results: list[RoundResult]) -> bool:
-        """True when the last ``patience`` rounds brought no improvement over the best before them."""
-        return results[-1].round - self.best_round(results) >= self.patience
+        """True when the last ``patience`` rounds brought no improvement over the best before them (and the run has
+        reached ``min_rounds``)."""
+        last = results[-1].round
+        return last >= self.min_rounds and last - self.best_round(results) >= self.patience
 
     def _better(self, value: float, than: float) -> bool:
         gain = value - than if self.higher_is_better else than - value

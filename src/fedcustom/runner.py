@@ -193,7 +193,8 @@ def early_stop(cfg: RunConfig) -> EarlyStop | None:
     if patience is None:
         return None
     metric = TASK_METRICS[cfg.model.task][0][0]
-    return EarlyStop(metric, True, patience, cfg.federation.early_stop_min_delta)
+    fed = cfg.federation
+    return EarlyStop(metric, True, patience, fed.early_stop_min_delta, fed.early_stop_min_rounds)
 
 
 def run_baselines(job: Job, results: list[RoundResult], console: Console | None) -> dict[str, dict[str, Any]]:

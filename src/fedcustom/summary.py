@@ -29,7 +29,7 @@ def early_stop_summary(stop: EarlyStop | None, results: list[RoundResult], round
     if stop is None:
         return None
     best = stop.best_round(results)
-    return {"metric": stop.metric, "patience": stop.patience, "min_delta": stop.min_delta,
+    return {"metric": stop.metric, "patience": stop.patience, "min_delta": stop.min_delta, "min_rounds": stop.min_rounds,
             "stopped": results[-1].round < rounds, "last_round": results[-1].round, "best_round": best,
             f"best_{stop.metric}": next(r.eval[stop.metric] for r in results if r.round == best)}
 

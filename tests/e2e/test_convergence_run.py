@@ -71,7 +71,7 @@ def test_early_stopping_ends_the_run_and_says_so(tiny_config) -> None:
     # Assert
     assert [line["round"] for line in log_lines(job.out)] == [0, 1, 2]
     assert summary["rounds"] == 2
-    assert summary["early_stop"] == {"metric": "accuracy", "patience": 2, "min_delta": 0.0, "stopped": True,
+    assert summary["early_stop"] == {"metric": "accuracy", "patience": 2, "min_delta": 0.0, "min_rounds": 0, "stopped": True,
                                      "last_round": 2, "best_round": 0, "best_accuracy": summary["initial_accuracy"]}
 
 
@@ -80,6 +80,11 @@ def test_early_stop_rule_counts_rounds_since_the_best() -> None:
     results = [RoundResult(i, {"accuracy": a}) for i, a in enumerate([0.5, 0.6, 0.605, 0.609])]
     assert rule.best_round(results) == 1 and rule.should_stop(results)
     assert not rule.should_stop(results[:3])
+    # not before round min_rounds: the same rounds go on until round 4, then stop as before
+    warming = EarlyStop("accuracy", True, patience=2, min_delta=0.01, min_rounds=4)
+    assert not warming.should_stop(results)
+    flat = results + [RoundResult(4, {"accuracy": 0.6})]
+    assert warming.should_stop(flat) and warming.best_round(flat) == 1
 
 
 def test_both_centralized_baselines_are_reported_with_their_gaps(tiny_config) -> None:
@@ -114,6 +119,7 @@ def test_unset_settings_come_from_the_method_and_are_recorded(tiny_config) -> No
     (dict(federation__server_betas="0.9,1.5"), "server_betas"),
     (dict(train__warmup_rounds=2), "warmup_rounds"),
     (dict(federation__prox_mu=-1.0), "prox_mu"),
+    (dict(federation__early_stop_min_rounds=-2), r"early_stop_min_rounds \(--early-stop-min-rounds\): expected"),
     (dict(federation__server_opt="sgd"), "server_opt"),
     (dict(method__prefix_init="words"), "prefix_init"),
 ])

@@ -189,7 +189,7 @@ def setup_lines(sweep: Sweep, seeds: list[str]) -> list[str]:
         f"{data.get('max_train_examples')} training rows per run; {fed.get('local_epochs')} local epoch(s) per round, "
         f"batch {train.get('batch_size')}; at most {fed.get('rounds')} rounds, stopped once the global accuracy has "
         f"not improved by more than {fed.get('early_stop_min_delta')} for {fed.get('early_stop_patience')} rounds "
-        "(the reported accuracy is the last round's, not the best).",
+        f"{min_rounds(sweep)}(the reported accuracy is the last round's, not the best).",
         f"- Client rate schedule `{train.get('lr_schedule', 'cosine')}` over the rounds; client rates (AdamW) "
         f"{rates(sweep, 'lr')}; prefix and prompt initialisation and LoRA rank are the methods' defaults.",
         "- Centralized baseline: the same method on the union of the clients' rows, one epoch at a time at a constant "
@@ -202,6 +202,13 @@ def setup_lines(sweep: Sweep, seeds: list[str]) -> list[str]:
         f"- Reported seeds: {', '.join(seeds)}; the server optimizer / drift correction of each method and corpus was "
         "picked on seed 100 (SST-2 IID and AG News Dirichlet 0.1 runs).",
     ]
+
+
+def min_rounds(sweep: Sweep) -> str:
+    """The methods whose early stopping starts later (``federation.early_stop_min_rounds``), as text."""
+    later = [f"{v.label} not before round {v.settings['federation']['early_stop_min_rounds']}"
+             for v in sweep.axes.get("method", ()) if v.settings.get("federation", {}).get("early_stop_min_rounds")]
+    return f"({'; '.join(later)}) " if later else ""
 
 
 def rates(sweep: Sweep, key: str) -> str:
