@@ -268,9 +268,9 @@ class Deferred(EmbeddedRuntime):
         self.posted += [(node, message.kind) for node, message in messages.items()]
         return messages
 
-    def collect(self, posted: dict[int, Message]) -> dict[int, Reply]:
+    def collect(self, posted: dict[int, Message], on_reply=None) -> dict[int, Reply]:
         self.handled += [(node, message.kind) for node, message in posted.items()]
-        return self.send_and_receive(posted)
+        return self.send_and_receive(posted, on_reply)
 
 
 def test_remote_clients_begin_early_and_upload_late_and_the_round_is_the_same(tiny_bert: str) -> None:

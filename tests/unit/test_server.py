@@ -85,3 +85,18 @@ def test_round_with_only_bad_updates_keeps_the_global_state() -> None:
     result = server.run_round(1)
     assert len(result.rejected) == 4
     assert all(torch.equal(server.global_state[k], STATE[k]) for k in STATE)
+
+
+def test_embedded_post_handles_at_once_in_node_order_and_collect_reports_each_reply() -> None:
+    handled, taken = [], []
+
+    def handler(node: int, message: Message) -> Reply:
+        handled.append(node)
+        return Reply(payload=bytes([node]))
+
+    runtime = EmbeddedRuntime(handler, num_nodes=3)
+    posted = runtime.post({2: Message("train", 1), 0: Message("train", 1)})
+    assert handled == [0, 2]  # handled when posted, in node order
+    replies = runtime.collect(posted, on_reply=taken.append)
+    assert {node: reply.payload for node, reply in replies.items()} == {0: b"\x00", 2: b"\x02"}
+    assert taken == [0, 2] and handled == [0, 2]  # collecting handles nothing again

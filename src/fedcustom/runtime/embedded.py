@@ -107,7 +107,9 @@ class EmbeddedRuntime:
         """Handled at once, in node order (the replies are what :meth:`collect` returns)."""
         return self.send_and_receive(messages)
 
-    def collect(self, posted: dict[int, Reply]) -> dict[int, Reply]:
+    def collect(self, posted: dict[int, Reply], on_reply: Callable[[int], None] | None = None) -> dict[int, Reply]:
+        for node_id in posted if on_reply else ():
+            on_reply(node_id)
         return posted
 
     def _call(self, node_id: int, message: Message) -> Reply:

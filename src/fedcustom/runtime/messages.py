@@ -82,6 +82,7 @@ class Runtime(Protocol):
         server can go on meanwhile (the embedded runtime handles them at once, in node order)."""
         ...
 
-    def collect(self, posted: Any) -> dict[int, Reply]:
-        """The replies to what :meth:`post` delivered (an error reply for a node that did not answer in time)."""
+    def collect(self, posted: Any, on_reply: Callable[[int], None] | None = None) -> dict[int, Reply]:
+        """The replies to what :meth:`post` delivered (an error reply for a node that did not answer in time);
+        ``on_reply(node)`` for each reply as it is taken."""
         ...
