@@ -196,7 +196,8 @@ def main() -> None:
     path = HERE / "results.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
     kept = {k: saved.get(k, []) for k in ("previous", "before_wake", "ping", "ping_before_pulls", "split_before_fused",
-                                         "split_before_rows", "split_repeats", "split_before_pulls")}
+                                         "split_before_rows", "split_repeats", "split_before_pulls",
+                                         "prefix_before_pulls")}
     results = [{**r, "workload": r.get("workload", "prefix")} for r in saved.get("results", []) if "key" in r]
     for clients in args.clients:
         for kind in args.workloads:
@@ -243,6 +244,15 @@ def write(results: list[dict], kept: dict[str, list[dict]], rounds: int) -> None
         lines.append(f"| {r['runtime']} | {r['clients']} | {r['mean_s_per_round']:.1f} | "
                      f"{', '.join(f'{s:.1f}' for s in r['round_seconds'])} | {r['steady_s_per_round']:.1f} | {ratio} | "
                      f"{overhead} | {r['peak_rss_bytes'] / 2**30:.2f} GiB | {r.get('measured', 'earlier')} |")
+    if kept["prefix_before_pulls"]:
+        lines += ["", "The same prefix workload before the shorter object pulls (`deploy/flower/pulls.py`):", "",
+                  "| runtime | clients | rounds (s) | steady s / round | x embedded then | measured |",
+                  "|---|---:|---|---:|---:|---|"]
+        then = {r["clients"]: r["steady_s_per_round"] for r in kept["prefix_before_pulls"] if r["key"] == "embedded"}
+        lines += [f"| {r['runtime']} | {r['clients']} | {', '.join(f'{s:.1f}' for s in r['round_seconds'])} | "
+                  f"{r['steady_s_per_round']:.1f} | {r['steady_s_per_round'] / then[r['clients']]:.2f} | "
+                  f"{r.get('measured', 'earlier')} |"
+                  for r in sorted(kept["prefix_before_pulls"], key=lambda r: (r["clients"], RUNTIMES.index(r["key"])))]
     split = [r for r in results if r["workload"] == "split"]
     if split:
         base = {r["clients"]: r["s_per_batch"] for r in split if r["key"] == "embedded"}
