@@ -8,9 +8,9 @@ import datasets
 import numpy as np
 import pytest
 
-from fedcustom.config import DataConfig, parse_partition
+from fedcustom.config import DataConfig, PartitionSpec, parse_partition
 from fedcustom.data import load_labeled, prepare_data
-from fedcustom.data.partition import label_histogram, partition_indices
+from fedcustom.data.partition import _partitioner, label_histogram, partition_indices
 from fedcustom.errors import FedCustomError
 from fedcustom.models import load_tokenizer
 
@@ -200,3 +200,31 @@ def test_bad_column_names_are_a_config_error(columns: str) -> None:
 
     with pytest.raises(ConfigError, match="--columns"):
         build_config({"data": {"columns": columns}})
+
+
+def test_a_dirichlet_split_whose_first_seed_fails_is_drawn_again_from_derived_seeds() -> None:
+    # 4 balanced classes, 1,000 rows, 10 clients at alpha 0.1: seed 1's ten draws all leave a client under 10 rows
+    # (flwr-datasets gives up); seed 0's first draw succeeds
+    table = datasets.Dataset.from_dict({"label": [i % 4 for i in range(1000)]})
+    spec = PartitionSpec("dirichlet", 0.1)
+    order = np.random.default_rng(1).permutation(1000).tolist()
+    first = _partitioner(spec, 10, 1000, seed=1)
+    first.dataset = table.select(order).add_column("row", order)
+    with pytest.raises(ValueError, match="max number of attempts"):
+        first.load_partition(0)
+    parts = partition_indices(table, spec, 10, seed=1)
+    assert len(parts) == 10 and min(len(p) for p in parts) >= 10
+    assert sorted(i for p in parts for i in p) == list(range(1000))  # disjoint and complete
+    assert parts == partition_indices(table, spec, 10, seed=1)  # the same split every time
+    # a seed whose first draw succeeds keeps that draw
+    order0 = np.random.default_rng(0).permutation(1000).tolist()
+    own = _partitioner(spec, 10, 1000, seed=0)
+    own.dataset = table.select(order0).add_column("row", order0)
+    assert partition_indices(table, spec, 10, seed=0) == [sorted(own.load_partition(i)["row"]) for i in range(10)]
+
+
+def test_a_dirichlet_split_no_seed_can_make_is_a_clear_error() -> None:
+    table = datasets.Dataset.from_dict({"label": [0] * 95 + [1] * 5})  # 10 clients, each at least 2 rows of 100
+    with pytest.raises(FedCustomError, match=r"partition dirichlet:0.01: cannot split 100 examples over 10 clients "
+                                             r"\(10 seeds x "):
+        partition_indices(table, PartitionSpec("dirichlet", 0.01), 10, seed=0)
