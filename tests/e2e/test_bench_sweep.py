@@ -127,17 +127,22 @@ def test_the_converge_sweep_runs_in_parts_reuses_its_runs_and_reports_targets(sw
     # runs reused), then again (all reused)
     first = run_sweep_bench(sweep, ".", out, "first", Console(quiet=True), stages=["tune"],
                             only=parse_only(sweep, ["setting=sst2-iid"]))
+    first_text = (out / "report.md").read_text()
     second = run_sweep_bench(sweep, ".", out, "second", Console(quiet=True))
     third = run_sweep_bench(sweep, ".", out, "third", Console(quiet=True))
     # Assert
     assert first["runs"] == 2 and first["reused"] == 0 and first["stages"]["report"] == []
     assert {r["labels"]["setting"] for r in first["stages"]["tune"]} == {"sst2-iid"}
     assert second["runs"] == 10 and second["reused"] == 2 and third["reused"] == 10
+    # the report of a sweep run in parts says so until every run has finished
+    assert first["planned"] == second["planned"] == 10
+    assert "Partial report: 2 of the sweep's 10 runs have finished" in first_text
     report = [r for r in second["stages"]["report"]]
     assert {r["labels"]["variant"] for r in report if r["tags"]["dataset"] == "sst2"} == {"fedavg"}  # frozen learns nothing
     iid = [r for r in report if r["tags"]["setting"] == "sst2-iid"]
     assert all(r["summary"]["centralized_converged_accuracy"] is not None for r in iid)
     text = (out / "report.md").read_text()
+    assert "Partial report" not in text
     assert "prefix tuning within 0.5 points" in text and "| prefix | sst2-iid | fedavg |" in text
     assert [t["met"] in (True, False) for t in second["targets"]] == [True, True]
     assert json.loads((out / "results.json").read_text())["preset"] == "tiny-converge"

@@ -41,11 +41,11 @@ def run_sweep_bench(sweep: Sweep, data_dir: str, out: Path, command: str, consol
     """A declarative sweep (fedcustom/bench/sweeps/*.toml): its stages' runs, then results.json and the report its
     ``report`` module writes (with its plots)."""
     start = time.perf_counter()
-    records = run_sweep(sweep, Path(data_dir).expanduser(), out, console, stages, jobs, only)
+    records, planned = run_sweep(sweep, Path(data_dir).expanduser(), out, console, stages, jobs, only)
     runs = [r for stage in records.values() for r in stage]
     writer = importlib.import_module(f"fedcustom.bench.{sweep.report}")
     result = {"preset": sweep.name, "command": command, "versions": versions(), "machine": machine(),
-              "wall_seconds": time.perf_counter() - start, "runs": len(runs),
+              "wall_seconds": time.perf_counter() - start, "runs": len(runs), "planned": sum(planned.values()),
               "reused": sum(r["reused"] for r in runs),
               "cells_wall_seconds": sum(r["summary"].get("wall_seconds") or 0.0 for r in runs),
               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),

@@ -177,7 +177,7 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
              "ran the reported seeds.", "", *picks_lines(sweep, stages), "",
              "## Plots", "", f"![accuracy vs round]({PLOTS['rounds']})", f"![accuracy vs MB]({PLOTS['cost']})", "",
              "Every number, per seed and per round, is in `results.json`; each run's round log and summary are under "
-             "`runs/` (not committed).", ""]
+             "`runs/` (their summary.json and round_log.jsonl are committed, so that a later invocation reuses them).", ""]
     return "\n".join(parts)
 
 

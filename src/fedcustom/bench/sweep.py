@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 import statistics
 import time
 import tomllib
@@ -184,10 +185,20 @@ def check_data(values: dict[str, Any], data_dir: Path) -> None:
                                      f"ag_news/) at --data-dir {data_dir}")
 
 
+def _choices(sweep: Sweep, stage: Stage) -> tuple[list[str], list[list[AxisValue]]]:
+    """The axes a stage iterates (all but a picked one) and each one's values that the stage runs."""
+    iterated = [a for a in sweep.axes if not (stage.pick and a == stage.pick.axis)]
+    return iterated, [[v for v in sweep.axes[a] if a not in stage.only or v.label in stage.only[a]] for a in iterated]
+
+
+def stage_size(sweep: Sweep, stage: Stage) -> int:
+    """How many runs ``stage`` has once every group's pick is known (a picked axis adds one value per cell)."""
+    return math.prod(len(values) for values in _choices(sweep, stage)[1])
+
+
 def cells(sweep: Sweep, stage: Stage, picked: dict[tuple, AxisValue] | None = None) -> list[Cell]:
     """The runs of one stage, in axis order; a picked axis takes the value chosen for the cell's group."""
-    iterated = [a for a in sweep.axes if not (stage.pick and a == stage.pick.axis)]
-    choices = [[v for v in sweep.axes[a] if a not in stage.only or v.label in stage.only[a]] for a in iterated]
+    iterated, choices = _choices(sweep, stage)
     out = []
     for combo in itertools.product(*choices):
         chosen = dict(zip(iterated, combo))
@@ -223,12 +234,15 @@ def best_per_group(records: list[dict[str, Any]], sweep: Sweep, pick: Pick) -> d
 
 
 def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages: list[str] | None = None,
-              jobs: int = 1, only: dict[str, set[str]] | None = None) -> dict[str, list[dict[str, Any]]]:
-    """Run (or reuse) every stage's cells in order; returns each stage's records. ``stages`` and ``only`` (axis ->
-    labels, see :func:`parse_only`) limit which missing cells run; finished ones are reused either way."""
+              jobs: int = 1, only: dict[str, set[str]] | None = None
+              ) -> tuple[dict[str, list[dict[str, Any]]], dict[str, int]]:
+    """Run (or reuse) every stage's cells in order; returns each stage's records (its finished runs) and how many
+    cells each stage has. ``stages`` and ``only`` (axis -> labels, see :func:`parse_only`) limit which missing cells
+    run; finished ones are reused either way."""
     from fedcustom.bench.cells import run_cells  # torch and transformers load only when runs start
 
     records: dict[str, list[dict[str, Any]]] = {}
+    planned: dict[str, int] = {}
     for stage in sweep.stages:
         picked = None
         if stage.pick:
@@ -236,6 +250,7 @@ def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages:
                 raise ConfigError(f"stage {stage.name!r} picks from stage {stage.pick.source!r}, which has not run")
             picked = best_per_group(records[stage.pick.source], sweep, stage.pick)
         todo = cells(sweep, stage, picked)
+        planned[stage.name] = stage_size(sweep, stage)
         run_now = [(stages is None or stage.name in stages) and selected(cell, only) for cell in todo]
         for cell, runs in zip(todo, run_now):
             if runs:
@@ -247,7 +262,7 @@ def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages:
         console.print(f"stage {stage.name!r}: {len(todo)} runs" + limited)
         records[stage.name] = run_cells(todo, out / "runs" / stage.name, console, run_now, jobs, sweep.report)
         console.print(f"stage {stage.name!r} done in {(time.perf_counter() - start) / 60:.1f} min")
-    return records
+    return records, planned
 
 
 def parse_only(sweep: Sweep, specs: list[str] | None) -> dict[str, set[str]] | None:
@@ -298,11 +313,15 @@ def as_json(sweep: Sweep) -> dict[str, Any]:
 def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
     """A sweep report's first lines: title, description, command, machine and how many runs took how long."""
     m = result["machine"]
+    planned = result.get("planned", result["runs"])
+    partial = ([f"**Partial report: {result['runs']} of the sweep's {planned} runs have finished**; what has no run "
+                f"yet is left out or shown as n/a, and the numbers below will move as the rest finish.", ""]
+               if result["runs"] < planned else [])
     return [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
             f"Command: `{result['command']}`  ",
             f"Machine: {machine_line(m)}; {result['runs']} runs "
             f"({result['reused']} reused from earlier invocations), {result['cells_wall_seconds'] / 3600:.1f} h of "
-            f"run time in all; finished {result['finished']}.", ""]
+            f"run time in all; finished {result['finished']}.", "", *partial]
 
 
 def base_value(sweep: Sweep, key: str) -> Any:
