@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import math
 import platform
+import subprocess
 from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -34,11 +36,29 @@ def early_stop_summary(stop: EarlyStop | None, results: list[RoundResult], round
             f"best_{stop.metric}": next(r.eval[stop.metric] for r in results if r.round == best)}
 
 
-def versions() -> dict[str, str]:
-    """Library versions and machine, so a result says what produced it."""
+def source_commit() -> str | None:
+    """The git commit of the fedcustom source this process runs, with ``+dirty`` when its tracked files under src/
+    differ from that commit; None outside a git checkout (an installed wheel) or without git. Benchmarks reuse
+    finished runs across sessions, so a result must say which code produced it, not only the package version."""
+    root = Path(__file__).resolve().parents[2]  # src/fedcustom/summary.py -> the checkout (or a worktree)
+    if not (root / ".git").exists():
+        return None
+    try:
+        def git(*args: str) -> str:
+            return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20,
+                                  check=True).stdout.strip()
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit + ("+dirty" if dirty else "")
+
+
+def versions() -> dict[str, str | None]:
+    """Library versions, the source commit and machine, so a result says what produced it."""
     libs = {name: version(name) for name in ("fedcustom", "torch", "transformers", "peft", "datasets", "flwr-datasets")}
-    return {**libs, "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor()}".strip(),
-            "cpu_threads": str(torch.get_num_threads())}
+    return {**libs, "fedcustom_commit": source_commit(), "python": platform.python_version(),
+            "machine": f"{platform.machine()} {platform.processor()}".strip(), "cpu_threads": str(torch.get_num_threads())}
 
 
 def client_eval_summary(cfg: RunConfig, results: list[RoundResult]) -> dict[str, Any]:

@@ -4,6 +4,7 @@ finished runs reused, stages run in parts, and the converge report from real (ti
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -143,6 +144,7 @@ def test_the_converge_sweep_runs_in_parts_reuses_its_runs_and_reports_targets(sw
     assert all(r["summary"]["centralized_converged_accuracy"] is not None for r in iid)
     text = (out / "report.md").read_text()
     assert "Partial report" not in text
+    assert re.search(r"Code: 10 runs at `[0-9a-f]{12}(\+dirty)?`\.|Code: 10 runs that recorded no commit\.", text)
     assert "prefix tuning within 0.5 points" in text and "| prefix | sst2-iid | fedavg |" in text
     assert [t["met"] in (True, False) for t in second["targets"]] == [True, True]
     assert json.loads((out / "results.json").read_text())["preset"] == "tiny-converge"

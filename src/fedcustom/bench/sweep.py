@@ -34,6 +34,7 @@ continued, or run in parts (``--stage``).
 
 from __future__ import annotations
 
+import collections
 import copy
 import itertools
 import json
@@ -321,7 +322,20 @@ def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
             f"Command: `{result['command']}`  ",
             f"Machine: {machine_line(m)}; {result['runs']} runs "
             f"({result['reused']} reused from earlier invocations), {result['cells_wall_seconds'] / 3600:.1f} h of "
-            f"run time in all; finished {result['finished']}.", "", *partial]
+            f"run time in all; finished {result['finished']}.  ",
+            f"Code: {code_line(result)}.", "", *partial]
+
+
+def code_line(result: dict[str, Any]) -> str:
+    """Which source commits the runs came from (a sweep reuses runs across invocations, and so across commits):
+    runs per commit, most first; runs whose summary recorded none are counted apart."""
+    commits = collections.Counter(r["summary"].get("versions", {}).get("fedcustom_commit")
+                                  for stage in result.get("stages", {}).values() for r in stage)
+    parts = [f"{n} run{'s' * (n != 1)} at `{commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}`"
+             for commit, n in commits.most_common() if commit]
+    if commits.get(None):
+        parts.append(f"{commits[None]} run{'s' * (commits[None] != 1)} that recorded no commit")
+    return "; ".join(parts) or "no runs"
 
 
 def base_value(sweep: Sweep, key: str) -> Any:
