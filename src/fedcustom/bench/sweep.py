@@ -314,10 +314,9 @@ def as_json(sweep: Sweep) -> dict[str, Any]:
 def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
     """A sweep report's first lines: title, description, command, machine and how many runs took how long."""
     m = result["machine"]
-    planned = result.get("planned", result["runs"])
-    partial = ([f"**Partial report: {result['runs']} of the sweep's {planned} runs have finished**; what has no run "
-                f"yet is left out or shown as n/a, and the numbers below will move as the rest finish.", ""]
-               if result["runs"] < planned else [])
+    partial = ([f"**Partial report: {result['runs']} of the sweep's {result['planned']} runs have finished**; what "
+                f"has no run yet is left out or shown as n/a, and the numbers below will move as the rest finish.", ""]
+               if result["runs"] < result["planned"] else [])
     return [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
             f"Command: `{result['command']}`  ",
             f"Machine: {machine_line(m)}; {result['runs']} runs "
@@ -330,11 +329,15 @@ def code_line(result: dict[str, Any]) -> str:
     """Which source commits the runs came from (a sweep reuses runs across invocations, and so across commits):
     runs per commit, most first; runs whose summary recorded none are counted apart."""
     commits = collections.Counter(r["summary"].get("versions", {}).get("fedcustom_commit")
-                                  for stage in result.get("stages", {}).values() for r in stage)
-    parts = [f"{n} run{'s' * (n != 1)} at `{commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}`"
+                                  for stage in result["stages"].values() for r in stage)
+
+    def runs(n: int) -> str:
+        return f"{n} run{'s' * (n != 1)}"
+
+    parts = [f"{runs(n)} at `{commit[:12]}{'+dirty' if commit.endswith('+dirty') else ''}`"
              for commit, n in commits.most_common() if commit]
     if commits.get(None):
-        parts.append(f"{commits[None]} run{'s' * (commits[None] != 1)} that recorded no commit")
+        parts.append(f"{runs(commits[None])} that recorded no commit")
     return "; ".join(parts) or "no runs"
 
 
