@@ -215,6 +215,10 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--wake-socket", metavar="PATH",
                       help="Listen on this Unix socket (created 0600) and wake the node's fedcustom worker for each "
                            "message; give the worker the same --wake-socket")
+    node.add_argument("--worker-grace", type=float, default=5.0, metavar="SECONDS",
+                      help="With --wake-socket and --isolation process: a message that waited this long with no "
+                           "worker connected is answered with an error by the node, so the round goes on without it "
+                           "instead of waiting out the server's --round-timeout (default: 5)")
     report = sub.add_parser("report", help="Write a finished run's report.md and plots into its folder.",
                             description="report.md and PNG plots (metric and loss per round against the centralized "
                                         "baselines, cumulative MB, each client's data) from DIR's summary.json and "
@@ -337,7 +341,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "supernode":
             from fedcustom.deploy.flower.worker import run_supernode
 
-            run_supernode(unknown, args.poll, args.max_poll, args.wake_socket)  # Flower's, in their order
+            run_supernode(unknown, args.poll, args.max_poll, args.wake_socket,  # Flower's, in order
+                          args.worker_grace)
             return 0
         if args.command == "worker":
             from fedcustom.deploy.flower.worker import WorkerSettings, serve

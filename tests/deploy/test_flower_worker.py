@@ -5,7 +5,6 @@ The model stays loaded in the worker between messages; the results equal the emb
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -77,40 +76,6 @@ def test_workers_give_the_embedded_runtimes_results(tmp_path: Path, tiny_bert: s
     _assert_same_rounds(out, embedded)
     _assert_same_adapter(out, embedded)
     assert "task failed" not in worker_log
-
-
-def test_a_killed_worker_costs_its_node_that_round_and_a_restarted_one_serves_the_next(
-        tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:
-    out = tmp_path / "out"
-    with Cluster(tmp_path) as cluster:
-        cluster.start_superlink()
-        ports = list(cluster.start_worker_nodes({f"owner{i}": f"partition-id={i}" for i in range(2)}).values())
-
-        def rounds_logged(count: int) -> None:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline and not ((out / "round_log.jsonl").is_file() and len(_log(out)) >= count):
-                time.sleep(0.05)
-
-        def chaos() -> None:
-            rounds_logged(2)  # round 1 done: SIGKILL owner 1's worker, so round 2 goes on without it
-            cluster.stop("owner1-worker", sig=9)
-            rounds_logged(3)  # round 2 done: a new worker for the same node
-            cluster.start_worker("owner1-worker", ports[1])
-
-        thread = threading.Thread(target=chaos)
-        thread.start()
-        # Execute
-        # The timeout is what round 2 waits for the killed node; it must also cover a healthy round on a loaded CI
-        # machine (15 s did not: round 1 lost a node there)
-        code = _submit(cluster, tiny_bert, toy_csv, out, "--rounds", "4", "--round-timeout", "45")
-        thread.join()
-    # Assert: the run finished; round 2 lost node 1 only; a later round has both nodes again
-    assert code == 0
-    log = _log(out)
-    assert [r["round"] for r in log] == [0, 1, 2, 3, 4]
-    assert log[1]["rejected"] == {}
-    assert set(log[2]["rejected"]) == {"1"}
-    assert log[4]["rejected"] == {} and log[4]["clients"] == [0, 1]
 
 
 def test_a_worker_refuses_a_run_it_was_not_started_for(tmp_path: Path, tiny_bert: str, toy_csv: str,

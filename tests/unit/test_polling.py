@@ -44,4 +44,5 @@ def test_the_supernode_commands_own_flags_may_follow_flowers_and_flowers_pass_th
     flower = ["--superlink", "127.0.0.1:9092", "--port", "9094", "--isolation", "process", "--node-config",
               "partition-id=0 data-path='/data/my rows.csv'", "--insecure"]
     assert main(["supernode", "--poll", "0.02", *flower, "--wake-socket", "/tmp/n.sock", "--max-poll", "0.3"]) == 0
-    assert calls == [(flower, 0.02, 0.3, "/tmp/n.sock")]
+    assert main(["supernode", *flower, "--worker-grace", "2"]) == 0
+    assert calls == [(flower, 0.02, 0.3, "/tmp/n.sock", 5.0), (flower, 0.05, 0.5, None, 2.0)]

@@ -10,6 +10,11 @@ then asks for the task at once, and writes ``d`` back when it has pushed the tas
 on without waiting out its poll. The bytes carry nothing else: tasks, messages and replies still travel through
 the node's Runtime API with Flower's tokens, and both sides keep polling (at ``--max-poll``) as a fallback, so a
 lost wake-up or a restarted worker costs at most one poll.
+
+A worker connects as it starts, before its imports, and stays connected until it exits, so the connection also
+tells the node whether its worker is still there (:meth:`WakeServer.seconds_without_worker`): a node whose worker
+is gone answers its message with an error instead of leaving the server to wait out its round timeout
+(:mod:`.unserved`).
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class WakeServer:
         self.replied = threading.Event()  # set when a worker says it pushed a reply
         self._peers: list[socket.socket] = []
         self._lock = threading.Lock()
+        self._alone_since: float | None = time.monotonic()  # when the last worker left (None: one is connected)
+        self.ever_connected = False  # whether a worker has connected since the node started
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             if self.path.is_socket():
@@ -54,6 +61,8 @@ class WakeServer:
                 return  # closed
             with self._lock:
                 self._peers.append(peer)
+                self._alone_since = None
+                self.ever_connected = True
             threading.Thread(target=self._read, args=(peer,), name="wake-peer", daemon=True).start()
 
     def _read(self, peer: socket.socket) -> None:
@@ -72,6 +81,8 @@ class WakeServer:
         with self._lock:
             if peer in self._peers:
                 self._peers.remove(peer)
+                if not self._peers:
+                    self._alone_since = time.monotonic()
         with contextlib.suppress(OSError):
             peer.close()
 
@@ -94,6 +105,12 @@ class WakeServer:
     def connected(self) -> int:
         with self._lock:
             return len(self._peers)
+
+    def seconds_without_worker(self) -> float:
+        """How long no worker has been connected (0 while one is): a worker connects when it starts and stays
+        connected until it exits, so this is how long the node has had nobody to run its messages."""
+        with self._lock:
+            return 0.0 if self._alone_since is None else time.monotonic() - self._alone_since
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -122,6 +139,10 @@ class WakeClient:
                     return None
                 self._sock = sock
             return self._sock
+
+    def connect(self) -> bool:
+        """Connect now (a worker does so as it starts, before its imports: the node then knows it is alive)."""
+        return self._connect() is not None
 
     def wait(self, seconds: float) -> bool:
         """Block until the node wakes us (True) or ``seconds`` pass (False)."""

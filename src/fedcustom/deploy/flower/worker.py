@@ -28,10 +28,13 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedcustom.deploy.flower.pulls import quicker_object_pulls
 from fedcustom.deploy.flower.wake import WakeClient, WakeServer
+
+if TYPE_CHECKING:
+    from fedcustom.deploy.flower.unserved import UnservedReplies
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,10 @@ def _client(settings: WorkerSettings, interceptors: list[Any]) -> Any:
 
 def serve(settings: WorkerSettings) -> int:
     """Acquire and run the node's ClientApp tasks until interrupted (or ``max_tasks``); returns the tasks run."""
+    wake = WakeClient(settings.wake_socket) if settings.wake_socket else None
+    if wake is not None:
+        wake.connect()  # before the imports below (seconds): from now on the node knows its worker is alive
+
     from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
     from flwr.supercore.constant import TaskType
     from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor, SuperExecAuthHttpInterceptor
@@ -85,7 +92,6 @@ def serve(settings: WorkerSettings) -> int:
                                                          protected_methods=frozenset({"/flwr.proto.Runtime/AcquireTask"})))
     node = _client(settings, interceptors)
     backoff = Backoff(settings.poll_seconds, settings.max_poll_seconds)
-    wake = WakeClient(settings.wake_socket) if settings.wake_socket else None
     served, started = _Served(), 0
     running: list[threading.Thread] = []
     print(f"fedcustom worker: serving the SuperNode at {settings.runtime_api}", flush=True)
@@ -214,54 +220,89 @@ class _NodeSleep:
     """``time`` for Flower's SuperNode loop: its 3 s wait between empty pulls from the SuperLink becomes a backoff
     from ``poll`` to ``max_poll`` seconds, its 0.5 s waits for a task's reply become ``poll`` (and reset the backoff,
     since the node is busy and the server's next message will follow the reply), ended early when a worker says
-    on the wake socket that its reply is there."""
+    on the wake socket that its reply is there; ``unserved`` looks at the awaited message at each of those waits."""
 
     IDLE_SECONDS = 3  # Flower 1.41's wait after a pull that found no message
 
-    def __init__(self, poll: float, max_poll: float, wake: WakeServer | None = None) -> None:
-        self.poll, self.backoff, self.wake = poll, Backoff(poll, max_poll), wake
+    def __init__(self, poll: float, max_poll: float, wake: WakeServer | None = None,
+                 unserved: UnservedReplies | None = None) -> None:
+        self.poll, self.backoff, self.wake, self.unserved = poll, Backoff(poll, max_poll), wake, unserved
 
     def sleep(self, seconds: float) -> None:
         if seconds >= self.IDLE_SECONDS:
             self.backoff.wait()
-        elif self.wake is not None and self.wake.connected:
-            self.backoff.reset()
+            return
+        self.backoff.reset()
+        if self.unserved is not None and self.unserved.check():
+            return  # the reply is there now
+        if self.wake is not None and self.wake.connected:
             self.wake.wait_for_reply(min(seconds, self.poll))
         else:
-            self.backoff.reset()
             time.sleep(min(seconds, self.poll))
 
     def __getattr__(self, name: str) -> Any:
         return getattr(time, name)
 
 
-def run_supernode(argv: list[str], poll: float, max_poll: float = 0.5, wake_socket: str | None = None) -> None:
+def run_supernode(argv: list[str], poll: float, max_poll: float = 0.5, wake_socket: str | None = None,
+                  worker_grace: float = 5.0) -> None:
     """Flower's own SuperNode (``flower-supernode ARGV``: the same authentication, TLS and node config) whose waits
     between pulls from the SuperLink (``poll`` backing off to ``max_poll`` while idle) and for a task's reply
     (``poll``) replace Flower 1.41's fixed 3 s and 0.5 s. Those fixed waits put 1.5 s on average (up to 3.5 s) on
     every message a node receives, which is most of a round once the worker removes the per-message process.
-    With ``wake_socket`` the node also wakes its workers for each message it stores (:mod:`.wake`)."""
+    With ``wake_socket`` the node also wakes its workers for each message it stores (:mod:`.wake`), and, with
+    ``--isolation process``, answers a message with an error once no worker has been connected for
+    ``worker_grace`` seconds (:mod:`.unserved`)."""
     import sys
 
     import flwr.supernode.start_client_internal as loop
     from flwr.supernode.cli.flower_supernode import flower_supernode
 
+    from fedcustom.deploy.flower.unserved import UnservedReplies
+
     quicker_object_pulls()  # the node pulls each message's objects from the SuperLink
     wake = WakeServer(wake_socket) if wake_socket else None
-    loop.time = _NodeSleep(poll, max_poll, wake)  # the module's only use of ``time`` is sleeping between polls
+    unserved = UnservedReplies(wake, worker_grace) if wake is not None and _external_executor(argv) else None
+    loop.time = _NodeSleep(poll, max_poll, wake, unserved)  # the module's only use of ``time``: sleeping
     if wake is not None:
-        pull_and_store = loop._pull_and_store_message  # looked up by name in the node's loop at each call
-
-        def pull_store_and_wake(*args: Any, **kwargs: Any) -> int | None:
-            run_id = pull_and_store(*args, **kwargs)
-            if run_id is not None:  # a message (and its task) is stored: its worker can take it now
-                wake.task_stored()
-            return run_id
-
-        loop._pull_and_store_message = pull_store_and_wake
+        loop._pull_and_store_message = _storing_and_waking(loop._pull_and_store_message, wake, unserved)
     sys.argv = ["flower-supernode", *argv]
     try:
         flower_supernode()
     finally:
         if wake is not None:
             wake.close()
+
+
+def _external_executor(argv: list[str]) -> bool:
+    """Whether ``flower-supernode ARGV`` leaves its tasks to an external executor (``--isolation process``)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--isolation")
+    return parser.parse_known_args(argv)[0].isolation == "process"
+
+
+def _storing_and_waking(pull_and_store: Any, wake: WakeServer, unserved: UnservedReplies | None) -> Any:
+    """The node loop's ``_pull_and_store_message`` (looked up by name at each call, always with keywords), which
+    then wakes the workers for the stored message and has ``unserved`` watch it."""
+    from fedcustom.deploy.flower.unserved import started
+
+    def pull_store_and_wake(**kwargs: Any) -> int | None:
+        received: list[Any] = []
+        receive, since = kwargs["receive"], started()
+
+        def receive_and_keep() -> Any:
+            pulled = receive()
+            if pulled is not None:
+                received.append(pulled[0])
+            return pulled
+
+        run_id = pull_and_store(**{**kwargs, "receive": receive_and_keep})
+        if run_id is not None:  # a message (and its task) is stored: its worker can take it now
+            wake.task_stored()
+            if unserved is not None and received:
+                unserved.track(kwargs["state"], kwargs["object_store"], received[0], since)
+        return run_id
+
+    return pull_store_and_wake
