@@ -83,6 +83,10 @@ def test_a_deployment_survives_node_worker_and_serverapp_kills(tmp_path: Path, t
         assert len(set(record["clients"])) == len(record["clients"]) and len(accepted) >= NODES - 1
         assert record["examples_seen"] == sum(examples[c] for c in accepted)
     assert set(c for lost_in_round in rejected.values() for c in lost_in_round) <= {dead_node, dead_worker}
+    # the dead node's round is left to the others when its round times out (or Flower finds the node gone)
+    node_lost = [r["rejected"][str(dead_node)] for r in log if str(dead_node) in r["rejected"]]
+    assert node_lost and all("no reply within 25 s" in reason or "unavailable" in reason.lower()
+                             for reason in node_lost)
     # the node whose worker alone died said so (instead of the round waiting out its timeout for it)
     worker_gone = [r["rejected"][str(dead_worker)] for r in log if str(dead_worker) in r["rejected"]]
     assert worker_gone and all("this SuperNode's fedcustom worker is gone" in reason for reason in worker_gone)

@@ -6,8 +6,6 @@ submitted with `fedcustom submit`. Slow where a fresh ClientApp process handles 
 from __future__ import annotations
 
 import json
-import threading
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -76,8 +74,11 @@ def test_two_supernodes_with_their_own_data_train_and_the_server_saves_the_adapt
             # the plain flower-supernode, as Flower documents it (every other test polls faster)
             cluster.start_supernode(f"owner{i}", f"partition-id={i} data-path='{files[i]}'",
                                     key["private"] if key else None, poll=None)
-        # Execute
-        code = _submit(cluster, tiny_bert, toy_csv, out)
+        # Execute: with stateful codecs both ways: round 2's differences are against the state each node
+        # reconstructed in round 1, which a fresh ClientApp process holds only through context.state (without it,
+        # the node would reject round 2)
+        code = _submit(cluster, tiny_bert, toy_csv, out, "--codec", "delta,topk:0.5,zstd", "--codec-down",
+                       "delta,zstd")
     # Assert: the run completed, both owners trained on their own 60 rows each round, the loss fell
     assert code == 0
     log = _log(out)
@@ -146,36 +147,6 @@ def test_an_unregistered_supernode_is_refused(tmp_path: Path) -> None:
         assert "Failed to activate SuperNode" in cluster.log("rogue")
 
 
-def test_a_supernode_killed_mid_round_leaves_the_round_to_the_others(tmp_path: Path, tiny_bert: str,
-                                                                     toy_csv: str) -> None:
-    # Prepare: two nodes with workers; owner 1 (SuperNode and worker) is SIGKILLed once round 1 is logged
-    out = tmp_path / "out"
-    with Cluster(tmp_path) as cluster:
-        _start_two_owners(cluster, _node_files(toy_csv, tmp_path), workers=True)
-
-        def kill_owner1_once_round_1_is_logged() -> None:
-            deadline = time.monotonic() + 300
-            while time.monotonic() < deadline:
-                if (out / "round_log.jsonl").is_file() and len(_log(out)) >= 2:
-                    break
-                time.sleep(0.05)
-            cluster.stop("owner1", sig=9)  # SIGKILL while round 2 is in flight
-            cluster.stop("owner1-worker", sig=9)
-
-        killer = threading.Thread(target=kill_owner1_once_round_1_is_logged)
-        killer.start()
-        # Execute
-        code = _submit(cluster, tiny_bert, toy_csv, out, "--round-timeout", "20", "--rounds", "2")
-        killer.join()
-    # Assert: every round ran; after the kill, partition 1 is reported missing and partition 0 still counts
-    assert code == 0
-    log = _log(out)
-    assert [r["round"] for r in log] == [0, 1, 2]
-    assert log[1]["rejected"] == {}
-    assert "1" in log[2]["rejected"] and "0" not in log[2]["rejected"] and log[2]["examples_seen"] == 60
-    assert "no reply within 20 s" in log[2]["rejected"]["1"] or "unavailable" in log[2]["rejected"]["1"].lower()
-
-
 def test_an_unreachable_superlink_is_a_clear_error(tmp_path: Path, tiny_bert: str, toy_csv: str,
                                                    capsys: pytest.CaptureFixture) -> None:
     from flower_cluster import free_port
@@ -212,21 +183,6 @@ def test_full_fine_tuning_of_packaged_smollm2_round_trips_through_a_superlink(tm
     initial = load_file(str(Path(backbone) / "model.safetensors"))
     name = "model.layers.0.self_attn.q_proj.weight"
     assert torch.isfinite(trained[name]).all() and not torch.equal(trained[name], initial[name])
-
-
-def test_stateful_codec_links_survive_the_per_message_clientapp_processes(tmp_path: Path, tiny_bert: str,
-                                                                         toy_csv: str) -> None:
-    """Round 2's difference is against the state each node reconstructed in round 1: without the state kept in
-    context.state, a fresh ClientApp would not hold it and would reject the round."""
-    out = tmp_path / "out"
-    with Cluster(tmp_path) as cluster:
-        _start_two_owners(cluster, _node_files(toy_csv, tmp_path))
-        code = _submit(cluster, tiny_bert, toy_csv, out, "--codec", "delta,topk:0.5,zstd", "--codec-down", "delta,zstd")
-    assert code == 0
-    log = _log(out)
-    assert [r["round"] for r in log] == [0, 1, 2]
-    assert all(r["rejected"] == {} and r["clients"] == [0, 1] for r in log[1:])
-    assert log[2]["eval_loss"] < log[0]["eval_loss"]
 
 
 def test_each_supernode_scores_the_global_and_its_own_model_on_rows_it_holds_out(tmp_path: Path, tiny_bert: str,
