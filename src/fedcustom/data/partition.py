@@ -8,19 +8,16 @@ are comparable to theirs.
 from __future__ import annotations
 
 import warnings
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
-from flwr_datasets.partitioner import (
-    DirichletPartitioner,
-    IidPartitioner,
-    Partitioner,
-    ShardPartitioner,
-    SizePartitioner,
-)
 
 from fedcustom.config import PartitionSpec
 from fedcustom.errors import FedCustomError
+
+if TYPE_CHECKING:
+    from flwr_datasets.partitioner import Partitioner
 
 
 def _quantity_sizes(total: int, num_clients: int, alpha: float, rng: np.random.Generator) -> list[int]:
@@ -31,6 +28,10 @@ def _quantity_sizes(total: int, num_clients: int, alpha: float, rng: np.random.G
 
 
 def _partitioner(spec: PartitionSpec, num_clients: int, total: int, seed: int) -> Partitioner:
+    # Imported here: importing flwr_datasets imports its plotting (matplotlib.pyplot), 0.65 s of every process's
+    # start (a worker with its own data file, a ServerApp) that never partitions
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner, ShardPartitioner, SizePartitioner
+
     if spec.kind == "iid":
         return IidPartitioner(num_partitions=num_clients)
     if spec.kind == "dirichlet":
