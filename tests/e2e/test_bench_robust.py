@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+import torch
 from rich.console import Console
 
 from fedcustom.bench import run_sweep_bench
@@ -79,7 +80,13 @@ def test_a_rerun_reuses_finished_runs_but_not_one_without_its_norms(tmp_path: Pa
     sweep = _sweep(tiny_bert, toy_csv, 4, 1, [_strategy("median", "median", "median")], [0.0], 40)
     out = tmp_path / "robust"
     out.mkdir()
-    first = run_sweep_bench(sweep, "/", out, "first", Console(quiet=True))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the caller's own setting (make test's workers have one thread), for the bench to keep
+    try:
+        first = run_sweep_bench(sweep, "/", out, "first", Console(quiet=True))
+        assert torch.get_num_threads() == 1  # a run in the caller's process left its torch threads alone
+    finally:
+        torch.set_num_threads(threads)
     # Execute
     second = run_sweep_bench(sweep, "/", out, "second", Console(quiet=True))
     (out / "runs" / second["stages"]["lora"][0]["run_dir"] / NORMS_FILE).unlink()  # the measurement went missing

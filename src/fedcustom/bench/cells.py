@@ -66,14 +66,16 @@ def finished(values: dict[str, Any], report: str | None = None) -> dict[str, Any
     return summary if same_config(summary.get("config"), build_config(values)) else None
 
 
-def run_one(values: dict[str, Any], threads: int, report: str | None = None) -> dict[str, Any]:
+def run_one(values: dict[str, Any], threads: int | None, report: str | None = None) -> dict[str, Any]:
     """One federated run (in this process or a worker), instrumented by the report module if it asks; returns its
-    summary."""
+    summary. ``threads``: the worker process's torch threads; None (a run in the caller's process) leaves the
+    caller's setting alone, which would otherwise hold for everything the caller runs after the bench."""
     import torch
 
     from fedcustom.runner import build_job, execute
 
-    torch.set_num_threads(threads)
+    if threads is not None:
+        torch.set_num_threads(threads)
     job, instrument = build_job(build_config(values)), _hook(report, "instrument")
     finish = instrument(job, Path(values["output"]["dir"])) if instrument else None
     summary = execute(job, Console(quiet=True))
@@ -110,7 +112,7 @@ def _run_pending(todo: list[Cell], values: list[dict], pending: list[int], conso
     """Run the pending cells, ``jobs`` at a time, with a progress bar (a line per run when not on a terminal)."""
     if not pending:
         return {}
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    threads = max(1, (os.cpu_count() or 1) // jobs)  # each worker process's share of the cores
     results: dict[int, dict[str, Any]] = {}
     columns = (TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"))
@@ -129,7 +131,7 @@ def _run_pending(todo: list[Cell], values: list[dict], pending: list[int], conso
 
         if jobs <= 1:
             for i in pending:
-                done(i, run_one(values[i], threads, report))
+                done(i, run_one(values[i], None, report))
             return results
         with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
             futures = {i: pool.apply_async(run_one, (values[i], threads, report)) for i in pending}
