@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
+# Test processes side by side (pytest-xdist), each with one torch thread (tests/conftest.py): a deployment test spends
+# about half its time waiting on Flower's processes, which the other worker fills (benchmarks/testsuite/results.md).
+TEST_WORKERS ?= 2
 
 .PHONY: setup demo test test-fast lint
 
@@ -30,10 +33,10 @@ demo: $(STAMP)
 	$(BIN)/fedcustom run --config configs/main.toml
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -W ignore::UserWarning --durations=20
+	$(BIN)/python -m pytest -q -W ignore::UserWarning --durations=20 -n $(TEST_WORKERS) --dist worksteal
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not integration"
+	$(BIN)/python -m pytest -q -m "not integration" -n $(TEST_WORKERS) --dist worksteal
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

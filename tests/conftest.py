@@ -11,6 +11,11 @@ import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup would otherwise hang ~45 s before failing
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Under pytest-xdist (make test) each worker, and every process it starts, gets one torch thread: two workers with
+# two threads each on 2 cores thrash (a 41 s MiniLM test took 251 s), one thread each costs a CPU-bound test ~1.3x
+XDIST_WORKER = bool(os.environ.get("PYTEST_XDIST_WORKER"))
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
 
 import random
 from pathlib import Path
@@ -21,6 +26,10 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast, LlamaConfig, LlamaForCausalLM
 
 from fedcustom.config import build_config
+
+if XDIST_WORKER:
+    torch.set_num_threads(1)  # in case torch was imported before OMP_NUM_THREADS was set
+
 
 POSITIVE = ["good", "great", "excellent", "happy", "wonderful", "superb", "fine", "lovely"]
 NEGATIVE = ["bad", "awful", "poor", "terrible", "sad", "boring", "dull", "ugly"]

@@ -1,4 +1,5 @@
-"""Integration: the real packaged MiniLM on real Rotten Tomatoes snippets learns beyond the majority class."""
+"""Integration: the real packaged MiniLM, at the methods' default settings, learns far beyond the majority class on a
+6-class corpus no default was tuned on; its adapter loads with plain PEFT."""
 
 from __future__ import annotations
 
@@ -9,34 +10,9 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForSequenceClassification
 
-from fedcustom.config import build_config
 from fedcustom.models import resolve_model
-from fedcustom.runner import run
 
 pytestmark = pytest.mark.integration
-
-
-def test_federated_lora_on_real_minilm_beats_majority_class(tmp_path: Path) -> None:
-    # Prepare
-    cfg = build_config({
-        "model": {"name": "minilm", "max_length": 40},
-        "data": {"dataset": "rotten_tomatoes", "partition": "iid", "max_train_examples": 400,
-                 "max_eval_examples": 300},
-        "method": {"name": "lora"},
-        "federation": {"clients": 2, "rounds": 3, "local_epochs": 2},
-        "train": {"batch_size": 16, "seed": 0, "count_flops": False},
-        "output": {"dir": str(tmp_path), "quiet": True},
-    })
-    # Execute
-    summary = run(cfg)
-    # Assert: real learning, measured on held-out rows
-    majority = max(h for h in _eval_label_shares(summary))
-    assert summary["final_accuracy"] > majority + 0.08, (summary["final_accuracy"], majority)
-    log = [json.loads(line) for line in (tmp_path / "round_log.jsonl").read_text().splitlines()]
-    assert log[-1]["eval_loss"] < log[0]["eval_loss"]
-    # Assert: the adapter loads with plain PEFT on the same backbone
-    base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=2)
-    PeftModel.from_pretrained(base, tmp_path / "adapter")
 
 
 def _eval_label_shares(summary: dict) -> list[float]:
@@ -72,3 +48,8 @@ def test_a_new_users_run_with_only_the_basic_flags_learns(tmp_path: Path) -> Non
     majority = max(_eval_label_shares(summary))
     assert summary["final_accuracy"] > majority + 0.15, (summary["accuracy_per_round"], majority)
     assert summary["settings"]["local_epochs"] == 3 and summary["settings"]["lr_schedule"] == "cosine"
+    log = [json.loads(line) for line in (tmp_path / "out" / "round_log.jsonl").read_text().splitlines()]
+    assert log[-1]["eval_loss"] < log[0]["eval_loss"]
+    # Assert: the adapter loads with plain PEFT on the same backbone, with the run's six labels
+    base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=6)
+    PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
