@@ -145,7 +145,7 @@ def test_the_converge_sweep_runs_in_parts_reuses_its_runs_and_reports_targets(sw
     text = (out / "report.md").read_text()
     assert "Partial report" not in text
     assert re.search(r"Code: 10 runs at `[0-9a-f]{12}(\+dirty)?`\.|Code: 10 runs that recorded no commit\.", text)
-    assert "prefix tuning within 0.5 points" in text and "| prefix | sst2-iid | fedavg |" in text
+    assert "prefix tuning within 0.5 points" in text and "| prefix | sst2-iid | fedavg | 2 |" in text  # 2 seeds
     assert [t["met"] in (True, False) for t in second["targets"]] == [True, True]
     assert json.loads((out / "results.json").read_text())["preset"] == "tiny-converge"
     assert all((out / name).is_file() for name in ("accuracy_vs_round.png", "accuracy_by_split.png"))
