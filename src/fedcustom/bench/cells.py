@@ -112,7 +112,6 @@ def _run_pending(todo: list[Cell], values: list[dict], pending: list[int], conso
     """Run the pending cells, ``jobs`` at a time, with a progress bar (a line per run when not on a terminal)."""
     if not pending:
         return {}
-    threads = max(1, (os.cpu_count() or 1) // jobs)  # each worker process's share of the cores
     results: dict[int, dict[str, Any]] = {}
     columns = (TextColumn("[bold]bench[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"))
@@ -133,6 +132,7 @@ def _run_pending(todo: list[Cell], values: list[dict], pending: list[int], conso
             for i in pending:
                 done(i, run_one(values[i], None, report))
             return results
+        threads = max(1, (os.cpu_count() or 1) // jobs)  # each worker process's share of the cores
         with multiprocessing.get_context("spawn").Pool(jobs, maxtasksperchild=1) as pool:
             futures = {i: pool.apply_async(run_one, (values[i], threads, report)) for i in pending}
             for i, future in futures.items():
