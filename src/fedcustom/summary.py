@@ -164,6 +164,7 @@ def summarize(
         **trust_summary(cfg, results),
         "wall_seconds": wall,
         "device": str(model_device(model)),
+        "torch_threads": torch.get_num_threads(),  # this run's process (a bench worker's share of the cores)
         **peak_memory_mb(model_device(model)),  # this process's peak so far (the server's, plus in-process clients)
         "train_examples": sum(len(rows) for rows in data.client_indices),
         "eval_examples": len(data.eval),

@@ -85,6 +85,8 @@ def test_a_rerun_reuses_finished_runs_but_not_one_without_its_norms(tmp_path: Pa
     try:
         first = run_sweep_bench(sweep, "/", out, "first", Console(quiet=True))
         assert torch.get_num_threads() == 1  # a run in the caller's process left its torch threads alone
+        assert first["stages"]["lora"][0]["summary"]["torch_threads"] == 1  # what the run itself used
+        assert "torch threads per run: 1 (1 run);" in (out / "report.md").read_text()
     finally:
         torch.set_num_threads(threads)
     # Execute

@@ -1,4 +1,5 @@
-"""A result records the source commit that produced it (benchmarks reuse runs across sessions and commits)."""
+"""A result records the source commit and torch threads that produced it (benchmarks reuse runs across sessions
+and commits, and run them in worker processes)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from fedcustom import summary
-from fedcustom.bench.sweep import code_line
+from fedcustom.bench.sweep import code_line, threads_line
 
 ROOT = Path(summary.__file__).resolve().parents[2]
 
@@ -41,3 +42,12 @@ def test_a_report_counts_its_runs_per_commit() -> None:
     assert code_line(result) == (f"2 runs at `{'a' * 12}`; 1 run at `{'b' * 12}+dirty`; "
                                  "1 run that recorded no commit")
     assert code_line({"stages": {}}) == "no runs"
+
+
+def test_a_report_counts_its_runs_per_torch_thread_count() -> None:
+    def run(threads: int | None) -> dict:
+        return {"summary": {"torch_threads": threads} if threads else {}}
+
+    result = {"stages": {"tune": [run(1), run(2)], "report": [run(1), run(None), run(None)]}}
+    assert threads_line(result) == "1 (2 runs), 2 (1 run), not recorded (2 older runs)"
+    assert threads_line({"stages": {}}) == "no runs"

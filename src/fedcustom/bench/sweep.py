@@ -48,7 +48,6 @@ from typing import Any
 
 from rich.console import Console
 
-from fedcustom.bench.report import machine_line
 from fedcustom.errors import ConfigError, FedCustomError
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
@@ -319,10 +318,23 @@ def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
                if result["runs"] < result["planned"] else [])
     return [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
             f"Command: `{result['command']}`  ",
-            f"Machine: {machine_line(m)}; {result['runs']} runs "
+            f"Machine: {m['processor']}, {m['cpus']} CPUs; torch threads per run: {threads_line(result)}; "
+            f"{result['runs']} runs "
             f"({result['reused']} reused from earlier invocations), {result['cells_wall_seconds'] / 3600:.1f} h of "
             f"run time in all; finished {result['finished']}.  ",
             f"Code: {code_line(result)}.", "", *partial]
+
+
+def threads_line(result: dict[str, Any]) -> str:
+    """How many torch threads the runs used, as their summaries recorded (a bench's worker processes each get a
+    share of the cores, so the calling process's own setting says nothing about them): runs per thread count."""
+    counts = collections.Counter(r["summary"].get("torch_threads")
+                                 for stage in result["stages"].values() for r in stage)
+    parts = [f"{threads} ({n} run{'s' * (n != 1)})" for threads, n in sorted(
+        ((t, n) for t, n in counts.items() if t is not None), key=lambda tn: -tn[1])]
+    if counts.get(None):
+        parts.append(f"not recorded ({counts[None]} older run{'s' * (counts[None] != 1)})")
+    return ", ".join(parts) or "no runs"
 
 
 def code_line(result: dict[str, Any]) -> str:
