@@ -247,18 +247,25 @@ def resume(path: str, console: Console | None = None,
     """`fedcustom run --resume DIR`: rebuild the job from DIR's checkpoint and run the rounds still to do
     (``runtime_for(cfg)``: where its clients are, as for build_job; a deployment resumes on a Flower Grid)."""
     start = time.perf_counter()
-    out = Path(path).expanduser()
-    checkpoint = load_checkpoint(out)
+    job, checkpoint = resumed_job(Path(path).expanduser(), runtime_for)
+    return execute(job, console, start, checkpoint)
+
+
+def resumed_job(out: Path, runtime_for: Callable[[RunConfig], RuntimeFactory | None] = lambda _cfg: None,
+                checkpoint: Checkpoint | None = None) -> tuple[Job, Checkpoint]:
+    """The interrupted run in ``out`` rebuilt and restored to its checkpoint (``checkpoint``: already loaded from
+    ``out``), ready for :func:`execute` to run the rounds still to do."""
+    checkpoint = checkpoint or load_checkpoint(out)
     cfg = resumed_config(out, checkpoint)
     job = build_job(cfg, runtime_for(cfg))
     parts = job.checkpoint_parts()
     if set(parts) != set(checkpoint.parts):
-        raise FedCustomError(f"--resume {path}: the checkpoint holds {sorted(checkpoint.parts)}, this job needs "
+        raise FedCustomError(f"--resume {out}: the checkpoint holds {sorted(checkpoint.parts)}, this job needs "
                              f"{sorted(parts)}")
     for name, part in parts.items():
         part.load_state_dict(*checkpoint.parts[name])
     torch.set_rng_state(checkpoint.rng_state)  # after build_job, which seeds model initialisation
-    return execute(job, console, start, checkpoint)
+    return job, checkpoint
 
 
 def execute(job: Job, console: Console | None = None, start: float | None = None,

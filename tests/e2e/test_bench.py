@@ -156,6 +156,9 @@ def test_a_finished_run_is_reused_only_when_its_config_is_the_same() -> None:
     assert not same_config(older, build_config({"method": {"name": "lora"}, "codec": {"up": "int8"}}))
     assert not same_config(recorded, build_config({"method": {"name": "lora", "lora_r": 4}}))
     assert not same_config({**recorded, "removed": {}}, cfg) and not same_config(None, cfg)
+    # whether a run checkpointed changes what it wrote, not what it measured
+    assert same_config(recorded, build_config({"method": {"name": "lora"}, "output": {"checkpoint": False}}))
+    assert not same_config(recorded, build_config({"method": {"name": "lora"}, "output": {"dir": "elsewhere"}}))
 
 
 def test_codecs_preset_reports_bytes_accuracy_and_the_target(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:

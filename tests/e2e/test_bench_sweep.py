@@ -1,8 +1,10 @@
 """Declarative sweeps: axes expanded in order, a stage that picks an axis value from an earlier stage's results,
-finished runs reused, stages run in parts, and the converge report from real (tiny) runs."""
+finished runs reused, interrupted runs resumed, stages run in parts, and the converge report from real (tiny)
+runs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -12,6 +14,7 @@ from rich.console import Console
 
 from fedcustom.bench import run_sweep_bench
 from fedcustom.bench.sweep import Pick, best_per_group, cells, load_sweep, parse_only, parse_sweep, sweep_names
+from fedcustom.config import build_config
 from fedcustom.errors import ConfigError
 
 from conftest import TINY_LR
@@ -149,6 +152,54 @@ def test_the_converge_sweep_runs_in_parts_reuses_its_runs_and_reports_targets(sw
     assert [t["met"] in (True, False) for t in second["targets"]] == [True, True]
     assert json.loads((out / "results.json").read_text())["preset"] == "tiny-converge"
     assert all((out / name).is_file() for name in ("accuracy_vs_round.png", "accuracy_by_split.png"))
+
+
+def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
+        sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: one tuning cell (4 rounds, early stopping after 2 without gain) run without interruption, and the
+    # same cell in another folder cut off after round 2 (as a killed bench: its checkpoint, no summary)
+    from fedcustom import runner
+    from fedcustom.bench import cells
+    from fedcustom.checkpoint import CHECKPOINT, load_checkpoint
+
+    sweep = load_sweep(str(sweep_file))
+    only = parse_only(sweep, ["setting=sst2-iid", "variant=fedavg"])
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    whole.mkdir()
+    cut.mkdir()
+    run_sweep_bench(sweep, ".", whole, "whole", Console(quiet=True), stages=["tune"], only=only)
+    evaluate_clients = runner.evaluate_clients
+
+    def killed_after_round_2(job, result):  # type: ignore[no-untyped-def]
+        if result.round == 3:
+            raise KeyboardInterrupt  # before round 3 is logged or checkpointed
+        evaluate_clients(job, result)
+
+    monkeypatch.setattr(runner, "evaluate_clients", killed_after_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep_bench(sweep, ".", cut, "cut", Console(quiet=True), stages=["tune"], only=only)
+    monkeypatch.setattr(runner, "evaluate_clients", evaluate_clients)
+    folder = cut / "runs" / "tune" / "sst2-iid" / "prefix" / "fedavg" / "tune"
+    checkpoint = load_checkpoint(folder)
+    assert checkpoint.round == 2 and not (folder / "summary.json").exists()
+    own = build_config(checkpoint.config)
+    assert cells.interrupted(folder, own) is not None
+    assert cells.interrupted(folder, dataclasses.replace(own, train=dataclasses.replace(own.train, seed=1))) is None
+    resumed, resumed_job = [], runner.resumed_job
+    monkeypatch.setattr(runner, "resumed_job", lambda *a, **k: resumed.append(a) or resumed_job(*a, **k))
+    # Execute
+    result = run_sweep_bench(sweep, ".", cut, "resumed", Console(quiet=True), stages=["tune"], only=only)
+    # Assert: continued from round 2, not started again, with the uninterrupted run's results; checkpoint gone
+    assert resumed == [(folder,)] and result["reused"] == 0
+    expected = json.loads((whole / "runs" / "tune" / "sst2-iid" / "prefix" / "fedavg" / "tune" / "summary.json")
+                          .read_text())
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["accuracy_per_round"] == expected["accuracy_per_round"] and len(expected["accuracy_per_round"]) > 3
+    assert summary["final_accuracy"] == expected["final_accuracy"]
+    assert summary["early_stop"] == expected["early_stop"]
+    assert [json.loads(line)["round"] for line in (folder / "round_log.jsonl").read_text().splitlines()] == \
+        list(range(len(expected["accuracy_per_round"])))
+    assert not (folder / CHECKPOINT).exists() and not list(whole.rglob(CHECKPOINT))
 
 
 def test_malformed_sweeps_are_refused_clearly() -> None:

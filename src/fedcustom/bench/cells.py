@@ -7,6 +7,11 @@ returns what to do with the summary afterwards (add to it, or write a file besid
 ``complete(folder, summary)`` says whether a finished run has that measurement (a run without it is run again). Cells can run in
 ``jobs`` worker processes, each with its share of the CPU threads: two single-threaded MiniLM runs get through
 more examples per second on 2 cores than one run on two threads.
+
+A run checkpoints after every round (unless its report module instruments it), so a run cut off by a killed
+bench continues from its last round in the next invocation instead of starting again: a cell whose folder holds
+a checkpoint of its own config and no summary is resumed (bit for bit as if uninterrupted; fedcustom.checkpoint).
+The checkpoint is deleted once the run's summary is written.
 """
 
 from __future__ import annotations
@@ -24,18 +29,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from fedcustom.bench.reuse import same_config
 from fedcustom.bench.sweep import Cell
-from fedcustom.config import build_config
+from fedcustom.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
+from fedcustom.config import RunConfig, build_config
+from fedcustom.errors import FedCustomError
 
 DROPPED = ("config", "versions")  # summary keys a record leaves out (they are in each run's summary.json)
 
 
-def cell_values(cell: Cell, out: Path) -> dict[str, Any]:
-    """The cell's config values with its own run folder and the settings every benchmark run shares."""
+def cell_values(cell: Cell, out: Path, report: str | None = None) -> dict[str, Any]:
+    """The cell's config values with its own run folder and the settings every benchmark run shares: checkpoints
+    to resume from, unless the report module instruments the run (its measurement would miss the rounds before an
+    interruption, so such a run starts again)."""
     values = {section: dict(table) for section, table in cell.values.items()}
     output = values.setdefault("output", {})
     output.update({"dir": str(out / cell.name), "quiet": True})
     output.setdefault("save_model", False)
-    output.setdefault("checkpoint", False)
+    output.setdefault("checkpoint", _hook(report, "instrument") is None)
     return values
 
 
@@ -66,21 +75,41 @@ def finished(values: dict[str, Any], report: str | None = None) -> dict[str, Any
     return summary if same_config(summary.get("config"), build_config(values)) else None
 
 
+def interrupted(folder: Path, cfg: RunConfig) -> Checkpoint | None:
+    """The checkpoint an interrupted run of ``cfg`` left in ``folder``, or None: there is none, it cannot be read,
+    or it belongs to another config (that run starts again and overwrites it)."""
+    if not cfg.output.checkpoint or not (folder / CHECKPOINT).is_file():
+        return None
+    try:
+        checkpoint = load_checkpoint(folder)
+    except FedCustomError:
+        return None
+    return checkpoint if same_config(checkpoint.config, cfg) else None
+
+
 def run_one(values: dict[str, Any], threads: int | None, report: str | None = None) -> dict[str, Any]:
-    """One federated run (in this process or a worker), instrumented by the report module if it asks; returns its
-    summary. ``threads``: the worker process's torch threads; None (a run in the caller's process) leaves the
-    caller's setting alone, which would otherwise hold for everything the caller runs after the bench."""
+    """One federated run (in this process or a worker), instrumented by the report module if it asks, or resumed
+    from an interrupted run's checkpoint; returns its summary. ``threads``: the worker process's torch threads;
+    None (a run in the caller's process) leaves the caller's setting alone, which would otherwise hold for
+    everything the caller runs after the bench."""
     import torch
 
-    from fedcustom.runner import build_job, execute
+    from fedcustom.runner import build_job, execute, resumed_job
 
     if threads is not None:
         torch.set_num_threads(threads)
-    job, instrument = build_job(build_config(values)), _hook(report, "instrument")
-    finish = instrument(job, Path(values["output"]["dir"])) if instrument else None
-    summary = execute(job, Console(quiet=True))
-    if finish:
-        finish(summary)
+    cfg, folder = build_config(values), Path(values["output"]["dir"])
+    checkpoint = interrupted(folder, cfg)
+    if checkpoint is not None:
+        job, _ = resumed_job(folder, checkpoint=checkpoint)
+        summary = execute(job, Console(quiet=True), resumed=checkpoint)
+    else:
+        job, instrument = build_job(cfg), _hook(report, "instrument")
+        finish = instrument(job, folder) if instrument else None
+        summary = execute(job, Console(quiet=True))
+        if finish:
+            finish(summary)
+    (folder / CHECKPOINT).unlink(missing_ok=True)  # finished: a later invocation reuses its summary
     return summary
 
 
@@ -94,7 +123,7 @@ def run_cells(todo: list[Cell], out: Path, console: Console, run_now: list[bool]
     """Records for ``todo`` in order (each keeps its run's whole summary but the config and versions): reused
     where finished, else run (a missing cell whose ``run_now`` entry is False is left out; default: run every
     missing cell). ``report`` names the sweep's report module, whose instrument/complete hooks apply."""
-    values = [cell_values(cell, out) for cell in todo]
+    values = [cell_values(cell, out, report) for cell in todo]
     done = [finished(v, report) for v in values]
     run_now = [True] * len(todo) if run_now is None else run_now
     pending = [i for i, d in enumerate(done) if d is None and run_now[i]]

@@ -18,9 +18,15 @@ LEGACY: dict[str, dict[str, Any]] = {"train": {"lr_schedule": "constant"},
                                      "method": {"prefix_init": "random", "prompt_init": "random"}}
 
 
+# Settings that change what a run writes, not what it measures: a finished run counts whatever they were (bench runs
+# checkpoint every round so that an interrupted one resumes; the runs before that did not).
+RESULT_NEUTRAL: dict[str, set[str]] = {"output": {"checkpoint"}}
+
+
 def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
     """Whether a finished run's recorded config is ``cfg``. Keys added to the config since that run count as the
-    same when ``cfg`` sets them to what the run did without them: their default, or their LEGACY value."""
+    same when ``cfg`` sets them to what the run did without them: their default, or their LEGACY value; the
+    RESULT_NEUTRAL ones are not compared."""
     if not isinstance(previous, dict):
         return False
     previous = json.loads(json.dumps(previous))
@@ -31,6 +37,8 @@ def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
         if set(recorded) - set(values):
             return False
         for key, value in values.items():
+            if key in RESULT_NEUTRAL.get(section, set()):
+                continue
             missing = LEGACY.get(section, {}).get(key, defaults[section][key])  # the key did not exist yet
             if recorded.get(key, missing) != value:
                 return False
