@@ -114,8 +114,14 @@ def run_one(values: dict[str, Any], threads: int | None, report: str | None = No
 
 
 def record(cell: Cell, out: Path, summary: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
+    """A run's record for results.json: its summary without the config and library versions, but with the source
+    commit (a report counts its runs per commit)."""
+    kept = {k: v for k, v in (summary or {}).items() if k not in DROPPED}
+    commit = (summary or {}).get("versions", {}).get("fedcustom_commit")
+    if commit:
+        kept["versions"] = {"fedcustom_commit": commit}
     return {"stage": cell.stage, "labels": cell.labels, "tags": cell.tags, "run_dir": str(out.name + "/" + cell.name),
-            "reused": reused, "summary": {k: v for k, v in (summary or {}).items() if k not in DROPPED}}
+            "reused": reused, "summary": kept}
 
 
 def run_cells(todo: list[Cell], out: Path, console: Console, run_now: list[bool] | None = None,
