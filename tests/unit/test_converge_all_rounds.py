@@ -1,0 +1,46 @@
+"""The converge sweep's all-rounds stage: prefix tuning's AG News cells run again without early stopping, and the
+report section that sets its IID -> Dirichlet 0.1 drop beside the early-stopped one."""
+
+from __future__ import annotations
+
+from fedcustom.bench.converge import all_rounds_lines
+from fedcustom.bench.sweep import best_per_group, cells, load_sweep
+
+
+def _record(setting: str, seed: str, per_round: list[float]) -> dict:
+    return {"tags": {"method": "prefix", "setting": setting, "seed": seed},
+            "summary": {"accuracy_per_round": per_round, "final_accuracy": per_round[-1], "rounds": len(per_round) - 1}}
+
+
+def test_the_shipped_stage_runs_prefix_on_both_ag_news_splits_for_every_round_with_the_tuned_variant() -> None:
+    sweep = load_sweep("converge")
+    stage = next(s for s in sweep.stages if s.name == "all-rounds")
+    tune = next(s for s in sweep.stages if s.name == "tune")
+    tuned = [{"labels": c.labels, "tags": c.tags, "summary": {"final_accuracy": 0.9 if c.labels["variant"] == "scaffold"
+                                                               else 0.8}} for c in cells(sweep, tune)]
+    runs = cells(sweep, stage, best_per_group(tuned, sweep, stage.pick))
+    assert [c.name for c in runs] == [f"{setting}/prefix/scaffold/seed{i}" for setting in
+                                      ("ag_news-iid", "ag_news-dirichlet0.1") for i in range(3)]
+    for cell in runs:
+        fed = cell.values["federation"]
+        assert fed["early_stop_patience"] >= fed["rounds"] == 15  # never stops before the last round
+        assert cell.values["train"]["centralized_converged"] is False and fed["scaffold"] is True
+
+
+def test_the_section_sets_the_drop_without_early_stopping_beside_the_early_stopped_one() -> None:
+    # Prepare: two seeds; early-stopped IID 0.86/0.88 and Dirichlet 0.1 0.80/0.84 (drops 6 and 4 points); all
+    # rounds IID 0.87/0.87, Dirichlet 0.1 0.85/0.86 (drops 2 and 1), its best round 2 in seed0 (0.86)
+    early = [_record("ag_news-iid", "seed0", [0.2, 0.86]), _record("ag_news-iid", "seed1", [0.2, 0.85, 0.88]),
+             _record("ag_news-dirichlet0.1", "seed0", [0.2, 0.80]),
+             _record("ag_news-dirichlet0.1", "seed1", [0.2, 0.84])]
+    full = [_record("ag_news-iid", "seed0", [0.2, 0.85, 0.87, 0.87]),
+            _record("ag_news-iid", "seed1", [0.2, 0.86, 0.87, 0.87]),
+            _record("ag_news-dirichlet0.1", "seed0", [0.2, 0.7, 0.86, 0.85]),
+            _record("ag_news-dirichlet0.1", "seed1", [0.2, 0.7, 0.8, 0.86])]
+    # Execute
+    text = "\n".join(all_rounds_lines({"report": early, "all-rounds": full}))
+    # Assert
+    assert "| prefix | ag_news-iid | 1.5 ± 0.5 | 87.0 ± 1.0 | 87.0 ± 0.0 | 2.0 ± 0.0 | 87.0 ± 0.0 |" in text
+    assert "| prefix | ag_news-dirichlet0.1 | 1.0 ± 0.0 | 82.0 ± 2.0 | 85.5 ± 0.5 | 2.5 ± 0.5 | 86.0 ± 0.0 |" in text
+    assert "| prefix | 5.0 ± 1.0 | 1.5 ± 0.5 |" in text
+    assert all_rounds_lines({"report": early}) == []  # no section before the stage has a run
