@@ -5,7 +5,6 @@ protocol plug-in's business (:mod:`fedcustom.protocols`)."""
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -330,7 +329,7 @@ def client_evaluators(cfg: RunConfig, model: nn.Module, data: FederatedData,
     if data.client_eval_indices is None:
         return {}
     task = get_task(cfg.model.task)
-    return {c: task.evaluator(cfg, model, dataclasses.replace(data, eval=data.client_eval_table(c)), tokenizer)
+    return {c: task.evaluator(cfg, model, data.client_held_out(c), tokenizer)
             for c, rows in enumerate(data.client_eval_indices) if rows}
 
 

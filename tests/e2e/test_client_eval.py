@@ -47,3 +47,49 @@ def test_each_client_is_scored_on_rows_it_held_out(tiny_config) -> None:
 def test_per_client_evaluation_mistakes_are_named(tiny_config, overrides: dict, expected: str) -> None:
     with pytest.raises(ConfigError, match=expected.replace("[", r"\[").replace(")", r"\)")):
         check_runtime_support(tiny_config(**overrides))
+
+
+def _answers_after(prompts: list[str], rows, tokenizer) -> bool:
+    """Whether each tokenized row is its prompt's tokens followed by the answer (labels ignore the prompt)."""
+    for prompt, row in zip(prompts, rows, strict=True):
+        ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        if row["input_ids"][:len(ids)] != ids or any(label != -100 for label in row["labels"][:len(ids)]):
+            return False
+    return True
+
+
+def test_a_causal_lm_client_answers_the_prompts_of_its_own_held_out_rows(causal_config, monkeypatch) -> None:
+    # Prepare: record the prompts each scoring generates from (the ROUGE-L a client reports is on these)
+    from fedcustom import causal_lm
+
+    asked: list[list[str]] = []
+    monkeypatch.setattr(causal_lm, "generate",
+                        lambda _model, _tokenizer, prompts, *_args: asked.append(list(prompts)) or [""] * len(prompts))
+    cfg = causal_config(federation__clients=3, federation__client_eval_fraction=0.25, federation__rounds=1,
+                        generation__eval_generations=100)
+    job = build_job(cfg)
+    # Execute
+    summary = execute(job)
+    # Assert: the last round's three client scorings answered the prompts of each client's own held-out rows
+    # (before the fix they answered the global test prompts, the same for every client)
+    assert set(summary["client_rouge_l"]) == {"0", "1", "2"}
+    for client, prompts in enumerate(asked[-3:]):
+        held = job.data.client_eval_table(client)
+        assert len(prompts) == len(held) and _answers_after(prompts, held, job.tokenizer)
+
+
+def test_a_flower_node_scores_the_prompts_of_the_rows_it_holds_out_of_its_own_file(causal_config, toy_jsonl) -> None:
+    # Prepare: the node-side tables of partition 1 from its own file (as `--node-config data-path=...` gives)
+    from fedcustom.deploy.flower.node import _own_tables
+    from fedcustom.models import load_tokenizer
+    from fedcustom.runtime import ClientSetup
+
+    cfg = causal_config(federation__clients=3, federation__client_eval_fraction=0.25)
+    tokenizer = load_tokenizer(cfg.model.name)
+    # Execute
+    rows, held = _own_tables(cfg, ClientSetup(["actors", "plot"]), 1, toy_jsonl, tokenizer)
+    # Assert: a quarter of the file held out, each held-out row with its own prompt and answer
+    assert abs(len(held.eval) - 0.25 * (len(rows) + len(held.eval))) <= 1
+    assert len(held.eval_prompts) == len(held.eval_references) == len(held.eval)
+    assert _answers_after(held.eval_prompts, held.eval, tokenizer)
+    assert set(held.eval_references) <= {"good great", "bad awful"}

@@ -16,7 +16,7 @@ from fedcustom.data.partition import label_histogram, partition_indices
 from fedcustom.data.public import carve_public, load_public
 from fedcustom.data.sources import PACKAGED_DATASETS, FileLayout, LabeledData, load_labeled
 
-__all__ = ["FederatedData", "FileLayout", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data",
+__all__ = ["EvalRows", "FederatedData", "FileLayout", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data",
            "stratified_split"]
 
 
@@ -30,6 +30,21 @@ def hold_out(count: int, fraction: float, seed: int, client: int) -> tuple[list[
     order = np.random.default_rng([seed, client, HOLD_OUT_STREAM]).permutation(count).tolist()
     held = min(max(1, round(fraction * count)), count - 1) if count > 1 else 0
     return order[held:], order[:held]
+
+
+@dataclass(frozen=True)
+class EvalRows:
+    """Rows to score a model on, as a task's evaluator reads them: the tokenized table and, for a causal LM, each
+    row's prompt and reference answer (the model answers the prompts; ROUGE-L and exact match compare)."""
+
+    eval: datasets.Dataset
+    eval_prompts: list[str] | None = None
+    eval_references: list[str] | None = None
+
+    def select(self, positions: list[int]) -> EvalRows:
+        """These rows at ``positions`` (in that order), prompts and references with them."""
+        pick = lambda values: [values[i] for i in positions] if values is not None else None  # noqa: E731
+        return EvalRows(self.eval.select(positions), pick(self.eval_prompts), pick(self.eval_references))
 
 
 @dataclass(frozen=True)
@@ -48,12 +63,21 @@ class FederatedData:
     eval_prompts: list[str] | None = None  # causal LM: the held-out prompts (chat-templated) and their answers
     eval_references: list[str] | None = None
     client_eval_indices: list[list[int]] | None = None  # rows of ``train`` each client holds out for its own test
+    train_prompts: list[str] | None = None  # causal LM: each training row's prompt and answer (a client's own test)
+    train_references: list[str] | None = None
 
     def client_eval_table(self, client: int) -> datasets.Dataset:
         """The tokenized rows client ``client`` holds out for its own evaluation (see hold_out_client_eval)."""
         if self.client_eval_indices is None:
             raise ValueError("this FederatedData holds out no per-client evaluation rows")
         return self.train.select(self.client_eval_indices[client])
+
+    def client_held_out(self, client: int) -> EvalRows:
+        """The rows client ``client`` holds out for its own evaluation, with their prompts and answers (causal LM)."""
+        if self.client_eval_indices is None:
+            raise ValueError("this FederatedData holds out no per-client evaluation rows")
+        rows = EvalRows(self.train, self.train_prompts, self.train_references)
+        return rows.select(self.client_eval_indices[client])
 
     def holding_out(self, fraction: float, seed: int) -> FederatedData:
         """This data with ``fraction`` of each client's rows (seeded, at least one, never all) moved from its training

@@ -148,4 +148,6 @@ def prepare_causal_data(cfg: DataConfig, num_clients: int, seed: int, tokenizer:
         eval_prompts=eval_rows.prompts,
         eval_references=eval_rows.responses,
         public=pairs,
+        train_prompts=train_rows.prompts,
+        train_references=train_rows.responses,
     )

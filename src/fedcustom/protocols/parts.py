@@ -13,6 +13,7 @@ from torch import nn
 
 from fedcustom.codecs import Codec
 from fedcustom.config import RunConfig
+from fedcustom.data import EvalRows
 from fedcustom.runtime import ClientSetup, Handler, Runtime
 
 
@@ -31,7 +32,7 @@ class ClientParts:
     setup: ClientSetup
     adversary: Any = None  # fedcustom.protocols.sharing.client.Adversary: simulated poisoning (embedded only)
     # the rows each client holds out for its own evaluation, where the client scores itself (a Flower node)
-    eval_tables: dict[int, datasets.Dataset] = field(default_factory=dict)
+    eval_tables: dict[int, EvalRows] = field(default_factory=dict)
 
 
 @dataclass

@@ -66,6 +66,13 @@ class Task:
         """A Flower node's own rows from its own file, tokenized as the server tokenizes."""
         raise NotImplementedError
 
+    def own_rows(self, cfg: Any, label_names: list[str], data_path: str, tokenizer: Any) -> Any:
+        """:meth:`own_table` as rows to score on (``fedcustom.data.EvalRows``; a causal LM adds each row's prompt and
+        answer)."""
+        from fedcustom.data import EvalRows
+
+        return EvalRows(self.own_table(cfg, label_names, data_path, tokenizer))
+
     def own_labels(self, cfg: Any, label_names: list[str], data_path: str) -> list[int | None]:
         """The label (index into ``label_names``; None for one the server does not know) of each row of a node's own
         file, in the order of :meth:`own_table`'s rows: the node counts them for the server's client table."""

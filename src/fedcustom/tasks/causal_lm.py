@@ -36,6 +36,11 @@ class CausalLM(Task):
     def own_table(self, cfg: Any, label_names: list[str], data_path: str, tokenizer: Any) -> Any:
         """A node's own instruction rows, chat-templated and tokenized as the server's are; topics the server does
         not know are appended after its own."""
+        return self.own_rows(cfg, label_names, data_path, tokenizer).eval
+
+    def own_rows(self, cfg: Any, label_names: list[str], data_path: str, tokenizer: Any) -> Any:
+        """:meth:`own_table` with each row's prompt (chat-templated) and reference answer."""
+        from fedcustom.data import EvalRows
         from fedcustom.data.causal import as_rows, tokenize_rows, topic_name
         from fedcustom.data.instructions import load_instructions
         from fedcustom.data.sources import FileLayout
@@ -46,7 +51,8 @@ class CausalLM(Task):
         rows = rows.map(lambda row: {"topic": topic_name(row["topic"])})
         topics = list(label_names) + sorted(set(rows["topic"]) - set(label_names))
         texts = as_rows(rows, tokenizer, topics, cfg.generation.chat_template)
-        return tokenize_rows(texts, tokenizer, cfg.model.max_length, f"this node's data-path {data_path}")
+        table = tokenize_rows(texts, tokenizer, cfg.model.max_length, f"this node's data-path {data_path}")
+        return EvalRows(table, texts.prompts, texts.responses)
 
     def own_labels(self, cfg: Any, label_names: list[str], data_path: str) -> list[int | None]:
         """Each row's topic; a topic the server does not know is None (counted in examples, not the histogram)."""

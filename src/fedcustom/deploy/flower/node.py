@@ -113,24 +113,25 @@ def _own_hold_out(cfg: RunConfig, count: int, partition: int) -> tuple[list[int]
 
 def _own_tables(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None,
                 tokenizer: Any) -> tuple[Any, Any]:
-    """This node's tokenized rows, for training and held out for its own evaluation (None when per-client
-    evaluation is off): its own file (held out as the simulation would draw it for this partition), or (simulation)
-    its partition of the run's dataset, prepared as the server prepares it."""
+    """This node's tokenized rows for training, and the rows it holds out for its own evaluation (with their
+    prompts and answers for a causal LM; None when per-client evaluation is off): its own file (held out as the
+    simulation would draw it for this partition), or (simulation) its partition of the run's dataset, prepared as
+    the server prepares it."""
     if data_path:
         from fedcustom.tasks import get_task
 
-        table = get_task(cfg.model.task).own_table(cfg, setup.label_names, data_path, tokenizer)
-        split = _own_hold_out(cfg, len(table), partition)
+        rows = get_task(cfg.model.task).own_rows(cfg, setup.label_names, data_path, tokenizer)
+        split = _own_hold_out(cfg, len(rows.eval), partition)
         if split is None:
-            return table, None
-        return table.select(split[0]), table.select(split[1])
+            return rows.eval, None
+        return rows.eval.select(split[0]), rows.select(split[1])
     from fedcustom.assemble import prepare_task_data
     from fedcustom.methods import get_method
 
     data = prepare_task_data(cfg, get_method(cfg.method.name), tokenizer)
     if data.label_names != setup.label_names:
         raise FedCustomError(f"the server's labels {setup.label_names} differ from this node's {data.label_names}")
-    held = data.client_eval_table(partition) if data.client_eval_indices is not None else None
+    held = data.client_held_out(partition) if data.client_eval_indices is not None else None
     return data.client_table(partition), held
 
 
@@ -142,7 +143,7 @@ def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_p
     def own_rows(tokenizer: Any) -> tuple[dict[int, Any], dict[int, Any]]:
         table, held = _own_tables(cfg, setup, partition, data_path, tokenizer)
         log.info("partition %d: %d local rows from %s%s", partition, len(table), data_path or "the run's dataset",
-                 f", {len(held)} held out for its own evaluation" if held is not None else "")
+                 f", {len(held.eval)} held out for its own evaluation" if held is not None else "")
         return {partition: table}, ({partition: held} if held is not None else {})
 
     return NodeClient(build_client(cfg, setup, own_rows), partition)

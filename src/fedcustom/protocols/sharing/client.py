@@ -20,6 +20,7 @@ from transformers import PreTrainedTokenizerBase
 from fedcustom import scaffold
 from fedcustom.attacks import MODEL_POISONING, poison_update
 from fedcustom.codecs import Codec, Link, RawCodec, SharedReferences, links_from_state, links_state
+from fedcustom.data import EvalRows
 from fedcustom.methods import load_trainable_state, trainable_state
 from fedcustom.methods.lora_capacity import ClientRanks
 from fedcustom.methods.lora_stack import StackedBase
@@ -72,8 +73,8 @@ class TrainingClient:
         client_tables: dict[int, datasets.Dataset], codec_down: Codec | None = None,
         adversary: Adversary | None = None, personalization: Personalization | None = None,
         capacity: ClientRanks | ClientLengths | None = None, stacked: StackedBase | None = None,
-        eval_tables: dict[int, datasets.Dataset] | None = None,
-        score: Callable[[datasets.Dataset], float] | None = None, save_model: Callable[[Path], None] | None = None,
+        eval_tables: dict[int, EvalRows] | None = None,
+        score: Callable[[EvalRows], float] | None = None, save_model: Callable[[Path], None] | None = None,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -175,7 +176,7 @@ class TrainingClient:
         --personalize, this client's own model, scored on the rows it holds out; metrics only, nothing uploaded. A
         client without held-out rows replies with no metrics."""
         rows = self.eval_tables.get(node_id)
-        if self.score is None or rows is None or len(rows) == 0:
+        if self.score is None or rows is None or len(rows.eval) == 0:
             return Reply(b"", 0, {}, round=message.round)
         shared = RawCodec().decode(message.payload)
         self.load(None, shared)
@@ -184,7 +185,7 @@ class TrainingClient:
             self.load(node_id, shared)
             self.finetune(node_id, message.config, message.round)
             metrics["client_eval_personal"] = self.score(rows)
-        return Reply(b"", len(rows), metrics, round=message.round)
+        return Reply(b"", len(rows.eval), metrics, round=message.round)
 
     def finetune(self, node_id: int, config: dict, rnd: int) -> None:
         """``--personalize finetune:K``: K local steps of the loaded model on this client's training rows, as

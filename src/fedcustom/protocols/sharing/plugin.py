@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import torch
 
 from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
+from fedcustom.data import EvalRows
 from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
 from fedcustom.methods.lora_stack import StackedBase, stacks
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
@@ -52,19 +52,10 @@ def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module) -> Callable
     return save
 
 
-@dataclass(frozen=True)
-class HeldOutRows:
-    """What a task's evaluator reads, for a client's own held-out rows (no generation prompts)."""
-
-    eval: Any
-    eval_prompts: list | None = None
-    eval_references: list | None = None
-
-
-def held_out_score(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any) -> Callable[[Any], float]:
+def held_out_score(cfg: RunConfig, model: torch.nn.Module, tokenizer: Any) -> Callable[[EvalRows], float]:
     """The task's headline metric of ``model`` (as it is when called) on a client's held-out rows."""
     task = get_task(cfg.model.task)
-    return lambda rows: float(task.evaluator(cfg, model, HeldOutRows(rows), tokenizer)()[task.headline_metric])
+    return lambda rows: float(task.evaluator(cfg, model, rows, tokenizer)()[task.headline_metric])
 
 
 
