@@ -19,7 +19,7 @@ from fedcustom.checkpoint import Checkpointable
 from fedcustom.codecs import Codec, get_codec
 from fedcustom.config import RunConfig
 from fedcustom.convergence import check_convergence_support, local_schedule
-from fedcustom.data import FederatedData, PublicSpec
+from fedcustom.data import EvalRows, FederatedData, PublicSpec
 from fedcustom.device import place_model, resolve_device
 from fedcustom.errors import ConfigError, FedCustomError
 from fedcustom.methods import Method, get_method, load_trainable_state, trainable_state
@@ -71,7 +71,6 @@ class Job:
     server: RoundDriver  # FederatedServer, or SplitFederatedServer for --method split
     out: Path
     evaluate_model: Callable[[], dict[str, Any]]  # the task's metrics of ``model`` as it is now
-    client_evaluators: dict[int, Callable[[], dict]] = field(default_factory=dict)  # a client's held-out metrics
     personalization: Personalization = field(default_factory=Personalization)
 
     def load_model(self, client: int | None = None) -> None:
@@ -272,10 +271,9 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
     setup = ClientSetup(data.label_names, data.public)
     parts = ServerParts(cfg, method, model, tokenizer, codec, codec_down, tables, setup, adversary, data=data,
                         initial=initial, schedule=schedule, strategy=strategy, evaluate_model=evaluate_model,
-                        runtime=lambda handler: runtime(handler, setup))
+                        runtime=lambda handler: runtime(handler, setup), eval_tables=held_out_rows(data))
     server = protocol_of(method).plugin().build_server(parts)
-    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model,
-               client_evaluators(cfg, model, data, tokenizer), personalization)
+    return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model, personalization)
 
 
 Tables = dict[int, datasets.Dataset]
@@ -323,14 +321,11 @@ def held_out_fraction(cfg: RunConfig) -> float:
     return fraction
 
 
-def client_evaluators(cfg: RunConfig, model: nn.Module, data: FederatedData,
-                      tokenizer: Any) -> dict[int, Callable[[], dict]]:
-    """Per client: its metrics of ``model`` (as it is when called) on the rows it holds out; empty when off."""
+def held_out_rows(data: FederatedData) -> dict[int, EvalRows]:
+    """Per client with any: the rows it holds out for its own evaluation (none when per-client evaluation is off)."""
     if data.client_eval_indices is None:
         return {}
-    task = get_task(cfg.model.task)
-    return {c: task.evaluator(cfg, model, data.client_held_out(c), tokenizer)
-            for c, rows in enumerate(data.client_eval_indices) if rows}
+    return {c: data.client_held_out(c) for c, rows in enumerate(data.client_eval_indices) if rows}
 
 
 def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokenizer: Any) -> Callable[[], dict]:

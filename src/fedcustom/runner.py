@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from fedcustom.assemble import Job, RuntimeFactory, build_job
+from fedcustom.assemble import Job, RuntimeFactory, build_job, held_out_fraction
 from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from fedcustom.codecs import RawCodec
@@ -35,7 +35,7 @@ from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.rounds import RoundResult
-from fedcustom.runtime import Message, Reply
+from fedcustom.runtime import Handler, Message, Reply
 from fedcustom.summary import summarize
 from fedcustom.tasks import get_task
 from fedcustom.tracking import Trackers
@@ -46,27 +46,26 @@ log = logging.getLogger(__name__)
 
 
 def evaluate_clients(job: Job, result: RoundResult) -> None:
-    """With per-client evaluation on: the round's global model scored on each client's held-out rows (its task's
-    headline metric) into ``result.client_eval``, and with --personalize each client's own model into
-    ``result.client_eval_personal``. Clients on Flower nodes score on their own rows (an evaluate message)."""
-    if job.server.runtime.local_handler is None:
-        if job.client_evaluators:
-            evaluate_on_nodes(job, result)
+    """With per-client evaluation on: every client scores the round's global model on the rows it holds out (its
+    task's headline metric) into ``result.client_eval``, and with --personalize its own model into
+    ``result.client_eval_personal``, answering an evaluate message: the in-process clients directly (simulated
+    faults are the training messages'), clients on Flower nodes on their own rows. A client that fails or does not
+    answer is left out of this round's scores."""
+    if not held_out_fraction(job.cfg):
         return
-    if not job.client_evaluators:
-        return
-    metric = get_task(job.cfg.model.task).headline_metric
-    job.load_model()
-    result.client_eval = {c: float(evaluate()[metric]) for c, evaluate in job.client_evaluators.items()}
-    personal = job.personalization
-    if not personal.enabled:
-        return
-    clients = job.server.runtime.local_handler
-    for client, evaluate in job.client_evaluators.items():
-        job.load_model(client)
-        clients.finetune(client, eval_config(job), result.round)
-        result.client_eval_personal[client] = float(evaluate()[metric])
-    job.load_model()
+    local = job.server.runtime.local_handler
+    replies = to_every_node(job, EVALUATE, result.round, eval_config(job)) if local is None else \
+        to_in_process_clients(job, local, EVALUATE, result.round, eval_config(job))
+    for node, reply in replies:
+        if reply.error:
+            log.warning("client %d did not evaluate round %d: %s", node, result.round, reply.error)
+            continue
+        if "client_eval" in reply.metrics:
+            result.client_eval[node] = float(reply.metrics["client_eval"])
+        if "client_eval_personal" in reply.metrics:
+            result.client_eval_personal[node] = float(reply.metrics["client_eval_personal"])
+    if local is not None:
+        job.load_model()  # the clients left their own models in the shared one
 
 
 def eval_config(job: Job) -> dict:
@@ -76,25 +75,20 @@ def eval_config(job: Job) -> dict:
                               personal.finetune_steps if personal.mode == "finetune" else 0)
 
 
-def evaluate_on_nodes(job: Job, result: RoundResult) -> None:
-    """Per-client evaluation on Flower: every node gets the global model (raw tensors) and replies with its
-    scores on the rows it holds out; a node that fails or does not answer is left out of this round's scores."""
-    for node, reply in to_every_node(job, EVALUATE, result.round, eval_config(job)):
-        if reply.error:
-            log.warning("client %d did not evaluate round %d: %s", node, result.round, reply.error)
-            continue
-        if "client_eval" in reply.metrics:
-            result.client_eval[node] = float(reply.metrics["client_eval"])
-        if "client_eval_personal" in reply.metrics:
-            result.client_eval_personal[node] = float(reply.metrics["client_eval_personal"])
-
-
 def to_every_node(job: Job, kind: str, rnd: int, config: dict) -> Iterator[tuple[int, Reply]]:
     """One ``kind`` message with the global tensors (raw, off the codec links) to every node the runtime still
     has, and their replies in node order."""
     payload = RawCodec().encode(job.server.global_state)
     runtime = job.server.runtime
     yield from runtime.stream({node: Message(kind, rnd, payload, config) for node in runtime.nodes()})
+
+
+def to_in_process_clients(job: Job, clients: Handler, kind: str, rnd: int, config: dict
+                          ) -> Iterator[tuple[int, Reply]]:
+    """:func:`to_every_node` for the embedded runtime's clients, called directly in node order."""
+    payload = RawCodec().encode(job.server.global_state)
+    for node in job.server.runtime.nodes():
+        yield node, clients(node, Message(kind, rnd, payload, config))
 
 
 def save_global_model(job: Job) -> None:
