@@ -140,31 +140,39 @@ SKEW = ("ag_news-iid", "ag_news-dirichlet0.1")
 
 def all_rounds_lines(stages: dict[str, list[dict]]) -> list[str]:
     """The AG News drop with early stopping (report stage) beside the same cells run for every round (all-rounds
-    stage), per method that stage ran: final accuracy, the best round's, and the paired IID -> Dirichlet 0.1 drop."""
+    stage), per method that stage ran, each row over the seeds the all-rounds stage has finished (so both columns
+    are the same seeds): final accuracy, the best round's, and the paired IID -> Dirichlet 0.1 drop."""
     full, early = stages.get(ALL_ROUNDS, []), stages.get("report", [])
     if not full:
         return []
     lines = ["## Early stopping and the skewed split (AG News)", "",
              "The report's runs stop once accuracy has not improved for the patience; here the same cells (same "
-             "seeds, picks and rates) run every round, so the cosine rate schedule runs to its end. Mean ± standard "
-             "error over the seeds each row has; the drops are paired by seed.", "",
-             "| method | split | early stopping: rounds run | early stopping: final % | all rounds: final % "
-             "| all rounds: best round | all rounds: best-round % |", "|---|---|---|---|---|---|---|"]
+             "seeds, picks and rates) run every round, so the cosine rate schedule runs to its end. Each row is over "
+             "the seeds the all-rounds runs have finished, the early-stopped columns over the same seeds; mean ± "
+             "standard error, the drops paired by seed.", "",
+             "| method | split | seeds | early stopping: rounds run | early stopping: final % | all rounds: final % "
+             "| all rounds: best round | all rounds: best-round % |", "|---|---|---|---|---|---|---|---|"]
     methods = list(dict.fromkeys(r["tags"]["method"] for r in full))
     for method in methods:
         for setting in SKEW:
-            stopped = [r["summary"] for r in _runs(early, method=method, setting=setting)]
-            ran = [r["summary"] for r in _runs(full, method=method, setting=setting)]
-            best = [max(x["accuracy_per_round"]) for x in ran]
-            lines.append(f"| {method} | {setting} | {fmt(mean_se([x['rounds'] for x in stopped]), 1, 1)} "
+            ran = _runs(full, method=method, setting=setting)
+            seeds = [r["tags"]["seed"] for r in ran]
+            stopped = [r["summary"] for r in _runs(early, method=method, setting=setting) if r["tags"]["seed"] in seeds]
+            summaries = [r["summary"] for r in ran]
+            best = [max(x["accuracy_per_round"]) for x in summaries]
+            lines.append(f"| {method} | {setting} | {', '.join(seeds) or '-'} "
+                         f"| {fmt(mean_se([x['rounds'] for x in stopped]), 1, 1)} "
                          f"| {fmt(mean_se([x['final_accuracy'] for x in stopped]))} "
-                         f"| {fmt(mean_se([x['final_accuracy'] for x in ran]))} "
-                         f"| {fmt(mean_se([x['accuracy_per_round'].index(b) for x, b in zip(ran, best)]), 1, 1)} "
+                         f"| {fmt(mean_se([x['final_accuracy'] for x in summaries]))} "
+                         f"| {fmt(mean_se([x['accuracy_per_round'].index(b) for x, b in zip(summaries, best)]), 1, 1)} "
                          f"| {fmt(mean_se(best))} |")
-    lines += ["", "| method | drop IID → Dirichlet 0.1, early stopping (points) | drop, all rounds (points) |",
-              "|---|---|---|"]
+    lines += ["", "| method | seeds with both splits | drop IID → Dirichlet 0.1, early stopping (points) "
+              "| drop, all rounds (points) |", "|---|---|---|---|"]
     for method in methods:
-        lines.append(f"| {method} | {fmt(drops(early, method, 'ag_news', *SKEW))} "
+        both = sorted(set.intersection(*({r["tags"]["seed"] for r in _runs(full, method=method, setting=s)}
+                                         for s in SKEW)))
+        paired = [r for r in early if r["tags"]["seed"] in both]
+        lines.append(f"| {method} | {', '.join(both) or '-'} | {fmt(drops(paired, method, 'ag_news', *SKEW))} "
                      f"| {fmt(drops(full, method, 'ag_news', *SKEW))} |")
     return [*lines, ""]
 
