@@ -186,6 +186,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     own = build_config(checkpoint.config)
     assert cells.interrupted(folder, own) is not None
     assert cells.interrupted(folder, dataclasses.replace(own, train=dataclasses.replace(own.train, seed=1))) is None
+    run_sweep_bench(sweep, ".", cut, "report only", Console(quiet=True), stages=["none"], only=only)
+    assert ("Partial report: 0 of the sweep's 10 runs have finished** and 1 more is part-way"
+            in (cut / "report.md").read_text())
     resumed, resumed_job = [], runner.resumed_job
     monkeypatch.setattr(runner, "resumed_job", lambda *a, **k: resumed.append(a) or resumed_job(*a, **k))
     # Execute

@@ -40,6 +40,8 @@ def run_sweep_bench(sweep: Sweep, data_dir: str, out: Path, command: str, consol
                     only: dict[str, set[str]] | None = None) -> dict[str, Any]:
     """A declarative sweep (fedcustom/bench/sweeps/*.toml): its stages' runs, then results.json and the report its
     ``report`` module writes (with its plots)."""
+    from fedcustom.checkpoint import CHECKPOINT  # torch loads only when runs start
+
     start = time.perf_counter()
     records, planned = run_sweep(sweep, Path(data_dir).expanduser(), out, console, stages, jobs, only)
     runs = [r for stage in records.values() for r in stage]
@@ -47,6 +49,7 @@ def run_sweep_bench(sweep: Sweep, data_dir: str, out: Path, command: str, consol
     result = {"preset": sweep.name, "command": command, "versions": versions(), "machine": machine(),
               "wall_seconds": time.perf_counter() - start, "runs": len(runs), "planned": sum(planned.values()),
               "reused": sum(r["reused"] for r in runs),
+              "part_way": sum(1 for _ in (out / "runs").rglob(CHECKPOINT)),  # finished runs delete theirs
               "cells_wall_seconds": sum(r["summary"].get("wall_seconds") or 0.0 for r in runs),
               "finished": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
               "sweep": as_json(sweep), "targets": writer.targets(records.get("report", runs)), "stages": records}

@@ -313,8 +313,13 @@ def as_json(sweep: Sweep) -> dict[str, Any]:
 def preamble(sweep: Sweep, result: dict[str, Any]) -> list[str]:
     """A sweep report's first lines: title, description, command, machine and how many runs took how long."""
     m = result["machine"]
-    partial = ([f"**Partial report: {result['runs']} of the sweep's {result['planned']} runs have finished**; what "
-                f"has no run yet is left out or shown as n/a, and the numbers below will move as the rest finish.", ""]
+    part_way = result.get("part_way", 0)
+    partial = ([f"**Partial report: {result['runs']} of the sweep's {result['planned']} runs have finished**"
+                + (f" and {part_way} more {'is' if part_way == 1 else 'are'} part-way (running, or cut off: the next "
+                   f"invocation that reaches {'it' if part_way == 1 else 'them'} resumes from the last checkpointed "
+                   f"round)" if part_way else "")
+                + "; what has no run yet is left out or shown as n/a, and the numbers below will move as the rest "
+                  "finish.", ""]
                if result["runs"] < result["planned"] else [])
     return [f"# fedcustom bench — preset `{sweep.name}`", "", sweep.description, "",
             f"Command: `{result['command']}`  ",
