@@ -35,7 +35,7 @@ from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.rounds import RoundResult
-from fedcustom.runtime import Handler, Message, Reply
+from fedcustom.runtime import Message, Reply
 from fedcustom.summary import summarize
 from fedcustom.tasks import get_task
 from fedcustom.tracking import Trackers
@@ -48,15 +48,11 @@ log = logging.getLogger(__name__)
 def evaluate_clients(job: Job, result: RoundResult) -> None:
     """With per-client evaluation on: every client scores the round's global model on the rows it holds out (its
     task's headline metric) into ``result.client_eval``, and with --personalize its own model into
-    ``result.client_eval_personal``, answering an evaluate message: the in-process clients directly (simulated
-    faults are the training messages'), clients on Flower nodes on their own rows. A client that fails or does not
-    answer is left out of this round's scores."""
+    ``result.client_eval_personal``, answering an evaluate message (:func:`to_every_node`; clients on Flower nodes
+    score on their own rows). A client that fails or does not answer is left out of this round's scores."""
     if not held_out_fraction(job.cfg):
         return
-    local = job.server.runtime.local_handler
-    replies = to_every_node(job, EVALUATE, result.round, eval_config(job)) if local is None else \
-        to_in_process_clients(job, local, EVALUATE, result.round, eval_config(job))
-    for node, reply in replies:
+    for node, reply in to_every_node(job, EVALUATE, result.round, eval_config(job)):
         if reply.error:
             log.warning("client %d did not evaluate round %d: %s", node, result.round, reply.error)
             continue
@@ -64,8 +60,8 @@ def evaluate_clients(job: Job, result: RoundResult) -> None:
             result.client_eval[node] = float(reply.metrics["client_eval"])
         if "client_eval_personal" in reply.metrics:
             result.client_eval_personal[node] = float(reply.metrics["client_eval_personal"])
-    if local is not None:
-        job.load_model()  # the clients left their own models in the shared one
+    if job.server.runtime.local_handler is not None:
+        job.load_model()  # the in-process clients left their own models in the shared one
 
 
 def eval_config(job: Job) -> dict:
@@ -77,18 +73,16 @@ def eval_config(job: Job) -> dict:
 
 def to_every_node(job: Job, kind: str, rnd: int, config: dict) -> Iterator[tuple[int, Reply]]:
     """One ``kind`` message with the global tensors (raw, off the codec links) to every node the runtime still
-    has, and their replies in node order."""
+    has, and their replies in node order. The embedded runtime's clients are called directly: its simulated faults
+    are the training messages'."""
     payload = RawCodec().encode(job.server.global_state)
     runtime = job.server.runtime
-    yield from runtime.stream({node: Message(kind, rnd, payload, config) for node in runtime.nodes()})
-
-
-def to_in_process_clients(job: Job, clients: Handler, kind: str, rnd: int, config: dict
-                          ) -> Iterator[tuple[int, Reply]]:
-    """:func:`to_every_node` for the embedded runtime's clients, called directly in node order."""
-    payload = RawCodec().encode(job.server.global_state)
-    for node in job.server.runtime.nodes():
-        yield node, clients(node, Message(kind, rnd, payload, config))
+    messages = {node: Message(kind, rnd, payload, config) for node in runtime.nodes()}
+    local = runtime.local_handler
+    if local is None:
+        yield from runtime.stream(messages)
+    else:
+        yield from ((node, local(node, message)) for node, message in messages.items())
 
 
 def save_global_model(job: Job) -> None:

@@ -33,7 +33,7 @@ def test_each_client_is_scored_on_rows_it_held_out(tiny_config) -> None:
     assert set(summary["client_accuracy"]) == {"0", "1", "2"}
     load_trainable_state(job.model, job.server.global_state)
     for c in range(3):
-        own = evaluate(job.model, data.client_eval_table(c), job.tokenizer, 32)["accuracy"]
+        own = evaluate(job.model, data.client_held_out(c).eval, job.tokenizer, 32)["accuracy"]
         assert summary["client_accuracy"][str(c)] == pytest.approx(own, abs=1e-9)
     scores = sorted(summary["client_accuracy"].values())
     assert summary["client_accuracy_worst10"] == scores[0]
@@ -75,7 +75,7 @@ def test_a_causal_lm_client_answers_the_prompts_of_its_own_held_out_rows(causal_
     # (before the fix they answered the global test prompts, the same for every client)
     assert set(summary["client_rouge_l"]) == {"0", "1", "2"}
     for client, prompts in enumerate(asked[-3:]):
-        held = job.data.client_eval_table(client)
+        held = job.data.client_held_out(client).eval
         assert len(prompts) == len(held) and _answers_after(prompts, held, job.tokenizer)
 
 

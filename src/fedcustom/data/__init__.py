@@ -66,14 +66,9 @@ class FederatedData:
     train_prompts: list[str] | None = None  # causal LM: each training row's prompt and answer (a client's own test)
     train_references: list[str] | None = None
 
-    def client_eval_table(self, client: int) -> datasets.Dataset:
-        """The tokenized rows client ``client`` holds out for its own evaluation (see hold_out_client_eval)."""
-        if self.client_eval_indices is None:
-            raise ValueError("this FederatedData holds out no per-client evaluation rows")
-        return self.train.select(self.client_eval_indices[client])
-
     def client_held_out(self, client: int) -> EvalRows:
-        """The rows client ``client`` holds out for its own evaluation, with their prompts and answers (causal LM)."""
+        """The rows client ``client`` holds out for its own evaluation (see :meth:`holding_out`), tokenized, with
+        their prompts and answers (causal LM)."""
         if self.client_eval_indices is None:
             raise ValueError("this FederatedData holds out no per-client evaluation rows")
         rows = EvalRows(self.train, self.train_prompts, self.train_references)

@@ -31,7 +31,7 @@ class ClientParts:
     tables: dict[int, datasets.Dataset]
     setup: ClientSetup
     adversary: Any = None  # fedcustom.protocols.sharing.client.Adversary: simulated poisoning (embedded only)
-    # the rows each client holds out for its own evaluation, where the client scores itself (a Flower node)
+    # the rows each client holds out for its own evaluation (it scores itself on them when asked: an evaluate message)
     eval_tables: dict[int, EvalRows] = field(default_factory=dict)
 
 
