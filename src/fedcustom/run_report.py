@@ -138,9 +138,17 @@ def overview_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         ("codec up / down", f"{summary.get('codec_up')} / {summary.get('codec_down')}"),
         ("strategy", str(summary.get("strategy"))), ("DP / SecAgg", f"{summary.get('dp')} / {summary.get('secagg')}"),
         ("device", str(summary.get("device", config.get("train", {}).get("device", "-")))),
-        ("wall time (s)", _fmt(summary.get("wall_seconds"), 1)),
+        ("wall time (s)", _fmt(summary.get("wall_seconds"), 1) + _resumed_note(summary.get("resumed_after_rounds"))),
         *_per_client_rows(summary, key),
     ]
+
+
+def _resumed_note(rounds: list[int] | None) -> str:
+    """For a run cut off and resumed: where, and that the cut-off part of a round is not in its wall time."""
+    if not rounds:
+        return ""
+    return (f" (resumed after round {', '.join(map(str, rounds))}; the cut-off part of the next round is not "
+            f"counted)")
 
 
 def _per_client_rows(summary: dict[str, Any], key: str) -> list[tuple[str, str]]:

@@ -141,7 +141,7 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
     def checkpoint(rnd: int) -> None:
         if parts:
             save_checkpoint(job.out, rnd, job.cfg.to_dict(), [round_record(r) for r in results],
-                            earlier + time.perf_counter() - start, parts)
+                            earlier + time.perf_counter() - start, parts, resumed_after(resumed))
 
     if not resumed:
         checkpoint(0)
@@ -173,6 +173,11 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
                                   f"(best: round {stop.best_round(results)})")
                 break
     return results
+
+
+def resumed_after(resumed: Checkpoint | None) -> list[int]:
+    """The rounds after which a run was cut off and resumed, this resume included (empty: never cut off)."""
+    return [*resumed.resumed_after, resumed.round] if resumed else []
 
 
 def early_stop(cfg: RunConfig) -> EarlyStop | None:
@@ -291,6 +296,9 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
     summary = summarize(cfg, results, baselines, job.model, job.initial, job.data, wall,
                         resolved_settings(cfg, job.method, job.schedule), job.client_stats(), early_stop(cfg))
+    # wall_seconds of a resumed run counts the time up to its checkpoint and after the resume; the part of the
+    # round that was cut off is lost with its process, so the summary says where the run resumed
+    summary["resumed_after_rounds"] = resumed_after(resumed)
     write_json(job.out / "summary.json", summary)
     if cfg.output.report:
         from fedcustom.run_report import write_report  # matplotlib loads only here

@@ -112,6 +112,10 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert log(cut) == log(whole)
     summary = json.loads((cut / "summary.json").read_text())
     assert summary["rounds"] == 3
+    # the summary says where the run was cut off (its wall time lacks the lost part of round 2); the whole run's not
+    assert summary["resumed_after_rounds"] == [1]
+    assert json.loads((whole / "summary.json").read_text())["resumed_after_rounds"] == []
+    assert "resumed after round 1" in (cut / "report.md").read_text()
     assert summary["epsilon"] > 0 if stateful == "dp" else summary["settings"]["scaffold"]
 
 
