@@ -329,6 +329,6 @@ def held_out_rows(data: FederatedData) -> dict[int, EvalRows]:
 
 
 def task_evaluator(cfg: RunConfig, model: nn.Module, data: FederatedData, tokenizer: Any) -> Callable[[], dict]:
-    """The task's metrics of ``model`` as it is when called (accuracy and macro-F1; perplexity, exact match and
-    ROUGE-L of generations)."""
-    return get_task(cfg.model.task).evaluator(cfg, model, data, tokenizer)
+    """The task's metrics of ``model`` on the global test set as it is when called (accuracy and macro-F1;
+    perplexity, exact match and ROUGE-L of generations)."""
+    return get_task(cfg.model.task).evaluator(cfg, model, data.test, tokenizer)

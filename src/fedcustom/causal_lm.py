@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
-from fedcustom.data import FederatedData, make_loader
+from fedcustom.data import EvalRows, make_loader
 from fedcustom.data.features import IGNORE_INDEX
 from fedcustom.device import model_device, to_device
 from fedcustom.generation import generate
@@ -44,12 +44,12 @@ def response_loss(model: nn.Module, table: Any, tokenizer: PreTrainedTokenizerBa
     return total / max(tokens, 1)
 
 
-def evaluate_causal(model: nn.Module, data: FederatedData, tokenizer: PreTrainedTokenizerBase, batch_size: int,
+def evaluate_causal(model: nn.Module, rows: EvalRows, tokenizer: PreTrainedTokenizerBase, batch_size: int,
                     settings: GenerationSettings) -> dict[str, Any]:
     """loss, perplexity, exact_match and rouge_l on the held-out set, plus a few sample generations."""
-    loss = response_loss(model, data.eval, tokenizer, batch_size)
-    count = min(settings.eval_generations, len(data.eval_prompts or []))
-    prompts, references = (data.eval_prompts or [])[:count], (data.eval_references or [])[:count]
+    loss = response_loss(model, rows.table, tokenizer, batch_size)
+    count = min(settings.eval_generations, len(rows.prompts or []))
+    prompts, references = (rows.prompts or [])[:count], (rows.references or [])[:count]
     predictions = generate(model, tokenizer, prompts, settings.max_new_tokens, batch_size) if count else []
     return {
         "loss": loss,

@@ -167,7 +167,7 @@ def summarize(
         "torch_threads": torch.get_num_threads(),  # this run's process (a bench worker's share of the cores)
         **peak_memory_mb(model_device(model)),  # this process's peak so far (the server's, plus in-process clients)
         "train_examples": sum(len(rows) for rows in data.client_indices),
-        "eval_examples": len(data.eval),
+        "eval_examples": len(data.test),
         "label_names": data.label_names,
         "client_data": client_data,
         "config": cfg.to_dict(),

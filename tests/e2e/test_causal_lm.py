@@ -157,7 +157,7 @@ def test_federated_lora_on_real_smollm2_with_chatterbot(tmp_path: Path, capsys: 
     summary = execute(job)
     # Assert: finite perplexities, chat-templated prompts, a sample answer, an adapter that generates
     assert 1 < summary["final_perplexity"] < 1e4 and 1 < summary["initial_perplexity"] < 1e4
-    assert job.data.eval_prompts[0].startswith("<|im_start|>")
+    assert job.data.test.prompts[0].startswith("<|im_start|>")
     assert summary["rejected_updates"] == 0 and len(summary["client_data"]) == 2
     capsys.readouterr()
     code = main(["generate", "--adapter", str(tmp_path / "out" / "adapter"), "--max-new-tokens", "8", "What is AI?"])

@@ -33,7 +33,7 @@ def test_each_client_is_scored_on_rows_it_held_out(tiny_config) -> None:
     assert set(summary["client_accuracy"]) == {"0", "1", "2"}
     load_trainable_state(job.model, job.server.global_state)
     for c in range(3):
-        own = evaluate(job.model, data.client_held_out(c).eval, job.tokenizer, 32)["accuracy"]
+        own = evaluate(job.model, data.client_held_out(c).table, job.tokenizer, 32)["accuracy"]
         assert summary["client_accuracy"][str(c)] == pytest.approx(own, abs=1e-9)
     scores = sorted(summary["client_accuracy"].values())
     assert summary["client_accuracy_worst10"] == scores[0]
@@ -75,7 +75,7 @@ def test_a_causal_lm_client_answers_the_prompts_of_its_own_held_out_rows(causal_
     # (before the fix they answered the global test prompts, the same for every client)
     assert set(summary["client_rouge_l"]) == {"0", "1", "2"}
     for client, prompts in enumerate(asked[-3:]):
-        held = job.data.client_held_out(client).eval
+        held = job.data.client_held_out(client).table
         assert len(prompts) == len(held) and _answers_after(prompts, held, job.tokenizer)
 
 
@@ -90,7 +90,7 @@ def test_a_flower_node_scores_the_prompts_of_the_rows_it_holds_out_of_its_own_fi
     # Execute
     rows, held = _own_tables(cfg, ClientSetup(["actors", "plot"]), 1, toy_jsonl, tokenizer)
     # Assert: a quarter of the file held out, each held-out row with its own prompt and answer
-    assert abs(len(held.eval) - 0.25 * (len(rows) + len(held.eval))) <= 1
-    assert len(held.eval_prompts) == len(held.eval_references) == len(held.eval)
-    assert _answers_after(held.eval_prompts, held.eval, tokenizer)
-    assert set(held.eval_references) <= {"good great", "bad awful"}
+    assert abs(len(held) - 0.25 * (len(rows) + len(held))) <= 1
+    assert len(held.prompts) == len(held.references) == len(held)
+    assert _answers_after(held.prompts, held.table, tokenizer)
+    assert set(held.references) <= {"good great", "bad awful"}

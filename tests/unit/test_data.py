@@ -110,8 +110,8 @@ def test_more_clients_than_examples_is_a_clear_error() -> None:
 def test_prepare_data_holds_out_stratified_eval_and_subsamples(tiny_bert: str, toy_csv: str) -> None:
     cfg = DataConfig(dataset=toy_csv, partition="iid", eval_fraction=0.25, max_train_examples=100)
     data = prepare_data(cfg, num_clients=4, seed=0, tokenizer=load_tokenizer(tiny_bert), max_length=16)
-    assert len(data.train) == 100 and len(data.eval) == 60
-    assert label_histogram(data.eval["labels"], 2) == [30, 30]
+    assert len(data.train) == 100 and len(data.test) == 60
+    assert label_histogram(data.test.table["labels"], 2) == [30, 30]
     stats = data.client_stats()
     assert sum(s["examples"] for s in stats) == 100
     assert sum(sum(s["label_histogram"]) for s in stats) == 100

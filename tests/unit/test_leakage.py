@@ -42,7 +42,7 @@ def test_a_runs_global_model_and_one_clients_upload_are_measured(tiny_config) ->
     for target, members in (("global_model", len(job.data.train)), ("client_update", len(job.data.client_table(0)))):
         for attack in ("loss_threshold", "reference_ratio"):
             scored = result[target][attack]
-            assert scored["members"] == members and scored["non_members"] == len(job.data.eval)
+            assert scored["members"] == members and scored["non_members"] == len(job.data.test)
             assert 0.0 <= scored["auc"] <= 1.0
     assert result["mean_loss"]["members"] < result["mean_loss"]["non_members"] + 1.0
     for name, tensor in trainable_state(job.model).items():

@@ -46,7 +46,7 @@ def measure(job: Any, node: int = OBSERVED_CLIENT) -> dict[str, Any]:
     def losses() -> dict[str, np.ndarray]:
         return {"members": per_example_losses(model, data.train, tokenizer, batch),
                 "client": per_example_losses(model, client_rows, tokenizer, batch),
-                "non_members": per_example_losses(model, data.eval, tokenizer, batch)}
+                "non_members": per_example_losses(model, data.test.table, tokenizer, batch)}
 
     target = losses()
     load_trainable_state(model, job.initial)  # the reference: round 0, which saw no row

@@ -41,7 +41,7 @@ def forward_flops_ratio(job: Any) -> float:
 
     from fedcustom.data import make_loader
 
-    batch = next(iter(make_loader(job.data.eval, job.tokenizer, job.cfg.train.batch_size, seed=None)))
+    batch = next(iter(make_loader(job.data.test.table, job.tokenizer, job.cfg.train.batch_size, seed=None)))
     model = job.model
     model.train()
     with FlopCounterMode(display=False) as train_count:

@@ -37,14 +37,17 @@ class EvalRows:
     """Rows to score a model on, as a task's evaluator reads them: the tokenized table and, for a causal LM, each
     row's prompt and reference answer (the model answers the prompts; ROUGE-L and exact match compare)."""
 
-    eval: datasets.Dataset
-    eval_prompts: list[str] | None = None
-    eval_references: list[str] | None = None
+    table: datasets.Dataset
+    prompts: list[str] | None = None
+    references: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.table)
 
     def select(self, positions: list[int]) -> EvalRows:
         """These rows at ``positions`` (in that order), prompts and references with them."""
         pick = lambda values: [values[i] for i in positions] if values is not None else None  # noqa: E731
-        return EvalRows(self.eval.select(positions), pick(self.eval_prompts), pick(self.eval_references))
+        return EvalRows(self.table.select(positions), pick(self.prompts), pick(self.references))
 
 
 @dataclass(frozen=True)
@@ -52,7 +55,7 @@ class FederatedData:
     """Tokenized training rows split over clients, plus the server's held-out evaluation set."""
 
     train: datasets.Dataset  # tokenized union of all clients' rows
-    eval: datasets.Dataset  # tokenized held-out rows (the global test set)
+    test: EvalRows  # the server's held-out rows (the global test set; a causal LM's with prompts and answers)
     client_indices: list[list[int]]  # rows of ``train`` each client owns
     label_names: list[str]
     raw_train: datasets.Dataset | None = None  # the same rows as ``train`` as text, label (to re-tokenize)
@@ -60,8 +63,6 @@ class FederatedData:
     # [prompt, response] pairs (causal LM: knowledge is the next-token distribution on each response token)
     public: list[str] | list[list[str]] | None = None
     groups: list[int] | None = None  # causal LM: each training row's topic (``label_names`` names them)
-    eval_prompts: list[str] | None = None  # causal LM: the held-out prompts (chat-templated) and their answers
-    eval_references: list[str] | None = None
     client_eval_indices: list[list[int]] | None = None  # rows of ``train`` each client holds out for its own test
     train_prompts: list[str] | None = None  # causal LM: each training row's prompt and answer (a client's own test)
     train_references: list[str] | None = None
@@ -169,7 +170,7 @@ def prepare_data(
         texts = carve_public(spare, public.size, seed, used=len(train))
     return FederatedData(
         train=tokenize(train.dataset, tokenizer, max_length),
-        eval=tokenize(evaluation.dataset, tokenizer, max_length),
+        test=EvalRows(tokenize(evaluation.dataset, tokenizer, max_length)),
         client_indices=indices,
         label_names=train.label_names,
         raw_train=train.dataset,

@@ -16,7 +16,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import DataConfig, parse_partition
-from fedcustom.data import FederatedData, PublicSpec
+from fedcustom.data import EvalRows, FederatedData, PublicSpec
 from fedcustom.data.instructions import load_instructions
 from fedcustom.data.sources import FileLayout
 from fedcustom.data.partition import partition_indices
@@ -139,14 +139,13 @@ def prepare_causal_data(cfg: DataConfig, num_clients: int, seed: int, tokenizer:
     train_rows = as_rows(train, tokenizer, topic_names, chat_template)
     eval_rows = as_rows(evaluation, tokenizer, topic_names, chat_template)
     indices = partition_rows(train, train_rows.topics, cfg.partition, num_clients, seed)
+    test = tokenize_rows(eval_rows, tokenizer, max_length, f"evaluation rows of {cfg.eval_dataset or cfg.dataset}")
     return FederatedData(
         train=tokenize_rows(train_rows, tokenizer, max_length, f"--dataset {cfg.dataset}"),
-        eval=tokenize_rows(eval_rows, tokenizer, max_length, f"evaluation rows of {cfg.eval_dataset or cfg.dataset}"),
+        test=EvalRows(test, eval_rows.prompts, eval_rows.responses),
         client_indices=indices,
         label_names=[topic_name(name) for name in topic_names],
         groups=train_rows.topics,
-        eval_prompts=eval_rows.prompts,
-        eval_references=eval_rows.responses,
         public=pairs,
         train_prompts=train_rows.prompts,
         train_references=train_rows.responses,

@@ -152,7 +152,7 @@ def prepare_image_data(cfg: Any, num_clients: int, seed: int) -> Any:
     """Training images split over the clients and the held-out evaluation images (``--eval-dataset``, else
     ``--eval-split`` of the same source, else a stratified ``--eval-fraction`` of it), deterministic for a seed."""
     from fedcustom.config import parse_partition
-    from fedcustom.data import FederatedData, stratified_split
+    from fedcustom.data import EvalRows, FederatedData, stratified_split
     from fedcustom.data.partition import partition_indices
 
     train = load_images(cfg.dataset, cfg.train_split)
@@ -167,5 +167,5 @@ def prepare_image_data(cfg: Any, num_clients: int, seed: int) -> Any:
     evaluation = _subsample(evaluation, cfg.max_eval_examples, split_seed)
     labels = datasets.Dataset.from_dict({"label": train.labels.tolist()})
     indices = partition_indices(labels, parse_partition(cfg.partition), num_clients, seed)
-    return FederatedData(train=train.table(), eval=evaluation.table(), client_indices=indices,
+    return FederatedData(train=train.table(), test=EvalRows(evaluation.table()), client_indices=indices,
                          label_names=train.label_names)

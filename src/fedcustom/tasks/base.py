@@ -78,8 +78,9 @@ class Task:
         file, in the order of :meth:`own_table`'s rows: the node counts them for the server's client table."""
         raise NotImplementedError
 
-    def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
-        """The task's metrics of ``model`` as it is when called."""
+    def evaluator(self, cfg: Any, model: Any, rows: Any, tokenizer: Any) -> Callable[[], Metrics]:
+        """The task's metrics of ``model`` as it is when called, scored on ``rows`` (``fedcustom.data.EvalRows``: the
+        global test set or a client's held-out rows)."""
         raise NotImplementedError
 
     def validation_score(self, cfg: Any, model: Any, table: Any, tokenizer: Any) -> float:

@@ -36,7 +36,7 @@ class CausalLM(Task):
     def own_table(self, cfg: Any, label_names: list[str], data_path: str, tokenizer: Any) -> Any:
         """A node's own instruction rows, chat-templated and tokenized as the server's are; topics the server does
         not know are appended after its own."""
-        return self.own_rows(cfg, label_names, data_path, tokenizer).eval
+        return self.own_rows(cfg, label_names, data_path, tokenizer).table
 
     def own_rows(self, cfg: Any, label_names: list[str], data_path: str, tokenizer: Any) -> Any:
         """:meth:`own_table` with each row's prompt (chat-templated) and reference answer."""
@@ -65,12 +65,12 @@ class CausalLM(Task):
         index = {name: i for i, name in enumerate(label_names)}
         return [index.get(topic_name(t)) for t in topics]
 
-    def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
+    def evaluator(self, cfg: Any, model: Any, rows: Any, tokenizer: Any) -> Callable[[], Metrics]:
         from fedcustom.causal_lm import GenerationSettings, evaluate_causal
 
         gen, batch = cfg.generation, 2 * cfg.train.batch_size
         settings = GenerationSettings(gen.max_new_tokens, gen.eval_generations, gen.samples)
-        return lambda: evaluate_causal(model, data, tokenizer, batch, settings)
+        return lambda: evaluate_causal(model, rows, tokenizer, batch, settings)
 
     def validation_score(self, cfg: Any, model: Any, table: Any, tokenizer: Any) -> float:
         from fedcustom.causal_lm import response_loss

@@ -44,11 +44,11 @@ class Classification(Task):
         return list(load_labeled(data_path, cfg.data.text_column, cfg.data.label_column, label_names,
                                  layout=FileLayout.of(cfg.data)).dataset["label"])
 
-    def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
+    def evaluator(self, cfg: Any, model: Any, rows: Any, tokenizer: Any) -> Callable[[], Metrics]:
         from fedcustom.training import evaluate
 
         batch = 2 * cfg.train.batch_size
-        return lambda: evaluate(model, data.eval, tokenizer, batch)
+        return lambda: evaluate(model, rows.table, tokenizer, batch)
 
     def validation_score(self, cfg: Any, model: Any, table: Any, tokenizer: Any) -> float:
         from fedcustom.training import evaluate

@@ -52,7 +52,7 @@ class Retrieval(Task):
         return pair_table(questions, passages, [index[topic_name(t)] for t in rows["topic"]], tokenizer, max_length)
 
     def prepare_data(self, cfg: Any, tokenizer: Any, public: Any) -> Any:
-        from fedcustom.data import FederatedData
+        from fedcustom.data import EvalRows, FederatedData
         from fedcustom.data.causal import load_instruction_splits, partition_rows, topic_name
 
         train, evaluation = load_instruction_splits(cfg.data, cfg.train.seed)
@@ -60,7 +60,7 @@ class Retrieval(Task):
         table = self._table(train, topics, tokenizer, cfg.model.max_length)
         groups = list(table["labels"])
         indices = partition_rows(train, groups, cfg.data.partition, cfg.federation.clients, cfg.train.seed)
-        return FederatedData(train=table, eval=self._table(evaluation, topics, tokenizer, cfg.model.max_length),
+        return FederatedData(train=table, test=EvalRows(self._table(evaluation, topics, tokenizer, cfg.model.max_length)),
                              client_indices=indices, label_names=topics, groups=groups)
 
     def _own_rows(self, cfg: Any, data_path: str) -> Any:
@@ -86,10 +86,10 @@ class Retrieval(Task):
         known = [index[topic_name(t)] for t in topics if topic_name(t) in index]
         return {"examples": len(topics), "histogram": label_histogram(known, len(label_names))}
 
-    def evaluator(self, cfg: Any, model: Any, data: Any, tokenizer: Any) -> Callable[[], Metrics]:
+    def evaluator(self, cfg: Any, model: Any, rows: Any, tokenizer: Any) -> Callable[[], Metrics]:
         from fedcustom.rag.contrastive import retrieval_metrics
 
-        return lambda: retrieval_metrics(model, data.eval, tokenizer, 2 * cfg.train.batch_size)
+        return lambda: retrieval_metrics(model, rows.table, tokenizer, 2 * cfg.train.batch_size)
 
     def validation_score(self, cfg: Any, model: Any, table: Any, tokenizer: Any) -> float:
         from fedcustom.rag.contrastive import retrieval_metrics

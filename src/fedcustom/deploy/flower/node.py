@@ -121,10 +121,10 @@ def _own_tables(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: s
         from fedcustom.tasks import get_task
 
         rows = get_task(cfg.model.task).own_rows(cfg, setup.label_names, data_path, tokenizer)
-        split = _own_hold_out(cfg, len(rows.eval), partition)
+        split = _own_hold_out(cfg, len(rows), partition)
         if split is None:
-            return rows.eval, None
-        return rows.eval.select(split[0]), rows.select(split[1])
+            return rows.table, None
+        return rows.table.select(split[0]), rows.select(split[1])
     from fedcustom.assemble import prepare_task_data
     from fedcustom.methods import get_method
 
@@ -143,7 +143,7 @@ def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_p
     def own_rows(tokenizer: Any) -> tuple[dict[int, Any], dict[int, Any]]:
         table, held = _own_tables(cfg, setup, partition, data_path, tokenizer)
         log.info("partition %d: %d local rows from %s%s", partition, len(table), data_path or "the run's dataset",
-                 f", {len(held.eval)} held out for its own evaluation" if held is not None else "")
+                 f", {len(held)} held out for its own evaluation" if held is not None else "")
         return {partition: table}, ({partition: held} if held is not None else {})
 
     return NodeClient(build_client(cfg, setup, own_rows), partition)

@@ -176,7 +176,7 @@ class TrainingClient:
         --personalize, this client's own model, scored on the rows it holds out; metrics only, nothing uploaded. A
         client without held-out rows replies with no metrics."""
         rows = self.eval_tables.get(node_id)
-        if self.score is None or rows is None or len(rows.eval) == 0:
+        if self.score is None or rows is None or len(rows) == 0:
             return Reply(b"", 0, {}, round=message.round)
         shared = RawCodec().decode(message.payload)
         self.load(None, shared)
@@ -185,7 +185,7 @@ class TrainingClient:
             self.load(node_id, shared)
             self.finetune(node_id, message.config, message.round)
             metrics["client_eval_personal"] = self.score(rows)
-        return Reply(b"", len(rows.eval), metrics, round=message.round)
+        return Reply(b"", len(rows), metrics, round=message.round)
 
     def finetune(self, node_id: int, config: dict, rnd: int) -> None:
         """``--personalize finetune:K``: K local steps of the loaded model on this client's training rows, as
