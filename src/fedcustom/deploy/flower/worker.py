@@ -53,14 +53,15 @@ class WorkerSettings:
     wake_socket: str | None = None  # the node's --wake-socket: woken for each message instead of polling
 
 
-def _client(settings: WorkerSettings, interceptors: list[Any]) -> Any:
+def _client(settings: WorkerSettings, interceptors: list[Any], retry_invoker: Any = None) -> Any:
+    """A Runtime API client of the node (``retry_invoker``: Flower's simple HTTP invoker unless given)."""
     from flwr.supercore.retry import make_simple_http_retry_invoker
     from flwr.supercore.runtime import RuntimeHttpClient
 
     certificates = Path(settings.root_certificates).read_bytes() if settings.root_certificates else None
     return RuntimeHttpClient.from_server_address(server_address=settings.runtime_api, insecure=settings.insecure,
                                                  root_certificates=certificates, interceptors=interceptors,
-                                                 retry_invoker=make_simple_http_retry_invoker())
+                                                 retry_invoker=retry_invoker or make_simple_http_retry_invoker())
 
 
 def serve(settings: WorkerSettings) -> int:
@@ -150,13 +151,16 @@ def run_task(settings: WorkerSettings, token: str, app: Any, served: _Served) ->
     from flwr.app import Message
     from flwr.app.error import Error
     from flwr.common.constant import ErrorCode, SubStatus
-    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.heartbeat import HeartbeatSender
     from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
     from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
+    from fedcustom.deploy.flower.task_client import task_heartbeat, task_retry_invoker
+
+    # (Flower's task helpers interrupt the process when the node rejects the token: fatal for a worker, see there)
     client = _client(settings, [RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                                RuntimeTokenHttpInterceptor(token)])
-    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+                                RuntimeTokenHttpInterceptor(token)], task_retry_invoker())
+    heartbeat = HeartbeatSender(task_heartbeat(client))
     heartbeat.start()
     message = reply = context = None
     status, details = SubStatus.FAILED, "the worker failed before the task ran"
