@@ -71,3 +71,14 @@ def test_a_rejected_token_is_raised_to_the_task_and_transient_errors_are_retried
     with pytest.raises(httpx.HTTPStatusError) as raised:  # the 503 retried, the 401 raised
         invoker.invoke(call)
     assert raised.value.response.status_code == 401 and answers == [] and interrupts == []
+
+
+def test_the_retried_failures_are_still_flowers() -> None:
+    """task_client copies the two lists of what Flower's HTTP invoker retries (private names in Flower); when a Flower
+    upgrade changes them, this fails so the copies are reviewed rather than silently drifting."""
+    from flwr.supercore.retry import http_retry
+
+    from fedcustom.deploy.flower.task_client import RETRYABLE_STATUS, RETRYABLE_TRANSPORT
+
+    assert RETRYABLE_STATUS == http_retry._RETRYABLE_STATUS_CODES  # noqa: SLF001
+    assert set(RETRYABLE_TRANSPORT) == set(http_retry._RETRYABLE_TRANSPORT_ERRORS)  # noqa: SLF001
