@@ -17,6 +17,7 @@ from typing import Any
 
 from fedcustom.bench.report import PAPER
 from fedcustom.bench.sweep import Sweep, picks_table, preamble
+from fedcustom.config import TrainConfig
 
 MB = 1e6
 PLOTS = {"rounds": "accuracy_vs_round.png", "skew": "accuracy_by_split.png", "cost": "accuracy_vs_total_mb.png"}
@@ -220,8 +221,8 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
              "## Label skew (AG News)", "", skew_table(records), "", f"![accuracy by split]({PLOTS['skew']})", "",
              *all_rounds_lines(stages),
              "## Server optimizer and drift correction, picked on the tuning seed", "",
-             "Final accuracy of each candidate on the tuning seed (not reported above); the best per method and corpus "
-             "ran the reported seeds.", "", *picks_lines(sweep, stages), "",
+             "Final accuracy of each candidate on the tuning seed (not reported above); the best per method ran "
+             "the reported seeds.", "", *picks_lines(sweep, stages), "",
              "## Plots", "", f"![accuracy vs round]({PLOTS['rounds']})", f"![accuracy vs MB]({PLOTS['cost']})", "",
              "Every number, per seed and per round, is in `results.json`; each run's round log and summary are under "
              "`runs/` (their summary.json and round_log.jsonl are committed, so that a later invocation reuses them).", ""]
@@ -231,6 +232,7 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
 def setup_lines(sweep: Sweep, seeds: list[str]) -> list[str]:
     base = sweep.base
     fed, data, train = base.get("federation", {}), base.get("data", {}), base.get("train", {})
+    centralized = lambda key: train.get(key, getattr(TrainConfig, key))  # noqa: E731 - the sweep's or the default
     return [
         f"- Model `{base.get('model', {}).get('name')}`; {fed.get('clients')} clients, all sampled every round; "
         f"{data.get('max_train_examples')} training rows per run; {fed.get('local_epochs')} local epoch(s) per round, "
@@ -241,14 +243,33 @@ def setup_lines(sweep: Sweep, seeds: list[str]) -> list[str]:
         f"{rates(sweep, 'lr')}; prefix and prompt initialisation and LoRA rank are the methods' defaults.",
         "- Centralized baseline: the same method on the union of the clients' rows, one epoch at a time at a constant "
         f"rate ({rates(sweep, 'centralized_lr')}: the rates measured best for centralized training in OFFLINE.md) "
-        "until the accuracy on a 10% validation slice held out of that union stops improving for 3 epochs (at most "
-        "20); the best epoch is scored on the same test rows as the federated model.",
+        f"until the accuracy on a {centralized('centralized_val_fraction'):.0%} validation slice held out of that "
+        f"union stops improving for {centralized('centralized_patience')} epochs (at most "
+        f"{centralized('centralized_max_epochs')}); the best epoch is scored on the same test rows as the federated "
+        "model. It runs once per corpus, method and seed, in the corpus' IID cell, and is the baseline of that "
+        "corpus' skewed splits too (the same training rows, split otherwise).",
         "- SST-2: training rows drawn per seed from `sst2/train.tsv`; accuracy on the 872-row validation file. "
         "AG News: the 7,600-row file split with seed 0 into 6,000 rows to draw training rows from and 1,600 held "
         "out, of which a fixed 800 are scored.",
-        f"- Reported seeds: {', '.join(seeds)}; the server optimizer / drift correction of each method and corpus was "
-        "picked on seed 100 (SST-2 IID and AG News Dirichlet 0.1 runs).",
+        f"- Reported seeds: {', '.join(seeds)}; {tuning(sweep)}",
     ]
+
+
+def tuning(sweep: Sweep) -> str:
+    """Where the report stage's picked axis (server optimizer / drift correction) was picked, as the sweep says."""
+    report_stage = next((s for s in sweep.stages if s.name == "report"), None)
+    pick = report_stage.pick if report_stage is not None else None
+    source = next((s for s in sweep.stages if pick is not None and s.name == pick.source), None)
+    if pick is None or source is None:
+        return "nothing was picked on a tuning stage."
+    labels = lambda axis: source.only.get(axis) or tuple(v.label for v in sweep.axes.get(axis, ()))  # noqa: E731
+    seeds = [str(v.settings.get("train", {}).get("seed", v.label)) for v in sweep.axes.get("seed", ())
+             if v.label in labels("seed")]
+    per = " and ".join(pick.by)
+    scope = (f"one pick per {per}, used on every setting" if "setting" not in pick.by else f"one pick per {per}")
+    return (f"the {pick.axis} (server optimizer / drift correction) was picked by {pick.metric} on the "
+            f"`{source.name}` stage's runs: seed {', '.join(seeds)}, setting {', '.join(labels('setting'))}, not "
+            f"reported ({scope}).")
 
 
 def min_rounds(sweep: Sweep) -> str:
