@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from fedcustom.bench.paper import preset_of
+from fedcustom.bench.report import diagnostics
 from fedcustom.bench.report import build_rows, targets
 from fedcustom.bench.sweep import cells, load_sweep
 from fedcustom.cli import main
@@ -62,6 +63,24 @@ def test_a_grid_sweep_describes_its_preset_for_the_report() -> None:
         ("sst2", ("iid",)), ("ag_news", ("iid", "dirichlet:1.0", "dirichlet:0.1"))]
     assert preset.centralized and (preset.clients, preset.rounds, preset.local_epochs) == (5, 3, 1)
     assert not preset_of(load_sweep("tune")).centralized and len(preset_of(load_sweep("tune")).lrs["lora"]) == 4
+    assert preset.virtual_init == "random"  # the grids pin it: their results were measured so
+
+
+def test_a_grid_report_states_only_the_baseline_and_initialisation_its_sweep_ran() -> None:
+    from dataclasses import replace
+
+    from fedcustom.bench.paper import _setup_lines
+
+    paper, tune = preset_of(load_sweep("paper")), preset_of(load_sweep("tune"))
+    assert any(line.startswith("- Centralized baseline: same model") for line in _setup_lines(paper))
+    assert "- No centralized baseline: this sweep sets `train.centralized = false`." in _setup_lines(tune)
+    assert not any(line.startswith("- Centralized baseline") for line in _setup_lines(tune))
+    record = {"dataset": "sst2", "split": "iid", "method": "prompt", "bytes_up_per_round": 10,
+              "trainable_bytes_fp32": 8, "accuracy_per_round": [0.5, 0.6],
+              "client_data": [{"examples": 80, "label_histogram": [40, 40]}],
+              "centralized": {"steps": 25, "examples_seen": 400}}
+    assert "start from random vectors" in "\n".join(diagnostics([record], paper))
+    assert "start from the task initialisation" in "\n".join(diagnostics([record], replace(paper, virtual_init="task")))
 
 
 def test_unknown_preset_is_a_clear_error(capsys: pytest.CaptureFixture) -> None:

@@ -81,7 +81,8 @@ def test_generative_preset_writes_report_results_and_plot(tmp_path: Path, tiny_l
     assert len(records[0]["perplexity_per_round"]) == 2 + 1 and records[0]["samples"]
     report = (out / "report.md").read_text()
     assert "| lora | 0.01 |" in report and "| prompt | 0.03 |" in report and f"![perplexity vs round]({PLOT})" in report
-    assert "layers [0, 1)" in report and "8 public pairs" in report
+    assert "layers [0, 1) and the LM head (tied to the embeddings)" in report and "8 public pairs" in report
+    assert "LoRA on both sides; the centralized baseline trains LoRA" in report
     assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     saved = json.loads((out / "results.json").read_text())["stages"]["all"]
     assert [r["summary"]["final_perplexity"] for r in saved] == [r["final_perplexity"] for r in records]

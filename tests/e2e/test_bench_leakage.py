@@ -52,4 +52,5 @@ def test_leakage_preset_measures_each_run_and_reports_the_targets(tmp_path: Path
     report = (out / "report.md").read_text()
     assert "| lora | 0 | - |" in report and "| lora | 1 |" in report
     assert "Not run yet" in report and "prefix noise 0," in report
+    assert "client-level, at delta 1e-05, after the last round" in report  # the config's delta
     assert (out / PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -255,6 +255,11 @@ def test_the_personalize_sweep_reports_each_mode_against_fedavg(tmp_path: Path, 
     assert [t["target"].split(":")[0] for t in result["targets"]] == ["lora", "prefix", "lora-ranks"]
     text = (out / "report.md").read_text()
     assert "| dual-lora | dirichlet0.1 |" in text and "| ranks-svd | dirichlet0.1 |" in text
+    assert "The ranks-* rows:" in text  # explained where they are, and only there:
+    from fedcustom.bench.personalize import report
+
+    skewed_only = report(sweep, {"skewed": result["stages"]["skewed"]}, {**result, "targets": []}, tmp_path)
+    assert "| dual-lora | dirichlet0.1 |" in skewed_only and "The ranks-* rows:" not in skewed_only
     # Assert: local-only training, nothing uploaded, is compared with FedAvg and the best personalization mode
     assert all(r["summary"]["bytes_up_per_round"] < 1000 for r in local)
     assert "## Against local-only training" in text and "| prefix | dirichlet1.0 |" in text

@@ -66,7 +66,7 @@ def rows(records: list[dict]) -> list[dict[str, Any]]:
 
 def table(result_rows: list[dict]) -> str:
     head = ("| method | chain | accuracy % | vs raw (points) | MB up / client / round | MB down / client / round | "
-            "upload reduction vs raw | MB to 98% of raw accuracy (all clients, both ways) |")
+            f"upload reduction vs raw | MB to {TARGET_SHARE:.0%} of raw accuracy (all clients, both ways) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result_rows:
         target = "not reached" if r["mb_to_target"] is None else f"{r['mb_to_target']:.1f}"

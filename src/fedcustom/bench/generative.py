@@ -136,14 +136,17 @@ def _setup(sweep: Sweep, records: list[dict]) -> list[str]:
         "training in one round, counted with torch's FlopCounterMode.",
     ]
     if split:
-        lines.append(f"- Split: the clients run the embeddings, layers [0, {split.get('cut_layer')}) and the LM head "
-                     "(tied to the embeddings); bytes are every per-batch message plus the client half at the start "
-                     "and end of a round.")
+        head = ("and the LM head (tied to the embeddings)" if split.get("split_head") == "client"
+                else "; the server runs the layers above and the LM head")
+        lines.append(f"- Split: the clients run the embeddings, layers [0, {split.get('cut_layer')}) {head}; bytes are "
+                     "every per-batch message plus the client half at the start and end of a round.")
     if distill:
+        local = {"lora": "LoRA", "full": "full fine-tuning"}.get(distill.get("local_method", "lora"),
+                                                                distill.get("local_method"))
         lines.append(f"- Distill: {distill.get('public_size')} public pairs carved out of the training rows (the "
                      f"clients keep the rest), top-{distill.get('topk')} next-token probabilities per public response "
-                     "token up, the global model's own top-k down; LoRA on both sides; the centralized baseline "
-                     "trains LoRA on the clients' rows.")
+                     f"token up, the global model's own top-k down; {local} on both sides; the centralized baseline "
+                     f"trains {local} on the clients' rows.")
     return lines
 
 

@@ -24,7 +24,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from fedcustom.bench.cells import add_to_summary
-from fedcustom.bench.sweep import Sweep, cells, preamble
+from fedcustom.bench.sweep import Sweep, base_value, cells, preamble
+from fedcustom.config import PrivacyConfig
 
 LEAKAGE_FILE = "leakage.json"
 PLOT = "leakage_auc_vs_epsilon.png"
@@ -152,6 +153,7 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
         return "\n".join([*preamble(sweep, result), "No leakage run has finished yet.", ""])
     plot(records, out / PLOT)
     first = records[0]["leakage"]
+    delta = base_value(sweep, "privacy.delta") or PrivacyConfig.delta
     counts = {"global_model": first["global_model"]["loss_threshold"]["members"],
               "client_update": first["client_update"]["loss_threshold"]["members"],
               "non_members": first["global_model"]["loss_threshold"]["non_members"]}
@@ -161,7 +163,7 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
              f"{counts['non_members']} held-out rows. One client's upload: client {OBSERVED_CLIENT}'s "
              f"{counts['client_update']} rows against the same held-out rows, from the state it uploads in the round "
              f"after the last (the server decodes it before any noise: central DP adds noise to the mean). Epsilon: "
-             f"client-level, at delta 1e-5, after the last round.", "",
+             f"client-level, at delta {delta:g}, after the last round.", "",
              "| method | DP noise | epsilon | accuracy | global: loss | global: reference | upload: loss | "
              "upload: reference | mean loss members / non-members |", "|---|---|---|---|---|---|---|---|---|"]
     for r in records:

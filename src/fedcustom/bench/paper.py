@@ -5,7 +5,7 @@ Federated full fine-tuning, LoRA, prompt tuning and prefix tuning, each against 
 the same number of example passes, on SST-2 (accuracy on GLUE's validation split) and on AG News under IID and
 Dirichlet label skew. A grid sweep has the axes dataset (tags: title, note), seed (tag: number), variant (tags:
 method, lr) and split (tag: partition), and one stage per dataset naming its splits; its IID split trains the
-centralized baseline.
+centralized baseline where the sweep sets ``train.centralized`` (the rate grid ``tune`` does not).
 Every run also measures one training step's FLOPs against one forward pass of the bare backbone
 (:func:`instrument`). The numbers go through :mod:`fedcustom.bench.report` (rows, tables, targets, diagnostics).
 """
@@ -22,6 +22,7 @@ from fedcustom.bench.presets import BenchDataset, BenchPreset
 from fedcustom.bench.report import (best_rates, build_rows, diagnostics, main_table, paper_table, skew_dataset,
                                     skew_table, targets as row_targets, variants)
 from fedcustom.bench.sweep import Sweep, base_value, preamble
+from fedcustom.config import MethodConfig
 
 CELL_KEYS = (
     "final_accuracy", "final_macro_f1", "centralized_accuracy", "centralized_macro_f1", "accuracy_per_round",
@@ -105,6 +106,7 @@ def preset_of(sweep: Sweep) -> BenchPreset:
         clients=b("federation.clients"), rounds=b("federation.rounds"), local_epochs=b("federation.local_epochs"),
         batch_size=b("train.batch_size"), num_virtual_tokens=b("method.num_virtual_tokens", 20),
         lora_r=b("method.lora_r", 8), model=b("model.name", "minilm"),
+        virtual_init=b("method.prefix_init", MethodConfig.prefix_init),
         centralized=any(v.settings.get("train", {}).get("centralized") for v in sweep.axes["split"]))
 
 
@@ -122,7 +124,8 @@ def _setup_lines(preset: BenchPreset) -> list[str]:
              "learning rates " + ", ".join(f"{m} {'/'.join(f'{lr:g}' for lr in preset.lrs[m])}" for m in preset.methods)
              + f" (see `fedcustom/bench/sweeps/{preset.name}.toml` for how they were chosen).",
              "- Centralized baseline: same model, method, optimizer and learning rate, trained on the union of the "
-             "clients' rows for the same number of example passes as the federated run."]
+             "clients' rows for the same number of example passes as the federated run." if preset.centralized else
+             "- No centralized baseline: this sweep sets `train.centralized = false`."]
     for ds in preset.datasets:
         lines.append(f"- {ds.title}: {ds.max_train} training rows, {ds.max_eval or 'all'} evaluation rows, "
                      f"max {ds.max_length} tokens, splits {', '.join(ds.splits)}. {ds.note}")

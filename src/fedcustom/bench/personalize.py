@@ -155,7 +155,8 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
               for r in table]
     lines += ["", "## Targets", ""] + [f"- {t['target']}: {t['measured']} — {'met' if t['met'] else 'not met'}"
                                        for t in result["targets"]]
-    lines += ["", "The ranks-* rows: clients of LoRA rank 2, 4 and 8 (cycled) on a rank-8 adapter, merged by "
+    lines += [] if not any(r["variant"].startswith("ranks-") for r in table) else [
+              "", "The ranks-* rows: clients of LoRA rank 2, 4 and 8 (cycled) on a rank-8 adapter, merged by "
               "averaging the factors (fedavg), with A frozen (ffa), by their products factored back to each "
               "client's rank (svd, FlexLoRA) or by their products merged into the backbone each round (stack, "
               "FLoRA; its MB down is the dense adapted weights); their finetune:5 own-model columns add 5 local "

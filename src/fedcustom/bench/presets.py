@@ -43,4 +43,5 @@ class BenchPreset:
     lora_r: int = 8
     centralized: bool = True
     model: str = "minilm"
+    virtual_init: str = "task"  # how soft prompts and prefixes start (method.prefix_init / prompt_init)
     notes: tuple[str, ...] = field(default_factory=tuple)

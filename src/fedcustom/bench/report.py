@@ -207,7 +207,9 @@ def diagnostics(records: list[dict], preset: BenchPreset) -> list[str]:
             f"steps over the run and FedAvg averages {preset.clients} such trajectories, so the global model moves "
             f"about as far as {local:.0f} sequential steps; the centralized baseline takes {central} sequential steps "
             f"on the same {fed[0]['centralized'].get('examples_seen', 0):,} example passes. Methods that need many "
-            "steps to leave the majority class (soft prompts and prefixes start from random vectors) lose most.")
+            "steps to leave the majority class (soft prompts and prefixes start from "
+            f"{'random vectors' if preset.virtual_init == 'random' else 'the ' + preset.virtual_init + ' initialisation'}"
+            ") lose most.")
     overheads = {}
     for r in fed:
         overheads.setdefault(r["method"], (r["bytes_up_per_round"] - r["trainable_bytes_fp32"], r["trainable_bytes_fp32"]))
