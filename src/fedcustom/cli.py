@@ -35,7 +35,9 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
             if not meta.get("flag"):
                 continue
             default = fld.default if fld.default is not dataclasses.MISSING else None
-            help_text = f"{meta['help']} (default: {default})".replace("%", "%%")  # argparse formats help with %
+            # a None default means "chosen at run time", which the help text itself explains
+            shown = "" if default is None else f" (default: {default})"
+            help_text = f"{meta['help']}{shown}".replace("%", "%%")  # argparse formats help with %
             dest = f"{section}.{fld.name}"
             kind = _flag_type(hints[fld.name])
             if kind is bool:
@@ -99,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="Run one federated customization job.",
                          description="Run one federated job; flags override the TOML file given with --config.")
     run.add_argument("--config", help="TOML file with [model], [data], [method], [federation], [codec], [privacy], "
-                                      "[adversary], [train], [output] tables.")
+                                      "[adversary], [train], [generation], [output] tables.")
     run.add_argument("--resume", metavar="DIR", help="Continue the interrupted run in DIR from its last checkpoint "
                                                      "(with the config it was started with).")
     add_config_flags(run)

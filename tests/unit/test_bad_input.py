@@ -152,3 +152,12 @@ def test_every_command_prints_its_help(command: str, capsys: pytest.CaptureFixtu
         main([command, "--help"])
     assert exit_info.value.code == 0
     assert "usage: fedcustom" in capsys.readouterr().out
+
+
+def test_run_help_shows_real_defaults_only(capsys: pytest.CaptureFixture) -> None:
+    # a field whose default is chosen at run time (None) explains it in its own words, never "(default: None)"
+    with pytest.raises(SystemExit):
+        main(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert "(default: None)" not in out
+    assert "Examples per optimizer step. (default: 16)" in out and "default: the method's recommended rate" in out
