@@ -299,10 +299,28 @@ def build_model(cfg: RunConfig, method: Method, name: str, label_names: list[str
     device."""
     device = resolve_device(cfg.train.device)  # before loading: a missing GPU is a one-line error
     backbone = load_model(name, cfg.model.task, label_names, tokenizer, cfg.train.seed, cfg.model.load_in)
+    check_positions(cfg, name, backbone, tokenizer)
     model = method.build(backbone, cfg.method, cfg.model.task, tokenizer)
     if parse_personalize(cfg.federation.personalize).mode == "dual-lora":
         model = add_personal_lora(model)
     return place_model(model, device, cfg.train.precision, cfg.train.gradient_checkpointing)
+
+
+def check_positions(cfg: RunConfig, name: str, backbone: nn.Module, tokenizer: Any) -> None:
+    """A model with a learned table of absolute positions (BERT and its kin, GPT-2) cannot take longer inputs than
+    the table has rows: torch would fail mid-run on the first long enough batch. Prompt tuning's virtual tokens sit
+    in the input too. (Rotary or relative positions have no such table, so no check.)"""
+    tables = [module.num_embeddings for name, module in backbone.named_modules()
+              if isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in ("position_embeddings", "wpe")]
+    if cfg.model.max_length is None or not tables:
+        return
+    rows = min(tables)
+    limit = min(rows, getattr(tokenizer, "model_max_length", rows) or rows)  # RoBERTa: 514 rows, 512 positions
+    virtual = cfg.method.num_virtual_tokens if cfg.method.name == "prompt" else 0
+    if cfg.model.max_length + virtual > limit:
+        extra = f" plus the {virtual} virtual tokens of prompt tuning" if virtual else ""
+        raise ConfigError(f"model.max_length (--max-length) {cfg.model.max_length}{extra} exceeds the {limit} "
+                          f"positions model {name!r} can take; use --max-length {limit - virtual} or less")
 
 
 def prepare_task_data(cfg: RunConfig, method: Method, tokenizer: Any) -> FederatedData:

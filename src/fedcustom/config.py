@@ -413,7 +413,7 @@ def parse_partition(spec: str) -> PartitionSpec:
     except ValueError:
         raise ConfigError(f"partition {spec!r}: {raw!r} is not a number; {expected}") from None
     if kind == "shards":
-        if value != int(value) or value < 1:
+        if not math.isfinite(value) or value != int(value) or value < 1:
             raise ConfigError(f"partition {spec!r}: K must be a whole number >= 1")
         return PartitionSpec(kind, int(value))
     if not (math.isfinite(value) and value > 0):
@@ -559,10 +559,14 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
 def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
     """Read a TOML config file, with clear errors for missing or malformed files."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ConfigError(f"config file {path}: not found")
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not a file (a TOML config file is expected)")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path}: not UTF-8 text (TOML is UTF-8; byte {exc.start}: {exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: invalid TOML ({exc})") from None
 

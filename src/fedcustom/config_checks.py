@@ -77,6 +77,35 @@ def validate(cfg: RunConfig) -> None:
                               f"separated by commas, e.g. label,text")
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
+    validate_training(cfg)
+
+
+SEED_RANGE = (0, 2**32 - 1)  # numpy's and scikit-learn's random_state range
+
+
+def validate_training(cfg: RunConfig) -> None:
+    """Seeds, optimizer and adapter hyperparameters that the libraries would reject mid-run (or, for a client's
+    optimizer, in every client of every round, leaving the run to finish with nothing trained)."""
+    fed, train, method = cfg.federation, cfg.train, cfg.method
+    for where, seed in [("train.seed (--seed)", train.seed), ("data.split_seed (--split-seed)", cfg.data.split_seed)]:
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise ConfigError(f"{where}: expected an integer in [0, 2**32 - 1], got {seed}")
+    if train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay (--weight-decay): expected >= 0, got {train.weight_decay}")
+    from fedcustom.trust import clients_per_round
+
+    sampled = clients_per_round(cfg)
+    if fed.min_available > sampled:
+        raise ConfigError(f"federation.min_available (--min-available): {fed.min_available} exceeds the {sampled} "
+                          f"clients sampled per round (--clients {fed.clients}, --fraction / --clients-per-round), "
+                          "so no round could ever change the global model")
+    if not 0 <= method.lora_dropout < 1:
+        raise ConfigError(f"method.lora_dropout: expected 0 <= dropout < 1, got {method.lora_dropout}")
+    _positive("method.lora_alpha (--lora-alpha)", method.lora_alpha, allow_none=False)
+    _positive("method.projection_hidden", method.projection_hidden)
+    if fed.target_accuracy is not None and not 0 <= fed.target_accuracy <= 1:
+        raise ConfigError(f"federation.target_accuracy (--target-accuracy): the headline metric is a share in [0, 1] "
+                          f"(for 85% write 0.85), got {fed.target_accuracy}")
 
 
 def validate_trust(cfg: RunConfig) -> None:

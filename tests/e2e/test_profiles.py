@@ -72,7 +72,7 @@ def test_profiles_set_each_clients_lora_rank(tiny_config, tmp_path: Path) -> Non
     path = _profiles(tmp_path, "[[client]]\nname = 'iot'\nlora_rank = 1\n[[client]]\nname = 'server'\nlora_rank = 4\n",
                      "devices.toml")
     cfg = tiny_config(method__name="lora", method__lora_r=4, train__lr=TINY_LR["lora"], federation__rounds=1,
-                      federation__client_profiles=path, federation__target_accuracy=1.5)
+                      federation__client_profiles=path, federation__target_accuracy=1.0)
     # Execute
     job, summary, replies = _run_with_spy(cfg)
     # Assert: the iot client's update has rank 1; a target never reached has no round
@@ -80,6 +80,7 @@ def test_profiles_set_each_clients_lora_rank(tiny_config, tmp_path: Path) -> Non
     a_names = [n for n in states[0] if "lora_A" in n]
     assert a_names and all(torch.count_nonzero(states[0][n][1:]) == 0 for n in a_names)
     assert all(torch.count_nonzero(states[1][n][1:]) > 0 for n in a_names)
+    assert max(summary["accuracy_per_round"]) < 1.0  # (one round of a tiny random model)
     assert summary["time_to_target"]["round"] is None and "simulated_seconds_total" in summary
 
 

@@ -121,7 +121,9 @@ def load_sweep(name_or_path: str) -> Sweep:
     if not path.is_file():
         raise ConfigError(f"sweep {name_or_path!r}: no such file; shipped sweeps: {', '.join(sweep_names())}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"sweep {path}: not UTF-8 text (TOML is UTF-8; byte {exc.start}: {exc.reason})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"sweep {path}: invalid TOML ({exc})") from None
     return parse_sweep(raw, str(path))

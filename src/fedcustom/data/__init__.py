@@ -13,6 +13,7 @@ from transformers import PreTrainedTokenizerBase
 from fedcustom.config import DataConfig, parse_partition
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.data.partition import label_histogram, partition_indices
+from fedcustom.errors import FedCustomError
 from fedcustom.data.public import carve_public, load_public
 from fedcustom.data.sources import PACKAGED_DATASETS, FileLayout, LabeledData, load_labeled
 
@@ -132,6 +133,9 @@ def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
     """Training and evaluation sets, before subsampling and partitioning."""
     layout = FileLayout.of(cfg)
     train = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, split=cfg.train_split, layout=layout)
+    if len(train.label_names) < 2:
+        raise FedCustomError(f"dataset {cfg.dataset}: every row has the label {train.label_names[0]!r}; "
+                             "classification needs at least 2 classes (is --label-column the right column?)")
     if cfg.eval_dataset:
         evaluation = load_labeled(cfg.eval_dataset, cfg.text_column, cfg.label_column, train.label_names,
                                   cfg.eval_split or "test", layout)

@@ -38,7 +38,7 @@ TOPIC_COLUMNS = ("topic", "category", "subject")
 SYSTEM_COLUMN = "system"
 SCHEMAS = (
     "a messages/conversations column of chat turns; instruction/input/output (Alpaca); "
-    "prompt/response; question/answer; or name them with prompt_column/response_column"
+    "prompt/response; question/answer; or name them with --text-column PROMPT --label-column RESPONSE"
 )
 ROLES = {"user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant",
          "model": "assistant", "system": "system"}

@@ -180,9 +180,19 @@ def to_labeled(
     if len(frame) == 0:
         raise FedCustomError(f"dataset {source}: no rows")
     texts = _text_series(frame, text_column, source)
-    raw = frame[_pick_column(frame, label_column, LABEL_CANDIDATES, "label", source)]
-    if raw.isna().any():
-        raise FedCustomError(f"dataset {source}: {int(raw.isna().sum())} rows have no label")
+    if texts.isna().any():
+        raise FedCustomError(f"dataset {source}: {int(texts.isna().sum())} rows have no text (e.g. row "
+                             f"{int(texts.isna().to_numpy().argmax())}, counting from 0)")
+    label_name = _pick_column(frame, label_column, LABEL_CANDIDATES, "label", source)
+    raw = frame[label_name]
+    nested = raw.map(lambda v: isinstance(v, (list, tuple, dict, set, np.ndarray)))
+    if nested.any():
+        raise FedCustomError(f"dataset {source}: label column {label_name!r} holds lists or objects (e.g. "
+                             f"{raw[nested].iloc[0]!r}); expected one label per row")
+    missing = raw.isna() | raw.map(lambda v: isinstance(v, str) and not v.strip())
+    if missing.any():
+        raise FedCustomError(f"dataset {source}: {int(missing.sum())} rows have no label (e.g. row "
+                             f"{int(missing.to_numpy().argmax())}, counting from 0)")
     as_str = raw.astype(str)
     if label_names is None:
         label_names = _label_order([str(v) for v in raw.unique().tolist()])

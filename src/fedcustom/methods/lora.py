@@ -7,10 +7,12 @@ are trained, uploaded and averaged.
 from __future__ import annotations
 
 from peft import LoraConfig, get_peft_model
+from peft.utils.error import NoMatchingPeftModuleError
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import MethodConfig
+from fedcustom.errors import ConfigError
 from fedcustom.methods.base import Method, peft_task_type, register, table_defaults
 from fedcustom.methods.lora_capacity import freeze_a
 
@@ -30,10 +32,22 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
         lora_dropout=cfg.lora_dropout,
         **{"target_modules": None, **defaults},
     )
-    model = get_peft_model(backbone, config)
+    try:
+        model = get_peft_model(backbone, config)
+    except NoMatchingPeftModuleError:
+        raise ConfigError(f"method.lora_targets (--lora-targets) {', '.join(cfg.lora_targets or ())}: no module of "
+                          f"the model has that name; its linear layers are named {', '.join(linear_names(backbone))}"
+                          ) from None
     if cfg.lora_aggregation == "ffa":
         freeze_a(model)
     return model
+
+
+def linear_names(model: nn.Module, most: int = 12) -> list[str]:
+    """The distinct last names of the model's linear layers (what ``--lora-targets`` matches), at most ``most``."""
+    names = dict.fromkeys(name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                          if isinstance(module, nn.Linear) and name)
+    return [*list(names)[:most], *(["..."] if len(names) > most else [])]
 
 
 METHOD = register(Method("lora", build, table_defaults("lora"), description="low-rank adapters + head"))
