@@ -97,3 +97,29 @@ def test_max_length_beyond_the_models_position_table_is_refused(tiny_config, met
     with pytest.raises(FedCustomError) as caught:
         build()
     assert expected in str(caught.value) and "model.max_length (--max-length)" in str(caught.value)
+
+
+@pytest.mark.parametrize("data, expected", [
+    ({"eval_split": "test"}, "--eval-split test: dataset"),
+    ({"train_split": "validation"}, "--train-split validation: dataset"),
+])
+def test_split_flags_on_a_source_without_splits_are_refused_not_ignored(tmp_path: Path, data: dict,
+                                                                         expected: str) -> None:
+    # ignored, --eval-split on a local file scored the model on the very rows it trained on
+    from fedcustom.data import load_splits
+    from fedcustom.data.causal import load_instruction_splits
+
+    (tmp_path / "rows.csv").write_bytes(b"text,label\ngood,pos\nbad,neg\nfine,pos\nawful,neg\n")
+    for load, dataset in [(load_splits, str(tmp_path / "rows.csv")), (load_splits, "rotten_tomatoes"),
+                          (load_instruction_splits, "chatterbot")]:
+        cfg = build_config({"data": {"dataset": dataset, **data}})
+        with pytest.raises(FedCustomError) as caught:
+            load(cfg.data, 0)
+        assert expected in str(caught.value) and _one_line(str(caught.value))
+    # with its own eval file the split flag is no harm; a Hub name keeps both flags (checked, not loaded here)
+    cfg = build_config({"data": {"dataset": str(tmp_path / "rows.csv"), "eval_dataset": str(tmp_path / "rows.csv"),
+                                 "eval_split": "test"}})
+    assert len(load_splits(cfg.data, 0)[1]) == 4
+    from fedcustom.data.sources import check_split_flags
+
+    check_split_flags(build_config({"data": {"dataset": "glue", **data}}).data, has_splits=True)

@@ -15,7 +15,8 @@ from fedcustom.data.features import make_loader, tokenize
 from fedcustom.data.partition import label_histogram, partition_indices
 from fedcustom.errors import FedCustomError
 from fedcustom.data.public import carve_public, load_public
-from fedcustom.data.sources import PACKAGED_DATASETS, FileLayout, LabeledData, load_labeled
+from fedcustom.data.sources import (PACKAGED_DATASETS, FileLayout, LabeledData, check_split_flags, is_local,
+                                    load_labeled)
 
 __all__ = ["EvalRows", "FederatedData", "FileLayout", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data",
            "stratified_split"]
@@ -132,6 +133,7 @@ def _split_seed(cfg: DataConfig, seed: int) -> int:
 def load_splits(cfg: DataConfig, seed: int) -> tuple[LabeledData, LabeledData]:
     """Training and evaluation sets, before subsampling and partitioning."""
     layout = FileLayout.of(cfg)
+    check_split_flags(cfg, has_splits=cfg.dataset not in PACKAGED_DATASETS and not is_local(cfg.dataset))
     train = load_labeled(cfg.dataset, cfg.text_column, cfg.label_column, split=cfg.train_split, layout=layout)
     if len(train.label_names) < 2:
         raise FedCustomError(f"dataset {cfg.dataset}: every row has the label {train.label_names[0]!r}; "

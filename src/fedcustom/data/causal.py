@@ -17,8 +17,8 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.config import DataConfig, parse_partition
 from fedcustom.data import EvalRows, FederatedData, PublicSpec
-from fedcustom.data.instructions import load_instructions
-from fedcustom.data.sources import FileLayout
+from fedcustom.data.instructions import PACKAGED_INSTRUCTIONS, load_instructions
+from fedcustom.data.sources import FileLayout, check_split_flags, is_local
 from fedcustom.data.partition import partition_indices
 from fedcustom.data.by_column import partition_by_column
 from fedcustom.data.features import IGNORE_INDEX
@@ -81,6 +81,7 @@ def _split(count: int, keep: int, seed: int) -> tuple[list[int], list[int]]:
 def load_instruction_splits(cfg: DataConfig, seed: int) -> tuple[datasets.Dataset, datasets.Dataset]:
     """Training and evaluation rows (messages, response, topic), held out and subsampled by seed."""
     layout = FileLayout.of(cfg)
+    check_split_flags(cfg, has_splits=cfg.dataset not in PACKAGED_INSTRUCTIONS and not is_local(cfg.dataset))
     train = load_instructions(cfg.dataset, cfg.train_split, cfg.text_column, cfg.label_column, layout)
     split_seed = seed if cfg.split_seed is None else cfg.split_seed
     if cfg.eval_dataset or cfg.eval_split:

@@ -16,6 +16,7 @@ import datasets
 import numpy as np
 import torch
 
+from fedcustom.data.sources import check_split_flags, is_local
 from fedcustom.errors import FedCustomError
 
 FASHION_MNIST = "fashion-mnist"
@@ -155,6 +156,7 @@ def prepare_image_data(cfg: Any, num_clients: int, seed: int) -> Any:
     from fedcustom.data import EvalRows, FederatedData, stratified_split
     from fedcustom.data.partition import partition_indices
 
+    check_split_flags(cfg, has_splits=cfg.dataset == FASHION_MNIST or not is_local(cfg.dataset))
     train = load_images(cfg.dataset, cfg.train_split)
     split_seed = seed if cfg.split_seed is None else cfg.split_seed
     if cfg.eval_dataset or cfg.eval_split:

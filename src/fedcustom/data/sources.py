@@ -11,6 +11,7 @@ import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -130,6 +131,26 @@ def _read_hub(name: str, split: str) -> pd.DataFrame:
             f"dataset {name!r}: not a packaged alias ({', '.join(PACKAGED_DATASETS)}), not a local "
             f"{'/'.join(s[1:] for s in FILE_SUFFIXES)} file, and split {split!r} not loadable from the Hub ({first})"
         ) from None
+
+
+def check_split_flags(cfg: Any, has_splits: bool) -> None:
+    """``--train-split`` / ``--eval-split`` name splits of a Hugging Face dataset (or of fashion-mnist); a local file,
+    folder or packaged corpus has none, and silently ignoring them would train on the file and *score on its own
+    training rows*. ``has_splits``: whether ``cfg.dataset`` is such a source."""
+    if has_splits:
+        return
+    kind = f"dataset {cfg.dataset} is a local file, folder or packaged corpus, which has no named splits"
+    if cfg.train_split != "train":
+        raise FedCustomError(f"--train-split {cfg.train_split}: {kind}")
+    if cfg.eval_split and not cfg.eval_dataset:
+        raise FedCustomError(f"--eval-split {cfg.eval_split}: {kind}, so it would score the training rows; give "
+                             f"--eval-dataset FILE, or neither to hold out {cfg.eval_fraction:.0%} of it")
+
+
+def is_local(source: str) -> bool:
+    """A path to a file or folder here (or one named like a data file), rather than a Hub dataset name."""
+    path = Path(source).expanduser()
+    return path.exists() or path.suffix.lower() in FILE_SUFFIXES
 
 
 def read_frame(source: str, split: str = "train", layout: FileLayout = FileLayout()) -> tuple[pd.DataFrame, list[str] | None]:
