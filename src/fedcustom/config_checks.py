@@ -75,6 +75,8 @@ def validate(cfg: RunConfig) -> None:
         if not all(names) or len(set(names)) != len(names):
             raise ConfigError(f"data.columns (--columns) {data.columns!r}: expected distinct, non-empty column names "
                               f"separated by commas, e.g. label,text")
+    if not cfg.output.dir.strip():
+        raise ConfigError("output.dir (--output): expected a folder path, got an empty one")
     if not 0 < data.eval_fraction < 1:
         raise ConfigError(f"data.eval_fraction: expected 0 < fraction < 1, got {data.eval_fraction}")
     validate_training(cfg)

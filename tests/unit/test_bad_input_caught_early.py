@@ -28,6 +28,9 @@ def _one_line(message: str) -> bool:
     ({"federation": {"target_accuracy": 85.0}}, "for 85% write 0.85"),
     ({"data": {"partition": "shards:inf"}}, "K must be a whole number"),
     ({"data": {"partition": "shards:nan"}}, "K must be a whole number"),
+    ({"codec": {"up": ""}}, "codec.up (--codec) '': an empty stage"),  # once quietly raw
+    ({"codec": {"up": "delta,,zstd"}}, "an empty stage"),
+    ({"output": {"dir": " "}}, "output.dir (--output): expected a folder path"),  # once the working directory
 ])
 def test_values_a_library_would_reject_mid_run_are_config_errors(values: dict, named: str) -> None:
     with pytest.raises(FedCustomError) as caught:

@@ -62,9 +62,11 @@ class ChainSpec:
 
 def parse_chain(spec: str, where: str = "--codec") -> ChainSpec:
     """Parse a chain; stages must appear in pipeline order, at most once, with one value coding."""
-    spec = PRESETS.get(spec.strip(), spec)
     order, values = ["delta", "topk", "coding", "zstd"], {}
     expected = "expected a comma-separated chain of delta, topk:FRACTION, fp16|bf16|int8|int4, zstd (in that order), or raw / gradualdiff"
+    if any(not t.strip() for t in spec.split(",")):  # '' or 'delta,,zstd': a typo, not a request for raw
+        raise ConfigError(f"{where} {spec!r}: an empty stage; {expected}")
+    spec = PRESETS.get(spec.strip(), spec)
     for token in filter(None, (t.strip() for t in spec.split(","))):
         name, _, arg = token.partition(":")
         stage = "coding" if name in VALUE_CODINGS else name
