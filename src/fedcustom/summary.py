@@ -122,7 +122,7 @@ def summarize(
                         f"centralized_{key}": same[key] if same else None,
                         f"centralized_converged_{key}": converged[key] if converged else None})
     headline = TASK_METRICS[cfg.model.task][0][0]
-    up = [b for r in rounds for b in r.bytes_up.values()]
+    up = [b for r in rounds for b in r.bytes_up.values() if b > 0]  # 0: no reply (failed, timed out)
     down = [b for r in rounds for b in r.bytes_down.values()]
     flops = [f for r in rounds for f in r.client_flops.values()]
     server_flops = [f for r in rounds for f in r.server_flops.values()]
@@ -148,6 +148,8 @@ def summarize(
         "bytes_down_per_round": mean(down),
         "bytes_up_total": sum(up),
         "bytes_down_total": sum(down),
+        # all clients, both directions, each round (rounds differ: a delta codec's first download is dense)
+        "bytes_per_round_all_clients": [sum(r.bytes_up.values()) + sum(r.bytes_down.values()) for r in rounds],
         "payload_note": protocol_of(get_method(cfg.method.name)).payload_note,
         "codec_up": str(getattr(get_codec(cfg.codec.up), "name", cfg.codec.up)),
         "codec_down": str(getattr(get_codec(cfg.codec.down or cfg.codec.up), "name", cfg.codec.down or cfg.codec.up)),

@@ -106,6 +106,9 @@ def test_simulated_failures_and_stragglers_leave_the_round_with_reasons(tiny_con
     assert any("simulated client failure" in r for r in reasons)
     assert any(r.startswith("client reported an error: straggler: simulated latency") for r in reasons)
     assert summary["rejected_updates"] == len(reasons) < 12
+    # a client that never answered uploaded nothing: the mean upload is over those that did (all the same size)
+    sizes = {b for line in lines[1:] for b in line["bytes_up"].values() if b > 0}
+    assert len(sizes) == 1 and summary["bytes_up_per_round"] == sizes.pop()
     _, again = run_job(tiny_config(federation__clients=6, federation__rounds=2, federation__client_failure_rate=0.5,
                                    federation__client_latency=10.0, federation__round_timeout=8.0,
                                    output__dir=str(job.out.parent / "again")))
@@ -243,6 +246,29 @@ def test_secure_aggregation_gives_fedavg_without_seeing_an_update(tiny_config, t
     assert secure_summary["secagg"] and plain_summary["rejected_updates"] == secure_summary["rejected_updates"]
     numel = sum(t.numel() for t in secure.initial.values())
     assert all(b >= 4 * numel for n, b in line["bytes_up"].items() if n != str(drop))  # 4-byte ring values
+
+
+def test_a_client_lost_only_at_unmasking_is_in_the_sum_and_not_rejected(tiny_config, tmp_path) -> None:
+    # Prepare: 4 clients (threshold 3); client 1 sends its masked update, then fails the unmask stage
+    from fedcustom.privacy.secagg import UNMASK
+
+    settings = dict(federation__clients=4, federation__rounds=1, train__lr=TINY_LR["prefix"])
+    plain = build_job(tiny_config(**settings, output__dir=str(tmp_path / "plain")))
+    secure = build_job(tiny_config(**settings, privacy__secagg=True, output__dir=str(tmp_path / "secure")))
+    handler = secure.server.runtime._handler
+
+    def lost_at_unmask(node_id, message):
+        if node_id == 1 and message.kind == UNMASK:
+            raise ConnectionError("client went offline")
+        return handler(node_id, message)
+
+    secure.server.runtime._handler = lost_at_unmask
+    # Execute
+    execute(plain), execute(secure)
+    # Assert: the others' shares remove its masks, so its update is in the mean (= FedAvg of all 4), not rejected
+    a, b = plain.server.global_state, secure.server.global_state
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert log_lines(secure.out)[1]["rejected"] == {}
 
 
 def test_secure_aggregation_aborts_cleanly_below_threshold(tiny_config, tmp_path) -> None:

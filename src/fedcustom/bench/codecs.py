@@ -8,6 +8,7 @@ seed. The target is 98% of the raw run's final accuracy (same method, same seed)
 
 from __future__ import annotations
 
+import itertools
 import statistics
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ from fedcustom.bench.report import MB
 from fedcustom.bench.sweep import Sweep, base_value, preamble
 
 KEYS = ("final_accuracy", "accuracy_per_round", "bytes_up_per_round", "bytes_down_per_round", "bytes_up_total",
-        "bytes_down_total", "trainable_bytes_fp32", "round_wall_seconds", "codec_up", "codec_down", "clients",
+        "bytes_down_total", "bytes_per_round_all_clients", "trainable_bytes_fp32", "round_wall_seconds", "codec_up", "codec_down", "clients",
         "learning_rate", "wall_seconds")
 TARGET_SHARE = 0.98
 RAW = "raw fp32"
@@ -30,12 +31,23 @@ def flat(records: list[dict]) -> list[dict[str, Any]]:
              "reused": r["reused"], **{k: r["summary"].get(k) for k in KEYS}} for r in records]
 
 
+def cumulative_mb(record: dict[str, Any]) -> list[float]:
+    """MB sent by the end of each round (index 0: before training, 0), both directions, all clients, as measured
+    round by round: rounds differ (a delta chain's first download is the dense model, later ones are diffs), so
+    the mean round times the round number would understate a target reached early."""
+    per_round = record.get("bytes_per_round_all_clients")
+    if per_round is None:
+        raise ValueError(f"run {record.get('chain')} / seed {record.get('seed')} predates per-round byte counts "
+                         "(bytes_per_round_all_clients); run it again")
+    return [0.0, *itertools.accumulate(b / MB for b in per_round)]
+
+
 def mb_to_target(record: dict[str, Any], target: float) -> float | None:
     """Both directions, all clients, until the first round at or above ``target``; None if never."""
-    per_round = (record["bytes_up_per_round"] + record["bytes_down_per_round"]) * record["clients"] / MB
+    sent = cumulative_mb(record)
     for rnd, accuracy in enumerate(record["accuracy_per_round"][1:], 1):
         if accuracy >= target:
-            return per_round * rnd
+            return sent[rnd]
     return None
 
 
@@ -96,7 +108,7 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
     records = flat([r for stage in stages.values() for r in stage])
     result_rows = rows(records)
     if records:
-        codecs_accuracy_vs_cumulative_mb(records, records[0]["clients"], out / PLOT)
+        codecs_accuracy_vs_cumulative_mb(records, cumulative_mb, out / PLOT)
     b = lambda key: base_value(sweep, key)  # noqa: E731
     rates = ", ".join(dict.fromkeys(f"{r['method']} {r['learning_rate']:g}" for r in records))
     seeds = ", ".join(map(str, dict.fromkeys(r["seed"] for r in records)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import matplotlib
@@ -129,14 +129,15 @@ def frameworks_flops(records: list[dict], path: Path) -> None:
     _finish(fig, ax, path)
 
 
-def codecs_accuracy_vs_cumulative_mb(records: list[dict], clients: int, path: Path) -> None:
-    """Accuracy per round against MB sent so far (both directions, all clients), one line per chain."""
+def codecs_accuracy_vs_cumulative_mb(records: list[dict], cumulative_mb: Callable[[dict], list[float]],
+                                     path: Path) -> None:
+    """Accuracy per round against MB sent so far (both directions, all clients; ``cumulative_mb`` of a record),
+    one line per chain."""
     methods = sorted({r["method"] for r in records})
     fig, axes = plt.subplots(1, len(methods), figsize=(5 * len(methods), 3.6), squeeze=False)
     for ax, method in zip(axes[0], methods):
         for i, r in enumerate(x for x in records if x["method"] == method and x["seed"] == records[0]["seed"]):
-            per_round = (r["bytes_up_per_round"] + r["bytes_down_per_round"]) * clients / MB
-            mb = [per_round * k for k in range(len(r["accuracy_per_round"]))]
+            mb = cumulative_mb(r)
             ax.plot(mb[1:], [100 * a for a in r["accuracy_per_round"][1:]], marker="o", markersize=3,
                     linestyle=LINESTYLES[i % len(LINESTYLES)], label=r["chain"])
         ax.set_xscale("log")

@@ -114,6 +114,9 @@ class SecureRound:
                 self.rejected.setdefault(node, str(exc))
             return SecureRoundOutcome(None, [], masked, self.rejected, self.bytes_up, self.bytes_down)
         survivors = self.server.survivors
+        for node in set(survivors) & set(self.rejected):  # failed only the unmask stage: its input is in the sum
+            log.info("round %d: client %d did not help unmask, but its masked update is in the sum", self.rnd, node)
+            del self.rejected[node]
         weighted = decode_sum(ring_sum, len(survivors), self.clip, self.bits)
         mean = weighted * (total / sum(self.examples[n] for n in survivors))
         replies = {n: masked[n] for n in survivors}
