@@ -53,7 +53,7 @@ def lr_multiplier(decay: str, warmup: int, total: int, t: int) -> float:
     ``warmup``, then constant, cosine or linear decay that stays above zero at ``t = total``."""
     if t <= warmup:
         return t / (warmup + 1)
-    progress = (t - warmup - 1) / max(1, total - warmup)  # 0 at the first step after warm-up, < 1 at the last
+    progress = min(1.0, (t - warmup - 1) / max(1, total - warmup))  # 0 after warm-up, < 1 at the last step
     if decay == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     if decay == "linear":
@@ -225,8 +225,9 @@ def make_optimizer(params: list[nn.Parameter], schedule: LocalSchedule) -> torch
 
 def planned_steps(table_rows: int, schedule: LocalSchedule) -> int:
     """How many optimizer steps a session over ``table_rows`` rows takes."""
-    if schedule.examples is not None:
-        return math.ceil(schedule.examples / schedule.batch_size)
+    if schedule.examples is not None:  # whole epochs (each ending in a partial batch), then the rest
+        full_epochs, rest = divmod(schedule.examples, table_rows)
+        return full_epochs * math.ceil(table_rows / schedule.batch_size) + math.ceil(rest / schedule.batch_size)
     if schedule.steps is not None:
         return schedule.steps
     return schedule.epochs * math.ceil(table_rows / schedule.batch_size)

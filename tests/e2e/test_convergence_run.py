@@ -63,6 +63,26 @@ def test_the_client_rate_follows_warmup_then_decay_round_by_round() -> None:
     assert lr_multiplier("linear", 0, 4, 3) == pytest.approx(0.5) and lr_multiplier("constant", 0, 4, 4) == 1.0
 
 
+def test_a_round_below_min_available_leaves_the_model_and_the_baselines_budget_unchanged() -> None:
+    # Prepare: 3 clients each adding 1 to w from 4 examples; client 2 fails in round 1; min_available 3
+    codec = RawCodec()
+
+    def handler(node: int, message: Message) -> Reply:
+        if node == 2 and message.round == 1:
+            return Reply(error="offline")
+        state = {"w": codec.decode(message.payload)["w"] + 1}
+        return Reply(codec.encode(state), 4, {"train_loss": 0.1, "examples_seen": 4}, round=message.round)
+
+    server = FederatedServer(EmbeddedRuntime(handler, 3), FedAvg(), codec, {"w": torch.zeros(2)},
+                             lambda s: {"accuracy": 0.0}, LocalSchedule(lr=0.1, batch_size=4), clients_per_round=3,
+                             seed=0, min_available=3)
+    # Execute
+    first, second = server.run_round(1), server.run_round(2)
+    # Assert: round 1's two valid updates changed nothing, so its passes are no part of the same-passes budget
+    assert first.examples_seen == 0 and second.examples_seen == 12
+    assert torch.equal(server.global_state["w"], torch.ones(2))
+
+
 def test_early_stopping_ends_the_run_and_says_so(tiny_config) -> None:
     # Prepare: a rate so small that accuracy cannot move
     cfg = tiny_config(federation__rounds=6, federation__early_stop_patience=2, train__lr=1e-12)

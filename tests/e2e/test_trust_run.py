@@ -284,6 +284,7 @@ def test_secure_aggregation_aborts_cleanly_below_threshold(tiny_config, tmp_path
     assert "client went offline" in rejected["2"]
     assert all("aborted: 2 clients sent masked inputs, threshold is 3" in rejected[n] for n in "01")
     assert summary["rejected_updates"] == 3
+    assert log_lines(job.out)[1]["examples_seen"] == 0  # no pass reached the model: none for the baseline's budget
 
 
 def test_dp_sgd_trains_privately_and_reports_each_clients_record_level_epsilon(tiny_config) -> None:

@@ -68,3 +68,22 @@ def test_attention_on_cpu_is_counted_in_flops() -> None:
     counts = {str(op): n for op, n in counter.get_flop_counts()["Global"].items()}
     assert counts["aten._scaled_dot_product_flash_attention_for_cpu"] == 4 * 2 * 4 * 10 * 10 * 8
     assert counts["aten._scaled_dot_product_flash_attention_for_cpu_backward"] > 0
+
+
+def test_the_same_passes_schedule_plans_every_step_it_takes(tiny_bert: str) -> None:
+    # Prepare: 40 rows, batch 16 (each epoch ends in a batch of 8), 100 passes: 2 whole epochs and 20 rows more
+    import dataclasses
+
+    from fedcustom.training import local_batches, lr_multiplier, planned_steps
+
+    tokenizer, table, _ = _setup(tiny_bert)
+    schedule = LocalSchedule(lr=1e-3, batch_size=16, epochs=1, examples=100, decay="linear", per_step=True)
+    # Execute
+    taken = sum(1 for _ in local_batches(table, tokenizer, schedule, seed=0))
+    # Assert: 3 + 3 + 2 batches, all planned, so a decaying rate stays positive to the last step (it once ran
+    # past the plan: the linear rate turned negative, the cosine one rose again)
+    total = planned_steps(len(table), schedule)
+    assert taken == total == 8
+    assert all(lr_multiplier("linear", 0, total, t) > 0 for t in range(1, taken + 1))
+    assert lr_multiplier("linear", 0, total, total + 3) == 0.0  # clamped: never below zero
+    assert planned_steps(40, dataclasses.replace(schedule, examples=80)) == 6

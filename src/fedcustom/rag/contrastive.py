@@ -125,7 +125,10 @@ def retrieval_metrics(model: nn.Module, table: datasets.Dataset, tokenizer: Any,
     candidates = embed(model, [list(p) for p in passages], tokenizer, batch_size)
     scores = questions @ candidates.T
     target = scores[torch.arange(len(gold)), torch.tensor(gold)]
-    rank = (scores > target[:, None]).sum(1) + 1  # 1 = the gold passage scores highest
+    # 1 = the gold passage scores highest; a tie counts against it (a collapsed encoder that scores every passage
+    # alike ranks the gold last, not first), as does a non-finite score (a diverged model)
+    rank = (scores >= target[:, None]).sum(1)
+    rank[~torch.isfinite(scores).all(1)] = len(passages)
     losses = []
     collate, device = PairCollator(tokenizer), next(model.parameters()).device
     for start in range(0, len(table), batch_size):

@@ -137,9 +137,9 @@ class SecureAggregation:
                    for node, reply in sorted(outcome.replies.items())]
         for update in updates:
             result.client_flops[update.node_id] = int(update.metrics.get("flops", 0))
-            result.examples_seen += int(update.metrics.get("examples_seen", 0))
-        if outcome.mean_update is None:
+        if outcome.mean_update is None:  # aborted: the clients computed, but their passes never reached the model
             return Collected([])
+        result.examples_seen += sum(int(u.metrics.get("examples_seen", 0)) for u in updates)
         merged = {k: (v.double() + outcome.mean_update[k].double()).to(v.dtype) for k, v in server.global_state.items()}
         return Collected(updates, merged=merged)
 

@@ -137,6 +137,7 @@ class FederatedServer:
         if 0 < len(updates) < self.min_available:
             log.warning("round %d: %d valid updates, fewer than min_available = %d; the global state is unchanged",
                         rnd, len(updates), self.min_available)
+            result.examples_seen = 0  # passes that never reached the model (the same-passes baseline's budget)
         elif updates:
             aggregate = self.aggregation.merge(self, rnd, collected, result)
             self.global_state = steer.optimizer.step(self.global_state, aggregate)
