@@ -276,6 +276,11 @@ class PrivacyConfig:
                         "noise; lora and prefix only). Independent of --dp.", "--dp-sgd")
     sgd_clip: float = opt(1.0, "DP-SGD: L2 bound on each example's gradient.", "--dp-sgd-clip")
     sgd_noise: float = opt(1.0, "DP-SGD: Gaussian noise std as a multiple of --dp-sgd-clip.", "--dp-sgd-noise")
+    reproducible_noise: bool = opt(False, "Draw DP and DP-SGD noise from the run seed, so that a simulation repeats "
+                                   "exactly. Anyone who knows the seed (the server sends it to every client) can "
+                                   "then regenerate the noise and subtract it: the reported epsilon does not hold. "
+                                   "For experiments only; by default the noise comes from the OS's entropy.",
+                                   "--dp-reproducible-noise")
     secagg: bool = opt(False, "Secure aggregation (pairwise masking, Bonawitz et al. 2017): the server learns only "
                        "the sum of the clients' updates.", "--secagg")
     secagg_threshold: float = opt(0.6, "Secure aggregation: share of a round's clients that must survive for the sum "

@@ -67,7 +67,7 @@ def aggregation_for(cfg: RunConfig) -> Aggregation:
     if priv.dp == "central":
         # The textbook fixed denominator (the expected cohort), whose guarantee matches the accountant exactly.
         return CentralDPAggregation(CentralDP(priv.clip_norm, priv.noise_multiplier,
-                                              expected_clients=clients_per_round(cfg)))
+                                              expected_clients=clients_per_round(cfg)), priv.reproducible_noise)
     return StrategyAggregation()
 
 

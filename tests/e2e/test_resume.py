@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 # What the server and clients must carry across the kill: central DP's accountant, or (DP and SCAFFOLD's clear-text
 # control variates do not mix) a server optimizer's moments and every client's control variate.
 STATEFUL = {  # (lines added to [federation], a [privacy] table)
-    "dp": ("", '[privacy]\ndp = "central"\nclip_norm = 5.0\nnoise_multiplier = 0.3\n'),
+    "dp": ("", '[privacy]\ndp = "central"\nclip_norm = 5.0\nnoise_multiplier = 0.3\nreproducible_noise = true\n'),
     "adam-scaffold": ('server_opt = "adam"\nserver_lr = 0.01\nscaffold = true\n', ""),
 }
 

@@ -42,9 +42,10 @@ def test_the_default_aggregation_is_the_strategys_merge() -> None:
 
 
 def test_central_dp_merges_the_noised_mean_of_clipped_updates_drawn_from_seed_and_round() -> None:
-    # Prepare: clip 1 (client 1's update of norm 4 is scaled to norm 1, client 2's of norm 2 too), noise 0.5
+    # Prepare: clip 1 (client 1's update of norm 4 is scaled to norm 1, client 2's of norm 2 too), noise 0.5, drawn
+    # from the run seed (--dp-reproducible-noise, so that the test can compute it)
     dp = CentralDP(clip_norm=1.0, noise_multiplier=0.5, expected_clients=3)
-    server = _server(CentralDPAggregation(dp))
+    server = _server(CentralDPAggregation(dp, reproducible_noise=True))
     # Execute
     result = server.run_round(2)
     # Assert: the mean of the clipped updates plus N(0, (0.5 * 1 / 3)^2) from the round's own generator
@@ -53,6 +54,19 @@ def test_central_dp_merges_the_noised_mean_of_clipped_updates_drawn_from_seed_an
     assert torch.allclose(server.global_state["w"], clipped_mean + noise)
     assert result.privacy["clipped_fraction"] == pytest.approx(2 / 3)
     assert result.privacy["noise_std"] == pytest.approx(0.5 / 3)
+
+
+def test_central_dp_noise_cannot_be_regenerated_from_the_run_seed_by_default() -> None:
+    # Prepare: the same round twice with the default noise source
+    dp = CentralDP(clip_norm=1.0, noise_multiplier=0.5, expected_clients=3)
+    first, second = _server(CentralDPAggregation(dp)), _server(CentralDPAggregation(dp))
+    # Execute
+    first.run_round(2), second.run_round(2)
+    # Assert: the noise is neither the seed's (which the config and every message reveal) nor repeated
+    clipped_mean = torch.tensor([1.0, 1.0, -1.0], dtype=torch.float64) / 3
+    seeded = torch.randn(3, generator=noise_generator(7, 2), dtype=torch.float64) * (0.5 / 3)
+    assert not torch.allclose(first.global_state["w"], clipped_mean + seeded)
+    assert not torch.equal(first.global_state["w"], second.global_state["w"])
 
 
 def test_an_aggregation_plugs_into_the_round_without_changing_the_server() -> None:

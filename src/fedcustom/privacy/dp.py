@@ -24,6 +24,7 @@ What the reported epsilon means:
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -74,8 +75,21 @@ def gaussian_noise_like(state: State, std: float, generator: torch.Generator) ->
     return {name: noise[name] for name in state}
 
 
+def private_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded from the OS's entropy: DP noise that nobody can regenerate, the server included (a
+    generator derived from the run seed would let anyone who knows the seed subtract the noise)."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(63))
+
+
+def dp_noise_generator(reproducible: bool, seed: int, rnd: int, node: int | None = None) -> torch.Generator:
+    """Round ``rnd``'s DP noise source: :func:`private_generator`, or with ``--dp-reproducible-noise`` (experiments
+    only) :func:`noise_generator` of the run seed."""
+    return noise_generator(seed, rnd, node) if reproducible else private_generator()
+
+
 def noise_generator(seed: int, rnd: int, node: int | None = None) -> torch.Generator:
-    """A CPU generator for round ``rnd``'s DP noise, derived from the run seed alone.
+    """A CPU generator for round ``rnd``'s DP noise, derived from the run seed alone: reproducible, and so no
+    privacy against whoever knows the seed (``--dp-reproducible-noise`` only).
 
     The server (central DP) passes no ``node``; a client (local DP) passes its node id, so every
     client draws independent noise and a resumed run draws the same noise as an uninterrupted one.

@@ -28,6 +28,7 @@ class DPSGDSettings:
 
     noise_multiplier: float
     max_grad_norm: float
+    reproducible: bool = False  # noise from torch's global RNG (seeded from the run seed) instead of the OS's entropy
 
 
 @contextlib.contextmanager
@@ -37,9 +38,15 @@ def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, setting
     from opacus import GradSampleModule  # importing opacus takes ~3 s: only DP-SGD runs pay it
     from opacus.optimizers import DPOptimizer
 
+    from fedcustom.privacy.dp import private_generator
+
     module = GradSampleModule(model)
+    # Opacus draws its noise from torch's global RNG unless given a generator; that RNG is seeded from the run seed
+    # (which the server knows), so by default the noise gets a generator of its own seeded from the OS's entropy
     private = DPOptimizer(optimizer, noise_multiplier=settings.noise_multiplier,
-                          max_grad_norm=settings.max_grad_norm, expected_batch_size=batch_size)
+                          max_grad_norm=settings.max_grad_norm, expected_batch_size=batch_size,
+                          generator=None if settings.reproducible else
+                          private_generator(next(p for p in model.parameters() if p.requires_grad).device))
     try:
         yield module, private
     finally:

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from fedcustom.privacy.dp import CentralDP, noise_generator
+from fedcustom.privacy.dp import CentralDP, dp_noise_generator
 from fedcustom.privacy.secure_round import SecureRound
 from fedcustom.rounds import RoundResult
 from fedcustom.runtime import Message, Reply, Runtime
@@ -99,6 +99,7 @@ class CentralDPAggregation:
     (config checks allow only fedavg with it); its clipping and noise statistics go to ``result.privacy``."""
 
     dp: CentralDP
+    reproducible_noise: bool = False  # --dp-reproducible-noise: noise from the run seed (experiments only)
 
     def collect(self, server: RoundServer, rnd: int, chosen: list[int], config: dict, result: RoundResult,
                 on_reply: OnReply) -> Collected:
@@ -106,7 +107,7 @@ class CentralDPAggregation:
 
     def merge(self, server: RoundServer, rnd: int, collected: Collected, result: RoundResult) -> State:
         state, stats = self.dp.aggregate(server.global_state, [u.state for u in collected.updates],
-                                         noise_generator(server.seed, rnd))
+                                         dp_noise_generator(self.reproducible_noise, server.seed, rnd))
         result.privacy = {k: float(v) for k, v in stats.items()}
         return state
 

@@ -26,7 +26,7 @@ from fedcustom.methods.lora_capacity import ClientRanks
 from fedcustom.methods.lora_stack import StackedBase
 from fedcustom.methods.prompt_capacity import ClientLengths
 from fedcustom.personalize import Personalization
-from fedcustom.privacy.dp import PrivacyAccountant, noise_generator, privatize_locally
+from fedcustom.privacy.dp import PrivacyAccountant, dp_noise_generator, privatize_locally
 from fedcustom.privacy.dp_sgd import DPSGDSettings
 from fedcustom.privacy.secagg import ADVERTISE, SHARE, UNMASK
 from fedcustom.privacy.secure_round import TRAIN_MASKED, SecureClientSide
@@ -75,6 +75,7 @@ class TrainingClient:
         capacity: ClientRanks | ClientLengths | None = None, stacked: StackedBase | None = None,
         eval_tables: dict[int, EvalRows] | None = None,
         score: Callable[[EvalRows], float] | None = None, save_model: Callable[[Path], None] | None = None,
+        reproducible_noise: bool = False,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -104,6 +105,9 @@ class TrainingClient:
         self.eval_tables = eval_tables or {}
         self.score = score
         self.save_model = save_model  # writes the model as loaded to a folder (each client's own, at the end)
+        # the client's own setting, never the server's: local DP and DP-SGD noise from the OS's entropy unless this
+        # client's config asks for noise from the (server-known) run seed, for experiments
+        self.reproducible_noise = reproducible_noise
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Every node's ends of its codec links and control variate (for checkpoints of an embedded run)."""
@@ -248,7 +252,8 @@ class TrainingClient:
         table = self.client_tables[node_id]
         dp_sgd = None
         if "dp_sgd_noise" in message.config:
-            dp_sgd = DPSGDSettings(float(message.config["dp_sgd_noise"]), float(message.config["dp_sgd_clip"]))
+            dp_sgd = DPSGDSettings(float(message.config["dp_sgd_noise"]), float(message.config["dp_sgd_clip"]),
+                                   self.reproducible_noise)
         server_control = scaffold.decode(message.attachment, received, "the server's control variate") \
             if message.config.get("scaffold") else None
         own_control = self.controls.get(node_id) or scaffold.zeros_like(received) if server_control else None
@@ -301,7 +306,7 @@ class TrainingClient:
             generator = torch.Generator().manual_seed(derive_seed(seed, message.round, node_id, ATTACK_STREAM))
             state = poison_update(adversary.kind, received, state, adversary.scale, generator)
         if "dp_clip" in message.config:
-            generator = noise_generator(seed, message.round, node_id)
+            generator = dp_noise_generator(self.reproducible_noise, seed, message.round, node_id)
             state = privatize_locally(received, state, float(message.config["dp_clip"]),
                                       float(message.config["dp_noise"]), generator)
         return state

@@ -37,7 +37,7 @@ def build_client(parts: ClientParts) -> TrainingClient:
     score = held_out_score(cfg, parts.model, parts.tokenizer) if parts.eval_tables else None
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
                           parse_personalize(cfg.federation.personalize), capacity, stacked, parts.eval_tables, score,
-                          model_saver(cfg, parts.method, parts.model))
+                          model_saver(cfg, parts.method, parts.model), cfg.privacy.reproducible_noise)
 
 
 def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module) -> Callable[[Path], None]:
