@@ -273,6 +273,9 @@ def build_job(cfg: RunConfig, runtime: RuntimeFactory | None = None) -> Job:
                         initial=initial, schedule=schedule, strategy=strategy, evaluate_model=evaluate_model,
                         runtime=lambda handler: runtime(handler, setup), eval_tables=held_out_rows(data))
     server = protocol_of(method).plugin().build_server(parts)
+    carrier = getattr(server, "runtime", None)
+    if hasattr(carrier, "partition_examples"):  # a Flower runtime: the partition sizes the server's split gives
+        carrier.partition_examples = {c: len(rows) for c, rows in enumerate(data.client_indices)}
     return Job(cfg, method, model, tokenizer, data, initial, schedule, server, out, evaluate_model, personalization)
 
 

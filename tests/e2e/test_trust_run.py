@@ -74,6 +74,19 @@ def test_dp_noise_comes_from_the_os_unless_reproducible_noise_is_asked(tiny_conf
     assert distance(seeded, again) == 0
 
 
+def test_local_dp_spends_privacy_in_every_round_the_server_saw_noised_uploads(tiny_config, tmp_path) -> None:
+    # Prepare: local DP, 3 clients, min_available 3, client 2 always offline: 2 valid updates a round, never merged
+    job = build_job(tiny_config(federation__clients=3, federation__rounds=2, federation__min_available=3,
+                                privacy__dp="local", privacy__noise_multiplier=1.0))
+    _fail_masked_upload_of(job, 2)
+    # Execute
+    execute(job)
+    # Assert: the model never moved, but the server did see two noised uploads a round: one step each round
+    lines = log_lines(job.out)
+    assert distance(job.server.global_state, job.initial) == 0
+    assert lines[2]["epsilon"] > lines[1]["epsilon"] > 0
+
+
 def test_local_dp_bounds_how_far_the_global_state_moves(tiny_config) -> None:
     # Prepare: no noise, a tiny clip: each round's mean update has norm <= clip
     clip = 1e-3
@@ -310,22 +323,25 @@ def test_secure_aggregation_aborts_cleanly_below_threshold(tiny_config, tmp_path
 
 
 def test_dp_sgd_trains_privately_and_reports_each_clients_record_level_epsilon(tiny_config) -> None:
-    # Prepare: LoRA with DP-SGD; 2 clients, 2 rounds of 1 local epoch, batch 16
-    settings = dict(method__name="lora", train__lr=TINY_LR["lora"], federation__local_epochs=1)
+    # Prepare: LoRA with DP-SGD; 2 clients, one sampled per round, 4 rounds of 1 local epoch, batch 16
+    settings = dict(method__name="lora", train__lr=TINY_LR["lora"], federation__local_epochs=1,
+                    federation__rounds=4, federation__clients_per_round=1)
     cfg = tiny_config(**settings, privacy__dp_sgd=True, privacy__sgd_noise=1.2, privacy__sgd_clip=0.5)
     # Execute
     job, summary = run_job(cfg)
     plain, _ = run_job(tiny_config(**settings, output__dir=str(job.out.parent / "plain")))
-    # Assert: epsilon of the most exposed client equals an accountant fed its steps (q = batch / rows)
+    # Assert: epsilon of the most exposed client, over every client so far (not only the round's), equals an
+    # accountant fed each client's steps in the rounds it took part in (q = batch / rows)
     expected = []
     accountants = {n: PrivacyAccountant() for n in range(2)}
-    for _ in range(2):
-        for node, accountant in accountants.items():
+    for line in log_lines(job.out)[1:]:
+        for node in line["clients"]:
             rows = len(job.data.client_indices[node])
             for _ in range(-(-rows // 16)):
-                accountant.step(1.2, 16 / rows)
-        expected.append(max(a.epsilon(1e-5) for a in accountants.values()))
+                accountants[node].step(1.2, 16 / rows)
+        expected.append(max(a.epsilon(1e-5) for a in accountants.values() if a.steps))
     assert summary["dp_sgd"] and summary["dp_sgd_epsilon_per_round"] == pytest.approx(expected, rel=1e-9)
+    assert expected == sorted(expected)
     # Assert: the noise and clipping changed the training, and the backbone is left without Opacus hooks
     assert distance(job.server.global_state, plain.server.global_state) > 1e-4
     assert not any(hasattr(p, "grad_sample") and p.grad_sample is not None for p in job.model.parameters())

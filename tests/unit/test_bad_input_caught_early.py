@@ -31,6 +31,8 @@ def _one_line(message: str) -> bool:
     ({"codec": {"up": ""}}, "codec.up (--codec) '': an empty stage"),  # once quietly raw
     ({"codec": {"up": "delta,,zstd"}}, "an empty stage"),
     ({"output": {"dir": " "}}, "output.dir (--output): expected a folder path"),  # once the working directory
+    ({"privacy": {"dp_sgd": True}, "method": {"name": "lora"}, "train": {"precision": "fp16"}},
+     "--dp-sgd with --precision fp16"),  # loss scaling made Opacus clip every example to C / 65,536
 ])
 def test_values_a_library_would_reject_mid_run_are_config_errors(values: dict, named: str) -> None:
     with pytest.raises(FedCustomError) as caught:

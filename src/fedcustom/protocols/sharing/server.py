@@ -94,6 +94,7 @@ class FederatedServer:
         self.convergence = convergence or Convergence()
         self.control = scaffold.ServerControl(self.global_state) if self.convergence.scaffold else None
         self.max_update_bytes = self.safeguards.max_update_bytes or default_max_bytes(self.global_state)
+        self.dp_sgd_max = 0.0  # DP-SGD: the largest epsilon any client has reported so far (a client's only grows)
         codec.limit_decoded(default_max_bytes(self.global_state))  # a zstd frame may claim any size
 
     def evaluate_initial(self) -> RoundResult:
@@ -109,7 +110,8 @@ class FederatedServer:
         if self.control is not None:
             tensors.update({f"control{SEP}{k}": v for k, v in self.control.c.items()})
         meta = {"links_down": links_state("down", self.links_down, tensors),
-                "accountant": accountant.state_dict() if accountant else None, "server_opt": opt_meta}
+                "accountant": accountant.state_dict() if accountant else None, "server_opt": opt_meta,
+                "dp_sgd_max": self.dp_sgd_max}
         return tensors, meta
 
     def load_state_dict(self, tensors: State, meta: dict) -> None:
@@ -120,6 +122,7 @@ class FederatedServer:
         if self.safeguards.accountant and meta["accountant"] is not None:
             self.safeguards.accountant.load_state_dict(meta["accountant"])
         self.convergence.optimizer.load_state_dict(group(tensors, "server_opt"), meta["server_opt"])
+        self.dp_sgd_max = float(meta.get("dp_sgd_max", 0.0))  # (older checkpoints: from this round on)
         if self.control is not None:
             self.control.c = group(tensors, "control")
 
@@ -149,10 +152,11 @@ class FederatedServer:
         else:
             log.warning("round %d: no valid updates; the global state is unchanged", rnd)
         if self.safeguards.accountant is not None:
-            result.epsilon = self._account(updates)
+            result.epsilon = self._account(updates, result)
         sgd = [u.metrics["dp_sgd_epsilon"] for u in updates if "dp_sgd_epsilon" in u.metrics]
-        if sgd:
-            result.privacy["dp_sgd_epsilon_max"] = max(sgd)  # the most exposed client's rows so far
+        if sgd:  # the most exposed client's rows so far, whether or not it took part in this round
+            self.dp_sgd_max = max(self.dp_sgd_max, *sgd)
+            result.privacy["dp_sgd_epsilon_max"] = self.dp_sgd_max
         result.eval = self.evaluate(self.global_state)
         result.wall_seconds = time.perf_counter() - start
         return result
@@ -173,11 +177,13 @@ class FederatedServer:
             raise FedCustomError(f"client {node} gave no update to observe: {reply.error}")
         return self._decode(node, reply, message)
 
-    def _account(self, updates: list[ClientUpdate]) -> float:
-        """One accountant step per round whose updates were released; epsilon spent so far."""
+    def _account(self, updates: list[ClientUpdate], result: RoundResult) -> float:
+        """One accountant step per round whose updates were released (central DP), or whose noised uploads the
+        server received at all (local DP: it saw them, merged or not); epsilon spent so far."""
         guards = self.safeguards
         assert guards.accountant is not None
-        if len(updates) >= self.min_available:
+        local = "dp_clip" in guards.client_config
+        if (local and any(b > 0 for b in result.bytes_up.values())) or len(updates) >= self.min_available:
             guards.accountant.step(guards.noise_multiplier, guards.sample_rate)
         return guards.accountant.epsilon(guards.dp_delta)
 

@@ -125,9 +125,14 @@ class SecAggPlusRound:
         self.clip, self.threshold = clip, threshold
 
     def _max_weight(self) -> float:
-        stats = self.runtime.node_stats
-        if stats and all(p in stats for p in self.chosen):
-            return float(max(stats[p]["examples"] for p in self.chosen))
+        """SecAgg+'s bound on a client's example count: the largest the round's nodes reported for their own files,
+        else the largest of the server's own partition (flower-sim, or nodes served the run's dataset), else
+        Flower's default. A count above it overflows the ring (the mean came back scaled 5x with 5,000 rows a
+        client under the default); far above the real one costs the weighted values their precision."""
+        for counts in (self.runtime.node_stats, getattr(self.runtime, "partition_examples", {})):
+            sizes = {p: (c["examples"] if isinstance(c, dict) else c) for p, c in counts.items()}
+            if sizes and all(p in sizes for p in self.chosen):
+                return float(max(sizes[p] for p in self.chosen))
         return MAX_WEIGHT
 
     def run(self, train_messages: Callable[[list[int]], dict[int, Message]],
