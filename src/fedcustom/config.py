@@ -286,7 +286,7 @@ class PrivacyConfig:
     secagg_threshold: float = opt(0.6, "Secure aggregation: share of a round's clients that must survive for the sum "
                                   "to be recovered (Shamir threshold).", "--secagg-threshold")
     secagg_clip: float = opt(8.0, "Secure aggregation: each client's example-weighted update is clipped per value to "
-                             "[-C, C] before fixed-point encoding (precision C / 2^bits, bits = 32 - ceil(log2(clients)), at most "
+                             "[-C, C] before fixed-point encoding (step 2C / (2^bits - 1), bits = 32 - ceil(log2(clients)), at most "
                              "31).",
                              "--secagg-clip")
 

@@ -9,7 +9,7 @@ client's routed key shares, and the client answers with its masked, fixed-point 
 so the unmasked sum, rescaled by N / (examples of the survivors), is the example-weighted FedAvg
 update of the clients that answered. Example counts travel in the clear (as in plain FedAvg);
 the tensors never do. Each client's update is clipped per element to ``clip`` before encoding; the
-fixed-point step is ``clip / (2^bits - 1)`` with the most bits that cannot overflow the ring.
+fixed-point step is ``2 * clip / (2^bits - 1)`` with the most bits that cannot overflow the ring.
 """
 
 from __future__ import annotations
