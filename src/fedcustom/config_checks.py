@@ -187,6 +187,12 @@ def validate_task(cfg: RunConfig) -> None:
     if parse_partition(cfg.data.partition).kind == "column" and not task.instruction_data:
         raise ConfigError(f"--partition {cfg.data.partition}: column partitions need --task causal-lm (instruction "
                           f"data keeps its metadata columns)")
+    if cfg.method.name == "split" and cfg.train.precision != "fp32":
+        raise ConfigError(f"--method split with --precision {cfg.train.precision}: split learning exchanges and trains "
+                          "fp32 activations and halves; use --precision fp32")
+    if cfg.model.task == "causal-lm" and cfg.method.name == "split" and cfg.method.split_client == "prefix":
+        raise ConfigError("--task causal-lm with --method split --split-client prefix: the prefix client half is built "
+                          "for classification (it scores labels, not next tokens); use --split-client full or lora")
     if task.knowledge_over_vocabulary and cfg.method.name == "distill" and cfg.method.topk is None:
         raise ConfigError(f"--task {task.name} with --method distill: set --topk K (the knowledge on each public response "
                           "token is a distribution over the vocabulary; clients send its top K)")

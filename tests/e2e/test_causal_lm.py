@@ -162,3 +162,22 @@ def test_federated_lora_on_real_smollm2_with_chatterbot(tmp_path: Path, capsys: 
     capsys.readouterr()
     code = main(["generate", "--adapter", str(tmp_path / "out" / "adapter"), "--max-new-tokens", "8", "What is AI?"])
     assert code == 0 and capsys.readouterr().out.strip()
+
+
+def test_knowledge_rows_skip_prompt_tunings_virtual_tokens(causal_config) -> None:
+    # Prepare: logits of 2 rows with 3 virtual tokens in front of 5 input positions; row 0's response is its last
+    # 2 tokens, row 1's its last 3
+    from fedcustom.protocols.distill.public_set import response_positions
+
+    logits = torch.arange(2 * 8, dtype=torch.float32).reshape(2, 8, 1)
+    labels = torch.full((2, 5), IGNORE_INDEX)
+    labels[0, 3:], labels[1, 2:] = 7, 7
+    # Execute
+    rows = response_positions(logits, labels)
+    # Assert: the positions that predict each response token, counted after the virtual tokens
+    assert rows.flatten().tolist() == [3 + 2, 3 + 3, 8 + 3 + 1, 8 + 3 + 2, 8 + 3 + 3]
+    # and a KD-FedLLM run whose clients prompt-tune a causal LM gets through its rounds (it once raised IndexError)
+    cfg = causal_config(method__name="distill", method__public_size=24, method__topk=4, method__local_method="prompt",
+                        train__lr=CAUSAL_LR["prompt"], federation__rounds=1)
+    summary = execute(build_job(cfg))
+    assert summary["rounds"] == 1 and summary["bytes_up_per_round"] > 0

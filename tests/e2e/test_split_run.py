@@ -145,3 +145,39 @@ def test_u_shaped_split_keeps_labels_on_the_client_and_learns(tiny_config) -> No
     assert any("classifier" in name for name in job.server.inner.global_client_half)  # the head is averaged
     log = [json.loads(line) for line in (job.out / "round_log.jsonl").read_text().splitlines()]
     assert log[3]["eval_loss"] < log[0]["eval_loss"]
+
+
+@pytest.mark.parametrize("client", ["prefix", "lora"])
+def test_u_shaped_split_trains_the_head_beside_a_peft_client_half(tiny_config, client: str) -> None:
+    # Prepare: the head on the client, the client half LoRA or prefixes (the head was once left frozen there: a
+    # random classifier that never learned)
+    job = build_job(tiny_config(method__name="split", method__cut_layer=1, method__split_head="client",
+                                method__split_client=client, train__lr=3e-3, federation__rounds=2,
+                                federation__local_epochs=1))
+    head = {n: p.detach().clone() for n, p in job.model.named_parameters()
+            if ("classifier" in n or "pooler" in n) and "original_module" not in n}  # (PEFT's frozen copy)
+    # Execute
+    execute(job)
+    # Assert: the pooler and classifier trained, and travel in the averaged client half
+    assert head and all(p.requires_grad for n, p in job.model.named_parameters() if n in head)
+    assert any(not torch.equal(p, head[n]) for n, p in job.model.named_parameters() if n in head)
+    assert any("classifier" in n for n in job.server.inner.global_client_half)
+
+
+def test_split_follows_the_runs_rate_schedule_on_both_halves(tiny_config) -> None:
+    # Prepare: a linear decay over 2 rounds; record the rate each split_begin carries
+    job = build_job(tiny_config(method__name="split", method__cut_layer=1, train__lr=1e-3, train__lr_schedule="linear",
+                                federation__rounds=2, federation__local_epochs=1))
+    handler, rates = job.server.runtime._handler, []
+
+    def recording(node, message):
+        if message.kind == "split_begin":
+            rates.append(float(message.config["lr"]))
+        return handler(node, message)
+
+    job.server.runtime._handler = recording
+    # Execute
+    execute(job)
+    # Assert: round 2's clients and server half run at half the rate (it once stayed at the base rate)
+    assert rates[0] == pytest.approx(1e-3) and rates[-1] == pytest.approx(5e-4)
+    assert job.server.inner.optimizer.param_groups[0]["lr"] == pytest.approx(5e-4)

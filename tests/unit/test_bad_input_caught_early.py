@@ -33,6 +33,9 @@ def _one_line(message: str) -> bool:
     ({"output": {"dir": " "}}, "output.dir (--output): expected a folder path"),  # once the working directory
     ({"privacy": {"dp_sgd": True}, "method": {"name": "lora"}, "train": {"precision": "fp16"}},
      "--dp-sgd with --precision fp16"),  # loss scaling made Opacus clip every example to C / 65,536
+    ({"method": {"name": "split"}, "train": {"precision": "bf16"}}, "--method split with --precision bf16"),
+    ({"method": {"name": "split", "split_client": "prefix"}, "model": {"task": "causal-lm", "name": "smollm2"}},
+     "--split-client prefix: the prefix client half is built for classification"),  # crashed at the first eval
 ])
 def test_values_a_library_would_reject_mid_run_are_config_errors(values: dict, named: str) -> None:
     with pytest.raises(FedCustomError) as caught:

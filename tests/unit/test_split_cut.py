@@ -77,8 +77,24 @@ def test_cut_outside_the_model_is_a_clear_error(tiny_bert: str, cut: int) -> Non
 
 def test_unsupported_architecture_is_a_clear_error() -> None:
     config = GPT2Config(vocab_size=32, n_embd=16, n_layer=2, n_head=2)
-    with pytest.raises(ConfigError, match="BERT-family encoder classifiers.*GPT2LMHeadModel"):
+    with pytest.raises(ConfigError, match="encoder classifiers laid out as BERT's.*GPT2LMHeadModel"):
         cut_model(GPT2LMHeadModel(config), 1)
+
+
+@pytest.mark.parametrize("family", ["roberta", "electra"])
+def test_encoders_with_another_head_layout_are_refused_not_crashed(family: str) -> None:
+    # RoBERTa's classifier reads the whole sequence and has no dropout beside it; ELECTRA has no pooler: both passed
+    # the check once and failed mid-run with an AttributeError
+    from transformers import (ElectraConfig, ElectraForSequenceClassification, RobertaConfig,
+                              RobertaForSequenceClassification)
+
+    kinds = {"roberta": (RobertaConfig, RobertaForSequenceClassification),
+             "electra": (ElectraConfig, ElectraForSequenceClassification)}
+    config, model = kinds[family]
+    tiny = model(config(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=40))
+    with pytest.raises(ConfigError, match=f"laid out as BERT's.*{model.__name__}"):
+        cut_model(tiny, 1)
 
 
 def _causal_lm(tie: bool = False) -> LlamaForCausalLM:

@@ -35,7 +35,9 @@ def build(backbone: nn.Module, cfg: MethodConfig, task: str, tokenizer: PreTrain
     split = cut_model(backbone, cfg.cut_layer, head_on_client=cfg.split_head == "client")
     if cfg.split_client == "full":
         return backbone
-    server_half = set(split.server_parameters())  # layers [K, N) and the head (wherever it runs) train fully
+    # layers [K, N) and the head train fully, the head wherever it runs (U-shaped: on the client, beside the client
+    # half's LoRA or prefixes; a randomly initialised classifier left frozen there would never learn)
+    server_half = set(split.server_parameters()) | set(split.head_parameters())
     if cfg.split_client == "prefix":
         if cfg.prefix_projection:
             raise ConfigError("--prefix-projection: the client half of a split model trains raw prefixes only; "

@@ -83,6 +83,10 @@ class SplitModel:
         prefix = [self.prefix] if self.prefix is not None else []
         return self._named([*prefix, *self._embedding_modules(), *self.layers[: self.cut_layer], *head])
 
+    def head_parameters(self) -> dict[str, nn.Parameter]:
+        """The head's tensors (pooler and classifier, or final norm and LM head), by name, wherever it runs."""
+        return self._named(self._head_modules())
+
     def server_parameters(self) -> dict[str, nn.Parameter]:
         """The trainable tensors of layers [K, N) (and the head, unless U-shaped), by name."""
         head = [] if self.head_on_client else self._head_modules()
@@ -232,7 +236,10 @@ def cut_model(model: nn.Module, cut_layer: int, head_on_client: bool = False) ->
     """Split ``model`` after ``cut_layer`` transformer layers; a clear error for an unsupported model or cut."""
     hf = unwrap(model)
     base = getattr(hf, "base_model", None)
-    if isinstance(getattr(getattr(base, "encoder", None), "layer", None), nn.ModuleList) and hasattr(hf, "classifier"):
+    # the head SplitEncoder.head_forward runs: pooler (or none), dropout, classifier on the pooled vector (RoBERTa's
+    # classifier takes the whole sequence and has no dropout beside it; ELECTRA has no pooler)
+    bert_layout = hasattr(base, "pooler") and hasattr(hf, "dropout") and hasattr(hf, "classifier")
+    if isinstance(getattr(getattr(base, "encoder", None), "layer", None), nn.ModuleList) and bert_layout:
         kind, layers = SplitEncoder, base.encoder.layer
     elif isinstance(getattr(base, "layers", None), nn.ModuleList) and hasattr(hf, "score") and hasattr(base, "rotary_emb"):
         kind, layers = SplitDecoder, base.layers
@@ -242,8 +249,8 @@ def cut_model(model: nn.Module, cut_layer: int, head_on_client: bool = False) ->
             raise ConfigError(f"--split-head server: {type(hf).__name__} ties its LM head to its input embeddings, "
                               f"which the client half holds; keep the head with them: --split-head client")
     else:
-        raise ConfigError(f"--cut-layer: split learning supports BERT-family encoder classifiers (encoder.layer, "
-                          f"classifier), decoder classifiers (layers, score) and decoder causal LMs (layers, lm_head) "
+        raise ConfigError(f"--cut-layer: split learning supports encoder classifiers laid out as BERT's (encoder.layer, "
+                          f"pooler, dropout and a linear classifier: BERT, MiniLM), decoder classifiers (layers, score) and decoder causal LMs (layers, lm_head) "
                           f"with rotary positions, e.g. LLaMA; got {type(hf).__name__}")
     if not 1 <= cut_layer < len(layers):
         raise ConfigError(f"--cut-layer {cut_layer}: expected 1 to {len(layers) - 1} for a model with "

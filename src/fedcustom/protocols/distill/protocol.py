@@ -179,7 +179,7 @@ class DistillServer:
         """Broadcast, collect soft labels, distill their average into the global model, evaluate."""
         start, s = time.perf_counter(), self.settings
         chosen = sample_clients(self.runtime.nodes(), self.clients_per_round, self.seed, rnd)
-        config = {**schedule_to_config(self.schedule, self.seed), "labels": ",".join(s.label_names),
+        config = {**schedule_to_config(self.schedule, self.seed, rnd), "labels": ",".join(s.label_names),
                   "broadcast": s.broadcast}
         replies = self.runtime.send_and_receive(
             {node: Message(DISTILL, rnd, self.broadcast, config) for node in chosen}, on_reply)

@@ -54,7 +54,8 @@ class TextPublicSet:
 
 def response_positions(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The logits that predict a response token: (positions, vocab), row by row in order (position t predicts
-    token t + 1, as in the next-token loss)."""
+    token t + 1, as in the next-token loss). Prompt tuning's virtual tokens come first in ``logits``: skipped."""
+    logits = logits[:, logits.shape[1] - labels.shape[1]:]
     return logits[:, :-1][labels[:, 1:] != IGNORE_INDEX]
 
 

@@ -19,7 +19,7 @@ from fedcustom.protocols.split.protocol import (BACKWARD, BASE, BASE_MISSING, BE
                                                 ROWS_ONLY, VERSION, State, client_half_state, copy_into, moments)
 from fedcustom.protocols.split.rows import changed_rows, decode_rows, encode_rows
 from fedcustom.runtime import Message, Reply
-from fedcustom.training import counted, derive_seed, local_batches
+from fedcustom.training import counted, derive_seed, local_batches, make_optimizer
 from fedcustom.wire import schedule_from_config
 
 
@@ -78,8 +78,7 @@ class SplitClient:
         table = self.client_tables[node_id]
         self.split.model.train()
         session = _Session(
-            optimizer=torch.optim.AdamW(self.split.client_parameters().values(), lr=schedule.lr,
-                                        weight_decay=schedule.weight_decay),
+            optimizer=make_optimizer(list(self.split.client_parameters().values()), schedule),
             batches=local_batches(table, self.tokenizer, schedule, seed), num_examples=len(table),
             config={**config, "round": rnd}, rng=torch.Generator().manual_seed(seed).get_state(),
         )

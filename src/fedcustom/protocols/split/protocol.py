@@ -39,7 +39,7 @@ from fedcustom.methods.split.cut import SplitModel
 from fedcustom.protocols.split.rows import VersionHistory, decode_rows, encode_rows
 from fedcustom.runtime import Message, Reply, Runtime
 from fedcustom.strategies import ClientUpdate, Strategy
-from fedcustom.training import LocalSchedule, counted
+from fedcustom.training import LocalSchedule, counted, make_optimizer
 from fedcustom.validation import validate_update
 from fedcustom.wire import schedule_to_config
 
@@ -113,8 +113,7 @@ class SplitServer:
         # The server half lives in the (shared) model while a round runs; between rounds this copy is
         # the truth, so anything else that trains the model (the centralized baseline) cannot leak in.
         self.global_server_half = snapshot(split.server_parameters())
-        self.optimizer = torch.optim.AdamW(split.server_parameters().values(), lr=schedule.lr,
-                                           weight_decay=schedule.weight_decay)
+        self.optimizer = make_optimizer(list(split.server_parameters().values()), schedule)  # --optimizer
         self.versions = VersionHistory(secrets.token_hex(6))  # what each node keeps of the global client half
 
     def state_dict(self) -> tuple[State, dict]:
@@ -149,6 +148,8 @@ class SplitServer:
         batch's backward, is collected only after the server has served the others. In one process (embedded) every
         message is handled when it is sent, one client after another, since the clients share one model there."""
         result = SplitRoundResult(round=rnd, clients=clients)
+        for group in self.optimizer.param_groups:  # the server half follows the run's rate schedule, as the clients do
+            group["lr"] = self.schedule.lr_at_round(rnd)
         copy_into(self.split.server_parameters(), self.global_server_half)
         updates, losses, uploads = [], [], []
         remote, begins = self.runtime.local_handler is None, {}
@@ -264,7 +265,7 @@ class SplitServer:
     def _begin(self, rnd: int, node: int) -> Message:
         """split_begin for ``node``: the global client half whole, or only its rows changed since the version the
         node keeps (:mod:`.rows`)."""
-        config = {**schedule_to_config(self.schedule, self.seed), VERSION: self.versions.current}
+        config = {**schedule_to_config(self.schedule, self.seed, rnd), VERSION: self.versions.current}
         since = self.versions.rows_since(node)
         if since is None:
             return Message(BEGIN, rnd, self.codec.encode(self.global_client_half), config)
