@@ -197,3 +197,29 @@ def test_with_a_lossy_broadcast_the_server_applies_updates_to_the_exact_global(t
     job.server.run_round(2)
     # Assert: zero updates leave the global exactly where it was (averaging the clients' approximations would not)
     assert all(torch.equal(before[k], v) for k, v in job.server.global_state.items())
+
+
+def test_a_small_payload_cannot_make_the_receiver_allocate_past_its_limit() -> None:
+    # Prepare: 4M zeros (16 MB as fp32) through int4,zstd: a few kB on the wire, a 2 MB blob after zstd
+    chain, receiver = CodecChain("int4,zstd"), CodecChain("int4,zstd")
+    payload = chain.encode({"w": torch.zeros(4 * 2**20)}, Link())
+    receiver.limit_decoded(8 * 2**20)  # the blob fits; the tensors it describes (16 MB) do not
+    # Execute / Assert: refused from the shape table, before dequantizing (once it decoded whatever it claimed)
+    assert len(payload) < 50_000
+    with pytest.raises(PayloadError, match="shape table asks for 16777216 bytes"):
+        receiver.decode(payload, Link())
+
+
+def test_top_k_sends_nothing_of_an_empty_tensor() -> None:
+    chain, sender, receiver = CodecChain("delta,topk:0.1,int8"), Link(), Link()
+    for step in range(3):  # the first message is dense; the later ones are sparse (k of 0 values once raised)
+        state = {"w": torch.full((6,), float(step)), "empty": torch.zeros(0, 4)}
+        out = chain.decode(chain.encode(state, sender), receiver)
+        assert out["empty"].shape == (0, 4)
+
+
+def test_bytes_after_the_zstd_frame_are_a_payload_error() -> None:
+    chain = CodecChain("delta,zstd")
+    payload = chain.encode({"w": torch.randn(8)}, Link())
+    with pytest.raises(PayloadError, match="not a valid zstd frame"):
+        chain.decode(payload + b"trailing bytes", Link())

@@ -137,7 +137,7 @@ class CodecChain:
             shapes[name] = list(value.shape)
             flat = value.flatten()
             if sparse:
-                k = max(1, math.ceil(self.spec.topk * flat.numel()))
+                k = min(flat.numel(), max(1, math.ceil(self.spec.topk * flat.numel())))  # an empty tensor: none
                 indices = flat.abs().topk(k).indices.sort().values
                 tensors[f"{name}::indices"] = indices.to(torch.int32)
                 flat = flat[indices]
@@ -169,6 +169,13 @@ class CodecChain:
         shapes = _shape_table(raw, self.name)
         if self.spec.delta and link.reference is not None:
             self._check_against(shapes, link.reference)
+        # what the shape table makes us allocate (fp32, dense), bounded like the payload itself: int4 values with
+        # their scales are 8x smaller than the tensors they decode to, and zstd shrinks them further (a 1.4 kB
+        # int4,zstd payload once claimed a 228 MB tensor)
+        dense = 4 * sum(math.prod(shape) for shape in shapes.values())
+        if dense > self.max_decoded_bytes:
+            raise PayloadError(f"payload's shape table asks for {dense} bytes of tensors, over the decode limit of "
+                               f"{self.max_decoded_bytes} bytes")
         delivered = self._reconstruct(tensors, shapes, self._sparse(link.reference))
         if not self.spec.delta:
             return delivered
@@ -219,7 +226,8 @@ class CodecChain:
             claimed = zstandard.frame_content_size(payload)  # -1: not stated
             if claimed > limit:
                 raise PayloadError(f"zstd frame claims {claimed} bytes decompressed, over the limit of {limit} bytes")
-            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit)
+            # one frame and nothing after it: trailing bytes are as malformed as any other
+            return zstandard.ZstdDecompressor().decompress(payload, max_output_size=limit, allow_extra_data=False)
         except zstandard.ZstdError as exc:
             raise PayloadError(f"payload of {len(payload)} bytes is not a valid zstd frame ({exc})") from None
 
