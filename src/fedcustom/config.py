@@ -255,7 +255,8 @@ class GenerationConfig:
     """Causal-LM tasks: prompt formatting and the per-round generation that evaluation scores."""
 
     chat_template: bool = opt(True, "Format prompts with the tokenizer's chat template (an error if it has none); "
-                              "--no-chat-template joins the messages as plain text.", "--chat-template")
+                              "--no-chat-template joins the user turns as plain text (earlier assistant and system turns "
+                              "left out).", "--chat-template")
     max_new_tokens: int = opt(48, "Tokens generated per held-out prompt during evaluation.", "--max-new-tokens")
     eval_generations: int = opt(32, "Held-out prompts generated and scored (exact match, ROUGE-L) each round.",
                                 "--eval-generations")

@@ -65,13 +65,14 @@ def _table(n: int, num_labels: int = 4) -> datasets.Dataset:
     return datasets.Dataset.from_dict({"label": [i % num_labels for i in range(n)]})
 
 
+@pytest.mark.parametrize("rows", [400, 403])
 @pytest.mark.parametrize("spec", ["iid", "dirichlet:0.5", "shards:2", "quantity:1.0"])
-def test_partitions_are_disjoint_cover_and_reproducible(spec: str) -> None:
-    table = _table(400)
+def test_partitions_are_disjoint_cover_and_reproducible(spec: str, rows: int) -> None:
+    table = _table(rows)
     parts = partition_indices(table, parse_partition(spec), 8, seed=3)
     flat = [i for p in parts for i in p]
     assert len(flat) == len(set(flat))  # disjoint
-    assert len(flat) == 400  # every row owned by someone (400 fills the shards exactly)
+    assert len(flat) == rows  # every row owned by someone (403 rows leave 3 outside the shards: placed too)
     assert all(len(p) > 0 for p in parts)
     assert parts == partition_indices(table, parse_partition(spec), 8, seed=3)
     assert parts != partition_indices(table, parse_partition(spec), 8, seed=4)
@@ -93,6 +94,12 @@ def test_dirichlet_alpha_controls_label_skew_and_shards_limit_labels() -> None:
     assert skew[0.1] > 0.4 > 0.1 > skew[100.0] and iid < 0.1
     shards = partition_indices(table, parse_partition("shards:1"), 10, 0)
     assert all(len(set(labels[p])) <= 2 for p in shards)  # a shard may straddle one label boundary
+    # rows the shards leave over (39 rows, 10 clients x 2 shards of 1 row: 19 of them) join a client holding their
+    # label, so the skew stays
+    few = _table(39)
+    parts = partition_indices(few, parse_partition("shards:2"), 10, 0)
+    assert sorted(r for p in parts for r in p) == list(range(39))
+    assert all(len(set(np.array(few["label"])[p])) <= 2 for p in parts)
 
 
 def test_quantity_skew_varies_sizes_not_labels() -> None:

@@ -318,3 +318,18 @@ def test_resolve_model_smollm2_alias_uses_the_cache(tmp_path: Path, monkeypatch:
     assert models.resolve_model("smollm2") == str(tmp_path / "smollm2-135m-instruct")
     assert models.resolve_model("smollm2") == str(tmp_path / "smollm2-135m-instruct") and len(calls) == 1
     assert "packaged alias (minilm, smollm2)" in str(models._load_error("nope", OSError("boom")))
+
+
+def test_the_packaged_chatterbot_eval_split_holds_no_copy_of_a_training_row() -> None:
+    # The corpus repeats conversations (one 121 times); kept, 53% of the held-out rows were copies of training rows
+    import json
+
+    from fedcustom.data.causal import load_instruction_splits
+
+    from fedcustom.config import build_config
+
+    cfg = build_config({"model": {"task": "causal-lm"}, "data": {"dataset": "chatterbot"}})
+    train, held_out = load_instruction_splits(cfg.data, 0)
+    key = lambda rows: {(json.dumps(m, sort_keys=True), r) for m, r in zip(rows["messages"], rows["response"])}  # noqa: E731
+    assert len(key(train)) == len(train) and len(key(held_out)) == len(held_out)
+    assert not key(train) & key(held_out)
