@@ -180,6 +180,10 @@ def check_lora_capacity(cfg: RunConfig, method: Method) -> None:
     check_ranks(from_profiles, m.lora_r, f"--client-profiles {cfg.federation.client_profiles}: lora_rank "
                 f"{from_profiles}")
     personal = parse_personalize(cfg.federation.personalize).mode
+    if m.lora_aggregation == "ffa" and personal == "dual-lora":
+        raise ConfigError("--lora-aggregation ffa with --personalize dual-lora: switching both adapters on makes the "
+                          "global adapter's A trainable again, so FFA's frozen A would be trained and averaged; use "
+                          "--lora-aggregation fedavg or another --personalize mode")
     if m.lora_aggregation != "fedavg" and personal == "lora-b-local":
         raise ConfigError(f"--lora-aggregation {m.lora_aggregation} with --personalize lora-b-local: B stays with "
                           f"each client, so only A is merged (there is no product to average, and ffa would "

@@ -19,6 +19,7 @@ from transformers import PreTrainedTokenizerBase
 
 from fedcustom.device import resolve_device
 from fedcustom.errors import FedCustomError
+from fedcustom.personalize import PERSONAL_ADAPTER, load_personal
 
 CAUSAL_ARCHITECTURES = ("ForCausalLM", "LMHeadModel")
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json")
@@ -96,6 +97,8 @@ def _load_adapter(folder: Path, model: str | None) -> tuple[nn.Module, PreTraine
     except (OSError, ValueError, RuntimeError) as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise FedCustomError(f"--adapter {folder}: does not fit the backbone {base!r} ({first_line})") from None
+    if (folder / PERSONAL_ADAPTER).is_dir():  # a dual-lora client's own model: its personal adapter on too
+        peft_model = load_personal(peft_model, folder)
     return peft_model, tokenizer
 
 

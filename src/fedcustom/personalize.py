@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -139,7 +140,23 @@ def add_personal_lora(model: Any) -> Any:
         raise ConfigError(f"{WHERE}: dual-lora adds a private LoRA adapter beside the global one; it needs "
                           f"--method lora")
     model.add_adapter(PERSONAL_ADAPTER, copy.deepcopy(model.peft_config[model.active_adapter]))
+    return _both_adapters_on(model)
+
+
+def _both_adapters_on(model: Any) -> Any:
+    """The global and the personal adapter active together in every LoRA layer (PEFT's model-level set_adapter
+    takes one adapter where a classifier head is wrapped too); it also marks both trainable."""
+    from peft.tuners.lora import LoraLayer
+
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            module.set_adapter([model.active_adapter, PERSONAL_ADAPTER])  # marks both trainable
+            module.set_adapter([model.active_adapter, PERSONAL_ADAPTER])
     return model
+
+
+def load_personal(model: Any, folder: str | Path) -> Any:
+    """A dual-lora client's own model from its saved folder ``clients/<id>/adapter``: ``model`` is the PEFT model
+    with the global adapter loaded from ``folder``; this adds ``folder/personal`` and switches both on (loading the
+    personal adapter alone leaves it off, and the model answers as the global one)."""
+    model.load_adapter(str(Path(folder) / PERSONAL_ADAPTER), adapter_name=PERSONAL_ADAPTER)
+    return _both_adapters_on(model)

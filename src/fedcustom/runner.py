@@ -250,7 +250,13 @@ def resumed_job(out: Path, runtime_for: Callable[[RunConfig], RuntimeFactory | N
     ``out``), ready for :func:`execute` to run the rounds still to do."""
     checkpoint = checkpoint or load_checkpoint(out)
     cfg = resumed_config(out, checkpoint)
-    job = build_job(cfg, runtime_for(cfg))
+    runtime = runtime_for(cfg)
+    if runtime is None and cfg.federation.runtime != "embedded":
+        raise FedCustomError(f"--resume {out}: a --runtime {cfg.federation.runtime} run; `fedcustom run --resume` "
+                             "continues embedded runs, and a SuperLink run continues with `fedcustom submit --resume`"
+                             " (a flower-sim run's clients lived in the simulation and cannot be rebuilt: run it "
+                             "again)")
+    job = build_job(cfg, runtime)
     parts = job.checkpoint_parts()
     if set(parts) != set(checkpoint.parts):
         raise FedCustomError(f"--resume {out}: the checkpoint holds {sorted(checkpoint.parts)}, this job needs "

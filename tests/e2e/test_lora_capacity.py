@@ -165,8 +165,27 @@ def test_stack_saves_the_merged_model_and_its_baseline_starts_from_the_pretraine
     assert any(not torch.equal(job.server.global_state[k], v) for k, v in stacked.initial.items())
 
 
+def test_stack_with_a_private_head_saves_each_clients_whole_model(tiny_config) -> None:
+    # Arrange: stack with --personalize head; each client's own model is saved under clients/<id>/ (once an adapter
+    # over the pretrained backbone, which lacks the merged federated training: logits off by up to 0.15)
+    from transformers import AutoModelForSequenceClassification
+
+    job = build_job(tiny_config(method__name="lora", method__lora_r=4, method__lora_aggregation="stack",
+                                federation__personalize="head", train__lr=TINY_LR["lora"]))
+    # Execute
+    execute(job)
+    # Assert: client 1's saved folder is a whole model that scores as the client's own model in memory
+    saved = AutoModelForSequenceClassification.from_pretrained(job.out / "clients" / "1" / "model").eval()
+    job.load_model(1)
+    job.model.eval()
+    inputs = job.tokenizer(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(saved(**inputs).logits, job.model(**inputs).logits, rtol=0, atol=1e-5)
+
+
 @pytest.mark.parametrize("overrides, expected", [
     ({"method__lora_ranks": "2,x"}, "expected comma-separated integers"),
+    ({"method__lora_aggregation": "ffa", "federation__personalize": "dual-lora"}, "FFA's frozen A would be trained"),
     ({"method__lora_ranks": "2,16"}, "between 1 and the adapter's rank --lora-r 8"),
     ({"method__lora_ranks": "2,4", "method__name": "prefix"}, "use --method lora"),
     ({"method__lora_aggregation": "svd", "method__name": "lora", "federation__strategy": "median"},

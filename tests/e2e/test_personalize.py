@@ -200,3 +200,27 @@ def test_local_only_training_shares_nothing_and_each_client_learns_alone(tiny_co
     rounds = _log(job)
     assert all(len(r["client_eval_personal"]) == 3 for r in rounds[1:])
     assert summary["bytes_up_per_round"] < 1000  # an empty payload: a header only
+
+
+def test_a_saved_dual_lora_client_answers_as_that_client(tiny_config, tiny_bert: str) -> None:
+    # Prepare: dual-lora, 2 clients, 2 rounds
+    from fedcustom.personalize import load_personal
+
+    job = build_job(tiny_config(method__name="lora", train__lr=TINY_LR["lora"], federation__personalize="dual-lora"))
+    labels = len(job.data.label_names)
+    # Execute
+    execute(job)
+    # Assert: load_personal switches the personal adapter on beside the global one (loading it alone left it off,
+    # and the model answered as the global one), reproducing client 1's own model
+    folder = job.out / "clients" / "1" / "adapter"
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=labels)
+    saved = load_personal(PeftModel.from_pretrained(base, folder), folder).eval()
+    job.load_model(1)
+    job.model.eval()
+    inputs = job.tokenizer(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        own, reloaded = job.model(**inputs).logits, saved(**inputs).logits
+        job.load_model()
+        global_logits = job.model(**inputs).logits
+    torch.testing.assert_close(reloaded, own, rtol=0, atol=1e-5)
+    assert not torch.allclose(own, global_logits, atol=1e-4)  # the personal adapter does change the answers

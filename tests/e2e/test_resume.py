@@ -123,3 +123,16 @@ def test_resume_refuses_other_settings(tmp_path: Path) -> None:
     proc = fedcustom("run", "--resume", str(tmp_path), "--rounds", "9")
     output, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2 and "keeps the config it was started with; drop federation.rounds" in output
+
+
+def test_a_flower_sim_run_is_refused_by_run_resume_with_what_to_do(tmp_path: Path, monkeypatch) -> None:
+    # its clients lived in Flower's simulation; rebuilding them embedded failed with a parts mismatch
+    import fedcustom.runner as runner
+    from fedcustom.config import build_config
+    from fedcustom.errors import FedCustomError
+
+    monkeypatch.setattr(runner, "load_checkpoint", lambda out: object())
+    monkeypatch.setattr(runner, "resumed_config", lambda out, checkpoint: build_config(
+        {"federation": {"runtime": "flower-sim"}}))
+    with pytest.raises(FedCustomError, match="a --runtime flower-sim run; `fedcustom run --resume` continues embedded"):
+        runner.resumed_job(tmp_path)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -46,7 +48,10 @@ def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module) -> Callable
     from fedcustom.methods import save_trained
 
     def save(folder: Path) -> None:
-        (method.save or save_trained)(model, folder)
+        if stacks(cfg):  # the federated training lives in the merged backbone, not in the adapter: a whole model
+            copy.deepcopy(model).merge_and_unload().save_pretrained(folder)
+        else:
+            (method.save or save_trained)(model, folder)
         get_task(cfg.model.task).describe_saved(model, folder)
 
     return save
