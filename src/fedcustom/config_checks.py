@@ -4,7 +4,7 @@ runs :func:`validate` on every config it builds."""
 
 from __future__ import annotations
 
-from fedcustom.config import RunConfig, parse_partition
+from fedcustom.config import RunConfig, parse_partition, shown
 from fedcustom.errors import ConfigError
 
 
@@ -69,7 +69,7 @@ def validate(cfg: RunConfig) -> None:
 
     unknown = [name for name in cfg.output.trackers if name not in (*TRACKERS, "none")]
     if unknown:
-        raise ConfigError(f"output.trackers (--tracker) {', '.join(unknown)}: expected {', '.join(TRACKERS)} or none")
+        raise ConfigError(f"output.trackers (--tracker) {', '.join(map(shown, unknown))}: expected {', '.join(TRACKERS)} or none")
     if data.columns is not None:
         names = [c.strip() for c in data.columns.split(",")]
         if not all(names) or len(set(names)) != len(names):
@@ -130,6 +130,12 @@ def validate_trust(cfg: RunConfig) -> None:
         raise ConfigError(f"privacy.delta (--dp-delta): expected 0 < delta < 1, got {priv.delta}")
     if not 0 < priv.secagg_threshold <= 1:
         raise ConfigError(f"privacy.secagg_threshold: expected 0 < share <= 1, got {priv.secagg_threshold}")
+    if adv.attack != "none" and adv.fraction > 0 and round(adv.fraction * fed.clients) < 1:  # (0: a clean baseline)
+        raise ConfigError(f"--attack {adv.attack} with --attack-fraction {adv.fraction} of --clients {fed.clients}: "
+                          f"round({adv.fraction} x {fed.clients}) is no attacker at all; raise --attack-fraction")
+    if adv.attack == "label-flip" and cfg.model.task not in ("classification", "image-classification"):
+        raise ConfigError(f"--attack label-flip with --task {cfg.model.task}: flipping needs one class label per row "
+                          "(classification, image-classification); use --attack sign-flip, scale or noise")
     if adv.attack != "none" and adv.scale <= 0:
         raise ConfigError(f"adversary.scale (--attack-scale): expected > 0, got {adv.scale}")
     if priv.dp == "central" and fed.strategy != "fedavg":

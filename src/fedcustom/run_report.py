@@ -132,9 +132,9 @@ def overview_rows(summary: dict[str, Any]) -> list[tuple[str, str]]:
         (f"final {title}", _fmt(summary.get(f"final_{key}"))),
         (f"centralized {title} (same passes)", _fmt(summary.get(f"centralized_{key}"))),
         (f"centralized {title} (converged)", _fmt(summary.get(f"centralized_converged_{key}"))),
-        ("MB up / down per client per round", f"{_fmt((summary.get('bytes_up_per_round') or 0) / MB, 2)} / "
-                                              f"{_fmt((summary.get('bytes_down_per_round') or 0) / MB, 2)}"),
-        ("client GFLOPs per round", _fmt((summary.get("client_flops_per_round") or 0) / 1e9, 1)),
+        ("MB up / down per client per round", f"{_fmt(_scaled(summary.get('bytes_up_per_round'), MB), 2)} / "
+                                              f"{_fmt(_scaled(summary.get('bytes_down_per_round'), MB), 2)}"),
+        ("client GFLOPs per round", _fmt(_scaled(summary.get("client_flops_per_round"), 1e9), 1)),
         ("codec up / down", f"{summary.get('codec_up')} / {summary.get('codec_down')}"),
         ("strategy", str(summary.get("strategy"))), ("DP / SecAgg", f"{summary.get('dp')} / {summary.get('secagg')}"),
         ("device", str(summary.get("device", config.get("train", {}).get("device", "-")))),
@@ -171,10 +171,16 @@ def _per_client_rows(summary: dict[str, Any], key: str) -> list[tuple[str, str]]
     return rows
 
 
+def _scaled(value: float | None, unit: float) -> float | None:
+    """``value`` in ``unit``s; None (nothing measured: shown as "-", not as 0) stays None."""
+    return None if value is None else value / unit
+
+
 def round_rows(summary: dict[str, Any], records: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """The per-round table: header and rows."""
     key, title = headline(summary)
-    header = ["round", title, "eval loss", "train loss", "clients", "rejected", "MB up", "MB down", "s"]
+    header = ["round", title, "eval loss", "train loss", "clients", "rejected", "MB up (all clients)",
+              "MB down (all clients)", "s"]
     rows = [[str(r["round"]), _fmt(r.get(f"eval_{key}")), _fmt(r.get("eval_loss")), _fmt(r.get("train_loss")),
              str(len(r.get("clients", []))), str(len(r.get("rejected", {}))),
              _fmt(sum(r.get("bytes_up", {}).values()) / MB, 2), _fmt(sum(r.get("bytes_down", {}).values()) / MB, 2),

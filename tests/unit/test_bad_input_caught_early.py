@@ -34,6 +34,10 @@ def _one_line(message: str) -> bool:
     ({"privacy": {"dp_sgd": True}, "method": {"name": "lora"}, "train": {"precision": "fp16"}},
      "--dp-sgd with --precision fp16"),  # loss scaling made Opacus clip every example to C / 65,536
     ({"method": {"name": "split"}, "train": {"precision": "bf16"}}, "--method split with --precision bf16"),
+    ({"adversary": {"attack": "sign-flip", "fraction": 0.05}, "federation": {"clients": 10}},
+     "is no attacker at all"),  # round(0.5) = 0: a run reported as attacked that was clean
+    ({"adversary": {"attack": "label-flip", "fraction": 0.5}, "model": {"task": "causal-lm", "name": "smollm2"}},
+     "--attack label-flip with --task causal-lm"),  # crashed after loading (token-id labels)
     ({"method": {"name": "split", "split_client": "prefix"}, "model": {"task": "causal-lm", "name": "smollm2"}},
      "--split-client prefix: the prefix client half is built for classification"),  # crashed at the first eval
 ])
