@@ -229,9 +229,9 @@ class FederationConfig:
                                "clients that have not answered by then are left out of the round. Embedded runtime: "
                                "the deadline on each client's simulated latency (--client-latency) or device time "
                                "(--client-profiles).", "--round-timeout")
-    max_update_mb: float | None = opt(None, "Reject client payloads larger than this many MB; default: twice the size of "
-                                      "the trainable tensors at 4 or more bytes a value, plus 1 MiB and 1 KiB per "
-                                      "tensor.", "--max-update-mb")
+    max_update_mb: float | None = opt(None, "Reject client payloads larger than this many MB; default: twice the "
+                                      "size of the trainable tensors at 4 or more bytes a value, plus 1 MiB and 1 KiB "
+                                      "per tensor.", "--max-update-mb")
     client_failure_rate: float = opt(0.0, "Embedded runtime: chance that a sampled client fails to answer a round "
                                      "(simulated; seeded).", "--client-failure-rate")
     client_latency: float = opt(0.0, "Embedded runtime: mean simulated seconds a client needs to answer (exponential, "
@@ -246,7 +246,8 @@ class FederationConfig:
                                       "simulated_seconds.", "--client-profiles")
     target_accuracy: float | None = opt(None, "Report how long the run took (wall clock and, with --client-profiles, "
                                         "simulated) until the global headline metric (accuracy; causal-lm: "
-                                        "ROUGE-L; retrieval: recall@5) first reached this value (summary time_to_target).",
+                                        "ROUGE-L; retrieval: recall@5) first reached this value (summary "
+                                        "time_to_target).",
                                         "--target-accuracy")
 
 
@@ -255,8 +256,8 @@ class GenerationConfig:
     """Causal-LM tasks: prompt formatting and the per-round generation that evaluation scores."""
 
     chat_template: bool = opt(True, "Format prompts with the tokenizer's chat template (an error if it has none); "
-                              "--no-chat-template joins the user turns as plain text (earlier assistant and system turns "
-                              "left out).", "--chat-template")
+                              "--no-chat-template joins the user turns as plain text (earlier assistant and system "
+                              "turns left out).", "--chat-template")
     max_new_tokens: int = opt(48, "Tokens generated per held-out prompt during evaluation.", "--max-new-tokens")
     eval_generations: int = opt(32, "Held-out prompts generated and scored (exact match, ROUGE-L) each round.",
                                 "--eval-generations")
@@ -287,8 +288,8 @@ class PrivacyConfig:
     secagg_threshold: float = opt(0.6, "Secure aggregation: share of a round's clients that must survive for the sum "
                                   "to be recovered (Shamir threshold).", "--secagg-threshold")
     secagg_clip: float = opt(8.0, "Secure aggregation: each client's example-weighted update is clipped per value to "
-                             "[-C, C] before fixed-point encoding (step 2C / (2^bits - 1), bits = 32 - ceil(log2(clients)), at most "
-                             "31).",
+                             "[-C, C] before fixed-point encoding (step 2C / (2^bits - 1), bits = 32 - "
+                             "ceil(log2(clients)), at most 31).",
                              "--secagg-clip")
 
 
@@ -562,19 +563,20 @@ def build_config(values: dict[str, dict[str, Any]]) -> RunConfig:
     return cfg
 
 
-def read_toml(path: str | Path) -> dict[str, dict[str, Any]]:
-    """Read a TOML config file, with clear errors for missing or malformed files."""
+def read_toml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """Read a TOML file (``what`` names it in errors), with clear errors for missing or malformed files."""
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file {path}: not found")
+        raise ConfigError(f"{what} {path}: not found")
     if not path.is_file():
-        raise ConfigError(f"config file {path}: not a file (a TOML config file is expected)")
+        raise ConfigError(f"{what} {path}: not a file (a TOML file is expected)")
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path}: not UTF-8 text (TOML is UTF-8; byte {exc.start}: {exc.reason})") from None
+        raise ConfigError(f"{what} {path}: not UTF-8 text (TOML is UTF-8; byte {exc.start}: {exc.reason})"
+                          ) from None
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: invalid TOML ({exc})") from None
+        raise ConfigError(f"{what} {path}: invalid TOML ({exc})") from None
 
 
 def load_config(path: str | Path | None = None, overrides: dict[str, dict[str, Any]] | None = None) -> RunConfig:

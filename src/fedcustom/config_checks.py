@@ -69,7 +69,8 @@ def validate(cfg: RunConfig) -> None:
 
     unknown = [name for name in cfg.output.trackers if name not in (*TRACKERS, "none")]
     if unknown:
-        raise ConfigError(f"output.trackers (--tracker) {', '.join(map(shown, unknown))}: expected {', '.join(TRACKERS)} or none")
+        raise ConfigError(f"output.trackers (--tracker) {', '.join(map(shown, unknown))}: expected "
+                          f"{', '.join(TRACKERS)} or none")
     if data.columns is not None:
         names = [c.strip() for c in data.columns.split(",")]
         if not all(names) or len(set(names)) != len(names):
@@ -146,9 +147,9 @@ def validate_trust(cfg: RunConfig) -> None:
         _positive("privacy.sgd_clip (--dp-sgd-clip)", priv.sgd_clip, allow_none=False)
         _positive("privacy.sgd_noise (--dp-sgd-noise)", priv.sgd_noise, allow_none=False)
         if cfg.train.precision == "fp16":
-            raise ConfigError("--dp-sgd with --precision fp16: fp16's loss scaling multiplies the per-example gradients "
-                              "Opacus clips (by 65,536), so every example would be clipped to C / 65,536; use bf16 or "
-                              "fp32")
+            raise ConfigError("--dp-sgd with --precision fp16: fp16's loss scaling multiplies the per-example "
+                              "gradients Opacus clips (by 65,536), so every example would be clipped to C / 65,536; "
+                              "use bf16 or fp32")
         if cfg.method.name not in ("lora", "prefix"):
             raise ConfigError(f"--dp-sgd with --method {cfg.method.name}: Opacus computes per-example gradients for "
                               f"LoRA's and prefix tuning's modules only; use --method lora or prefix")

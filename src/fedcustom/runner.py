@@ -11,7 +11,6 @@ Output folder:
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from fedcustom.convergence import EarlyStop, resolved_settings
 from fedcustom.device import model_device, peak_memory_mb
 from fedcustom.errors import FedCustomError
 from fedcustom.methods import save_trained
-from fedcustom.methods.lora_stack import stacks
+from fedcustom.methods.lora_stack import save_merged, stacks
 from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
@@ -92,7 +91,7 @@ def save_global_model(job: Job) -> None:
     if job.personalization.mode == "dual-lora":
         job.model.save_pretrained(job.model_dir, selected_adapters=[job.model.active_adapter])
     elif stacks(job.cfg):  # the training lives in the backbone (the adapter restarts each round): a whole model
-        copy.deepcopy(job.model).merge_and_unload().save_pretrained(job.model_dir)
+        save_merged(job.model, job.model_dir)
     else:
         (job.method.save or save_trained)(job.model, job.model_dir)
 

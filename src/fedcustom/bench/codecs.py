@@ -18,8 +18,8 @@ from fedcustom.bench.report import MB
 from fedcustom.bench.sweep import Sweep, base_value, preamble
 
 KEYS = ("final_accuracy", "accuracy_per_round", "bytes_up_per_round", "bytes_down_per_round", "bytes_up_total",
-        "bytes_down_total", "bytes_per_round_all_clients", "trainable_bytes_fp32", "round_wall_seconds", "codec_up", "codec_down", "clients",
-        "learning_rate", "wall_seconds")
+        "bytes_down_total", "bytes_per_round_all_clients", "trainable_bytes_fp32", "round_wall_seconds", "codec_up",
+        "codec_down", "clients", "learning_rate", "wall_seconds")
 TARGET_SHARE = 0.98
 RAW = "raw fp32"
 PLOT = "accuracy_vs_cumulative_mb.png"

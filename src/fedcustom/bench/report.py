@@ -202,14 +202,13 @@ def diagnostics(records: list[dict], preset: BenchPreset) -> list[str]:
     fed = [r for r in records if r["dataset"] == main.key and r["split"] == main.splits[0] and r.get("client_data")]
     if fed and fed[0].get("centralized"):
         local, central = _steps(fed[0], preset.batch_size, preset.local_epochs)
+        start = "random vectors" if preset.virtual_init == "random" else f"the {preset.virtual_init} initialisation"
         lines.append(
             f"- Optimizer steps at equal example passes ({main.title}, {main.splits[0]}): each client takes {local:.0f} "
             f"steps over the run and FedAvg averages {preset.clients} such trajectories, so the global model moves "
             f"about as far as {local:.0f} sequential steps; the centralized baseline takes {central} sequential steps "
             f"on the same {fed[0]['centralized'].get('examples_seen', 0):,} example passes. Methods that need many "
-            "steps to leave the majority class (soft prompts and prefixes start from "
-            f"{'random vectors' if preset.virtual_init == 'random' else 'the ' + preset.virtual_init + ' initialisation'}"
-            ") lose most.")
+            f"steps to leave the majority class (soft prompts and prefixes start from {start}) lose most.")
     overheads = {}
     for r in fed:
         overheads.setdefault(r["method"], (r["bytes_up_per_round"] - r["trainable_bytes_fp32"], r["trainable_bytes_fp32"]))

@@ -41,13 +41,13 @@ import json
 import math
 import statistics
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
+from fedcustom.config import read_toml
 from fedcustom.errors import ConfigError, FedCustomError
 
 SWEEPS_DIR = Path(__file__).parent / "sweeps"
@@ -120,13 +120,7 @@ def load_sweep(name_or_path: str) -> Sweep:
         path = SWEEPS_DIR / f"{name_or_path}.toml"
     if not path.is_file():
         raise ConfigError(f"sweep {name_or_path!r}: no such file; shipped sweeps: {', '.join(sweep_names())}")
-    try:
-        raw = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"sweep {path}: not UTF-8 text (TOML is UTF-8; byte {exc.start}: {exc.reason})") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"sweep {path}: invalid TOML ({exc})") from None
-    return parse_sweep(raw, str(path))
+    return parse_sweep(read_toml(path, "sweep"), str(path))
 
 
 def parse_sweep(raw: dict[str, Any], source: str = "<sweep>") -> Sweep:

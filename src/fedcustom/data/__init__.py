@@ -13,10 +13,10 @@ from transformers import PreTrainedTokenizerBase
 from fedcustom.config import DataConfig, parse_partition
 from fedcustom.data.features import make_loader, tokenize
 from fedcustom.data.partition import label_histogram, partition_indices
-from fedcustom.errors import FedCustomError
 from fedcustom.data.public import carve_public, load_public
 from fedcustom.data.sources import (PACKAGED_DATASETS, FileLayout, LabeledData, check_split_flags, is_local,
                                     load_labeled)
+from fedcustom.errors import FedCustomError
 
 __all__ = ["EvalRows", "FederatedData", "FileLayout", "PACKAGED_DATASETS", "LabeledData", "PublicSpec", "load_labeled", "make_loader", "prepare_data",
            "stratified_split"]

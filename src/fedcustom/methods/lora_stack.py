@@ -9,6 +9,8 @@ them and puts a broadcast's values in place before a client trains or the global
 
 from __future__ import annotations
 
+import copy
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -21,6 +23,12 @@ if TYPE_CHECKING:
 
 State = dict[str, torch.Tensor]
 BASE_WEIGHT = "base_layer.weight"
+
+
+def save_merged(model: nn.Module, folder: Path) -> None:
+    """A stacked run's model as a whole transformers model: its federated training lives in the merged backbone,
+    not in the adapter (which restarts each round), so the adapter is merged into a copy and the copy saved."""
+    copy.deepcopy(model).merge_and_unload().save_pretrained(folder)
 
 
 def stacks(cfg: RunConfig) -> bool:

@@ -249,9 +249,10 @@ def cut_model(model: nn.Module, cut_layer: int, head_on_client: bool = False) ->
             raise ConfigError(f"--split-head server: {type(hf).__name__} ties its LM head to its input embeddings, "
                               f"which the client half holds; keep the head with them: --split-head client")
     else:
-        raise ConfigError(f"--cut-layer: split learning supports encoder classifiers laid out as BERT's (encoder.layer, "
-                          f"pooler, dropout and a linear classifier: BERT, MiniLM), decoder classifiers (layers, score) and decoder causal LMs (layers, lm_head) "
-                          f"with rotary positions, e.g. LLaMA; got {type(hf).__name__}")
+        raise ConfigError(f"--cut-layer: split learning supports encoder classifiers laid out as BERT's "
+                          f"(encoder.layer, pooler, dropout and a linear classifier: BERT, MiniLM), decoder "
+                          f"classifiers (layers, score) and decoder causal LMs (layers, lm_head) with rotary "
+                          f"positions, e.g. LLaMA; got {type(hf).__name__}")
     if not 1 <= cut_layer < len(layers):
         raise ConfigError(f"--cut-layer {cut_layer}: expected 1 to {len(layers) - 1} for a model with "
                           f"{len(layers)} transformer layers (the client and the server each keep at least one)")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +12,7 @@ from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
 from fedcustom.data import EvalRows
 from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
-from fedcustom.methods.lora_stack import StackedBase, stacks
+from fedcustom.methods.lora_stack import StackedBase, save_merged, stacks
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
 from fedcustom.personalize import parse_personalize
 from fedcustom.profiles import profile_ranks
@@ -48,8 +46,8 @@ def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module) -> Callable
     from fedcustom.methods import save_trained
 
     def save(folder: Path) -> None:
-        if stacks(cfg):  # the federated training lives in the merged backbone, not in the adapter: a whole model
-            copy.deepcopy(model).merge_and_unload().save_pretrained(folder)
+        if stacks(cfg):  # the federated training lives in the merged backbone: a whole model
+            save_merged(model, folder)
         else:
             (method.save or save_trained)(model, folder)
         get_task(cfg.model.task).describe_saved(model, folder)

@@ -39,7 +39,7 @@ class FlowerRuntime:
         self.timeout = timeout  # seconds to wait for the replies of one exchange
         self.extra_config = extra_config or {}  # added to every message's config (e.g. the label names)
         self.node_stats: dict[int, dict] = {}  # partition id -> its own rows and label histogram, as the node says
-        self.partition_examples: dict[int, int] = {}  # partition id -> its training rows, where the server split the data
+        self.partition_examples: dict[int, int] = {}  # partition id -> training rows, where the server split the data
         self._asked: set[int] = set()  # node ids asked for their partition after the start (rejoining nodes)
         self.partitions = self._discover(expected_nodes, connect_timeout)  # partition id -> Flower node id
 

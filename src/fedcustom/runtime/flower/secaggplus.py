@@ -129,8 +129,8 @@ class SecAggPlusRound:
         else the largest of the server's own partition (flower-sim, or nodes served the run's dataset), else
         Flower's default. A count above it overflows the ring (the mean came back scaled 5x with 5,000 rows a
         client under the default); far above the real one costs the weighted values their precision."""
-        for counts in (self.runtime.node_stats, getattr(self.runtime, "partition_examples", {})):
-            sizes = {p: (c["examples"] if isinstance(c, dict) else c) for p, c in counts.items()}
+        reported = {p: stats["examples"] for p, stats in self.runtime.node_stats.items()}
+        for sizes in (reported, self.runtime.partition_examples):
             if sizes and all(p in sizes for p in self.chosen):
                 return float(max(sizes[p] for p in self.chosen))
         return MAX_WEIGHT
