@@ -51,7 +51,8 @@ def server_opt_settings(cfg: RunConfig, method: Method, client_lr: float) -> Ser
 def convergence_for(cfg: RunConfig, method: Method, schedule: LocalSchedule) -> Convergence:
     """What the parameter-sharing server applies besides its strategy."""
     fed = cfg.federation
-    return Convergence(ServerOptimizer(server_opt_settings(cfg, method, schedule.lr)), fed.scaffold, fed.prox_mu)
+    return Convergence(ServerOptimizer(server_opt_settings(cfg, method, schedule.lr)), fed.scaffold, fed.prox_mu,
+                       clients=fed.clients)
 
 
 def check_convergence_support(cfg: RunConfig, method: Method) -> None:

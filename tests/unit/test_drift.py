@@ -50,8 +50,10 @@ def client_tables(tiny_bert: str) -> tuple[dict[int, datasets.Dataset], AutoToke
     return tables, tokenizer
 
 
-def reference_scaffold(rounds: int, steps: int, lr: float) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Algorithm 1 (option II, full participation, global rate 1, equal client weights) in numpy."""
+def reference_scaffold(rounds: int, steps: int, lr: float,
+                       clients: int = 2) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Algorithm 1 (option II, global rate 1, equal client weights) in numpy; the two clients train every round,
+    ``clients`` is the paper's N (more than 2: the others never answer)."""
     x, c, ci = np.zeros(3), np.zeros(3), [np.zeros(3), np.zeros(3)]
     for _ in range(rounds):
         ys, changes = [], []
@@ -64,7 +66,7 @@ def reference_scaffold(rounds: int, steps: int, lr: float) -> tuple[np.ndarray, 
             ci[i] = new
             ys.append(y)
         x = (ys[0] + ys[1]) / 2
-        c = c + (changes[0] + changes[1]) / 2
+        c = c + (changes[0] + changes[1]) / clients
     return x, c, ci
 
 
@@ -87,6 +89,23 @@ def test_scaffold_through_client_and_server_follows_algorithm_1(tiny_bert: str) 
     # ... and the control variates' bytes are counted both ways: more than the model payload alone
     payload = len(RawCodec().encode({"w": torch.zeros(3, dtype=torch.float64)}))
     assert all(b >= 2 * payload for r in results for b in [*r.bytes_up.values(), *r.bytes_down.values()])
+
+
+def test_scaffold_divides_by_the_federations_clients_not_the_nodes_that_are_up(tiny_bert: str) -> None:
+    # Prepare: a federation of 5 clients of which only 2 nodes are up (on Flower: the others' machines died)
+    tables, tokenizer = client_tables(tiny_bert)
+    client = TrainingClient(Quadratic(), tokenizer, RawCodec(), tables)
+    schedule = LocalSchedule(lr=0.1, batch_size=4, epochs=2, count_flops=False, optimizer="sgd")
+    server = FederatedServer(EmbeddedRuntime(client, 2), FedAvg(), RawCodec(), {"w": torch.zeros(3, dtype=torch.float64)},
+                             lambda s: {"accuracy": 0.0}, schedule, clients_per_round=2, seed=0,
+                             convergence=Convergence(scaffold=True, clients=5))
+    # Execute
+    for r in (1, 2):
+        server.run_round(r)
+    # Assert: c moved by 1/5 of the changes each round (Algorithm 1's |S|/N times their mean)
+    x, c, _ = reference_scaffold(rounds=2, steps=4, lr=0.1, clients=5)
+    assert np.allclose(server.control.c["w"].numpy(), c, atol=1e-10)
+    assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
 
 
 def test_scaffold_corrects_drift_that_plain_local_sgd_suffers(tiny_bert: str) -> None:

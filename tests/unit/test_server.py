@@ -80,6 +80,23 @@ def test_malformed_updates_are_rejected_and_the_round_goes_on() -> None:
     assert result.train_loss == pytest.approx(0.5)
 
 
+def test_a_reply_without_a_train_loss_is_merged_and_left_out_of_the_mean_loss() -> None:
+    # Prepare: node 1 (another client version, say) reports no metrics at all; the others report their loss
+    codec = RawCodec()
+
+    def handler(node: int, message: Message) -> Reply:
+        state = {k: torch.full_like(v, float(node)) for k, v in codec.decode(message.payload).items()}
+        return Reply(payload=codec.encode(state), num_examples=10, metrics={} if node == 1 else {"train_loss": node})
+
+    server = _server(handler)
+    # Execute
+    result = server.run_round(1)
+    # Assert: the round completed with all four updates; the loss is the mean of the three that reported one
+    assert not result.rejected
+    assert all(torch.equal(server.global_state[k], torch.full_like(STATE[k], 1.5)) for k in STATE)
+    assert result.train_loss == pytest.approx((0 + 2 + 3) / 3)
+
+
 def test_round_with_only_bad_updates_keeps_the_global_state() -> None:
     server = _server(lambda node, message: Reply(payload=b"junk", num_examples=1))
     result = server.run_round(1)

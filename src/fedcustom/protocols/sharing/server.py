@@ -60,6 +60,9 @@ class Convergence:
     optimizer: ServerOptimizer = field(default_factory=lambda: ServerOptimizer(ServerOptSettings()))
     scaffold: bool = False
     prox_mu: float = 0.0
+    # SCAFFOLD's N, the federation's clients: c moves by 1/N of the clients' changes. None: the runtime's nodes now
+    # (on Flower a node that died leaves that list, which would make c's steps larger than the paper's)
+    clients: int | None = None
 
 
 class FederatedServer:
@@ -145,10 +148,9 @@ class FederatedServer:
             aggregate = self.aggregation.merge(self, rnd, collected, result)
             self.global_state = steer.optimizer.step(self.global_state, aggregate)
             if self.control is not None:
-                self.control.apply([collected.controls[u.node_id] for u in updates], len(self.runtime.nodes()))
-            weights = np.array([u.num_examples for u in updates], dtype=np.float64)
-            losses = np.array([u.metrics["train_loss"] for u in updates])
-            result.train_loss = float(np.average(losses, weights=weights))
+                total = self.convergence.clients or len(self.runtime.nodes())
+                self.control.apply([collected.controls[u.node_id] for u in updates], total)
+            result.train_loss = _mean_train_loss(updates)
         else:
             log.warning("round %d: no valid updates; the global state is unchanged", rnd)
         if self.safeguards.accountant is not None:
@@ -277,3 +279,14 @@ class FederatedServer:
             result.rejected[node] = "no reply"
         result.rejected.update(rejected)
         return Collected(updates, controls, running.result() if running is not None and updates else None)
+
+
+def _mean_train_loss(updates: list[ClientUpdate]) -> float | None:
+    """The example-weighted mean of the ``train_loss`` the clients reported; a reply without one (a client of
+    another version, or a malicious one) is left out of the mean rather than stopping the round, whose global
+    state has already moved. None when no client reported a loss."""
+    reported = [(float(u.metrics["train_loss"]), u.num_examples) for u in updates if "train_loss" in u.metrics]
+    if not reported:
+        return None
+    losses, weights = zip(*reported)
+    return float(np.average(losses, weights=np.asarray(weights, dtype=np.float64)))
