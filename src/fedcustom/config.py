@@ -281,7 +281,8 @@ class PrivacyConfig:
     reproducible_noise: bool = opt(False, "Draw DP and DP-SGD noise from the run seed, so that a simulation repeats "
                                    "exactly. Anyone who knows the seed (the server sends it to every client) can "
                                    "then regenerate the noise and subtract it: the reported epsilon does not hold. "
-                                   "For experiments only; by default the noise comes from the OS's entropy.",
+                                   "For experiments only; by default the noise comes from the OS's entropy. A deployed "
+                                   "Flower node ignores it: only its own node config (reproducible-noise=true) can ask.",
                                    "--dp-reproducible-noise")
     secagg: bool = opt(False, "Secure aggregation (pairwise masking, Bonawitz et al. 2017): the server learns only "
                        "the sum of the clients' updates.", "--secagg")

@@ -54,6 +54,19 @@ def config_from_run_config(run_config: dict[str, Any]) -> RunConfig:
     return build_config(json.loads(str(run_config[CONFIG_KEY])))
 
 
+def node_run_config(context: Context) -> RunConfig:
+    """A deployed node's config: the submitted run's, except what is the data owner's alone to decide. Whether its
+    DP and DP-SGD noise may come from the run seed, which the server knows, is read from the node config's
+    ``reproducible-noise`` (default false), never from the run: a server that submitted with
+    --dp-reproducible-noise could otherwise regenerate every node's noise and subtract it."""
+    cfg = config_from_run_config(context.run_config)
+    own = str(context.node_config.get("reproducible-noise", "false")).lower() == "true"
+    if cfg.privacy.reproducible_noise and not own:
+        log.warning("the run asks for DP noise from the run seed (--dp-reproducible-noise); this node draws it from "
+                    "the OS's entropy: only its own node config (reproducible-noise=true) can ask for that")
+    return dataclasses.replace(cfg, privacy=dataclasses.replace(cfg.privacy, reproducible_noise=own))
+
+
 # ---------------------------------------------------------------------------------------------- server side
 def setup_config(setup: ClientSetup) -> dict[str, str]:
     """What every message carries so that a node can build its side of the job (see :func:`setup_from_config`)."""
@@ -133,7 +146,7 @@ def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None) -> F
     if ours.kind == SAVE_KIND and context.node_config.get("output-dir"):  # where this owner keeps its own model
         config["folder"] = str(context.node_config["output-dir"])
     setup = setup_from_config(config)
-    node = node_client(context, cfg or config_from_run_config(context.run_config), setup)
+    node = node_client(context, cfg or node_run_config(context), setup)
     restore_client_state(node, context)
     ours = dataclasses.replace(ours, config=config)
     if secure:
@@ -162,7 +175,7 @@ def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> 
         labels = message.content["hello"].get(LABELS_KEY) if "hello" in message.content else None
         data_path = context.node_config.get("data-path")
         if labels is not None and data_path:
-            answer.update(describe_own_data(cfg or config_from_run_config(context.run_config), json.loads(str(labels)),
+            answer.update(describe_own_data(cfg or node_run_config(context), json.loads(str(labels)),
                                             str(data_path), answer["partition-id"]))
         return FlowerMessage(RecordDict({"hello": ConfigRecord(answer)}), reply_to=message)
 
