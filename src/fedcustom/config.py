@@ -209,8 +209,9 @@ class FederationConfig:
     client_eval_fraction: float = opt(0.0, "Per-client evaluation: share of each client's rows held out as its own "
                                       "test set (not trained on, by it or the centralized baselines); every round "
                                       "the global model is scored on each client's held-out rows (round log "
-                                      "client_eval; summary client_accuracy, mean, std, worst 10%). 0: off. Embedded "
-                                      "runtime, parameter-sharing methods.", "--client-eval-fraction")
+                                      "client_eval; summary client_accuracy, mean, std, worst 10%). 0: off. Parameter-sharing "
+                                      "methods; on Flower each node scores itself on rows it holds out.",
+                                      "--client-eval-fraction")
     personalize: str = opt("none", "Personalization: head (the task head stays with each client, FedPer), "
                            "lora-b-local (LoRA's A shared, B private, FedSA-LoRA), dual-lora (a private LoRA "
                            "adapter beside the global one, FedDPA-style), local-prefix[:L] (the last L virtual tokens "
@@ -218,8 +219,9 @@ class FederationConfig:
                            "on the global model before a client's evaluation) or local (nothing shared: each client "
                            "trains alone, the local-only baseline). Private tensors never leave the client; "
                            "each client's own model is scored on its held-out rows (round log client_eval_personal; "
-                           "--client-eval-fraction defaults to 0.2) and saved under clients/<id>/. Embedded runtime, "
-                           "parameter-sharing methods.", "--personalize")
+                           "--client-eval-fraction defaults to 0.2) and saved under clients/<id>/. Parameter-sharing "
+                           "methods; on Flower each node keeps, scores and saves its own (node config output-dir).",
+                           "--personalize")
     runtime: str = opt("embedded", "How messages travel: embedded (one process), flower-sim (Flower's simulation "
                        "engine, Ray) or flower (a ServerApp on a real SuperLink; submit with `fedcustom submit`).",
                        "--runtime", ("embedded", "flower-sim", "flower"))

@@ -58,6 +58,9 @@ class FlowerRuntime:
             if partition in partitions:
                 raise FedCustomError(f"SuperNodes {partitions[partition]} and {node} both have partition-id={partition} "
                                      f"in their node config; give each data owner its own partition-id")
+            if not 0 <= partition < expected:
+                raise FedCustomError(f"SuperNode {node} has partition-id={partition} in its node config; with "
+                                     f"federation.clients = {expected} the partition ids are 0..{expected - 1}")
             partitions[partition] = node
         if len(partitions) < expected:
             raise FedCustomError(f"federation.clients = {expected}: only {len(partitions)} SuperNodes answered with "
