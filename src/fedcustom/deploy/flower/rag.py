@@ -119,11 +119,13 @@ def run_rag_simulation(job: RagJob) -> list[dict[str, Any]]:
     from flwr.simulation import run_simulation
 
     from fedcustom.deploy.flower.apps import make_client_app, make_server_app
+    from fedcustom.deploy.flower.sim import backend_config
 
     answers = Path(job.output).expanduser() / "answers.jsonl"
     answers.unlink(missing_ok=True)
+    resources = backend_config("auto", 1.0)["client_resources"]  # the nodes' encoders run where torch finds a GPU
     run_simulation(server_app=make_server_app(rag=job), client_app=make_client_app(rag=job),
-                   num_supernodes=job.clients, backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
+                   num_supernodes=job.clients, backend_config={"client_resources": resources})
     if not answers.is_file():
         raise FedCustomError(f"the Flower simulation ended without writing {answers}; see the log above")
     return [json.loads(line) for line in answers.read_text().splitlines()]
