@@ -103,8 +103,11 @@ def local_batches(table: datasets.Dataset, tokenizer: PreTrainedTokenizerBase, s
     for batch in batches:
         if remaining <= 0:
             return
-        yield {k: v[:remaining] for k, v in batch.items()}  # the last batch is cut to hit the count exactly
-        remaining -= len(batch["labels"])
+        # the last batch is cut to hit the count exactly; a tensor with several rows per example (retrieval's
+        # question and passage rows, one label per pair) keeps all the rows of the examples it keeps
+        examples = len(batch["labels"])
+        yield {k: v[:remaining * max(1, len(v) // examples)] for k, v in batch.items()}
+        remaining -= examples
 
 
 # FLOPs of one optimisation step, per model and batch shape. FlopCounterMode intercepts every

@@ -19,6 +19,7 @@ from conftest import FILLER, NEGATIVE, POSITIVE, _tokenizer  # noqa: E402
 from fedcustom.cli import main  # noqa: E402
 from fedcustom.rag.contrastive import ContrastiveEncoder, PairCollator, pair_table  # noqa: E402
 from fedcustom.rag.encoder import Encoder  # noqa: E402
+from fedcustom.training import LocalSchedule, local_batches, planned_steps, train_local  # noqa: E402
 
 WORDS = POSITIVE + NEGATIVE + FILLER
 
@@ -67,9 +68,28 @@ def test_the_batch_interleaves_questions_and_passages_and_the_loss_rewards_match
     rotated = PairCollator(tokenizer)([{**table[i], "passage_input_ids": table[(i + 1) % 4]["passage_input_ids"],
                                         "passage_attention_mask": table[(i + 1) % 4]["passage_attention_mask"]}
                                        for i in range(4)])
-    assert batch["input_ids"].shape[0] == 8 and batch["labels"].tolist() == [0, 0, 1, 1, 0, 0, 1, 1]
+    assert batch["input_ids"].shape[0] == 8 and batch["labels"].tolist() == [0, 1, 0, 1]  # one label per pair
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # question 0 and its (identical) passage
     assert matched < model(**rotated).loss
+
+
+def test_a_pair_is_one_example_in_counts_and_in_a_batch_cut_to_an_example_count(tiny_encoder: str) -> None:
+    # Prepare: 10 pairs, batches of 4 pairs; the same-passes baseline asks for exactly 6 example passes
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_encoder)
+    texts = [f"{a} {b}" for a, b in zip(WORDS[:10], WORDS[10:20])]
+    table = pair_table(texts, texts, [i % 2 for i in range(10)], tokenizer, 16)
+    model = ContrastiveEncoder(BertModel.from_pretrained(tiny_encoder))
+    # Execute
+    by_epochs = train_local(model, table, tokenizer, LocalSchedule(lr=1e-3, batch_size=4, epochs=1,
+                                                                   count_flops=False), seed=0)
+    batches = list(local_batches(table, tokenizer, LocalSchedule(lr=1e-3, batch_size=4, examples=6), seed=0))
+    by_examples = train_local(model, table, tokenizer, LocalSchedule(lr=1e-3, batch_size=4, examples=6,
+                                                                     count_flops=False), seed=0)
+    # Assert: an epoch is 10 examples in 3 steps; the cut batch keeps both rows of each of its 2 pairs
+    assert (by_epochs.examples_seen, by_epochs.steps) == (10, 3)
+    assert [len(b["labels"]) for b in batches] == [4, 2] and [len(b["input_ids"]) for b in batches] == [8, 4]
+    assert (by_examples.examples_seen, by_examples.steps) == (6, 2)
+    assert planned_steps(len(table), LocalSchedule(lr=1e-3, batch_size=4, examples=6)) == by_examples.steps
 
 
 def test_federated_lora_retriever_tuning_lowers_the_contrastive_loss(tmp_path: Path, tiny_encoder: str,

@@ -30,7 +30,7 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 class ContrastiveEncoder(nn.Module):
     """A Hugging Face encoder whose output is the unit mean-pooled embedding of each row; with ``labels`` (one per
-    row, the rows interleaved question/passage) it also returns the in-batch contrastive loss."""
+    pair, the rows interleaved question/passage) it also returns the in-batch contrastive loss."""
 
     def __init__(self, encoder: nn.Module, temperature: float = TEMPERATURE) -> None:
         super().__init__()
@@ -61,7 +61,7 @@ class ContrastiveEncoder(nn.Module):
         embeddings = mean_pool(hidden, attention_mask)
         loss = None
         if labels is not None:
-            pairs = len(embeddings) // 2  # an odd last row (a batch cut to an example count) has no passage
+            pairs = len(embeddings) // 2  # (an odd row, which has no passage, is left out)
             if pairs == 0:
                 loss = embeddings.sum() * 0.0
             else:
@@ -87,7 +87,8 @@ def pair_table(questions: list[str], passages: list[str], labels: list[int], tok
 
 @dataclass
 class PairCollator:
-    """B pair rows -> 2B interleaved rows (question, passage, ...) padded together, labels repeated per row."""
+    """B pair rows -> 2B interleaved rows (question, passage, ...) padded together, and B labels, one per pair: the
+    training loop counts examples (and cuts a batch to an example count) by its labels, and a pair is one example."""
 
     tokenizer: Any
 
@@ -97,7 +98,7 @@ class PairCollator:
             flat.append({"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]})
             flat.append({"input_ids": row["passage_input_ids"], "attention_mask": row["passage_attention_mask"]})
         batch = dict(self.tokenizer.pad(flat, return_tensors="pt"))
-        batch["labels"] = torch.tensor([row["labels"] for row in rows for _ in range(2)])
+        batch["labels"] = torch.tensor([row["labels"] for row in rows])
         return batch
 
 
