@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 from peft import PeftModel
-from transformers import AutoModelForSequenceClassification
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from fedcustom.assemble import check_runtime_support
 from fedcustom.config import ConfigError
@@ -217,9 +217,12 @@ def test_a_saved_dual_lora_client_answers_as_that_client(tiny_config, tiny_bert:
     saved = load_personal(PeftModel.from_pretrained(base, folder), folder).eval()
     job.load_model(1)
     job.model.eval()
-    inputs = job.tokenizer(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    texts = ["a fine film", "dull and long"]
+    inputs = job.tokenizer(texts, return_tensors="pt", padding=True)
+    own_inputs = AutoTokenizer.from_pretrained(folder)(texts, return_tensors="pt", padding=True)  # saved beside it
+    assert torch.equal(own_inputs["input_ids"], inputs["input_ids"])
     with torch.no_grad():
-        own, reloaded = job.model(**inputs).logits, saved(**inputs).logits
+        own, reloaded = job.model(**inputs).logits, saved(**own_inputs).logits
         job.load_model()
         global_logits = job.model(**inputs).logits
     torch.testing.assert_close(reloaded, own, rtol=0, atol=1e-5)

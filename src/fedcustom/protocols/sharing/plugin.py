@@ -37,12 +37,14 @@ def build_client(parts: ClientParts) -> TrainingClient:
     score = held_out_score(cfg, parts.model, parts.tokenizer) if parts.eval_tables else None
     return TrainingClient(parts.model, parts.tokenizer, parts.codec, parts.tables, parts.codec_down, parts.adversary,
                           parse_personalize(cfg.federation.personalize), capacity, stacked, parts.eval_tables, score,
-                          model_saver(cfg, parts.method, parts.model), cfg.privacy.reproducible_noise)
+                          model_saver(cfg, parts.method, parts.model, parts.tokenizer), cfg.privacy.reproducible_noise)
 
 
-def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module) -> Callable[[Path], None]:
+def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module, tokenizer: Any) -> Callable[[Path], None]:
     """Writes ``model`` as it is when called to a folder: the method's format (a PEFT adapter for adapter methods)
-    with the task's description of the saved model (class names)."""
+    with its tokenizer (or image processor) and the task's description of the saved model (class names), as the
+    global model's folder has them: loading a folder's tokenizer without one there does not fail, it gives a
+    tokenizer of five special tokens that maps every word to [UNK]."""
     from fedcustom.methods import save_trained
 
     def save(folder: Path) -> None:
@@ -50,6 +52,7 @@ def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module) -> Callable
             save_merged(model, folder)
         else:
             (method.save or save_trained)(model, folder)
+        tokenizer.save_pretrained(folder)
         get_task(cfg.model.task).describe_saved(model, folder)
 
     return save
