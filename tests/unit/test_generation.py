@@ -217,6 +217,30 @@ def test_cli_whole_model_folder_system_and_backbone_override(chatty_llama: str, 
     assert code == 2 and "base model '/gone/llama': cannot be loaded" in err and "--model" in err
 
 
+def test_an_adapter_naming_a_packaged_models_hub_id_loads_on_the_packaged_copy(
+        adapters: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # Prepare: an adapter as a run on the packaged SmolLM2 saves it (its base named by the Hub id); which backbone
+    # generate then loads is recorded instead of loading the 135M model
+    import fedcustom.generate_cli as generate_cli
+
+    moved = tmp_path / "moved"
+    shutil.copytree(adapters["lora"]["dir"], moved)
+    config = json.loads((moved / "adapter_config.json").read_text())
+    hub_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    (moved / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": hub_id}))
+    loaded: list[str] = []
+
+    def stand_in(name: str, what: str, hint: str = "") -> None:
+        loaded.append(name)
+        raise FedCustomError("stop here")
+
+    monkeypatch.setattr(generate_cli, "_load_causal_lm", stand_in)
+    # Execute
+    code, _, _ = run_cli(capsys, "--adapter", str(moved), PROMPTS[0])
+    # Assert: the packaged alias (the weights it was trained on), not a Hub download
+    assert code == 2 and loaded == ["smollm2"]
+
+
 def test_cli_no_chat_template(tiny_llama: str, capsys: pytest.CaptureFixture) -> None:
     code, _, err = run_cli(capsys, "--adapter", tiny_llama, "good")
     assert code == 2 and "no chat template" in err and "--no-chat-template" in err

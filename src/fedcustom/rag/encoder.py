@@ -35,7 +35,7 @@ class Encoder:
     def __post_init__(self) -> None:
         from transformers import AutoModel, AutoTokenizer
 
-        from fedcustom.models import load_tokenizer, quiet_transformers, resolve_model
+        from fedcustom.models import load_tokenizer, packaged_alias, quiet_transformers, resolve_model
 
         quiet_transformers()
         folder = Path(self.name).expanduser()
@@ -44,6 +44,7 @@ class Encoder:
             base = str(json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path") or "")
             if not base:
                 raise FedCustomError(f"--encoder {self.name}: the adapter names no base model")
+            base = packaged_alias(base) or base  # a packaged model, named by its Hub id: the copy it was trained on
         try:
             own = base != self.name and (folder / "tokenizer_config.json").is_file()  # an adapter saved with its tokenizer
             self._tokenizer = AutoTokenizer.from_pretrained(str(folder)) if own else load_tokenizer(base)
