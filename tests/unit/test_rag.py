@@ -85,17 +85,64 @@ def test_a_document_held_by_two_clients_is_retrieved_once(encoder: Encoder) -> N
 
 
 def test_routing_sends_a_question_only_to_the_nearest_clients(encoder: Encoder, stores: list[list[Document]]) -> None:
-    # Prepare: clients with words of their own (one subject each); each question is one of client 2's documents
+    # Prepare: clients with words of their own (one subject each); new questions in client 2's words
     stores = [make_documents(texts(30, seed, words=words)) for seed, words in enumerate([POSITIVE, NEGATIVE, FILLER])]
     indexes = index_stores(stores, encoder)
-    questions = [d.text for d in stores[2][:6]]
+    questions = texts(6, seed=77, words=FILLER)
     # Execute
     everyone = retriever(indexes, encoder, k=3).retrieve(questions)
     routed = retriever(indexes, encoder, k=3, route=Route.parse("topn:1")).retrieve(questions)
-    # Assert: one client asked per question, and it is the one holding the document, which still comes first
+    # Assert: one client asked per question, the one on that subject (centroids average 5 or more documents each,
+    # so a question is routed by subject, not by a document it copies), and its answer is that client's best
     assert all(r.clients == [2] for r in routed)
-    assert [r.hits[0].id for r in routed] == [document_id(q) for q in questions]
+    own_best = [row[0][0].id for row in indexes[2].search(encoder.encode(questions), 1)]
+    assert [r.hits[0].id for r in routed] == own_best
     assert sum(r.bytes_down + r.bytes_up for r in routed) < 0.5 * sum(r.bytes_down + r.bytes_up for r in everyone)
+
+
+@pytest.mark.parametrize("count", [1, 3, 9, 12, 16, 40])
+def test_no_routing_centroid_is_the_mean_of_fewer_than_5_documents(count: int) -> None:
+    # Prepare: random unit vectors (k-means alone left 7 of 8 centroids equal to one document at 9 documents)
+    from fedcustom.rag.index import routing_centroids
+
+    vectors = np.random.default_rng(count).standard_normal((count, 16)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    # Execute
+    centroids = routing_centroids(vectors)
+    # Assert: unit vectors, at most 8 and at most count // 5; each the mean of the >= 5 documents nearest it
+    # (or of all, when fewer), so none is one document's embedding
+    assert 1 <= len(centroids) <= max(1, min(8, count // 5))
+    np.testing.assert_allclose(np.linalg.norm(centroids, axis=1), 1.0, atol=1e-5)
+    members = np.bincount(np.argmax(vectors @ centroids.T, axis=1), minlength=len(centroids))
+    assert members.min() >= min(5, count)
+    assert count == 1 or (vectors @ centroids.T).max() < 0.999
+
+
+def test_centroids_are_shared_only_for_routing(encoder: Encoder, stores: list[list[Document]]) -> None:
+    # Prepare
+    indexes = index_stores(stores, encoder)
+    # Execute
+    everyone, routed = retriever(indexes, encoder), retriever(indexes, encoder, route=Route.parse("topn:1"))
+    everyone.describe()
+    routed.describe()
+    # Assert: --route all asks for none (the server has no use for them); topn gets each client's
+    assert all(c.size == 0 for c in everyone.centroids.values())
+    assert all(len(c) == len(i.centroids) > 0 for c, i in zip(routed.centroids.values(), indexes))
+
+
+def test_an_index_of_an_older_version_shares_no_centroid_and_is_always_asked(
+        tmp_path: Path, encoder: Encoder, stores: list[list[Document]]) -> None:
+    # Prepare: client 1's index as an older fedcustom wrote it (centroids of unknown membership)
+    folders = [index.save(tmp_path / f"client-{i}") for i, index in enumerate(index_stores(stores, encoder))]
+    meta = json.loads((folders[1] / "index.json").read_text())
+    del meta["centroid_members"]
+    (folders[1] / "index.json").write_text(json.dumps(meta))
+    indexes = [ClientIndex.load(folder) for folder in folders]
+    # Execute
+    routed = retriever(indexes, encoder, k=3, route=Route.parse("topn:1")).retrieve([stores[0][0].text])
+    # Assert
+    assert indexes[1].centroids.size == 0 and indexes[0].centroids.size > 0
+    assert 1 in routed[0].clients and len(routed[0].clients) == 2
 
 
 def test_two_phase_retrieval_returns_the_same_passages_and_uploads_only_kept_texts(encoder: Encoder) -> None:

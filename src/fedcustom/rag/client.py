@@ -2,9 +2,9 @@
 
 Message kinds (the ``rag`` protocol in :mod:`fedcustom.protocols`):
 
-- ``rag_describe`` (config: encoder) -> the index's unit routing centroids (float32 payload, metric ``dim``) and
-  document count; an error
-  when the index was built with another encoder than the server's.
+- ``rag_describe`` (config: encoder, centroids) -> the index's unit routing centroids when asked for (float32
+  payload, metric ``dim``; each the mean of at least 5 documents) and document count; an error when the index was
+  built with another encoder than the server's.
 - ``rag_search`` (payload: float32 question vectors; config: k, dim, texts) -> JSON, per question, the top k as
   ``[id, score, text]`` (``text`` omitted when ``texts`` is false: the first phase of two-phase retrieval).
 - ``rag_fetch`` (config: ids as JSON) -> JSON ``{id: text}`` for the ids this client holds.
@@ -36,7 +36,8 @@ class RagClient:
             if asked != index.encoder:
                 return Reply(error=f"encoder mismatch: this index was built with {index.encoder!r}, the server "
                                    f"queries with {asked!r}", round=message.round)
-            return Reply(payload=index.centroids.astype(np.float32).tobytes(), num_examples=len(index.documents),
+            shared = index.centroids if message.config.get("centroids", True) else index.centroids[:0]
+            return Reply(payload=shared.astype(np.float32).tobytes(), num_examples=len(index.documents),
                          metrics={"dim": float(index.dim)}, round=message.round)
         if message.kind == "rag_search":
             dim = int(message.config["dim"])

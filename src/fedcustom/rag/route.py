@@ -29,9 +29,12 @@ class Route:
         return "all" if self.top is None else f"topn:{self.top}"
 
     def pick(self, question: np.ndarray, centroids: dict[int, np.ndarray]) -> list[int]:
-        """The clients this question (a unit vector) is sent to, in id order; ``centroids``: client -> (n, dim)."""
+        """The clients this question (a unit vector) is sent to, in id order; ``centroids``: client -> (n, dim). A
+        client that shared no centroid (an index of an older fedcustom) cannot be ranked and is always asked."""
         clients = sorted(centroids)
         if self.top is None or self.top >= len(clients):
             return clients
-        similarity = {c: float(np.max(np.atleast_2d(centroids[c]) @ question)) for c in clients}
-        return sorted(sorted(clients, key=lambda c: (-similarity[c], c))[: self.top])
+        unranked = [c for c in clients if centroids[c].size == 0]
+        ranked = [c for c in clients if c not in unranked]
+        similarity = {c: float(np.max(np.atleast_2d(centroids[c]) @ question)) for c in ranked}
+        return sorted(unranked + sorted(ranked, key=lambda c: (-similarity[c], c))[: self.top])

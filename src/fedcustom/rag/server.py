@@ -73,7 +73,8 @@ class FederatedRetriever:
     def describe(self) -> None:
         """Ask every client for its centroid and size, once; an encoder mismatch stops here with its reason."""
         nodes = self.runtime.nodes()
-        message = self._message("rag_describe", encoder=self.encoder.name)
+        # centroids only where routing uses them: every one a client shares tells the server about its documents
+        message = self._message("rag_describe", encoder=self.encoder.name, centroids=self.route.top is not None)
         replies = self.runtime.send_and_receive({node: message for node in nodes})
         for node in nodes:
             reply = replies.get(node)
