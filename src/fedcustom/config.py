@@ -197,6 +197,13 @@ class FederationConfig:
     scaffold: bool = opt(False, "SCAFFOLD (Karimireddy et al., ICML 2020): control variates correct client drift; the "
                          "server's travels down and each client's change travels up with every update (counted).",
                          "--scaffold")
+    scaffold_weights: str = opt("uniform", "SCAFFOLD: how the clients' control-variate changes move the server's c. "
+                                "uniform: c + (1/N) sum of the changes (the paper's, for clients of equal weight); "
+                                "examples: each change weighted by its client's examples, as the model itself is "
+                                "merged (c + |S|/N sum_i n_i/n_S change_i). On clients of very uneven size the "
+                                "uniform c can pull the large clients toward the small ones' steps (see "
+                                "benchmarks/results/converge/README.md).", "--scaffold-weights",
+                                ("uniform", "examples"))
     early_stop_patience: int | None = opt(None, "Stop once the global eval metric (accuracy; causal-lm: ROUGE-L; "
                                           "retrieval: recall@5) has "
                                           "not improved by more than --early-stop-min-delta for this many rounds.",

@@ -52,7 +52,7 @@ def convergence_for(cfg: RunConfig, method: Method, schedule: LocalSchedule) -> 
     """What the parameter-sharing server applies besides its strategy."""
     fed = cfg.federation
     return Convergence(ServerOptimizer(server_opt_settings(cfg, method, schedule.lr)), fed.scaffold, fed.prox_mu,
-                       clients=fed.clients)
+                       clients=fed.clients, scaffold_weights=fed.scaffold_weights)
 
 
 def check_convergence_support(cfg: RunConfig, method: Method) -> None:
@@ -77,7 +77,8 @@ def resolved_settings(cfg: RunConfig, method: Method, schedule: LocalSchedule) -
     return {"client_lr": schedule.lr, "local_epochs": schedule.epochs, "local_steps": schedule.steps,
             "batch_size": schedule.batch_size, "optimizer": schedule.optimizer, "lr_schedule": schedule.decay,
             "warmup_rounds": schedule.warmup_rounds, "server_opt": opt.name, "server_lr": opt.lr,
-            "prox_mu": cfg.federation.prox_mu, "scaffold": cfg.federation.scaffold}
+            "prox_mu": cfg.federation.prox_mu, "scaffold": cfg.federation.scaffold,
+            "scaffold_weights": cfg.federation.scaffold_weights}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@ Learning", ICML 2020, Algorithm 1 with option II).
 
     server: x, c  --(x, c)-->  client i: y <- x;  K steps of  y <- y - lr (g_i(y) + c - c_i)
     client: c_i+ = c_i - c + (x - y) / (K lr);  uploads (y, c_i+ - c_i);  keeps c_i <- c_i+
-    server: x <- merge of the y's;  c <- c + (1 / N) sum_i (c_i+ - c_i)   (N: all clients)
+    server: x <- merge of the y's;  c <- c + (1 / N) sum_i (c_i+ - c_i)   (N: all clients; --scaffold-weights examples:
+            c <- c + |S|/N sum_i (n_i / n_S) (c_i+ - c_i), weighted as the merge of the y's)
 
 Control variates travel as a message's ``attachment`` (raw safetensors, counted in the round's bytes) beside
 the method's payload, so every codec chain still encodes the model tensors alone. A client's ``c_i`` never
@@ -59,10 +60,14 @@ class ServerControl:
     def __init__(self, state: State) -> None:
         self.c = zeros_like(state)
 
-    def apply(self, changes: list[State], total_clients: int) -> None:
-        """``c <- c + (1/N) * sum of the accepted clients' changes`` (the paper's |S|/N times their mean)."""
+    def apply(self, changes: list[State], total_clients: int, examples: list[int] | None = None) -> None:
+        """``c <- c + (1/N) * sum of the accepted clients' changes`` (the paper's |S|/N times their mean); with
+        ``examples`` (each change's client's example count), ``|S|/N`` times their example-weighted mean instead,
+        the weights the model's own merge uses."""
+        shares = None if examples is None else [len(changes) / total_clients * n / sum(examples) for n in examples]
         for name, value in self.c.items():
             total = torch.zeros_like(value, dtype=torch.float64)
-            for change in changes:
-                total += change[name].double()
-            self.c[name] = (value.double() + total / total_clients).to(value.dtype)
+            for i, change in enumerate(changes):
+                total += change[name].double() if shares is None else shares[i] * change[name].double()
+            step = total / total_clients if shares is None else total
+            self.c[name] = (value.double() + step).to(value.dtype)

@@ -108,6 +108,49 @@ def test_scaffold_divides_by_the_federations_clients_not_the_nodes_that_are_up(t
     assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
 
 
+def test_scaffold_weighted_by_examples_moves_c_as_the_model_is_merged(tiny_bert: str) -> None:
+    # Prepare: client 0 holds 8 rows, client 1 holds 24 (K = 4 and 12 SGD steps a round; FedAvg weights 1/4, 3/4)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert)
+    sizes = (8, 24)
+    tables = {node: tokenize(datasets.Dataset.from_pandas(
+        toy_rows(n).rename(columns={"sentence": "text"}).assign(label=node)), tokenizer, 16)
+        for node, n in enumerate(sizes)}
+    client = TrainingClient(Quadratic(), tokenizer, RawCodec(), tables)
+    schedule = LocalSchedule(lr=0.05, batch_size=4, epochs=2, count_flops=False, optimizer="sgd")
+    server = FederatedServer(EmbeddedRuntime(client, 2), FedAvg(), RawCodec(), {"w": torch.zeros(3, dtype=torch.float64)},
+                             lambda s: {"accuracy": 0.0}, schedule, clients_per_round=2, seed=0,
+                             convergence=Convergence(scaffold=True, clients=2, scaffold_weights="examples"))
+    # Execute
+    for r in (1, 2, 3):
+        server.run_round(r)
+    # Assert: Algorithm 1 with the model merged by examples and c moved by the same weights, not the paper's 1/N
+    weights = np.array(sizes) / sum(sizes)
+    x, c = _unequal_reference(sizes, lr=0.05, c_weights=weights)
+    assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
+    assert np.allclose(server.control.c["w"].numpy(), c, atol=1e-10)
+    assert not np.allclose(c, _unequal_reference(sizes, lr=0.05, c_weights=np.array([0.5, 0.5]))[1], atol=1e-3)
+
+
+def _unequal_reference(sizes: tuple[int, int], lr: float, c_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Three rounds of Algorithm 1 (option II) in numpy on clients of ``sizes`` rows (batches of 4, 2 epochs), the
+    model merged by examples and c moved by ``c_weights``."""
+    x, c, ci = np.zeros(3), np.zeros(3), [np.zeros(3), np.zeros(3)]
+    weights = np.array(sizes) / sum(sizes)
+    for _ in range(3):
+        ys, changes = [], []
+        for i, steps in enumerate(2 * n // 4 for n in sizes):
+            y = x.copy()
+            for _ in range(steps):
+                y = y - lr * (CURVATURE[i] * (y - TARGET[i]) - ci[i] + c)
+            new = ci[i] - c + (x - y) / (steps * lr)
+            changes.append(new - ci[i])
+            ci[i] = new
+            ys.append(y)
+        x = weights[0] * ys[0] + weights[1] * ys[1]
+        c = c + c_weights[0] * changes[0] + c_weights[1] * changes[1]
+    return x, c
+
+
 def test_scaffold_corrects_drift_that_plain_local_sgd_suffers(tiny_bert: str) -> None:
     # The global optimum of f_0 + f_1 is the curvature-weighted mean of the targets; with many local steps FedAvg
     # settles elsewhere, SCAFFOLD at the optimum.

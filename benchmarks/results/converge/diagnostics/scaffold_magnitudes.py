@@ -1,6 +1,6 @@
 """A SCAFFOLD report cell run again with its control variates measured (a diagnosis, not a cell of the sweep).
 
-    PYTHONPATH=src python benchmarks/results/converge/diagnostics/scaffold_magnitudes.py SUMMARY_JSON OUT_DIR [ROUNDS]
+    PYTHONPATH=src python benchmarks/results/converge/diagnostics/scaffold_magnitudes.py SUMMARY_JSON OUT_DIR [ROUNDS] [weighted]
 
 Trains the cell of SUMMARY_JSON (a finished SCAFFOLD run's summary.json) unchanged and, for every client update,
 appends one line to OUT_DIR/controls.jsonl with root-mean-square sizes over all trainable coordinates (lr: the
@@ -15,7 +15,10 @@ round's client rate, K: the client's local steps):
 
 After each round it also appends a "server" line: the size of c and of the example-weighted mean of the
 clients' c_i (what c would be if it were averaged with the model's own weights). Stops after ROUNDS rounds
-(default 3).
+(default 3). With ``weighted`` the server's c is updated as ``c + sum_i (n_i / n) (c_i+ - c_i)`` (the clients'
+changes weighted by their examples, as the model is merged) instead of the paper's ``c + (1/N) sum_i``: a test of
+whether the unweighted mean is what fails on uneven clients (every client trains every round in these cells, so
+the two agree when the clients are of equal size).
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _rms(v: torch.Tensor) -> float:
     return float(v.pow(2).mean().sqrt())
 
 
-def main(summary: str, out: str, rounds: str = "3") -> None:
+def main(summary: str, out: str, rounds: str = "3", mode: str = "uniform") -> None:
     recorded = json.load(open(summary))
     values = recorded["config"]
     sizes = [c["examples"] for c in recorded["client_data"]]
@@ -66,6 +69,7 @@ def main(summary: str, out: str, rounds: str = "3") -> None:
         log.write(json.dumps(line) + "\n")
         log.flush()
         calls.append((client, _flat(new)))
+        sent[client] = {k: new[k] - own[k] for k in new}
         if len(calls) == per_round:
             weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
             stacked = torch.stack([c for _, c in sorted(calls, key=lambda call: call[0])])
@@ -85,7 +89,21 @@ def main(summary: str, out: str, rounds: str = "3") -> None:
         current[0] = node_id
         return train(self, node_id, message)
 
+    sent: dict[int, dict[str, torch.Tensor]] = {}  # each client's last change of c_i, to weigh it on the server
+
+    def weighted_apply(self, changes, total_clients):
+        total = sum(sizes)
+        for change in changes:
+            name = next(iter(change))
+            client = next(i for i, own in sent.items() if torch.equal(own[name], change[name]))
+            for key, value in self.c.items():
+                self.c[key] = (value.double() + change[key].double() * sizes[client] / total).to(value.dtype)
+
     scaffold.client_update = measured
+    if mode == "weighted":
+        scaffold.ServerControl.apply = weighted_apply
+    elif mode != "uniform":
+        raise SystemExit(f"mode: expected 'uniform' or 'weighted', got {mode!r}")
     TrainingClient._train = training
     run(build_config({k: v for k, v in values.items() if isinstance(v, dict)}))
 

@@ -63,6 +63,7 @@ class Convergence:
     # SCAFFOLD's N, the federation's clients: c moves by 1/N of the clients' changes. None: the runtime's nodes now
     # (on Flower a node that died leaves that list, which would make c's steps larger than the paper's)
     clients: int | None = None
+    scaffold_weights: str = "uniform"  # or "examples": c's update weighted as the model's merge (scaffold.ServerControl)
 
 
 class FederatedServer:
@@ -149,7 +150,9 @@ class FederatedServer:
             self.global_state = steer.optimizer.step(self.global_state, aggregate)
             if self.control is not None:
                 total = self.convergence.clients or len(self.runtime.nodes())
-                self.control.apply([collected.controls[u.node_id] for u in updates], total)
+                examples = [u.num_examples for u in updates] if self.convergence.scaffold_weights == "examples" \
+                    else None
+                self.control.apply([collected.controls[u.node_id] for u in updates], total, examples)
             result.train_loss = _mean_train_loss(updates)
         else:
             log.warning("round %d: no valid updates; the global state is unchanged", rnd)
