@@ -15,10 +15,11 @@ round's client rate, K: the client's local steps):
 
 After each round it also appends a "server" line: the size of c and of the example-weighted mean of the
 clients' c_i (what c would be if it were averaged with the model's own weights). Stops after ROUNDS rounds
-(default 3). With ``weighted`` the server's c is updated as ``c + sum_i (n_i / n) (c_i+ - c_i)`` (the clients'
-changes weighted by their examples, as the model is merged) instead of the paper's ``c + (1/N) sum_i``: a test of
-whether the unweighted mean is what fails on uneven clients (every client trains every round in these cells, so
-the two agree when the clients are of equal size).
+(default 3). With ``weighted`` the run uses ``--scaffold-weights examples``: the server's c moves by
+``sum_i (n_i / n) (c_i+ - c_i)`` (the clients' changes weighted by their examples, as the model is merged) instead
+of the paper's ``(1/N) sum_i``, a test of whether the unweighted mean is what fails on uneven clients (every client
+trains every round in these cells, so the two agree when the clients are of equal size). The committed weighted
+run was made with an equivalent patch of ``ServerControl.apply`` before the option existed.
 """
 
 from __future__ import annotations
@@ -69,7 +70,6 @@ def main(summary: str, out: str, rounds: str = "3", mode: str = "uniform") -> No
         log.write(json.dumps(line) + "\n")
         log.flush()
         calls.append((client, _flat(new)))
-        sent[client] = {k: new[k] - own[k] for k in new}
         if len(calls) == per_round:
             weights = torch.tensor(sizes, dtype=torch.float64) / sum(sizes)
             stacked = torch.stack([c for _, c in sorted(calls, key=lambda call: call[0])])
@@ -89,21 +89,10 @@ def main(summary: str, out: str, rounds: str = "3", mode: str = "uniform") -> No
         current[0] = node_id
         return train(self, node_id, message)
 
-    sent: dict[int, dict[str, torch.Tensor]] = {}  # each client's last change of c_i, to weigh it on the server
-
-    def weighted_apply(self, changes, total_clients):
-        total = sum(sizes)
-        for change in changes:
-            name = next(iter(change))
-            client = next(i for i, own in sent.items() if torch.equal(own[name], change[name]))
-            for key, value in self.c.items():
-                self.c[key] = (value.double() + change[key].double() * sizes[client] / total).to(value.dtype)
-
     scaffold.client_update = measured
-    if mode == "weighted":
-        scaffold.ServerControl.apply = weighted_apply
-    elif mode != "uniform":
+    if mode not in ("uniform", "weighted"):
         raise SystemExit(f"mode: expected 'uniform' or 'weighted', got {mode!r}")
+    values["federation"]["scaffold_weights"] = "examples" if mode == "weighted" else "uniform"
     TrainingClient._train = training
     run(build_config({k: v for k, v in values.items() if isinstance(v, dict)}))
 
