@@ -5,7 +5,8 @@ centralized baseline is paired by seed (the baseline runs once per corpus, metho
 cell, since it does not depend on how rows are split). Targets: prefix tuning within 0.5 points of that
 baseline on SST-2 IID, and prefix tuning losing at most 1 point from AG News IID to Dirichlet 0.1. The
 ``all-rounds`` stage runs prefix tuning's AG News cells again without early stopping, to measure how much of the
-skewed split's drop stopping early explains.
+skewed split's drop stopping early explains; the ``scaffold-examples`` stage runs the Dirichlet 0.1 cells with
+SCAFFOLD's control variate weighted by examples, to measure how much of that drop the paper's uniform rule costs.
 """
 
 from __future__ import annotations
@@ -178,6 +179,38 @@ def all_rounds_lines(stages: dict[str, list[dict]]) -> list[str]:
     return [*lines, ""]
 
 
+SCAFFOLD_EXAMPLES = "scaffold-examples"
+
+
+def scaffold_weights_lines(stages: dict[str, list[dict]]) -> list[str]:
+    """The skewed split with SCAFFOLD's control variate moved by example-weighted changes (scaffold-examples stage)
+    beside the report stage's uniform rule, per method, over the seeds the new stage has finished: final accuracy
+    and the IID -> Dirichlet 0.1 drop, both paired by seed with the report stage's runs."""
+    weighted, report = stages.get(SCAFFOLD_EXAMPLES, []), stages.get("report", [])
+    if not weighted:
+        return []
+    iid, skewed = SKEW
+    lines = ["## SCAFFOLD's control variate weighted by examples (AG News Dirichlet 0.1)", "",
+             "The report's SCAFFOLD moves the server's control variate by the clients' changes with the paper's "
+             "equal weights 1/N while the model merges them by examples; here the same cells (seeds, picks, rates) "
+             "move it by example weights too (`--scaffold-weights examples`). A diagnosis: the targets table stays "
+             "the report stage's. Mean ± standard error over the seeds this stage has finished; the uniform columns "
+             "over the same seeds, the drops paired by seed with the report stage's IID runs.", "",
+             "| method | seeds | uniform c: final % | weighted c: final % | drop IID → Dirichlet 0.1, uniform (points) "
+             "| drop, weighted (points) |", "|---|---|---|---|---|---|"]
+    for method in dict.fromkeys(r["tags"]["method"] for r in weighted):
+        ran = _runs(weighted, method=method, setting=skewed)
+        seeds = [r["tags"]["seed"] for r in ran]
+        uniform = [r for r in _runs(report, method=method, setting=skewed) if r["tags"]["seed"] in seeds]
+        iid_runs = [r for r in _runs(report, method=method, setting=iid) if r["tags"]["seed"] in seeds]
+        lines.append(f"| {method} | {', '.join(seeds)} "
+                     f"| {fmt(mean_se([r['summary']['final_accuracy'] for r in uniform]))} "
+                     f"| {fmt(mean_se([r['summary']['final_accuracy'] for r in ran]))} "
+                     f"| {fmt(drops(iid_runs + uniform, method, 'ag_news', *SKEW))} "
+                     f"| {fmt(drops(iid_runs + ran, method, 'ag_news', *SKEW))} |")
+    return [*lines, ""]
+
+
 def paper_table(result_rows: list[dict]) -> str:
     lines = ["| method | paper gap (points) | ours, SST-2 IID (points) | paper comm / round | ours MB up / round "
              "| paper client compute | ours GFLOPs / example pass |", "|---|---|---|---|---|---|---|"]
@@ -220,6 +253,7 @@ def report(sweep: Sweep, stages: dict[str, list[dict]], result: dict[str, Any], 
              results_table(result_rows), "",
              "## Label skew (AG News)", "", skew_table(records), "", f"![accuracy by split]({PLOTS['skew']})", "",
              *all_rounds_lines(stages),
+             *scaffold_weights_lines(stages),
              "## Server optimizer and drift correction, picked on the tuning seed", "",
              "Final accuracy of each candidate on the tuning seed (not reported above); the best per method ran "
              "the reported seeds.", "", *picks_lines(sweep, stages), "",
