@@ -68,9 +68,31 @@ def test_the_batch_interleaves_questions_and_passages_and_the_loss_rewards_match
     rotated = PairCollator(tokenizer)([{**table[i], "passage_input_ids": table[(i + 1) % 4]["passage_input_ids"],
                                         "passage_attention_mask": table[(i + 1) % 4]["passage_attention_mask"]}
                                        for i in range(4)])
-    assert batch["input_ids"].shape[0] == 8 and batch["labels"].tolist() == [0, 1, 0, 1]  # one label per pair
+    # one label per pair: (first pair with its passage, first pair with its question); all distinct here
+    assert batch["input_ids"].shape[0] == 8 and batch["labels"].tolist() == [[0, 0], [1, 1], [2, 2], [3, 3]]
     assert torch.equal(batch["input_ids"][0], batch["input_ids"][1])  # question 0 and its (identical) passage
     assert matched < model(**rotated).loss
+
+
+def test_a_pair_sharing_a_passage_or_question_is_not_a_negative(tiny_encoder: str) -> None:
+    # Prepare: pairs 0 and 1 share their passage, pairs 2 and 3 their question (ChatterBot repeats both)
+    tokenizer = BertTokenizerFast.from_pretrained(tiny_encoder)
+    questions = ["good film", "lovely film", "bad plot", "bad plot"]
+    passages = ["good lovely film", "good lovely film", "awful plot", "dull plot"]
+    table = pair_table(questions, passages, [0, 0, 1, 1], tokenizer, 16)
+    batch = PairCollator(tokenizer)([table[i] for i in range(4)])
+    model = ContrastiveEncoder(BertModel.from_pretrained(tiny_encoder)).eval()
+    # Execute
+    with torch.no_grad():
+        loss = model(**batch).loss
+        embeddings = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).embeddings
+    # Assert: the loss is InfoNCE with each row's other positive left out of its negatives
+    assert batch["labels"].tolist() == [[0, 0], [0, 1], [2, 2], [3, 2]]
+    scores = embeddings[0::2] @ embeddings[1::2].T / model.temperature
+    kept = torch.tensor([[1, 0, 1, 1], [0, 1, 1, 1], [1, 1, 1, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    expected = torch.nn.functional.cross_entropy(scores.masked_fill(~kept, float("-inf")), torch.arange(4))
+    torch.testing.assert_close(loss, expected)
+    assert not torch.isclose(loss, torch.nn.functional.cross_entropy(scores, torch.arange(4)))
 
 
 def test_a_pair_is_one_example_in_counts_and_in_a_batch_cut_to_an_example_count(tiny_encoder: str) -> None:

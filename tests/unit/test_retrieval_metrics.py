@@ -47,3 +47,16 @@ PAIRS = datasets.Dataset.from_dict({
 def test_only_a_model_that_tells_passages_apart_scores(kind: str, recall: float, mrr: float) -> None:
     metrics = retrieval_metrics(Encoder(kind), PAIRS, Pad(), batch_size=8)
     assert metrics["recall_at_5"] == recall and metrics["mrr"] == pytest.approx(mrr)
+
+
+def test_a_question_asked_with_several_passages_has_each_of_them_as_gold() -> None:
+    # Prepare: rows 0 and 1 ask the same question (first token 0) with passages 100 and 101; the 'right' encoder puts
+    # question 0 on passage 100 only, so row 1's own passage (101) ranks below it
+    table = datasets.Dataset.from_dict({
+        "input_ids": [[0, 7], [0, 7], [2, 7]], "attention_mask": [[1, 1]] * 3,
+        "passage_input_ids": [[100, 8], [101, 8], [102, 8]], "passage_attention_mask": [[1, 1]] * 3,
+        "labels": [0, 0, 0]})
+    # Execute
+    metrics = retrieval_metrics(Encoder("right"), table, Pad(), batch_size=8, k=1)
+    # Assert: passage 100 answers row 1's question as well: every row finds a gold passage first
+    assert metrics["recall_at_1"] == 1.0 and metrics["mrr"] == 1.0

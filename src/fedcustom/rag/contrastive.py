@@ -30,7 +30,8 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
 
 class ContrastiveEncoder(nn.Module):
     """A Hugging Face encoder whose output is the unit mean-pooled embedding of each row; with ``labels`` (one per
-    pair, the rows interleaved question/passage) it also returns the in-batch contrastive loss."""
+    pair, the rows interleaved question/passage) it also returns the in-batch contrastive loss, in which a pair
+    sharing the row's passage or question is not a negative."""
 
     def __init__(self, encoder: nn.Module, temperature: float = TEMPERATURE) -> None:
         super().__init__()
@@ -67,12 +68,24 @@ class ContrastiveEncoder(nn.Module):
             else:
                 questions, passages = embeddings[0:2 * pairs:2], embeddings[1:2 * pairs:2]
                 scores = questions @ passages.T / self.temperature
+                scores = scores.masked_fill(_same_pair(labels[:pairs]), float("-inf"))
                 loss = nn.functional.cross_entropy(scores, torch.arange(pairs, device=scores.device))
         return SimpleNamespace(loss=loss, embeddings=embeddings, last_hidden_state=hidden)
 
     def save_pretrained(self, folder: Any, **kwargs: Any) -> None:
         """Full fine-tuning saves the encoder itself (loadable with AutoModel, e.g. by `rag index --encoder`)."""
         self.encoder.save_pretrained(folder, **kwargs)
+
+
+def _same_pair(labels: torch.Tensor) -> torch.Tensor:
+    """Which off-diagonal (question, passage) scores of a batch are not negatives: the two pairs share a passage or
+    a question (ChatterBot repeats both: about 28% of a topic client's batches of 8 held such a pair), so the other
+    passage answers this question too. ``labels``: the collator's (passage group, question group) per pair; older
+    one-column labels (a topic) mark nothing."""
+    if labels.dim() != 2:
+        return torch.zeros(len(labels), len(labels), dtype=torch.bool, device=labels.device)
+    same = (labels[:, None, 0] == labels[None, :, 0]) | (labels[:, None, 1] == labels[None, :, 1])
+    return same & ~torch.eye(len(labels), dtype=torch.bool, device=labels.device)
 
 
 def pair_table(questions: list[str], passages: list[str], labels: list[int], tokenizer: Any,
@@ -88,7 +101,9 @@ def pair_table(questions: list[str], passages: list[str], labels: list[int], tok
 @dataclass
 class PairCollator:
     """B pair rows -> 2B interleaved rows (question, passage, ...) padded together, and B labels, one per pair: the
-    training loop counts examples (and cuts a batch to an example count) by its labels, and a pair is one example."""
+    training loop counts examples (and cuts a batch to an example count) by its labels, and a pair is one example.
+    A pair's label is (first pair of the batch with its passage, first pair with its question): two pairs that
+    share a passage or a question are each other's positives, not negatives (:class:`ContrastiveEncoder`)."""
 
     tokenizer: Any
 
@@ -98,7 +113,10 @@ class PairCollator:
             flat.append({"input_ids": row["input_ids"], "attention_mask": row["attention_mask"]})
             flat.append({"input_ids": row["passage_input_ids"], "attention_mask": row["passage_attention_mask"]})
         batch = dict(self.tokenizer.pad(flat, return_tensors="pt"))
-        batch["labels"] = torch.tensor([row["labels"] for row in rows])
+        passages: dict[tuple[int, ...], int] = {}
+        questions: dict[tuple[int, ...], int] = {}
+        batch["labels"] = torch.tensor([[passages.setdefault(tuple(row["passage_input_ids"]), i),
+                                         questions.setdefault(tuple(row["input_ids"]), i)] for i, row in enumerate(rows)])
         return batch
 
 
@@ -117,18 +135,25 @@ def embed(model: nn.Module, ids: list[list[int]], tokenizer: Any, batch_size: in
 def retrieval_metrics(model: nn.Module, table: datasets.Dataset, tokenizer: Any, batch_size: int,
                       k: int = RECALL_K) -> dict[str, float]:
     """recall@k, MRR and the contrastive loss of ``model`` on held-out pairs: every question against every distinct
-    passage of the table (a passage shared by several questions is one candidate, a hit for each of them)."""
+    passage of the table (a passage shared by several questions is one candidate, a hit for each of them; a
+    question asked in several rows with different passages has them all as gold: any of them answers it)."""
     was_training = model.training
     model.eval()
     passages: dict[tuple[int, ...], int] = {}
     gold = [passages.setdefault(tuple(p), len(passages)) for p in table["passage_input_ids"]]
+    asked: dict[tuple[int, ...], set[int]] = {}
+    for question, passage in zip(table["input_ids"], gold):
+        asked.setdefault(tuple(question), set()).add(passage)
+    golden = torch.zeros(len(gold), len(passages), dtype=torch.bool)
+    for row, question in enumerate(table["input_ids"]):
+        golden[row, list(asked[tuple(question)])] = True
     questions = embed(model, table["input_ids"], tokenizer, batch_size)
     candidates = embed(model, [list(p) for p in passages], tokenizer, batch_size)
     scores = questions @ candidates.T
-    target = scores[torch.arange(len(gold)), torch.tensor(gold)]
-    # 1 = the gold passage scores highest; a tie counts against it (a collapsed encoder that scores every passage
-    # alike ranks the gold last, not first), as does a non-finite score (a diverged model)
-    rank = (scores >= target[:, None]).sum(1)
+    target = scores.masked_fill(~golden, float("-inf")).max(1).values  # the best-scoring gold passage
+    # 1 = a gold passage scores highest; a tie with another passage counts against it (a collapsed encoder that
+    # scores every passage alike ranks the gold last, not first), as does a non-finite score (a diverged model)
+    rank = ((scores >= target[:, None]) & ~golden).sum(1) + 1
     rank[~torch.isfinite(scores).all(1)] = len(passages)
     losses = []
     collate, device = PairCollator(tokenizer), next(model.parameters()).device
