@@ -53,3 +53,16 @@ def test_each_partition_id_maps_to_the_node_that_holds_it() -> None:
 def test_a_partition_id_outside_the_runs_clients_is_refused_at_the_start(bad: int) -> None:
     with pytest.raises(FedCustomError, match=rf"partition-id={bad}.*federation.clients = 3.*0\.\.2"):
         FlowerRuntime(_Grid({101: bad, 102: 0, 103: 1}), expected_nodes=3, timeout=5, connect_timeout=5)
+
+
+def test_a_rejoining_node_takes_its_partition_and_the_lost_node_state_is_named(caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare: three nodes; the machine of partition 1 dies and its SuperNode comes back as node 104
+    grid = _Grid({101: 1, 102: 0, 103: 2})
+    runtime = FlowerRuntime(grid, expected_nodes=3, timeout=5, connect_timeout=5)
+    grid.partition_of_node[104] = 1
+    # Execute
+    runtime._rejoin({102, 103, 104})
+    # Assert
+    assert runtime.partitions == {0: 102, 1: 104, 2: 103}
+    assert "partition 1 rejoined as SuperNode 104 (was 101)" in caplog.text
+    assert "SCAFFOLD control variate" in caplog.text and "starts again from zero" in caplog.text

@@ -130,7 +130,9 @@ class FlowerRuntime:
             if old is None:
                 log.warning("SuperNode %d holds partition %d, which is not part of this run: ignored", node, partition)
                 continue
-            log.warning("partition %d rejoined as SuperNode %d (was %d%s)", partition, node, old,
+            log.warning("partition %d rejoined as SuperNode %d (was %d%s); what the old node kept between rounds "
+                        "(its codec link, SCAFFOLD control variate, private --personalize tensors, DP-SGD accountant) "
+                        "starts again from zero on the new one", partition, node, old,
                         ", still listed" if old in connected else "")
             self.partitions[partition] = node
 
