@@ -22,7 +22,7 @@ from rich.console import Console
 
 from fedcustom.assemble import Job, RuntimeFactory, build_job, held_out_fraction
 from fedcustom.centralized import run_converged, run_same_passes
-from fedcustom.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
+from fedcustom.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
 from fedcustom.codecs import RawCodec
 from fedcustom.config import RunConfig, build_config
 from fedcustom.convergence import EarlyStop, resolved_settings
@@ -307,6 +307,7 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
     # round that was cut off is lost with its process, so the summary says where the run resumed
     summary["resumed_after_rounds"] = resumed_after(resumed)
     write_json(job.out / "summary.json", summary)
+    (job.out / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing to resume (it was as large as the model)
     if cfg.output.report:
         from fedcustom.run_report import write_report  # matplotlib loads only here
 

@@ -117,6 +117,7 @@ def test_sigkill_mid_round_then_resume_matches_an_uninterrupted_run(tmp_path: Pa
     assert json.loads((whole / "summary.json").read_text())["resumed_after_rounds"] == []
     assert "resumed after round 1" in (cut / "report.md").read_text()
     assert summary["epsilon"] > 0 if stateful == "dp" else summary["settings"]["scaffold"]
+    assert checkpoint_round(cut) is None and checkpoint_round(whole) is None  # deleted once a run has finished
 
 
 def test_resume_refuses_other_settings(tmp_path: Path) -> None:
