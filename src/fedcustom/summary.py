@@ -153,7 +153,7 @@ def summarize(
         "payload_note": protocol_of(get_method(cfg.method.name)).payload_note,
         "codec_up": str(getattr(get_codec(cfg.codec.up), "name", cfg.codec.up)),
         "codec_down": str(getattr(get_codec(cfg.codec.down or cfg.codec.up), "name", cfg.codec.down or cfg.codec.up)),
-        "client_flops_per_round": mean(flops),
+        "client_flops_per_round": mean(flops) if cfg.train.count_flops else None,  # None: not measured
         "server_flops_per_round": mean(server_flops) if server_flops else None,  # per client served (split, distill)
         "public_examples": len(data.public) if data.public else None,
         "trainable_params": trainable,

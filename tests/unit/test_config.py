@@ -152,3 +152,10 @@ def test_every_shipped_config_is_valid(path: Path, monkeypatch: pytest.MonkeyPat
 
     monkeypatch.chdir(path.parents[1])
     check_runtime_support(load_config(path))
+
+
+def test_a_run_that_does_not_count_flops_records_none_not_zero(base_args: list[str], tmp_path: Path) -> None:
+    import json
+
+    assert main(base_args + ["--method", "lora", "--no-count-flops", "--no-report"]) == 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["client_flops_per_round"] is None

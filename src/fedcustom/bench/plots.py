@@ -120,7 +120,7 @@ def frameworks_flops(records: list[dict], path: Path) -> None:
     """Client and server GFLOPs per client per round, side by side for each run."""
     fig, ax = plt.subplots(figsize=(7, 4))
     x = np.arange(len(records))
-    client = [r["client_flops_per_round"] / 1e9 for r in records]
+    client = [(r["client_flops_per_round"] or 0) / 1e9 for r in records]  # None: not measured
     server = [(r["server_flops_per_round"] or 0) / 1e9 for r in records]
     ax.bar(x - 0.2, client, 0.4, label="client", color="tab:blue")
     ax.bar(x + 0.2, server, 0.4, label="server (per client)", color="tab:gray")

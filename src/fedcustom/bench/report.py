@@ -74,7 +74,8 @@ def method_row(records: list[dict], preset: BenchPreset, method: str, lr: float)
         "trainable_mb_fp32": fed[0]["trainable_bytes_fp32"] / MB if fed else None,
         "payload_overhead": _stats([r["bytes_up_per_round"] / r["trainable_bytes_fp32"] - 1 for r in fed]),
         "payload_overhead_bytes": _stats([r["bytes_up_per_round"] - r["trainable_bytes_fp32"] for r in fed]),
-        "gflops_per_round": _stats([r["client_flops_per_round"] / 1e9 for r in fed]),
+        "gflops_per_round": _stats([r["client_flops_per_round"] / 1e9 for r in fed
+                                    if r["client_flops_per_round"] is not None]),
         "flops_vs_forward": _stats([r["flops_vs_forward"] for r in fed]),
         "wall_per_round": _stats([statistics.fmean(r["round_wall_seconds"]) for r in fed]),
         "seeds": len(fed),
