@@ -1,7 +1,9 @@
 """The server's side of federated retrieval: broadcast (or route) questions, merge what comes back, count bytes.
 
 Questions travel in batches (one message per client carries every question routed to it), as vectors the server
-encodes once; bytes are what crosses the wire: message payload plus its JSON config down, reply payload up."""
+encodes once; bytes are what crosses the wire: message payload plus its JSON config down, reply payload up. (On a
+real SuperLink the question texts also reach every SuperNode: they travel in the Flower run's config, which Flower
+gives the nodes too; see README, "On Flower".)"""
 
 from __future__ import annotations
 
