@@ -121,9 +121,14 @@ def load_for_generation(adapter: str, model: str | None = None) -> tuple[nn.Modu
     if (folder / "adapter_config.json").is_file():
         return _load_adapter(folder, model)
     if (folder / "config.json").is_file():
+        if model is not None:
+            raise FedCustomError(f"--adapter {adapter} is a whole model (config.json, no adapter_config.json): it is "
+                                 f"its own backbone, so --model {model} would be ignored; drop --model")
         return _load_whole_model(folder)
+    inside = [name for name in ("adapter", "model") if (folder / name).is_dir()]
+    hint = f"; a run folder holds it in {folder / inside[0]}" if inside else ""
     raise FedCustomError(f"--adapter {adapter}: neither a PEFT adapter folder (adapter_config.json) "
-                         f"nor a model folder (config.json)")
+                         f"nor a model folder (config.json){hint}")
 
 
 def _messages(system: str | None, prompt: str) -> list[dict]:

@@ -269,3 +269,13 @@ def test_cli_errors(tmp_path: Path, tiny_bert: str, capsys: pytest.CaptureFixtur
         code, out, err = run_cli(capsys, "--adapter", folder, "good")
         assert (code, out) == (2, ""), folder
         assert message in err and err.startswith("fedcustom: error:") and err.count("\n") == 1, err
+
+
+def test_cli_points_at_the_run_folders_adapter_and_refuses_a_backbone_for_a_whole_model(
+        tmp_path: Path, tiny_llama: str, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    code, _, err = run_cli(capsys, "--adapter", str(run), "good")
+    assert code == 2 and f"a run folder holds it in {run / 'adapter'}" in err
+    code, _, err = run_cli(capsys, "--adapter", tiny_llama, "--model", "smollm2", "good")
+    assert code == 2 and "is a whole model" in err and "drop --model" in err
