@@ -107,6 +107,17 @@ def convert_gguf(gguf: Path, target: Path) -> None:
     (target / "fedcustom_source.json").write_text(json.dumps({"gguf": gguf.name, "bytes": gguf.stat().st_size}))
 
 
+def umask_permissions(folder: Path) -> None:
+    """Give every file under ``folder`` the permissions the umask gives a new file (0644 under umask 022): the
+    safetensors library writes its files 0600, so in a shared output folder or cache only their owner could read
+    the weights."""
+    umask = os.umask(0)  # reading the umask means setting it; put it straight back
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
 def _clean_stale_temps(root: Path, folder: str) -> None:
     for temp in root.glob(f".{folder}.tmp-*"):
         if time.time() - temp.stat().st_mtime > STALE_TEMP_SECONDS:
@@ -121,6 +132,7 @@ def _convert_atomically(gguf: Path, target: Path) -> None:
     try:
         convert_gguf(gguf, temp)
         temp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary folder
+        umask_permissions(temp)
         if target.exists() and not _is_complete(target):
             shutil.rmtree(target)  # left by something other than us (we only ever rename complete folders)
         try:

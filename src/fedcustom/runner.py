@@ -31,6 +31,7 @@ from fedcustom.errors import FedCustomError
 from fedcustom.methods import save_trained
 from fedcustom.methods.lora_stack import save_merged, stacks
 from fedcustom.models import make_portable
+from fedcustom.packaged import umask_permissions
 from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
@@ -96,6 +97,7 @@ def save_global_model(job: Job) -> None:
     else:
         (job.method.save or save_trained)(job.model, job.model_dir)
     make_portable(job.model_dir)
+    umask_permissions(job.model_dir)
 
 
 def save_client_models(job: Job) -> None:

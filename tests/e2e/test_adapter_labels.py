@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,7 @@ def test_a_stranger_with_plain_peft_gets_label_names(method: str, tiny_config, t
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(done.stdout.strip().splitlines()[-1]) == expected
     assert set(expected) <= {"negative", "positive"}
+    # the weights are readable as any new file under the umask (the safetensors library writes 0600)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert all(p.stat().st_mode & 0o777 == 0o666 & ~umask for p in job.model_dir.glob("*.safetensors"))

@@ -42,3 +42,24 @@ def test_the_hub_ids_map_back_to_the_packaged_aliases() -> None:
     assert packaged_alias("sentence-transformers/all-MiniLM-L6-v2") == "minilm"
     assert packaged_alias("HuggingFaceTB/SmolLM2-135M-Instruct") == "smollm2"
     assert packaged_alias("bert-base-uncased") is None
+
+
+def test_saved_weights_get_the_umasks_permissions_not_safetensors_private_ones(tmp_path: Path) -> None:
+    # Prepare: a weights file as the safetensors library writes it (0600 whatever the umask)
+    import os
+
+    import torch
+    from safetensors.torch import save_file
+
+    from fedcustom.packaged import umask_permissions
+
+    previous = os.umask(0o022)
+    try:
+        save_file({"w": torch.ones(2)}, str(tmp_path / "adapter_model.safetensors"))
+        assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o600
+        # Execute
+        umask_permissions(tmp_path)
+    finally:
+        os.umask(previous)
+    # Assert
+    assert (tmp_path / "adapter_model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -14,6 +14,7 @@ from fedcustom.data import EvalRows
 from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
 from fedcustom.methods.lora_stack import StackedBase, save_merged, stacks
 from fedcustom.models import make_portable
+from fedcustom.packaged import umask_permissions
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
 from fedcustom.personalize import parse_personalize
 from fedcustom.profiles import profile_ranks
@@ -56,6 +57,7 @@ def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module, tokenizer: 
         tokenizer.save_pretrained(folder)
         make_portable(folder)
         get_task(cfg.model.task).describe_saved(model, folder)
+        umask_permissions(folder)
 
     return save
 
