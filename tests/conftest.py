@@ -121,6 +121,19 @@ def tiny_config(tmp_path: Path, tiny_bert: str, toy_csv: str):
     return make
 
 
+def converge_stage_cells(stage_name: str) -> list:
+    """The cells a stage of the shipped converge sweep runs once the tune stage has picked SCAFFOLD for every method
+    (its tune runs stood in for by their final accuracy)."""
+    from fedcustom.bench.sweep import best_per_group, cells, load_sweep
+
+    sweep = load_sweep("converge")
+    stage = next(s for s in sweep.stages if s.name == stage_name)
+    tune = next(s for s in sweep.stages if s.name == "tune")
+    tuned = [{"labels": c.labels, "tags": c.tags, "summary": {"final_accuracy": 0.9 if c.labels["variant"] == "scaffold"
+                                                               else 0.8}} for c in cells(sweep, tune)]
+    return cells(sweep, stage, best_per_group(tuned, sweep, stage.pick))
+
+
 def instruction_rows(n: int, seed: int = 0) -> list[dict]:
     """A learnable mapping: a sentence with a sentiment word -> a fixed two-word answer."""
     rng = random.Random(seed)

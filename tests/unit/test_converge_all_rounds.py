@@ -4,7 +4,7 @@ report section that sets its IID -> Dirichlet 0.1 drop beside the early-stopped 
 from __future__ import annotations
 
 from fedcustom.bench.converge import all_rounds_lines
-from fedcustom.bench.sweep import best_per_group, cells, load_sweep
+from conftest import converge_stage_cells
 
 
 def _record(setting: str, seed: str, per_round: list[float]) -> dict:
@@ -13,12 +13,7 @@ def _record(setting: str, seed: str, per_round: list[float]) -> dict:
 
 
 def test_the_shipped_stage_runs_prefix_on_both_ag_news_splits_for_every_round_with_the_tuned_variant() -> None:
-    sweep = load_sweep("converge")
-    stage = next(s for s in sweep.stages if s.name == "all-rounds")
-    tune = next(s for s in sweep.stages if s.name == "tune")
-    tuned = [{"labels": c.labels, "tags": c.tags, "summary": {"final_accuracy": 0.9 if c.labels["variant"] == "scaffold"
-                                                               else 0.8}} for c in cells(sweep, tune)]
-    runs = cells(sweep, stage, best_per_group(tuned, sweep, stage.pick))
+    runs = converge_stage_cells("all-rounds")
     assert [c.name for c in runs] == [f"{setting}/prefix/scaffold/seed{i}" for setting in
                                       ("ag_news-iid", "ag_news-dirichlet0.1") for i in range(3)]
     for cell in runs:

@@ -4,7 +4,7 @@ variate weighted by examples, and the report section that sets them beside the r
 from __future__ import annotations
 
 from fedcustom.bench.converge import scaffold_weights_lines
-from fedcustom.bench.sweep import best_per_group, cells, load_sweep
+from conftest import converge_stage_cells
 
 
 def _record(method: str, setting: str, seed: str, final: float) -> dict:
@@ -13,12 +13,7 @@ def _record(method: str, setting: str, seed: str, final: float) -> dict:
 
 
 def test_the_shipped_stage_runs_every_method_on_dirichlet_0_1_with_weighted_scaffold() -> None:
-    sweep = load_sweep("converge")
-    stage = next(s for s in sweep.stages if s.name == "scaffold-examples")
-    tune = next(s for s in sweep.stages if s.name == "tune")
-    tuned = [{"labels": c.labels, "tags": c.tags, "summary": {"final_accuracy": 0.9 if c.labels["variant"] == "scaffold"
-                                                               else 0.8}} for c in cells(sweep, tune)]
-    runs = cells(sweep, stage, best_per_group(tuned, sweep, stage.pick))
+    runs = converge_stage_cells("scaffold-examples")
     assert [c.name for c in runs] == [f"ag_news-dirichlet0.1/{m}/scaffold/seed{i}"
                                       for m in ("full", "lora", "prompt", "prefix") for i in range(3)]
     for cell in runs:

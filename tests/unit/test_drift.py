@@ -50,23 +50,27 @@ def client_tables(tiny_bert: str) -> tuple[dict[int, datasets.Dataset], AutoToke
     return tables, tokenizer
 
 
-def reference_scaffold(rounds: int, steps: int, lr: float,
-                       clients: int = 2) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
-    """Algorithm 1 (option II, global rate 1, equal client weights) in numpy; the two clients train every round,
-    ``clients`` is the paper's N (more than 2: the others never answer)."""
+def reference_scaffold(rounds: int, steps: int | tuple[int, int], lr: float, clients: int = 2,
+                       merge: tuple[float, float] = (0.5, 0.5),
+                       c_weights: tuple[float, float] | None = None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Algorithm 1 (option II, global rate 1) in numpy; the two clients train every round (``steps``: K, or each
+    client's), the model is merged with ``merge`` and c moves by ``c_weights`` of the changes (default: the paper's
+    1/N with ``clients`` as N; more than 2: the others never answer)."""
+    steps = (steps, steps) if isinstance(steps, int) else steps
+    c_weights = c_weights or (1 / clients, 1 / clients)
     x, c, ci = np.zeros(3), np.zeros(3), [np.zeros(3), np.zeros(3)]
     for _ in range(rounds):
         ys, changes = [], []
         for i in (0, 1):
             y = x.copy()
-            for _ in range(steps):
+            for _ in range(steps[i]):
                 y = y - lr * (CURVATURE[i] * (y - TARGET[i]) - ci[i] + c)
-            new = ci[i] - c + (x - y) / (steps * lr)
+            new = ci[i] - c + (x - y) / (steps[i] * lr)
             changes.append(new - ci[i])
             ci[i] = new
             ys.append(y)
-        x = (ys[0] + ys[1]) / 2
-        c = c + (changes[0] + changes[1]) / clients
+        x = merge[0] * ys[0] + merge[1] * ys[1]
+        c = c + c_weights[0] * changes[0] + c_weights[1] * changes[1]
     return x, c, ci
 
 
@@ -124,31 +128,11 @@ def test_scaffold_weighted_by_examples_moves_c_as_the_model_is_merged(tiny_bert:
     for r in (1, 2, 3):
         server.run_round(r)
     # Assert: Algorithm 1 with the model merged by examples and c moved by the same weights, not the paper's 1/N
-    weights = np.array(sizes) / sum(sizes)
-    x, c = _unequal_reference(sizes, lr=0.05, c_weights=weights)
+    weights = (0.25, 0.75)
+    x, c, _ = reference_scaffold(rounds=3, steps=(4, 12), lr=0.05, merge=weights, c_weights=weights)
     assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
     assert np.allclose(server.control.c["w"].numpy(), c, atol=1e-10)
-    assert not np.allclose(c, _unequal_reference(sizes, lr=0.05, c_weights=np.array([0.5, 0.5]))[1], atol=1e-3)
-
-
-def _unequal_reference(sizes: tuple[int, int], lr: float, c_weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Three rounds of Algorithm 1 (option II) in numpy on clients of ``sizes`` rows (batches of 4, 2 epochs), the
-    model merged by examples and c moved by ``c_weights``."""
-    x, c, ci = np.zeros(3), np.zeros(3), [np.zeros(3), np.zeros(3)]
-    weights = np.array(sizes) / sum(sizes)
-    for _ in range(3):
-        ys, changes = [], []
-        for i, steps in enumerate(2 * n // 4 for n in sizes):
-            y = x.copy()
-            for _ in range(steps):
-                y = y - lr * (CURVATURE[i] * (y - TARGET[i]) - ci[i] + c)
-            new = ci[i] - c + (x - y) / (steps * lr)
-            changes.append(new - ci[i])
-            ci[i] = new
-            ys.append(y)
-        x = weights[0] * ys[0] + weights[1] * ys[1]
-        c = c + c_weights[0] * changes[0] + c_weights[1] * changes[1]
-    return x, c
+    assert not np.allclose(c, reference_scaffold(rounds=3, steps=(4, 12), lr=0.05, merge=weights)[1], atol=1e-3)
 
 
 def test_scaffold_corrects_drift_that_plain_local_sgd_suffers(tiny_bert: str) -> None:
