@@ -102,6 +102,11 @@ def validate_training(cfg: RunConfig) -> None:
         raise ConfigError(f"federation.min_available (--min-available): {fed.min_available} exceeds the {sampled} "
                           f"clients sampled per round (--clients {fed.clients}, --fraction / --clients-per-round), "
                           "so no round could ever change the global model")
+    if train.gradient_checkpointing and method.name == "prefix":
+        raise ConfigError("--gradient-checkpointing with --method prefix: a checkpointed layer drops the attention "
+                          "cache in training, and PEFT's prefix travels in that cache, so the prefix would be left out "
+                          "of every training step (or the padded attention mask would not fit); leave "
+                          "--gradient-checkpointing off, or use lora or prompt tuning")
     if not 0 <= method.lora_dropout < 1:
         raise ConfigError(f"method.lora_dropout: expected 0 <= dropout < 1, got {method.lora_dropout}")
     _positive("method.lora_alpha (--lora-alpha)", method.lora_alpha, allow_none=False)

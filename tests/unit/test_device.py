@@ -8,6 +8,7 @@ import torch
 
 from fedcustom.cli import main
 from fedcustom.device import resolve_device
+from fedcustom.data.features import make_loader
 from fedcustom.errors import ConfigError
 from fedcustom.runner import build_job, execute
 from fedcustom.training import LocalSchedule, train_local
@@ -82,3 +83,27 @@ def test_the_flowertune_general_nlp_config_is_the_documented_workload() -> None:
     assert (cfg.model.task, cfg.model.load_in, cfg.method.name, cfg.method.lora_r, cfg.method.lora_alpha) == \
         ("causal-lm", "4bit", "lora", 32, 64)
     assert (cfg.federation.clients, cfg.federation.fraction, cfg.train.device) == (20, 0.1, "cuda")
+
+
+@pytest.mark.parametrize("method", ["prompt", "lora"])
+def test_gradient_checkpointing_trains_the_same_tensors_and_losses_for_prompt_tuning_and_lora(tiny_config,
+                                                                                                method: str) -> None:
+    # Prepare: one client batch through each model, checkpointing off and on
+    results = []
+    for checkpointing in (False, True):
+        job = build_job(tiny_config(method__name=method, train__gradient_checkpointing=checkpointing))
+        job.model.train()
+        batch = next(iter(make_loader(job.data.client_table(0), job.tokenizer, 8, seed=0)))
+        torch.manual_seed(0)
+        loss = job.model(**batch).loss
+        loss.backward()
+        results.append((float(loss), sorted(n for n, p in job.model.named_parameters() if p.grad is not None)))
+    # Assert: the same loss and the same trained tensors (the adapter's, not only the head's)
+    assert results[1][0] == pytest.approx(results[0][0], abs=1e-5)
+    assert results[1][1] == results[0][1] and any("lora" in n or "prompt_encoder" in n for n in results[0][1])
+
+
+def test_gradient_checkpointing_is_refused_for_prefix_tuning(tiny_config) -> None:
+    # a checkpointed layer drops the cache in training, and the prefix travels in it: it trained the head only
+    with pytest.raises(ConfigError, match="--gradient-checkpointing with --method prefix"):
+        build_job(tiny_config(method__name="prefix", train__gradient_checkpointing=True))
