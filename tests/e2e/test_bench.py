@@ -177,7 +177,22 @@ def test_a_finished_run_is_reused_only_when_its_config_is_the_same() -> None:
     assert not same_config({**recorded, "removed": {}}, cfg) and not same_config(None, cfg)
     # whether a run checkpointed changes what it wrote, not what it measured
     assert same_config(recorded, build_config({"method": {"name": "lora"}, "output": {"checkpoint": False}}))
-    assert not same_config(recorded, build_config({"method": {"name": "lora"}, "output": {"dir": "elsewhere"}}))
+    # nor where it wrote it (a bench started with an absolute --output re-ran and overwrote every committed run)
+    assert same_config(recorded, build_config({"method": {"name": "lora"}, "output": {"dir": "/elsewhere/runs"}}))
+
+
+def test_two_spellings_of_one_data_file_are_the_same_config(tmp_path: Path, toy_csv: str, monkeypatch) -> None:
+    from fedcustom.bench.reuse import same_config
+    from fedcustom.config import build_config
+
+    # Prepare: a run recorded with a relative path to the data, and another data file
+    monkeypatch.chdir(Path(toy_csv).parent)
+    recorded = build_config({"data": {"dataset": Path(toy_csv).name}}).to_dict()
+    other = tmp_path / "other.csv"
+    other.write_text(Path(toy_csv).read_text())
+    # Assert: the same file spelled absolute is the same run; a copy elsewhere is not
+    assert same_config(recorded, build_config({"data": {"dataset": str(Path(toy_csv).resolve())}}))
+    assert not same_config(recorded, build_config({"data": {"dataset": str(other)}}))
 
 
 def test_codecs_preset_reports_bytes_accuracy_and_the_target(tmp_path: Path, tiny_bert: str, toy_csv: str) -> None:

@@ -5,6 +5,7 @@ every sweep's runs through :func:`same_config`)."""
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from fedcustom.config import RunConfig
@@ -18,15 +19,27 @@ LEGACY: dict[str, dict[str, Any]] = {"train": {"lr_schedule": "constant"},
                                      "method": {"prefix_init": "random", "prompt_init": "random"}}
 
 
-# Settings that change what a run writes, not what it measures: a finished run counts whatever they were (bench runs
-# checkpoint every round so that an interrupted one resumes; the runs before that did not).
-RESULT_NEUTRAL: dict[str, set[str]] = {"output": {"checkpoint"}}
+# Settings that change what a run writes or where, not what it measures: a finished run counts whatever they were
+# (bench runs checkpoint every round so that an interrupted one resumes, the runs before that did not; the output
+# folder is the run's own, spelled relative or absolute by whoever started the bench).
+RESULT_NEUTRAL: dict[str, set[str]] = {"output": {"checkpoint", "dir", "quiet", "report", "trackers", "tracker_uri"}}
+
+
+def _same_file(recorded: Any, value: Any) -> bool:
+    """Two spellings of one existing file or folder (``../shared/data/x.csv`` and ``/work/shared/data/x.csv``: the
+    data folder a bench was started with, relative or absolute)."""
+    if not isinstance(recorded, str) or not isinstance(value, str):
+        return False
+    try:
+        return os.path.samefile(os.path.expanduser(recorded), os.path.expanduser(value))
+    except OSError:  # either does not exist (here, now): only an identical spelling is the same
+        return False
 
 
 def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
     """Whether a finished run's recorded config is ``cfg``. Keys added to the config since that run count as the
     same when ``cfg`` sets them to what the run did without them: their default, or their LEGACY value; the
-    RESULT_NEUTRAL ones are not compared."""
+    RESULT_NEUTRAL ones are not compared, and two spellings of one existing file (a data path) are the same."""
     if not isinstance(previous, dict):
         return False
     previous = json.loads(json.dumps(previous))
@@ -40,6 +53,6 @@ def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
             if key in RESULT_NEUTRAL.get(section, set()):
                 continue
             missing = LEGACY.get(section, {}).get(key, defaults[section][key])  # the key did not exist yet
-            if recorded.get(key, missing) != value:
+            if recorded.get(key, missing) != value and not _same_file(recorded.get(key), value):
                 return False
     return not set(previous) - set(current)
