@@ -125,14 +125,16 @@ def results_table(result_rows: list[dict]) -> str:
 
 
 def skew_table(records: list[dict]) -> str:
+    """Each split's mean over the seeds it has finished (their count in brackets: while the bench runs they differ
+    between columns) and the drop, paired by seed, over the seeds both splits have."""
     settings = [s for s in dict.fromkeys(r["tags"]["setting"] for r in records) if s.startswith("ag_news")]
-    lines = ["| method | " + " | ".join(f"{s} %" for s in settings) + " | drop IID → Dirichlet 0.1 (points) |",
-             "|---|" + "---|" * (len(settings) + 1)]
+    lines = ["| method | " + " | ".join(f"{s} % [seeds]" for s in settings)
+             + " | drop IID → Dirichlet 0.1 (points) [paired seeds] |", "|---|" + "---|" * (len(settings) + 1)]
     for method in dict.fromkeys(r["tags"]["method"] for r in records):
-        cells = [fmt(mean_se([r["summary"]["final_accuracy"] for r in _runs(records, method=method, setting=s)]))
+        stats = [mean_se([r["summary"]["final_accuracy"] for r in _runs(records, method=method, setting=s)])
                  for s in settings]
         drop = drops(records, method, "ag_news", "ag_news-iid", "ag_news-dirichlet0.1")
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {fmt(drop)} |")
+        lines.append(f"| {method} | " + " | ".join(f"{fmt(s)} [{s[2]}]" for s in stats) + f" | {fmt(drop)} [{drop[2]}] |")
     return "\n".join(lines)
 
 
