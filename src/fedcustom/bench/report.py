@@ -83,10 +83,11 @@ def method_row(records: list[dict], preset: BenchPreset, method: str, lr: float)
     skew = skew_dataset(preset)
     if skew:
         splits = next(d.splits for d in preset.datasets if d.key == skew)
-        per_split = {s: [r["final_accuracy"] for r in select(records, dataset=skew, method=method, lr=lr, split=s)]
-                     for s in splits}
-        row["skew"] = {s: _stats(v) for s, v in per_split.items()}
-        drops = [a - b for a, b in zip(per_split[splits[0]], per_split[splits[-1]])]  # paired by seed
+        per_split = {s: {r["seed"]: r["final_accuracy"] for r in select(records, dataset=skew, method=method, lr=lr,
+                                                                         split=s)} for s in splits}
+        row["skew"] = {s: _stats(list(v.values())) for s, v in per_split.items()}
+        first, last = per_split[splits[0]], per_split[splits[-1]]
+        drops = [first[seed] - last[seed] for seed in first if seed in last]  # paired by seed, not by position
         row["skew_drop"] = _stats(drops)
         row["skew_splits"] = (splits[0], splits[-1])
     return row
