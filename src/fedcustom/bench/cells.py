@@ -124,6 +124,15 @@ def record(cell: Cell, out: Path, summary: dict[str, Any] | None, reused: bool) 
             "reused": reused, "summary": kept}
 
 
+def headline(summary: dict[str, Any]) -> str:
+    """A finished run's headline metric for a progress line: its task's first (accuracy, ROUGE-L, recall@5)."""
+    from fedcustom.report import TASK_METRICS
+
+    key = TASK_METRICS.get(summary.get("task", "classification"), (("accuracy", ""),))[0][0]
+    value = summary.get(f"final_{key}")
+    return f"{key} {value:.4f}" if isinstance(value, (int, float)) else f"{key} n/a"
+
+
 def run_cells(todo: list[Cell], out: Path, console: Console, run_now: list[bool] | None = None,
               jobs: int = 1, report: str | None = None) -> list[dict[str, Any]]:
     """Records for ``todo`` in order (each keeps its run's whole summary but the config and versions): reused
@@ -159,8 +168,7 @@ def _run_pending(todo: list[Cell], values: list[dict], pending: list[int], conso
             progress.advance(task)
             progress.update(task, description=todo[i].name)
             if not console.is_terminal:
-                headline = summary.get("final_accuracy", summary.get("final_rouge_l"))
-                console.print(f"[{len(results)}/{len(pending)}] {todo[i].stage}/{todo[i].name}: {headline:.4f} "
+                console.print(f"[{len(results)}/{len(pending)}] {todo[i].stage}/{todo[i].name}: {headline(summary)} "
                               f"({summary['wall_seconds']:.0f} s; {(time.perf_counter() - start) / 60:.0f} min so far)")
 
         if jobs <= 1:
