@@ -155,6 +155,18 @@ def test_the_converge_sweep_runs_in_parts_reuses_its_runs_and_reports_targets(sw
     assert all((out / name).is_file() for name in ("accuracy_vs_round.png", "accuracy_by_split.png"))
 
 
+def test_a_stage_does_not_run_on_the_pick_of_an_unfinished_tuning_stage(sweep_file: Path, tmp_path: Path) -> None:
+    # Prepare: one of the tune stage's four runs (SST-2, the frozen variant): SST-2's pick would be "frozen" now
+    sweep = load_sweep(str(sweep_file))
+    run_sweep_bench(sweep, ".", tmp_path, "one tune run", Console(quiet=True), stages=["tune"],
+                    only=parse_only(sweep, ["setting=sst2-iid", "variant=frozen"]))
+    # Execute / Assert: the report stage, which picks from it, refuses to run on that pick
+    with pytest.raises(ConfigError, match=r"picks from stage 'tune', of which 1 of 4 runs have finished"):
+        run_sweep_bench(sweep, ".", tmp_path, "report first", Console(quiet=True), stages=["report"])
+    # reporting what exists runs nothing, so it is not refused
+    run_sweep_bench(sweep, ".", tmp_path, "report only", Console(quiet=True), stages=["none"])
+
+
 def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
         sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: one tuning cell (4 rounds, early stopping after 2 without gain) run without interruption, and the

@@ -248,6 +248,11 @@ def run_sweep(sweep: Sweep, data_dir: Path, out: Path, console: Console, stages:
         todo = cells(sweep, stage, picked)
         planned[stage.name] = stage_size(sweep, stage)
         run_now = [(stages is None or stage.name in stages) and selected(cell, only) for cell in todo]
+        source = stage.pick.source if stage.pick else None
+        if source and any(run_now) and len(records[source]) < planned[source]:
+            raise ConfigError(f"stage {stage.name!r} picks from stage {source!r}, of which {len(records[source])} of "
+                              f"{planned[source]} runs have finished: its pick could still change, so finish it first "
+                              f"(--stage {source}); what has finished can be reported with --stage none")
         for cell, runs in zip(todo, run_now):
             if runs:
                 check_data(cell.values, data_dir)
