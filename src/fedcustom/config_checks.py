@@ -65,12 +65,13 @@ def validate(cfg: RunConfig) -> None:
     validate_task(cfg)
     validate_scale(cfg)
     validate_convergence(cfg)
-    from fedcustom.tracking import TRACKERS
+    from fedcustom.tracking import TRACKERS, check_installed
 
     unknown = [name for name in cfg.output.trackers if name not in (*TRACKERS, "none")]
     if unknown:
         raise ConfigError(f"output.trackers (--tracker) {', '.join(map(shown, unknown))}: expected "
                           f"{', '.join(TRACKERS)} or none")
+    check_installed(cfg.output.trackers)
     if data.columns is not None:
         names = [c.strip() for c in data.columns.split(",")]
         if not all(names) or len(set(names)) != len(names):

@@ -11,9 +11,13 @@ import json
 from pathlib import Path
 from typing import Any, Protocol
 
-from fedcustom.errors import FedCustomError
+from fedcustom.errors import ConfigError, FedCustomError
 
 TRACKERS = ("tensorboard", "mlflow")
+MODULES = {"tensorboard": "tensorboard", "mlflow": "mlflow"}  # what a tracker imports
+# the summary's figures a tracker records at the end: headline metrics, baselines, gaps, per-client statistics (mean,
+# std, worst 10% of the global and of each client's own model) and client compute
+SUMMARY_METRICS = ("final_", "centralized", "gap_", "client_")
 EXTRA = {"tensorboard": "tensorboard", "mlflow": "mlflow-skinny sqlalchemy alembic"}  # what `pip install` a tracker needs
 
 
@@ -26,8 +30,12 @@ class Tracker(Protocol):
 def round_metrics(record: dict[str, Any]) -> dict[str, float]:
     """The numbers of one round-log record, as flat metric names (global first, then per client)."""
     metrics = {key: float(value) for key, value in record.items()
-               if (key.startswith("eval_") or key in ("train_loss", "wall_seconds", "epsilon", "examples_seen"))
+               if (key.startswith(("eval_", "client_eval_"))
+                   or key in ("train_loss", "wall_seconds", "epsilon", "examples_seen"))
                and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    for name in ("client_eval", "client_eval_personal"):  # each client's held-out metric (global / own model)
+        metrics.update({f"client_{client}/{name}": float(value) for client, value in (record.get(name) or {}).items()
+                        if isinstance(value, (int, float))})
     for name in ("bytes_up", "bytes_down", "client_flops"):
         per_client = record.get(name) or {}
         metrics[f"{name}_total"] = float(sum(per_client.values()))
@@ -65,7 +73,7 @@ class TensorBoardTracker:
 
     def finish(self, summary: dict[str, Any], artifacts: list[Path], failed: bool = False) -> None:
         for key, value in summary.items():
-            if key.startswith(("final_", "centralized", "gap_")) and isinstance(value, (int, float)):
+            if key.startswith(SUMMARY_METRICS) and isinstance(value, (int, float)) and not isinstance(value, bool):
                 self.writer.add_scalar(f"summary/{key}", float(value), int(summary.get("rounds", 0)))
         self.writer.close()
 
@@ -104,8 +112,7 @@ class MLflowTracker:
 
     def finish(self, summary: dict[str, Any], artifacts: list[Path], failed: bool = False) -> None:
         final = {key: float(value) for key, value in summary.items()
-                 if key.startswith(("final_", "centralized", "gap_")) and isinstance(value, (int, float))
-                 and not isinstance(value, bool)}
+                 if key.startswith(SUMMARY_METRICS) and isinstance(value, (int, float)) and not isinstance(value, bool)}
         if final:
             self.mlflow.log_metrics(final)
         for path in artifacts:
@@ -116,18 +123,31 @@ class MLflowTracker:
         self.mlflow.end_run(status="FAILED" if failed else "FINISHED")
 
 
+def check_installed(names: tuple[str, ...]) -> None:
+    """Fail before the job is built when a tracker's package is missing (not minutes into the run)."""
+    import importlib.util
+
+    for name in names:
+        if name in MODULES and importlib.util.find_spec(MODULES[name]) is None:
+            raise ConfigError(f"--tracker {name} needs the {MODULES[name]} package: pip install {EXTRA[name]}")
+
+
 class Trackers:
     """The trackers a config asks for, fed together."""
 
     def __init__(self, names: tuple[str, ...], out: Path, config: dict[str, Any], uri: str | None = None) -> None:
         self.trackers: list[Tracker] = []
-        for name in dict.fromkeys(n for n in names if n != "none"):
-            if name == "tensorboard":
-                self.trackers.append(TensorBoardTracker(out, config))
-            elif name == "mlflow":
-                self.trackers.append(MLflowTracker(out, config, uri))
-            else:
-                raise FedCustomError(f"--tracker {name!r}: expected one of {', '.join(TRACKERS)} or none")
+        try:
+            for name in dict.fromkeys(n for n in names if n != "none"):
+                if name == "tensorboard":
+                    self.trackers.append(TensorBoardTracker(out, config))
+                elif name == "mlflow":
+                    self.trackers.append(MLflowTracker(out, config, uri))
+                else:
+                    raise FedCustomError(f"--tracker {name!r}: expected one of {', '.join(TRACKERS)} or none")
+        except BaseException:  # the ones already started are closed, not left open
+            self.finish({}, [], failed=True)
+            raise
 
     def log_round(self, record: dict[str, Any]) -> None:
         for tracker in self.trackers:
