@@ -50,6 +50,20 @@ def test_rows_pair_gaps_and_drops_by_seed() -> None:
     assert partial["skew_drop"] == pytest.approx((0.04, 0.0))  # seed 1 alone: 0.70 - 0.66
 
 
+
+def test_a_method_with_no_main_dataset_run_yet_is_reported_as_n_a() -> None:
+    # Prepare: the whole paper preset (SST-2 first), but only AG News runs have finished (a sweep run in parts)
+    from fedcustom.bench.report import main_table
+
+    paper = preset_of(load_sweep("paper"))
+    records = [_record("prefix", "iid", 0, 0.80, 0.81), _record("prefix", "dirichlet:0.1", 0, 0.60, None)]
+    # Execute
+    (row,) = build_rows(records, paper)
+    # Assert: the row and the targets are written, with n/a where there is nothing to show (it raised TypeError)
+    assert "| n/a |" in main_table([row], many_lrs=False)
+    assert targets([row]) == []
+
+
 def test_grid_runs_centralized_once_per_method_and_seed() -> None:
     sweep = load_sweep("paper")
     grid = [c for stage in sweep.stages for c in cells(sweep, stage)]

@@ -61,16 +61,19 @@ def rows(records: list[dict]) -> list[dict[str, Any]]:
             runs = [r for r in records if r["method"] == method and r["chain"] == label]
             if not runs:
                 continue
-            base = [raw[(method, r["seed"])] for r in runs]
-            reached = [mb_to_target(r, TARGET_SHARE * b["final_accuracy"]) for r, b in zip(runs, base)]
+            # the comparisons with raw pair each run with raw's run of its seed; a seed whose raw run has not
+            # finished (a sweep run in parts) is left out of them, and without any the row says n/a
+            pairs = [(r, raw[(method, r["seed"])]) for r in runs if (method, r["seed"]) in raw]
+            reached = [mb_to_target(r, TARGET_SHARE * b["final_accuracy"]) for r, b in pairs]
+            paired = (lambda values: statistics.fmean(values) if pairs else None)  # noqa: E731
             out.append({
                 "method": method, "chain": label, "codec": runs[0]["codec_up"],
                 "accuracy": statistics.fmean(r["final_accuracy"] for r in runs),
-                "delta_points": statistics.fmean(100 * (r["final_accuracy"] - b["final_accuracy"]) for r, b in zip(runs, base)),
+                "delta_points": paired([100 * (r["final_accuracy"] - b["final_accuracy"]) for r, b in pairs]),
                 "mb_up": statistics.fmean(r["bytes_up_per_round"] for r in runs) / MB,
                 "mb_down": statistics.fmean(r["bytes_down_per_round"] for r in runs) / MB,
-                "up_reduction": statistics.fmean(b["bytes_up_per_round"] / r["bytes_up_per_round"] for r, b in zip(runs, base)),
-                "mb_to_target": statistics.fmean(reached) if all(v is not None for v in reached) else None,
+                "up_reduction": paired([b["bytes_up_per_round"] / r["bytes_up_per_round"] for r, b in pairs]),
+                "mb_to_target": statistics.fmean(reached) if pairs and all(v is not None for v in reached) else None,
                 "seeds": len(runs),
             })
     return out
@@ -81,9 +84,12 @@ def table(result_rows: list[dict]) -> str:
             f"upload reduction vs raw | MB to {TARGET_SHARE:.0%} of raw accuracy (all clients, both ways) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in result_rows:
-        target = "not reached" if r["mb_to_target"] is None else f"{r['mb_to_target']:.1f}"
-        lines.append(f"| {r['method']} | {r['chain']} | {100 * r['accuracy']:.1f} | {r['delta_points']:+.1f} "
-                     f"| {r['mb_up']:.3f} | {r['mb_down']:.3f} | {r['up_reduction']:.1f}x | {target} |")
+        unpaired = r["delta_points"] is None
+        target = "n/a" if unpaired else "not reached" if r["mb_to_target"] is None else f"{r['mb_to_target']:.1f}"
+        delta = "n/a" if unpaired else f"{r['delta_points']:+.1f}"
+        reduction = "n/a" if unpaired else f"{r['up_reduction']:.1f}x"
+        lines.append(f"| {r['method']} | {r['chain']} | {100 * r['accuracy']:.1f} | {delta} "
+                     f"| {r['mb_up']:.3f} | {r['mb_down']:.3f} | {reduction} | {target} |")
     return "\n".join(lines)
 
 
@@ -94,7 +100,7 @@ def targets(records: list[dict]) -> list[dict[str, Any]]:
 
 def row_targets(result_rows: list[dict]) -> list[dict[str, Any]]:
     """The issue's target: >= 10x fewer upload bytes than raw fp32 for full fine-tuning at <= 0.5 points lost."""
-    full = [r for r in result_rows if r["method"] == "full" and r["chain"] != RAW]
+    full = [r for r in result_rows if r["method"] == "full" and r["chain"] != RAW and r["delta_points"] is not None]
     meeting = [r for r in full if r["up_reduction"] >= 10 and r["delta_points"] >= -0.5]
     best = max(meeting or full, key=lambda r: (r in meeting, r["up_reduction"]), default=None)
     measured = "no chains ran" if best is None else (f"{best['chain']}: {best['up_reduction']:.1f}x fewer upload bytes, "
