@@ -46,6 +46,7 @@ def round_record(result: RoundResult) -> dict[str, Any]:
         **({"client_eval_personal": per_client(result.client_eval_personal),
             **client_eval_stats(result.client_eval_personal, "client_eval_personal")}
            if result.client_eval_personal else {}),
+        **({"bytes_eval": per_client(result.bytes_eval)} if result.bytes_eval else {}),
     }
 
 
@@ -70,7 +71,7 @@ def result_from_record(record: dict[str, Any]) -> RoundResult:
         wall_seconds=record["wall_seconds"], epsilon=record.get("epsilon"), privacy=record.get("privacy", {}),
         memory=record.get("memory", {}), client_eval=per_client(record.get("client_eval", {})),
         client_eval_personal=per_client(record.get("client_eval_personal", {})),
-        simulated_seconds=record.get("simulated_seconds"),
+        simulated_seconds=record.get("simulated_seconds"), bytes_eval=per_client(record.get("bytes_eval", {})),
     )
 
 

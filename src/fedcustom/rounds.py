@@ -42,6 +42,9 @@ class RoundResult:
     client_eval: dict[int, float] = field(default_factory=dict)  # each client's headline metric on its held-out rows
     client_eval_personal: dict[int, float] = field(default_factory=dict)  # --personalize: each client's own model's
     simulated_seconds: float | None = None  # --client-profiles: the slowest client's simulated device time
+    # per-client evaluation: each node's evaluate message (the raw global tensors) and its reply, in bytes; not in
+    # bytes_up/down, which are the training exchange's (the embedded runtime counts what a deployment sends)
+    bytes_eval: dict[int, int] = field(default_factory=dict)
 
 
 class RoundDriver(Protocol):

@@ -53,7 +53,8 @@ def evaluate_clients(job: Job, result: RoundResult) -> None:
     score on their own rows). A client that fails or does not answer is left out of this round's scores."""
     if not held_out_fraction(job.cfg):
         return
-    for node, reply in to_every_node(job, EVALUATE, result.round, eval_config(job)):
+    for node, reply in to_every_node(job, EVALUATE, result.round, eval_config(job), result.bytes_eval):
+        result.bytes_eval[node] += len(reply.payload)
         if reply.error:
             log.warning("client %d did not evaluate round %d: %s", node, result.round, reply.error)
             continue
@@ -72,13 +73,16 @@ def eval_config(job: Job) -> dict:
                               personal.finetune_steps if personal.mode == "finetune" else 0)
 
 
-def to_every_node(job: Job, kind: str, rnd: int, config: dict) -> Iterator[tuple[int, Reply]]:
+def to_every_node(job: Job, kind: str, rnd: int, config: dict,
+                  sent: dict[int, int] | None = None) -> Iterator[tuple[int, Reply]]:
     """One ``kind`` message with the global tensors (raw, off the codec links) to every node the runtime still
-    has, and their replies in node order. The embedded runtime's clients are called directly: its simulated faults
-    are the training messages'."""
+    has, and their replies in node order; ``sent`` gets each node's message payload bytes. The embedded runtime's
+    clients are called directly: its simulated faults are the training messages'."""
     payload = RawCodec().encode(job.server.global_state)
     runtime = job.server.runtime
     messages = {node: Message(kind, rnd, payload, config) for node in runtime.nodes()}
+    if sent is not None:
+        sent.update({node: len(payload) for node in messages})
     local = runtime.local_handler
     if local is None:
         yield from runtime.stream(messages)

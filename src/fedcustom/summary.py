@@ -147,6 +147,9 @@ def summarize(
         "bytes_up_per_round": mean(up),
         "bytes_down_per_round": mean(down),
         "bytes_up_total": sum(up),
+        # per-client evaluation's messages (the raw global model to every node each round, and the replies): traffic
+        # beside the training exchange's, which the per-round figures above count
+        "bytes_eval_total": sum(b for r in results for b in r.bytes_eval.values()),  # round 0 included
         "bytes_down_total": sum(down),
         # all clients, both directions, each round (rounds differ: a delta codec's first download is dense)
         "bytes_per_round_all_clients": [sum(r.bytes_up.values()) + sum(r.bytes_down.values()) for r in rounds],

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from fedcustom.assemble import check_runtime_support
+from fedcustom.codecs import RawCodec
 from fedcustom.config import ConfigError
 from fedcustom.methods import load_trainable_state
 from fedcustom.runner import build_job, execute
@@ -39,6 +40,10 @@ def test_each_client_is_scored_on_rows_it_held_out(tiny_config) -> None:
     assert summary["client_accuracy_worst10"] == scores[0]
     assert summary["client_accuracy_mean"] == pytest.approx(sum(scores) / 3)
     assert len(summary["client_accuracy_mean_per_round"]) == len(log)
+    # the evaluate messages' bytes, beside the training exchange's: the raw global tensors to every node every round
+    raw = len(RawCodec().encode(job.server.global_state))
+    assert all(r["bytes_eval"] == {"0": raw, "1": raw, "2": raw} for r in log)
+    assert summary["bytes_eval_total"] == 3 * raw * len(log)
 
 
 @pytest.mark.parametrize("overrides, expected", [
