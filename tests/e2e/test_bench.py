@@ -198,6 +198,24 @@ def test_a_finished_run_is_reused_only_when_its_config_is_the_same() -> None:
     assert same_config(recorded, build_config({"method": {"name": "lora"}, "output": {"dir": "/elsewhere/runs"}}))
 
 
+def test_a_run_whose_defaulted_settings_have_moved_is_not_reused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a LoRA run that left its rate to the method's recommended default
+    from fedcustom.bench.reuse import same_settings
+    from fedcustom.config import build_config
+    from fedcustom.convergence import local_schedule, resolved_settings
+    from fedcustom.methods import defaults, get_method
+
+    cfg = build_config({"method": {"name": "lora"}})
+    method = get_method("lora")
+    recorded = resolved_settings(cfg, method, local_schedule(cfg, method))
+    # Assert: the same defaults are the same run; older summaries without a key are compared on the rest
+    assert same_settings(recorded, cfg) and same_settings(None, cfg)
+    assert same_settings({k: v for k, v in recorded.items() if k != "scaffold_weights"}, cfg)
+    # ... but once the recommended rate has moved, the config is the same and the run is not
+    monkeypatch.setitem(defaults.CLASSIFICATION, "lora", defaults.Recommended(1e-3))
+    assert not same_settings(recorded, cfg)
+
+
 def test_two_spellings_of_one_data_file_are_the_same_config(tmp_path: Path, toy_csv: str, monkeypatch) -> None:
     from fedcustom.bench.reuse import same_config
     from fedcustom.config import build_config

@@ -27,7 +27,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from fedcustom.bench.reuse import same_config
+from fedcustom.bench.reuse import same_config, same_settings
 from fedcustom.bench.sweep import Cell
 from fedcustom.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint
 from fedcustom.config import RunConfig, build_config
@@ -72,7 +72,8 @@ def finished(values: dict[str, Any], report: str | None = None) -> dict[str, Any
     summary = json.loads(path.read_text())
     if complete and not complete(folder, summary):
         return None
-    return summary if same_config(summary.get("config"), build_config(values)) else None
+    cfg = build_config(values)
+    return summary if same_config(summary.get("config"), cfg) and same_settings(summary.get("settings"), cfg) else None
 
 
 def interrupted(folder: Path, cfg: RunConfig) -> Checkpoint | None:
