@@ -3,6 +3,7 @@ Algorithm 1, option II), run through the real client, server and embedded runtim
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import datasets
@@ -89,7 +90,9 @@ def test_scaffold_through_client_and_server_follows_algorithm_1(tiny_bert: str) 
     x, c, ci = reference_scaffold(rounds=3, steps=4, lr=0.1)
     assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
     assert np.allclose(server.control.c["w"].numpy(), c, atol=1e-10)
-    assert all(np.allclose(client.controls[i]["w"].numpy(), ci[i], atol=1e-10) for i in (0, 1))
+    # (each client's round-3 c_i waits for the server's word that it applied round 3's change: its next message)
+    assert server.settled == {0: 3, 1: 3} and all(client.pending[i][0] == 3 for i in (0, 1))
+    assert all(np.allclose(client.pending[i][1]["w"].numpy(), ci[i], atol=1e-10) for i in (0, 1))
     # ... and the control variates' bytes are counted both ways: more than the model payload alone
     payload = len(RawCodec().encode({"w": torch.zeros(3, dtype=torch.float64)}))
     assert all(b >= 2 * payload for r in results for b in [*r.bytes_up.values(), *r.bytes_down.values()])
@@ -133,6 +136,42 @@ def test_scaffold_weighted_by_examples_moves_c_as_the_model_is_merged(tiny_bert:
     assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
     assert np.allclose(server.control.c["w"].numpy(), c, atol=1e-10)
     assert not np.allclose(c, reference_scaffold(rounds=3, steps=(4, 12), lr=0.05, merge=weights)[1], atol=1e-3)
+
+
+def test_a_rejected_update_leaves_its_clients_control_variate_as_it_was(tiny_bert: str) -> None:
+    # Prepare: client 1's round-2 update is lost after it trained (its reply dropped, as a straggler's); the
+    # reference is Algorithm 1 with that client skipped in round 2 (its c_i unchanged, c moved by client 0's change)
+    tables, tokenizer = client_tables(tiny_bert)
+    client = TrainingClient(Quadratic(), tokenizer, RawCodec(), tables)
+
+    def lossy(node: int, message):
+        reply = client(node, message)
+        return dataclasses.replace(reply, payload=b"", error="timed out") if (node, message.round) == (1, 2) else reply
+
+    schedule = LocalSchedule(lr=0.1, batch_size=4, epochs=2, count_flops=False, optimizer="sgd")
+    server = FederatedServer(EmbeddedRuntime(lossy, 2), FedAvg(), RawCodec(), {"w": torch.zeros(3, dtype=torch.float64)},
+                             lambda s: {"accuracy": 0.0}, schedule, clients_per_round=2, seed=0,
+                             convergence=Convergence(scaffold=True))
+    # Execute
+    results = [server.run_round(r) for r in (1, 2, 3)]
+    # Assert: round 2 rejected client 1; in round 3 it trained from its round-1 c_i, and c = mean of the c_i still
+    assert list(results[1].rejected) == [1] and not results[2].rejected
+    x, c, ci = np.zeros(3), np.zeros(3), [np.zeros(3), np.zeros(3)]
+    for rnd in (1, 2, 3):
+        ys, changes = {}, {}
+        for i in (0, 1):
+            y = x.copy()
+            for _ in range(4):
+                y = y - 0.1 * (CURVATURE[i] * (y - TARGET[i]) - ci[i] + c)
+            new = ci[i] - c + (x - y) / (4 * 0.1)
+            if (i, rnd) != (1, 2):
+                changes[i], ci[i], ys[i] = new - ci[i], new, y
+        x = sum(ys.values()) / len(ys)
+        c = c + sum(changes.values()) / 2
+    assert np.allclose(server.global_state["w"].numpy(), x, atol=1e-10)
+    assert np.allclose(server.control.c["w"].numpy(), c, atol=1e-10)
+    assert np.allclose(server.control.c["w"].numpy(), (client.pending[0][1]["w"] + client.pending[1][1]["w"]).numpy() / 2,
+                       atol=1e-10)
 
 
 def test_scaffold_corrects_drift_that_plain_local_sgd_suffers(tiny_bert: str) -> None:

@@ -90,6 +90,9 @@ class TrainingClient:
         self.links_up: dict[int, Link] = {}
         self.shared = SharedReferences()  # nodes that rebuilt the same global share one copy of it (embedded)
         self.controls: dict[int, State] = {}  # SCAFFOLD: each node's own control variate c_i
+        # SCAFFOLD: each node's last new c_i, kept until the server says it applied that round's change (a rejected
+        # or dropped update's change never reached c, so the c_i it came with must not stand either)
+        self.pending: dict[int, tuple[int, State]] = {}
         # --personalize: the tensors that never leave a client; each node starts from the pretrained model's and keeps
         # its own between rounds (only the private tensors, so memory grows with them, not with the model)
         self.personalization = personalization or Personalization()
@@ -115,9 +118,12 @@ class TrainingClient:
         meta = {"links_down": links_state("down", self.links_down, tensors),
                 "links_up": links_state("up", self.links_up, tensors),
                 "sgd_accountants": {str(n): a.state_dict() for n, a in self.sgd_accountants.items()},
-                "controls": sorted(self.controls), "private": sorted(self.private)}
+                "controls": sorted(self.controls), "private": sorted(self.private),
+                "pending": {str(node): rnd for node, (rnd, _) in self.pending.items()}}
         for node, control in self.controls.items():
             tensors.update({f"control.{node}{SEP}{k}": v for k, v in control.items()})
+        for node, (_, control) in self.pending.items():
+            tensors.update({f"pending.{node}{SEP}{k}": v for k, v in control.items()})
         for node, private in self.private.items():
             tensors.update({f"private.{node}{SEP}{k}": v for k, v in private.items()})
         return tensors, meta
@@ -128,6 +134,8 @@ class TrainingClient:
         self.links_up = links_from_state("up", meta["links_up"], tensors)
         self.shared.adopt(self.links_down)
         self.controls = {int(node): group(tensors, f"control.{node}") for node in meta.get("controls", [])}
+        self.pending = {int(node): (int(rnd), group(tensors, f"pending.{node}"))
+                        for node, rnd in meta.get("pending", {}).items()}
         self.private = {int(node): group(tensors, f"private.{node}") for node in meta.get("private", [])}
         self.sgd_accountants = {}
         for node, state in meta.get("sgd_accountants", {}).items():
@@ -256,6 +264,8 @@ class TrainingClient:
                                    self.reproducible_noise)
         server_control = scaffold.decode(message.attachment, received, "the server's control variate") \
             if message.config.get("scaffold") else None
+        if server_control is not None:
+            self._settle(node_id, int(message.config.get("scaffold_settled", 0)))
         own_control = self.controls.get(node_id) or scaffold.zeros_like(received) if server_control else None
         drift = self._drift(message.config, received, server_control, own_control)
         result = train_local(self.model, table, self.tokenizer, schedule, seed, dp_sgd, drift)
@@ -275,8 +285,17 @@ class TrainingClient:
         if server_control is not None and own_control is not None:
             new = scaffold.client_update(own_control, server_control, received, trained, result.steps, schedule.lr)
             change = scaffold.encode({k: new[k] - own_control[k] for k in new})
-            self.controls[node_id] = new
+            if all(torch.isfinite(v).all() for v in new.values()):  # a diverged session's is never kept
+                self.pending[node_id] = (message.round, new)
         return LocalOutcome(received, self._outgoing(node_id, message, received, trained), metrics, change)
+
+    def _settle(self, node_id: int, settled: int) -> None:
+        """SCAFFOLD: keep this node's pending c_i if the server applied the change it came with (``settled``: the
+        last round whose change from this node reached the server's c), else drop it and keep the c_i before."""
+        if node_id in self.pending:
+            rnd, control = self.pending.pop(node_id)
+            if rnd == settled:
+                self.controls[node_id] = control
 
     @staticmethod
     def _drift(config: dict, received: State, server_control: State | None,

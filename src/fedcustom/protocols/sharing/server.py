@@ -97,6 +97,7 @@ class FederatedServer:
         self.safeguards = safeguards or Safeguards()
         self.convergence = convergence or Convergence()
         self.control = scaffold.ServerControl(self.global_state) if self.convergence.scaffold else None
+        self.settled: dict[int, int] = {}  # SCAFFOLD: per node, the last round whose control change went into c
         self.max_update_bytes = self.safeguards.max_update_bytes or default_max_bytes(self.global_state)
         self.dp_sgd_max = 0.0  # DP-SGD: the largest epsilon any client has reported so far (a client's only grows)
         codec.limit_decoded(default_max_bytes(self.global_state))  # a zstd frame may claim any size
@@ -115,7 +116,7 @@ class FederatedServer:
             tensors.update({f"control{SEP}{k}": v for k, v in self.control.c.items()})
         meta = {"links_down": links_state("down", self.links_down, tensors),
                 "accountant": accountant.state_dict() if accountant else None, "server_opt": opt_meta,
-                "dp_sgd_max": self.dp_sgd_max}
+                "dp_sgd_max": self.dp_sgd_max, "scaffold_settled": {str(n): r for n, r in self.settled.items()}}
         return tensors, meta
 
     def load_state_dict(self, tensors: State, meta: dict) -> None:
@@ -129,6 +130,7 @@ class FederatedServer:
         self.dp_sgd_max = float(meta.get("dp_sgd_max", 0.0))  # (older checkpoints: from this round on)
         if self.control is not None:
             self.control.c = group(tensors, "control")
+            self.settled = {int(n): int(r) for n, r in meta.get("scaffold_settled", {}).items()}
 
     def run_round(self, rnd: int, on_reply: Callable[[int], None] | None = None) -> RoundResult:
         """Send the global state to sampled clients, merge valid replies, evaluate the result."""
@@ -153,6 +155,7 @@ class FederatedServer:
                 examples = [u.num_examples for u in updates] if self.convergence.scaffold_weights == "examples" \
                     else None
                 self.control.apply([collected.controls[u.node_id] for u in updates], total, examples)
+                self.settled.update({u.node_id: rnd for u in updates})
             result.train_loss = _mean_train_loss(updates)
         else:
             log.warning("round %d: no valid updates; the global state is unchanged", rnd)
@@ -192,12 +195,17 @@ class FederatedServer:
             guards.accountant.step(guards.noise_multiplier, guards.sample_rate)
         return guards.accountant.epsilon(guards.dp_delta)
 
+    def _settled(self, node: int) -> dict[str, int]:
+        """SCAFFOLD: which of the node's control changes the server applied last (the client keeps its c_i only
+        from that round's training; 0: none yet)."""
+        return {"scaffold_settled": self.settled.get(node, 0)} if self.control is not None else {}
+
     def broadcast(self, rnd: int, chosen: list[int], config: dict) -> dict[int, Message]:
         """One train message per client: the global state, encoded along that client's link."""
         attachment = scaffold.encode(self.control.c) if self.control is not None else b""
         if self.codec_down.stateless:
             payload = self.codec_down.encode(self.global_state)
-            return {node: Message(TRAIN, rnd, payload, config, attachment) for node in chosen}
+            return {node: Message(TRAIN, rnd, payload, {**config, **self._settled(node)}, attachment) for node in chosen}
         messages: dict[int, Message] = {}
         # A down link keeps no residual (error_feedback off), so its payload and new reference depend only on its
         # old reference and the global state: clients holding the same reference get the same bytes and share the
@@ -215,7 +223,8 @@ class FederatedServer:
                 encoded[id(old)] = old, payload, link.reference
             link.round = rnd
             self.shared.share(link, self.links_down)
-            messages[node] = Message(TRAIN, rnd, payload, {**config, "codec_base": base}, attachment)
+            messages[node] = Message(TRAIN, rnd, payload, {**config, "codec_base": base, **self._settled(node)},
+                                     attachment)
         return messages
 
     def upload_reference(self) -> State:
