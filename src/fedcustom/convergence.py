@@ -66,6 +66,18 @@ def check_convergence_support(cfg: RunConfig, method: Method) -> None:
     if fed.scaffold and (priv.secagg or priv.dp != "off"):
         raise FedCustomError("--scaffold with --secagg or --dp: each client's control-variate change travels in the "
                              "clear beside its update and would reveal what secure aggregation and DP hide")
+    if fed.scaffold and fed.strategy != "fedavg":
+        raise FedCustomError(f"--scaffold with --strategy {fed.strategy}: every accepted client's control-variate "
+                             "change is added to the server's c unfiltered, so one malicious client could poison the "
+                             "correction every client applies whatever the robust merge of the models; use fedavg")
+    if fed.scaffold and fed.scaffold_weights == "examples":
+        from fedcustom.trust import clients_per_round
+
+        if clients_per_round(cfg) < fed.clients:
+            raise FedCustomError("--scaffold-weights examples with clients sampled per round: c is built from each "
+                                 "round's changes weighted among that round's clients, so a client's weight in c would "
+                                 "depend on whom it happened to train with; sample every client (--fraction 1) or "
+                                 "use --scaffold-weights uniform")
     if fed.prox_mu > 0 and priv.dp_sgd:
         raise FedCustomError("--prox-mu with --dp-sgd: Opacus computes each step from per-example gradients of the "
                              "loss alone, so the proximal term would be dropped; use --scaffold or leave --prox-mu 0")

@@ -33,7 +33,10 @@ def early_stop_summary(stop: EarlyStop | None, results: list[RoundResult], round
     best = stop.best_round(results)
     return {"metric": stop.metric, "patience": stop.patience, "min_delta": stop.min_delta, "min_rounds": stop.min_rounds,
             "stopped": results[-1].round < rounds, "last_round": results[-1].round, "best_round": best,
-            f"best_{stop.metric}": next(r.eval[stop.metric] for r in results if r.round == best)}
+            f"best_{stop.metric}": next(r.eval[stop.metric] for r in results if r.round == best),
+            # the saved model and the final_* figures are the last round's: the best round is picked on the
+            # evaluation rows, so keeping its model would report a number selected on the test set
+            "saved_round": results[-1].round}
 
 
 def source_commit() -> str | None:

@@ -92,7 +92,8 @@ def test_early_stopping_ends_the_run_and_says_so(tiny_config) -> None:
     assert [line["round"] for line in log_lines(job.out)] == [0, 1, 2]
     assert summary["rounds"] == 2
     assert summary["early_stop"] == {"metric": "accuracy", "patience": 2, "min_delta": 0.0, "min_rounds": 0, "stopped": True,
-                                     "last_round": 2, "best_round": 0, "best_accuracy": summary["initial_accuracy"]}
+                                     "last_round": 2, "best_round": 0, "best_accuracy": summary["initial_accuracy"],
+                                     "saved_round": 2}
 
 
 def test_early_stop_rule_counts_rounds_since_the_best() -> None:
@@ -133,6 +134,9 @@ def test_unset_settings_come_from_the_method_and_are_recorded(tiny_config) -> No
 @pytest.mark.parametrize("overrides, message", [
     (dict(federation__scaffold=True, privacy__secagg=True), "--scaffold with --secagg"),
     (dict(federation__scaffold=True, privacy__dp="local"), "--scaffold with --secagg or --dp"),
+    (dict(federation__scaffold=True, federation__strategy="median"), "--scaffold with --strategy median: every"),
+    (dict(federation__scaffold=True, federation__scaffold_weights="examples", federation__clients=4,
+          federation__fraction=0.5), "--scaffold-weights examples with clients sampled per round"),
     (dict(federation__prox_mu=0.1, privacy__dp_sgd=True, method__name="lora"), "--prox-mu with --dp-sgd"),
     (dict(federation__server_opt="adam", method__name="split", method__cut_layer=1), "parameter-sharing"),
     (dict(federation__server_betas=[0.9]), "server_betas"),
