@@ -121,10 +121,24 @@ def test_a_deployment_whose_serverapp_is_killed_resumes_from_its_checkpoint(
 
 
 def test_resuming_a_deployment_whose_nodes_kept_state_is_refused(tmp_path: Path, tiny_bert: str, toy_csv: str,
-                                                                 capsys: pytest.CaptureFixture) -> None:
+                                                                 capsys: pytest.CaptureFixture,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a SCAFFOLD run cut off after round 1 (its checkpoint stays; a finished run deletes its own)
+    from fedcustom import runner
+
+    evaluate_clients = runner.evaluate_clients
+
+    def cut_off_in_round_2(job, result):  # type: ignore[no-untyped-def]
+        if result.round == 2:
+            raise KeyboardInterrupt  # before round 2 is logged or checkpointed
+        evaluate_clients(job, result)
+
+    monkeypatch.setattr(runner, "evaluate_clients", cut_off_in_round_2)
     out = tmp_path / "out"
-    assert main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "1", "--scaffold",
-                 "--output", str(out)]) == 0
+    with pytest.raises(KeyboardInterrupt):
+        main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "2", "--scaffold",
+              "--output", str(out)])
+    assert (out / "checkpoint.safetensors").is_file()
     capsys.readouterr()
     assert main(["submit", "--resume", str(out), "--superlink", "127.0.0.1:1", "--insecure"]) == 2
     assert "--scaffold (each node's control variate)" in capsys.readouterr().err
