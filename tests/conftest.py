@@ -134,6 +134,21 @@ def converge_stage_cells(stage_name: str) -> list:
     return cells(sweep, stage, best_per_group(tuned, sweep, stage.pick))
 
 
+def cut_off_in_round(monkeypatch: pytest.MonkeyPatch, rnd: int) -> None:
+    """Make every run of this test end with KeyboardInterrupt as round ``rnd`` ends, before it is logged or
+    checkpointed (an interrupted run: the checkpoint of round ``rnd - 1`` stays); ``monkeypatch.undo()`` ends it."""
+    from fedcustom import runner
+
+    evaluate_clients = runner.evaluate_clients
+
+    def cut(job, result):  # type: ignore[no-untyped-def]
+        if result.round == rnd:
+            raise KeyboardInterrupt
+        evaluate_clients(job, result)
+
+    monkeypatch.setattr(runner, "evaluate_clients", cut)
+
+
 def instruction_rows(n: int, seed: int = 0) -> list[dict]:
     """A learnable mapping: a sentence with a sentiment word -> a fixed two-word answer."""
     rng = random.Random(seed)

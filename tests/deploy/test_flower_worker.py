@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import cut_off_in_round
 from fedcustom.cli import main
 
 pytest.importorskip("flwr", reason="Flower is an optional extra: pip install 'fedcustom[flower]'")
@@ -124,16 +125,7 @@ def test_resuming_a_deployment_whose_nodes_kept_state_is_refused(tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: a SCAFFOLD run cut off after round 1 (its checkpoint stays; a finished run deletes its own)
-    from fedcustom import runner
-
-    evaluate_clients = runner.evaluate_clients
-
-    def cut_off_in_round_2(job, result):  # type: ignore[no-untyped-def]
-        if result.round == 2:
-            raise KeyboardInterrupt  # before round 2 is logged or checkpointed
-        evaluate_clients(job, result)
-
-    monkeypatch.setattr(runner, "evaluate_clients", cut_off_in_round_2)
+    cut_off_in_round(monkeypatch, 2)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         main(["run", "--model", tiny_bert, "--dataset", toy_csv, *JOB, "--rounds", "2", "--scaffold",

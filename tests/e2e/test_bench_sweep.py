@@ -17,7 +17,7 @@ from fedcustom.config import build_config
 from fedcustom.errors import ConfigError
 from fedcustom.summary import source_commit
 
-from conftest import TINY_LR
+from conftest import TINY_LR, cut_off_in_round
 
 SWEEP = """
 name = "tiny-converge"
@@ -181,17 +181,10 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     whole.mkdir()
     cut.mkdir()
     run_sweep_bench(sweep, ".", whole, "whole", Console(quiet=True), stages=["tune"], only=only)
-    evaluate_clients = runner.evaluate_clients
-
-    def killed_after_round_2(job, result):  # type: ignore[no-untyped-def]
-        if result.round == 3:
-            raise KeyboardInterrupt  # before round 3 is logged or checkpointed
-        evaluate_clients(job, result)
-
-    monkeypatch.setattr(runner, "evaluate_clients", killed_after_round_2)
+    cut_off_in_round(monkeypatch, 3)  # killed after round 2
     with pytest.raises(KeyboardInterrupt):
         run_sweep_bench(sweep, ".", cut, "cut", Console(quiet=True), stages=["tune"], only=only)
-    monkeypatch.setattr(runner, "evaluate_clients", evaluate_clients)
+    monkeypatch.undo()
     folder = cut / "runs" / "tune" / "sst2-iid" / "prefix" / "fedavg" / "tune"
     checkpoint = load_checkpoint(folder)
     assert checkpoint.round == 2 and not (folder / "summary.json").exists()
