@@ -104,29 +104,36 @@ def save_global_model(job: Job) -> None:
     umask_permissions(job.model_dir)
 
 
-def save_client_models(job: Job) -> None:
+def save_client_models(job: Job) -> int:
     """``--personalize`` with private tensors: each client's own model under ``clients/<id>/`` (PEFT adapter
     format for adapter methods), then the global model back in place. Clients on Flower nodes write theirs on their
-    own machines (a save message), under the node config's ``output-dir`` or else this run's output folder."""
+    own machines (a save message), under the node config's ``output-dir`` or else this run's output folder. Returns
+    the save messages' bytes (the embedded runtime's clients save in this process: what a deployment would send,
+    the global tensors to each client that keeps private ones)."""
     clients = job.server.runtime.local_handler
     if clients is None:
-        if job.personalization.keeps_private:
-            save_on_nodes(job)
-        return
-    for client in sorted(getattr(clients, "private", {})):
+        return save_on_nodes(job) if job.personalization.keeps_private else 0
+    private = sorted(getattr(clients, "private", {}))
+    for client in private:
         job.load_model(client)
         clients.save_model(job.out / "clients" / str(client) / job.model_dir.name)
     job.load_model()
+    return len(private) * len(RawCodec().encode(job.server.global_state)) if private else 0
 
 
-def save_on_nodes(job: Job) -> None:
-    """Each Flower node saves its own model where it runs; a node that fails is logged, the run still ends."""
+def save_on_nodes(job: Job) -> int:
+    """Each Flower node saves its own model where it runs; a node that fails is logged, the run still ends. Returns
+    the bytes of the save messages and their replies."""
     config = {"folder": str(job.out), "model_dir": job.model_dir.name}
-    for node, reply in to_every_node(job, SAVE, job.cfg.federation.rounds, config):
+    sent: dict[int, int] = {}
+    total = 0
+    for node, reply in to_every_node(job, SAVE, job.cfg.federation.rounds, config, sent):
+        total += len(reply.payload)
         if reply.error:
             log.warning("client %d did not save its own model: %s", node, reply.error)
         else:
             log.info("client %d saved its own model to %s (on its machine)", node, reply.payload.decode())
+    return total + sum(sent.values())
 
 
 def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None,
@@ -300,11 +307,12 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
     cfg = job.cfg
     results = run_rounds(job, console, show, resumed, trackers.log_round)
     job.load_model()
+    saved_bytes = 0  # the end's save messages (--personalize: each client's own model, written where it runs)
     if cfg.output.save_model:
         save_global_model(job)
         job.tokenizer.save_pretrained(job.model_dir)
         get_task(cfg.model.task).describe_saved(job.model, job.model_dir)
-        save_client_models(job)
+        saved_bytes = save_client_models(job)
     baselines = run_baselines(job, results, console if show else None)
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)
     summary = summarize(cfg, results, baselines, job.model, job.initial, job.data, wall,
@@ -312,6 +320,7 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
     # wall_seconds of a resumed run counts the time up to its checkpoint and after the resume; the part of the
     # round that was cut off is lost with its process, so the summary says where the run resumed
     summary["resumed_after_rounds"] = resumed_after(resumed)
+    summary["bytes_save_total"] = saved_bytes
     write_json(job.out / "summary.json", summary)
     (job.out / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing to resume (it was as large as the model)
     if cfg.output.report:

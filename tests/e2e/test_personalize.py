@@ -100,6 +100,10 @@ def test_private_tensors_never_leave_their_client_and_each_client_keeps_its_own(
         own = client.model_for(c, job.server.global_state)
         for name in private_names:
             torch.testing.assert_close(loaded[name], own[name], rtol=0, atol=0)
+    # the save messages a deployment sends at the end (the global tensors to each of the 3 clients) are counted
+    from fedcustom.codecs import RawCodec
+
+    assert summary["bytes_save_total"] == 3 * len(RawCodec().encode(job.server.global_state))
     if dual:  # the global folder holds the global adapter only
         assert not (job.out / "adapter" / PERSONAL_ADAPTER).exists()
 
