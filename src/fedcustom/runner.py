@@ -123,17 +123,15 @@ def save_client_models(job: Job) -> int:
 
 def save_on_nodes(job: Job) -> int:
     """Each Flower node saves its own model where it runs; a node that fails is logged, the run still ends. Returns
-    the bytes of the save messages and their replies."""
+    the save messages' bytes (their replies carry only the folder a node wrote to)."""
     config = {"folder": str(job.out), "model_dir": job.model_dir.name}
     sent: dict[int, int] = {}
-    total = 0
     for node, reply in to_every_node(job, SAVE, job.cfg.federation.rounds, config, sent):
-        total += len(reply.payload)
         if reply.error:
             log.warning("client %d did not save its own model: %s", node, reply.error)
         else:
             log.info("client %d saved its own model to %s (on its machine)", node, reply.payload.decode())
-    return total + sum(sent.values())
+    return sum(sent.values())
 
 
 def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | None = None,

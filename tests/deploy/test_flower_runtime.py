@@ -95,6 +95,9 @@ def test_flower_nodes_score_themselves_on_their_own_rows_like_the_embedded_runti
     assert [r["client_eval_personal"] for r in logs[1]] != [r["client_eval"] for r in logs[1]]
     for key in ("client_accuracy_mean", "client_accuracy_personal_mean", "client_accuracy_personal_worst10"):
         assert summaries[1][key] == pytest.approx(summaries[0][key], abs=1e-6)
+    # the evaluate and save messages' bytes, counted alike (embedded: what a deployment sends)
+    assert [r["bytes_eval"] for r in logs[1]] == [r["bytes_eval"] for r in logs[0]]
+    assert summaries[1]["bytes_save_total"] == summaries[0]["bytes_save_total"] > (0 if personalize == "head" else -1)
     # Assert (head): every node wrote its own adapter (its private head in place), as the embedded run writes them
     for client in range(3 if personalize == "head" else 0):
         own = [load_file(str(tmp_path / d / "clients" / str(client) / "adapter" / "adapter_model.safetensors"))
