@@ -23,7 +23,7 @@ from rich.console import Console
 from fedcustom.assemble import Job, RuntimeFactory, build_job, held_out_fraction
 from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
-from fedcustom.codecs import RawCodec
+from fedcustom.codecs import RawCodec, raw_size
 from fedcustom.config import RunConfig, build_config
 from fedcustom.convergence import EarlyStop, resolved_settings
 from fedcustom.device import model_device, peak_memory_mb
@@ -118,7 +118,7 @@ def save_client_models(job: Job) -> int:
         job.load_model(client)
         clients.save_model(job.out / "clients" / str(client) / job.model_dir.name)
     job.load_model()
-    return len(private) * len(RawCodec().encode(job.server.global_state)) if private else 0
+    return len(private) * raw_size(job.server.global_state) if private else 0
 
 
 def save_on_nodes(job: Job) -> int:

@@ -3,6 +3,6 @@ chain (differences, top-k with error feedback, fp16/bf16/int8/int4, zstd)."""
 
 from fedcustom.codecs.chain import CodecChain, parse_chain
 from fedcustom.codecs.link import Link, SharedReferences, links_from_state, links_state
-from fedcustom.codecs.raw import Codec, RawCodec, get_codec
+from fedcustom.codecs.raw import Codec, RawCodec, get_codec, raw_size
 
-__all__ = ["Codec", "CodecChain", "Link", "RawCodec", "SharedReferences", "get_codec", "links_from_state", "links_state", "parse_chain"]
+__all__ = ["Codec", "CodecChain", "Link", "RawCodec", "SharedReferences", "get_codec", "links_from_state", "links_state", "parse_chain", "raw_size"]

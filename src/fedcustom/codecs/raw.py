@@ -6,6 +6,7 @@ raw little-endian tensor bytes: framing overhead is the header alone.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Protocol
 
 import torch
@@ -48,6 +49,34 @@ class RawCodec:
 
     def decode(self, payload: bytes, link: Any = None) -> dict[str, torch.Tensor]:
         return load_safetensors(payload, "safetensors blob")
+
+
+# safetensors' dtype names (its JSON header) for the torch dtypes a model state holds, in the library's dtype
+# order (its Rust enum: BOOL, U8, I8, I16, F16, BF16, I32, F32, F64, I64), which orders a blob's tensors.
+_SAFETENSORS_DTYPES = {
+    torch.bool: "BOOL", torch.uint8: "U8", torch.int8: "I8", torch.int16: "I16", torch.float16: "F16",
+    torch.bfloat16: "BF16", torch.int32: "I32", torch.float32: "F32", torch.float64: "F64", torch.int64: "I64",
+}
+_DTYPE_RANK = {dtype: rank for rank, dtype in enumerate(_SAFETENSORS_DTYPES)}
+
+
+def raw_size(state: dict[str, torch.Tensor]) -> int:
+    """``len(RawCodec().encode(state))`` without building the blob: counting what a message would carry by
+    encoding it holds a second full copy of the model (a whole model for full fine-tuning). The header is
+    safetensors' own layout (tests check it against the library byte for byte): tensors ordered by dtype, the
+    library's last first, then by name; compact JSON; padded with spaces to a multiple of 8 after an 8-byte
+    length."""
+    if any(tensor.dtype not in _DTYPE_RANK for tensor in state.values()):  # a dtype not tabled: the library's count
+        return len(RawCodec().encode(state))
+    entries, offset = [], 0
+    for name, tensor in sorted(state.items(), key=lambda item: (-_DTYPE_RANK[item[1].dtype], item[0])):
+        size = tensor.numel() * tensor.element_size()
+        shape = json.dumps(list(tensor.shape), separators=(",", ":"))
+        entries.append(f'{json.dumps(name, ensure_ascii=False)}:{{"dtype":"{_SAFETENSORS_DTYPES[tensor.dtype]}",'
+                       f'"shape":{shape},"data_offsets":[{offset},{offset + size}]}}')
+        offset += size
+    header = len(("{" + ",".join(entries) + "}").encode())
+    return 8 + header + (-header % 8) + offset
 
 
 def load_safetensors(payload: bytes, what: str) -> dict[str, torch.Tensor]:
