@@ -28,17 +28,13 @@ from fedcustom.config import RunConfig, build_config
 from fedcustom.convergence import EarlyStop, resolved_settings
 from fedcustom.device import model_device, peak_memory_mb
 from fedcustom.errors import FedCustomError
-from fedcustom.methods import save_trained
-from fedcustom.methods.lora_stack import save_merged, stacks
-from fedcustom.models import make_portable
-from fedcustom.packaged import umask_permissions
 from fedcustom.report import (
     TASK_METRICS, RoundLog, clients_table, result_from_record, round_line, round_progress, round_record, rounds_table, write_json,
 )
 from fedcustom.rounds import RoundResult
+from fedcustom.saving import write_model_folder
 from fedcustom.runtime import Message, Reply
 from fedcustom.summary import summarize
-from fedcustom.tasks import get_task
 from fedcustom.tracking import Trackers
 from fedcustom.wire import EVALUATE, SAVE, client_eval_config
 
@@ -94,14 +90,9 @@ def save_global_model(job: Job) -> None:
     """The global adapter (PEFT methods) or whole model (full fine-tuning, and LoRA with --lora-aggregation stack:
     the merged backbone); dual-lora's personal adapter is each client's own (saved
     under clients/<id>/ beside the global one), so the global folder holds the global adapter only."""
-    if job.personalization.mode == "dual-lora":
-        job.model.save_pretrained(job.model_dir, selected_adapters=[job.model.active_adapter])
-    elif stacks(job.cfg):  # the training lives in the backbone (the adapter restarts each round): a whole model
-        save_merged(job.model, job.model_dir)
-    else:
-        (job.method.save or save_trained)(job.model, job.model_dir)
-    make_portable(job.model_dir)
-    umask_permissions(job.model_dir)
+    dual = job.personalization.mode == "dual-lora"
+    write_model_folder(job.cfg, job.method, job.model, job.tokenizer, job.model_dir,
+                       [job.model.active_adapter] if dual else None)
 
 
 def save_client_models(job: Job) -> int:
@@ -308,8 +299,6 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
     saved_bytes = 0  # the end's save messages (--personalize: each client's own model, written where it runs)
     if cfg.output.save_model:
         save_global_model(job)
-        job.tokenizer.save_pretrained(job.model_dir)
-        get_task(cfg.model.task).describe_saved(job.model, job.model_dir)
         saved_bytes = save_client_models(job)
     baselines = run_baselines(job, results, console if show else None)
     wall = time.perf_counter() - start + (resumed.wall_seconds if resumed else 0.0)

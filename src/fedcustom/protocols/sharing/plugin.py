@@ -12,11 +12,10 @@ from fedcustom.config import RunConfig
 from fedcustom.convergence import convergence_for
 from fedcustom.data import EvalRows
 from fedcustom.methods.lora_capacity import ClientRanks, parse_ranks
-from fedcustom.methods.lora_stack import StackedBase, save_merged, stacks
-from fedcustom.models import make_portable
-from fedcustom.packaged import umask_permissions
+from fedcustom.methods.lora_stack import StackedBase, stacks
 from fedcustom.methods.prompt_capacity import PROMPT_METHODS, ClientLengths, lengths_for
 from fedcustom.personalize import parse_personalize
+from fedcustom.saving import write_model_folder
 from fedcustom.profiles import profile_ranks
 from fedcustom.protocols.parts import ClientParts, ServerParts
 from fedcustom.protocols.sharing.client import TrainingClient
@@ -43,21 +42,11 @@ def build_client(parts: ClientParts) -> TrainingClient:
 
 
 def model_saver(cfg: RunConfig, method: Any, model: torch.nn.Module, tokenizer: Any) -> Callable[[Path], None]:
-    """Writes ``model`` as it is when called to a folder: the method's format (a PEFT adapter for adapter methods)
-    with its tokenizer (or image processor) and the task's description of the saved model (class names), as the
-    global model's folder has them: loading a folder's tokenizer without one there does not fail, it gives a
-    tokenizer of five special tokens that maps every word to [UNK]."""
-    from fedcustom.methods import save_trained
+    """Writes ``model`` as it is when called to a folder, as the global model's folder is written
+    (:func:`fedcustom.saving.write_model_folder`)."""
 
     def save(folder: Path) -> None:
-        if stacks(cfg):  # the federated training lives in the merged backbone: a whole model
-            save_merged(model, folder)
-        else:
-            (method.save or save_trained)(model, folder)
-        tokenizer.save_pretrained(folder)
-        make_portable(folder)
-        get_task(cfg.model.task).describe_saved(model, folder)
-        umask_permissions(folder)
+        write_model_folder(cfg, method, model, tokenizer, folder)
 
     return save
 
