@@ -45,12 +45,15 @@ class Checkpoint:
     parts: dict[str, tuple[Tensors, dict[str, Any]]]
     rng_state: torch.Tensor  # torch's global generator after the checkpoint's round
     resumed_after: list[int]  # the rounds after which this run was already cut off and resumed (oldest first)
+    settings: dict[str, Any] | None = None  # the training settings the run resolved (None: an older checkpoint)
 
 
 def save_checkpoint(out: Path, rnd: int, config: dict[str, Any], records: list[dict[str, Any]], wall: float,
-                    parts: dict[str, Checkpointable], resumed_after: list[int] | None = None) -> Path:
+                    parts: dict[str, Checkpointable], resumed_after: list[int] | None = None,
+                    settings: dict[str, Any] | None = None) -> Path:
     """Atomically replace ``out/checkpoint.safetensors`` with the state after round ``rnd`` (``resumed_after``: the
-    rounds after which the run was cut off and resumed so far)."""
+    rounds after which the run was cut off and resumed so far; ``settings``: the training settings the run resolved
+    from its config, which a resume must resolve to again)."""
     tensors: Tensors = {}
     part_meta = {}
     for name, part in parts.items():
@@ -59,7 +62,7 @@ def save_checkpoint(out: Path, rnd: int, config: dict[str, Any], records: list[d
         part_meta[name] = meta
     tensors["rng.torch"] = torch.get_rng_state()
     meta = {"format": FORMAT, "round": rnd, "config": config, "records": records, "wall_seconds": wall,
-            "parts": part_meta, "resumed_after": resumed_after or []}
+            "parts": part_meta, "resumed_after": resumed_after or [], "settings": settings}
     path = out / CHECKPOINT
     tmp = path.with_suffix(".tmp")
     save_file(tensors, tmp, metadata={"fedcustom": json.dumps(meta, default=str)})
@@ -90,7 +93,8 @@ def load_checkpoint(out: Path) -> Checkpoint:
     rng_state = tensors.pop("rng.torch")
     parts = {name: (group_dot(tensors, name), part) for name, part in meta["parts"].items()}
     return Checkpoint(int(meta["round"]), meta["config"], meta["records"], float(meta["wall_seconds"]), parts,
-                      rng_state, [int(r) for r in meta.get("resumed_after", [])])  # (older checkpoints lack it)
+                      rng_state, [int(r) for r in meta.get("resumed_after", [])],  # (older checkpoints lack it)
+                      meta.get("settings"))
 
 
 def group_dot(tensors: Tensors, name: str) -> Tensors:

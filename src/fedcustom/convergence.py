@@ -5,12 +5,13 @@ fedcustom.scaffold."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 from fedcustom.config import RunConfig
 from fedcustom.errors import FedCustomError
-from fedcustom.methods import Method
+from fedcustom.methods import Method, get_method
 from fedcustom.protocols import require_server_features
 from fedcustom.protocols.sharing.server import Convergence
 from fedcustom.rounds import RoundResult
@@ -91,6 +92,18 @@ def resolved_settings(cfg: RunConfig, method: Method, schedule: LocalSchedule) -
             "warmup_rounds": schedule.warmup_rounds, "server_opt": opt.name, "server_lr": opt.lr,
             "prox_mu": cfg.federation.prox_mu, "scaffold": cfg.federation.scaffold,
             "scaffold_weights": cfg.federation.scaffold_weights}
+
+
+def moved_settings(recorded: dict[str, Any] | None, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:
+    """The training settings a run resolved (``recorded``: summary.json's or a checkpoint's ``settings``) that
+    ``cfg`` resolves differently now, as ``{key: (recorded, now)}``: a config that leaves the rate to the
+    method's recommended default is the same config after that default has moved, but not the same run. Keys the
+    run did not record (it predates them), and runs that recorded none, are not compared."""
+    if not isinstance(recorded, dict):
+        return {}
+    method = get_method(cfg.method.name)
+    current = json.loads(json.dumps(resolved_settings(cfg, method, local_schedule(cfg, method))))  # as recorded
+    return {key: (recorded[key], value) for key, value in current.items() if key in recorded and recorded[key] != value}
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from fedcustom.centralized import run_converged, run_same_passes
 from fedcustom.checkpoint import CHECKPOINT, Checkpoint, load_checkpoint, save_checkpoint
 from fedcustom.codecs import RawCodec, raw_size
 from fedcustom.config import RunConfig, build_config
-from fedcustom.convergence import EarlyStop, resolved_settings
+from fedcustom.convergence import EarlyStop, moved_settings, resolved_settings
 from fedcustom.device import model_device, peak_memory_mb
 from fedcustom.errors import FedCustomError
 from fedcustom.report import (
@@ -140,11 +140,12 @@ def run_rounds(job: Job, console: Console, show: bool, resumed: Checkpoint | Non
         on_round(round_record(result))
     parts = job.checkpoint_parts() if job.cfg.output.checkpoint else {}
     earlier, start = (resumed.wall_seconds if resumed else 0.0), time.perf_counter()
+    settings = resolved_settings(job.cfg, job.method, job.schedule)
 
     def checkpoint(rnd: int) -> None:
         if parts:
             save_checkpoint(job.out, rnd, job.cfg.to_dict(), [round_record(r) for r in results],
-                            earlier + time.perf_counter() - start, parts, resumed_after(resumed))
+                            earlier + time.perf_counter() - start, parts, resumed_after(resumed), settings)
 
     if not resumed:
         checkpoint(0)
@@ -259,6 +260,13 @@ def resumed_job(out: Path, runtime_for: Callable[[RunConfig], RuntimeFactory | N
                              "continues embedded runs, and a SuperLink run continues with `fedcustom submit --resume`"
                              " (a flower-sim run's clients lived in the simulation and cannot be rebuilt: run it "
                              "again)")
+    moved = moved_settings(checkpoint.settings, cfg)
+    if moved:
+        changes = ", ".join(f"{key} {was} -> {now}" for key, (was, now) in moved.items())
+        raise FedCustomError(f"--resume {out}: the run started with training settings its config leaves to the "
+                             f"method's defaults, and these defaults have moved since ({changes}): the resumed "
+                             "rounds would train differently from the first ones. Run it again, or set these in "
+                             "its config")
     job = build_job(cfg, runtime)
     parts = job.checkpoint_parts()
     if set(parts) != set(checkpoint.parts):

@@ -174,6 +174,9 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     from fedcustom import runner
     from fedcustom.bench import cells
     from fedcustom.checkpoint import CHECKPOINT, load_checkpoint
+    from fedcustom.convergence import local_schedule, resolved_settings
+    from fedcustom.errors import FedCustomError
+    from fedcustom.methods import defaults, get_method
 
     sweep = load_sweep(str(sweep_file))
     only = parse_only(sweep, ["setting=sst2-iid", "variant=fedavg"])
@@ -191,6 +194,15 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     own = build_config(checkpoint.config)
     assert cells.interrupted(folder, own) is not None
     assert cells.interrupted(folder, dataclasses.replace(own, train=dataclasses.replace(own.train, seed=1))) is None
+    # a checkpoint records the settings its run resolved: once a default it left unset moves, it is not resumed
+    # (the bench starts that run again) and `--resume` says which setting moved
+    assert checkpoint.settings == resolved_settings(own, get_method("prefix"), local_schedule(own, get_method("prefix")))
+    with monkeypatch.context() as moved:
+        moved.setitem(defaults.CLASSIFICATION, "prefix", dataclasses.replace(defaults.CLASSIFICATION["prefix"],
+                                                                            server_lr=0.5))
+        assert own.federation.server_lr is None and cells.interrupted(folder, own) is None
+        with pytest.raises(FedCustomError, match=r"defaults have moved since \(server_lr 1.0 -> 0.5\)"):
+            runner.resumed_job(folder)
     run_sweep_bench(sweep, ".", cut, "report only", Console(quiet=True), stages=["none"], only=only)
     assert ("Partial report: 0 of the sweep's 10 runs have finished** and 1 more is part-way"
             in (cut / "report.md").read_text())

@@ -78,14 +78,15 @@ def finished(values: dict[str, Any], report: str | None = None) -> dict[str, Any
 
 def interrupted(folder: Path, cfg: RunConfig) -> Checkpoint | None:
     """The checkpoint an interrupted run of ``cfg`` left in ``folder``, or None: there is none, it cannot be read,
-    or it belongs to another config (that run starts again and overwrites it)."""
+    or it belongs to another config or to settings ``cfg`` no longer resolves to (a default that moved since: that
+    run starts again and overwrites it, as a finished one is not reused)."""
     if not cfg.output.checkpoint or not (folder / CHECKPOINT).is_file():
         return None
     try:
         checkpoint = load_checkpoint(folder)
     except FedCustomError:
         return None
-    return checkpoint if same_config(checkpoint.config, cfg) else None
+    return checkpoint if same_config(checkpoint.config, cfg) and same_settings(checkpoint.settings, cfg) else None
 
 
 def run_one(values: dict[str, Any], threads: int | None, report: str | None = None) -> dict[str, Any]:

@@ -61,13 +61,7 @@ def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
 def same_settings(recorded: dict[str, Any] | None, cfg: RunConfig) -> bool:
     """Whether the training settings a finished run resolved (summary.json's ``settings``: client rate, epochs,
     server optimizer ... after the method's recommended defaults filled what its config left unset) are what
-    ``cfg`` resolves to now: a config that leaves the rate to the defaults is the same config after a default has
-    moved, but not the same run. Keys the run did not record (it predates them) are not compared."""
-    if not isinstance(recorded, dict):
-        return True  # runs from before settings were recorded: the config comparison alone
-    from fedcustom.convergence import local_schedule, resolved_settings
-    from fedcustom.methods import get_method
+    ``cfg`` resolves to now (:func:`fedcustom.convergence.moved_settings`)."""
+    from fedcustom.convergence import moved_settings
 
-    method = get_method(cfg.method.name)
-    current = json.loads(json.dumps(resolved_settings(cfg, method, local_schedule(cfg, method))))
-    return all(recorded[key] == value for key, value in current.items() if key in recorded)
+    return not moved_settings(recorded, cfg)
