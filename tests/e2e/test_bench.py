@@ -53,14 +53,17 @@ def test_rows_pair_gaps_and_drops_by_seed() -> None:
 
 def test_a_method_with_no_main_dataset_run_yet_is_reported_as_n_a() -> None:
     # Prepare: the whole paper preset (SST-2 first), but only AG News runs have finished (a sweep run in parts)
-    from fedcustom.bench.report import main_table
+    from fedcustom.bench.report import main_table, paper_table, skew_table
 
     paper = preset_of(load_sweep("paper"))
     records = [_record("prefix", "iid", 0, 0.80, 0.81), _record("prefix", "dirichlet:0.1", 0, 0.60, None)]
     # Execute
     (row,) = build_rows(records, paper)
-    # Assert: the row and the targets are written, with n/a where there is nothing to show (it raised TypeError)
-    assert "| n/a |" in main_table([row], many_lrs=False)
+    tables = [main_table([row], many_lrs=False), paper_table([row]), skew_table([row], many_lrs=False)]
+    # Assert: the row and the targets are written, with n/a where there is nothing to show (it raised TypeError),
+    # never a "nan" (the main-dataset bytes, compute and time have no run to average yet)
+    assert all("| n/a |" in table and "nan" not in table for table in tables[:2])
+    assert "| 80.0 ± 0.0 | n/a | 60.0 ± 0.0 | 20.0 ± 0.0 |" in tables[2]  # the skew runs that did finish
     assert targets([row]) == []
 
 
