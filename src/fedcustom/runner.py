@@ -33,7 +33,7 @@ from fedcustom.report import (
 )
 from fedcustom.rounds import RoundResult
 from fedcustom.saving import write_model_folder
-from fedcustom.runtime import Message, Reply
+from fedcustom.runtime import ClientSetup, Message, Reply
 from fedcustom.summary import summarize
 from fedcustom.tracking import Trackers
 from fedcustom.wire import EVALUATE, SAVE, client_eval_config
@@ -110,6 +110,16 @@ def save_client_models(job: Job) -> int:
         clients.save_model(job.out / "clients" / str(client) / job.model_dir.name)
     job.load_model()
     return len(private) * raw_size(job.server.global_state) if private else 0
+
+
+def setup_bytes(job: Job) -> int:
+    """The client setup's bytes (label names; distillation's public texts), sent once to each client before the
+    first round: what the Flower runtime sent with its hellos (again to a node that rejoined), or what a
+    deployment would send (embedded)."""
+    carrier = job.server.runtime
+    if carrier.local_handler is None and hasattr(carrier, "setup_bytes"):
+        return int(carrier.setup_bytes)
+    return job.cfg.federation.clients * ClientSetup(job.data.label_names, job.data.public).wire_bytes()
 
 
 def save_on_nodes(job: Job) -> int:
@@ -316,6 +326,7 @@ def _train_and_report(job: Job, console: Console, show: bool, start: float, resu
     # round that was cut off is lost with its process, so the summary says where the run resumed
     summary["resumed_after_rounds"] = resumed_after(resumed)
     summary["bytes_save_total"] = saved_bytes
+    summary["bytes_setup_total"] = setup_bytes(job)
     write_json(job.out / "summary.json", summary)
     (job.out / CHECKPOINT).unlink(missing_ok=True)  # finished: nothing to resume (it was as large as the model)
     if cfg.output.report:

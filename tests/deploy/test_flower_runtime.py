@@ -149,6 +149,9 @@ def test_flower_simulation_runs_the_many_message_protocols_like_the_embedded_run
     assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-6)
     assert logs[1][-1]["eval_loss"] != logs[1][0]["eval_loss"]
     assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
+    # the client setup went once to each node, with the hello (distillation: its public texts, 20 rows of them)
+    assert summaries[1]["bytes_setup_total"] == summaries[0]["bytes_setup_total"] > 0
+    assert (summaries[0]["bytes_setup_total"] > 1000) == (overrides["method__name"] == "distill")
 
 
 def test_the_client_app_routes_every_message_kind_our_servers_send() -> None:

@@ -29,12 +29,14 @@ class _Grid:
     def __init__(self, partition_of_node: dict[int, int]) -> None:
         self.partition_of_node = partition_of_node
         self.pushed: list[int] = []
+        self.messages: list = []  # every message pushed, in order
 
     def get_node_ids(self) -> list[int]:
         return list(self.partition_of_node)
 
     def push_messages(self, messages: list) -> list[str]:
         self.pushed = [m.metadata.dst_node_id for m in messages]
+        self.messages += messages
         return [f"hello-{node}" for node in self.pushed]
 
     def pull_messages(self, ids: list[str]) -> list[SimpleNamespace]:
@@ -66,3 +68,53 @@ def test_a_rejoining_node_takes_its_partition_and_the_lost_node_state_is_named(c
     assert runtime.partitions == {0: 102, 1: 104, 2: 103}
     assert "partition 1 rejoined as SuperNode 104 (was 101)" in caplog.text
     assert "SCAFFOLD control variate" in caplog.text and "starts again from zero" in caplog.text
+
+
+def test_the_client_setup_travels_once_with_the_hello_and_messages_name_it_by_digest() -> None:
+    # Prepare: distillation's setup (label names and public texts: far larger than its logits)
+    from fedcustom.runtime import ClientSetup, Message
+    from fedcustom.runtime.flower.records import CONFIG, SETUP_DIGEST
+
+    setup = ClientSetup(["neg", "pos"], [f"public text number {i}" for i in range(50)])
+    grid = _Grid({101: 1, 102: 0})
+    # Execute
+    runtime = FlowerRuntime(grid, expected_nodes=2, timeout=5, connect_timeout=5, setup=setup)
+    hellos = list(grid.messages)
+    runtime.post({0: Message("train", 1, b"x", {"lr": 0.1}), 1: Message("train", 1, b"x", {"lr": 0.1})})
+    # Assert: each hello carries the whole setup, and it is counted once per node
+    assert [dict(m.content["hello"]) for m in hellos] == [setup.to_config()] * 2
+    assert runtime.setup_bytes == 2 * setup.wire_bytes() > len("".join(setup.public))
+    # ... every training message only its digest (16 characters), not the public texts
+    for message in grid.messages[2:]:
+        config = dict(message.content[CONFIG])
+        assert len(config[SETUP_DIGEST]) == 16 and not any("public text" in str(v) for v in config.values())
+    # a rejoining node is greeted with the setup again, and counted again
+    grid.partition_of_node[103] = 1
+    runtime._rejoin({102, 103})
+    assert dict(grid.messages[-1].content["hello"]) == setup.to_config()
+    assert runtime.setup_bytes == 3 * setup.wire_bytes()
+
+
+def test_a_node_builds_from_the_setup_it_kept_and_refuses_a_message_without_it() -> None:
+    # Prepare
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from fedcustom.deploy.flower.apps import keep_setup, node_setup
+    from fedcustom.runtime import ClientSetup
+    from fedcustom.runtime.flower.records import SETUP_DIGEST, setup_digest
+
+    setup, other = ClientSetup(["neg", "pos"], ["a public text"]), ClientSetup(["pos", "neg"])
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    # Execute / Assert: a restarted node that was not greeted again refuses by name
+    with pytest.raises(FedCustomError, match="does not hold the run's client setup.*none kept"):
+        node_setup({SETUP_DIGEST: setup_digest(setup.to_config())}, context)
+    keep_setup(ConfigRecord({}), context)  # a ping's hello carries no setup: nothing kept
+    with pytest.raises(FedCustomError, match="none kept"):
+        node_setup({SETUP_DIGEST: setup_digest(setup.to_config())}, context)
+    keep_setup(ConfigRecord(setup.to_config()), context)
+    config = {SETUP_DIGEST: setup_digest(setup.to_config()), "lr": 0.1}
+    assert node_setup(config, context) == setup and config == {"lr": 0.1}
+    with pytest.raises(FedCustomError, match="kept another one"):  # a message of another setup
+        node_setup({SETUP_DIGEST: setup_digest(other.to_config())}, context)
+    with pytest.raises(FedCustomError, match="no 'fedcustom.setup-digest'"):
+        node_setup({"lr": 0.1}, context)

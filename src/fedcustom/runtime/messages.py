@@ -7,6 +7,7 @@ own message kinds rather than their own transport.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -43,13 +44,37 @@ class Reply:
 Handler = Callable[[int, Message], Reply]
 
 
+LABELS_KEY = "fedcustom.labels"  # setup config: the server's label names as JSON (clients need the same order)
+PUBLIC_KEY = "fedcustom.public"  # setup config: the public texts as JSON (distillation: every party labels them)
+
+
 @dataclass(frozen=True)
 class ClientSetup:
     """What a client built elsewhere (a Flower node) must be told to build the same side of the job as the
-    server's: the label names in the server's order and, for distillation, the public texts to label."""
+    server's: the label names in the server's order and, for distillation, the public texts to label. It travels
+    once to each client, before the first round (a Flower node keeps it for the run)."""
 
     label_names: list[str]
     public: list[str] | None = None
+
+    def to_config(self) -> dict[str, str]:
+        """The setup as string settings (a message's config); :meth:`from_config` reads them back."""
+        config = {LABELS_KEY: json.dumps(self.label_names)}
+        if self.public is not None:
+            config[PUBLIC_KEY] = json.dumps(self.public)
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ClientSetup:
+        """Inverse of :meth:`to_config`, taking its keys out of ``config``; KeyError when it holds no setup."""
+        labels = config.pop(LABELS_KEY)
+        public = config.pop(PUBLIC_KEY, None)
+        return cls(json.loads(str(labels)), None if public is None else json.loads(str(public)))
+
+    def wire_bytes(self) -> int:
+        """What the setup message carries: its settings' keys and values, UTF-8 (as payload bytes are counted,
+        without the carrier's framing)."""
+        return sum(len(k.encode()) + len(v.encode()) for k, v in self.to_config().items())
 
 
 class Runtime(Protocol):

@@ -29,16 +29,16 @@ from fedcustom.deploy.flower.rag import RAG_KINDS, RagJob, handle_rag, job_from_
 from fedcustom.deploy.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
 from fedcustom.errors import FedCustomError
 from fedcustom.protocols import message_kinds
-from fedcustom.runtime.flower.records import DEFAULT_KIND, content_to_message, reply_to_content
+from fedcustom.runtime.flower.records import (DEFAULT_KIND, SETUP_DIGEST, content_to_message, reply_to_content,
+                                              setup_digest)
 from fedcustom.runtime.flower.runtime import FlowerRuntime
-from fedcustom.runtime.messages import ClientSetup, Handler
+from fedcustom.runtime.messages import LABELS_KEY, PUBLIC_KEY, ClientSetup, Handler
 
 log = logging.getLogger(__name__)
 
 CONFIG_KEY = "fedcustom-config"  # run config: the resolved RunConfig as JSON
 RESUME_KEY = "fedcustom-resume"  # run config: the output folder of an interrupted run to continue (submit --resume)
-LABELS_KEY = "fedcustom.labels"  # message config: the server's label names as JSON (clients need the same order)
-PUBLIC_KEY = "fedcustom.public"  # message config: the public texts as JSON (distillation: every party labels them)
+SETUP_STATE = "fedcustom.setup"  # node context state: the client setup the hello brought (see node_setup)
 SAVE_KIND = "save"  # fedcustom.wire.SAVE (not imported here: wire imports the training loop, and torch with it)
 
 
@@ -68,27 +68,32 @@ def node_run_config(context: Context) -> RunConfig:
 
 
 # ---------------------------------------------------------------------------------------------- server side
-def setup_config(setup: ClientSetup) -> dict[str, str]:
-    """What every message carries so that a node can build its side of the job (see :func:`setup_from_config`)."""
-    config = {LABELS_KEY: json.dumps(setup.label_names)}
-    if setup.public is not None:
-        config[PUBLIC_KEY] = json.dumps(setup.public)
-    return config
+def keep_setup(hello: Any, context: Context) -> None:
+    """Keep the client setup a hello brings (label names; distillation's public texts) in this node's context for
+    the rest of the run: the server sends it once, and each later message names it by its digest."""
+    if LABELS_KEY in hello:
+        context.state[SETUP_STATE] = ConfigRecord({k: str(hello[k]) for k in (LABELS_KEY, PUBLIC_KEY) if k in hello})
 
 
-def setup_from_config(config: dict[str, Any]) -> ClientSetup:
-    """Inverse of :func:`setup_config`, taking its keys out of ``config``."""
-    labels = config.pop(LABELS_KEY, None)
-    if labels is None:
-        raise FedCustomError(f"message config has no {LABELS_KEY!r}: was it sent by a fedcustom ServerApp?")
-    public = config.pop(PUBLIC_KEY, None)
-    return ClientSetup(json.loads(str(labels)), None if public is None else json.loads(str(public)))
+def node_setup(config: dict[str, Any], context: Context) -> ClientSetup:
+    """The client setup a message belongs to (its digest key taken out of ``config``): the one this node kept from
+    the run's hello. A node that lost it (its SuperNode restarted and was not greeted again) cannot build its
+    client: a clear error, which the server counts as that node failing the round."""
+    digest = config.pop(SETUP_DIGEST, None)
+    if digest is None:
+        raise FedCustomError(f"message config has no {SETUP_DIGEST!r}: was it sent by a fedcustom ServerApp?")
+    kept = dict(context.state[SETUP_STATE]) if SETUP_STATE in context.state else None
+    if kept is None or setup_digest(kept) != digest:
+        raise FedCustomError("this SuperNode does not hold the run's client setup (label names, public texts) that "
+                             "the ServerApp sent with its hello at the start "
+                             f"({'none kept' if kept is None else 'it kept another one'}): was it restarted during "
+                             "the run? The server greets a node that rejoins with a new node id")
+    return ClientSetup.from_config(kept)
 
 
 def _grid_runtime(grid: Grid, cfg: RunConfig) -> Any:
     def runtime(_handler: Handler, setup: ClientSetup) -> FlowerRuntime:
-        return FlowerRuntime(grid, cfg.federation.clients, cfg.federation.round_timeout,
-                             extra_config=setup_config(setup))
+        return FlowerRuntime(grid, cfg.federation.clients, cfg.federation.round_timeout, setup=setup)
 
     return runtime
 
@@ -145,7 +150,7 @@ def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None) -> F
     config = dict(ours.config)
     if ours.kind == SAVE_KIND and context.node_config.get("output-dir"):  # where this owner keeps its own model
         config["folder"] = str(context.node_config["output-dir"])
-    setup = setup_from_config(config)
+    setup = node_setup(config, context)
     node = node_client(context, cfg or node_run_config(context), setup)
     restore_client_state(node, context)
     ours = dataclasses.replace(ours, config=config)
@@ -172,7 +177,9 @@ def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> 
     @app.query("fedcustom_hello")
     def hello(message: FlowerMessage, context: Context) -> FlowerMessage:
         answer: dict[str, Any] = {"partition-id": partition_of(context)}
-        labels = message.content["hello"].get(LABELS_KEY) if "hello" in message.content else None
+        greeting = message.content["hello"] if "hello" in message.content else {}
+        keep_setup(greeting, context)
+        labels = greeting.get(LABELS_KEY)
         data_path = context.node_config.get("data-path")
         if labels is not None and data_path:
             answer.update(describe_own_data(cfg or node_run_config(context), json.loads(str(labels)),

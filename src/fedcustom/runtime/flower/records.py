@@ -9,6 +9,9 @@ more memory in every process, as ConfigRecord bytes.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
@@ -18,6 +21,7 @@ CONFIG, PAYLOAD, REPLY, METRICS = "fedcustom.config", "fedcustom.payload", "fedc
 ATTACHMENT = "fedcustom.attachment"  # present only when a message or reply carries one
 ROUND, KIND = "fedcustom.round", "fedcustom.kind"  # reserved keys in the config record
 DEFAULT_KIND = "train"  # Flower's message type for it is plain "train"; other kinds are "train.<kind>"
+SETUP_DIGEST = "fedcustom.setup-digest"  # reserved config key: which client setup (sent once, with the hello) applies
 
 
 def message_type(kind: str) -> str:
@@ -49,6 +53,13 @@ def bytes_record(data: bytes) -> ArrayRecord:
 def record_bytes(record: ArrayRecord) -> bytes:
     """Inverse of :func:`bytes_record`."""
     return record["bytes"].numpy().tobytes()
+
+
+def setup_digest(setup: dict[str, str]) -> str:
+    """A short name for a client setup's settings: every message carries it instead of the setup itself (the
+    public texts of distillation are far larger than its logits), and a node checks it against the setup it
+    kept from the hello."""
+    return hashlib.sha256(json.dumps(setup, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def message_to_content(message: Message, extra_config: dict[str, str] | None = None) -> RecordDict:

@@ -16,8 +16,8 @@ from flwr.app import ConfigRecord, Message as FlowerMessage, RecordDict
 from flwr.serverapp import Grid
 
 from fedcustom.errors import FedCustomError
-from fedcustom.runtime.flower.records import content_to_reply, message_to_content, message_type
-from fedcustom.runtime.messages import Message, Reply
+from fedcustom.runtime.flower.records import SETUP_DIGEST, content_to_reply, message_to_content, message_type, setup_digest
+from fedcustom.runtime.messages import ClientSetup, Message, Reply
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,14 @@ class FlowerRuntime:
     """Sends our messages through ``grid`` and maps replies back to partition ids."""
 
     def __init__(self, grid: Grid, expected_nodes: int, timeout: float, connect_timeout: float = 120.0,
-                 extra_config: dict[str, str] | None = None) -> None:
+                 setup: ClientSetup | None = None) -> None:
         self.grid = grid
         self.timeout = timeout  # seconds to wait for the replies of one exchange
-        self.extra_config = extra_config or {}  # added to every message's config (e.g. the label names)
+        # what a node must know to build its client (labels, public texts) travels with the hello, once per node;
+        # every message names it by its digest
+        self.setup, self.setup_config = setup, setup.to_config() if setup else {}
+        self.extra_config = {SETUP_DIGEST: setup_digest(self.setup_config)} if setup else {}
+        self.setup_bytes = 0  # the setup's bytes sent so far: once to each partition's node (again if it rejoins)
         self.node_stats: dict[int, dict] = {}  # partition id -> its own rows and label histogram, as the node says
         self.partition_examples: dict[int, int] = {}  # partition id -> training rows, where the server split the data
         self._asked: set[int] = set()  # node ids asked for their partition after the start (rejoining nodes)
@@ -62,6 +66,7 @@ class FlowerRuntime:
                 raise FedCustomError(f"SuperNode {node} has partition-id={partition} in its node config; with "
                                      f"federation.clients = {expected} the partition ids are 0..{expected - 1}")
             partitions[partition] = node
+            self.setup_bytes += self.setup.wire_bytes() if self.setup else 0
         if len(partitions) < expected:
             raise FedCustomError(f"federation.clients = {expected}: only {len(partitions)} SuperNodes answered with "
                                  f"a partition id")
@@ -72,7 +77,7 @@ class FlowerRuntime:
         """Ask ``node_ids`` which partition each holds: (partition, node id) for every node that answered within
         ``timeout``, or as soon as ``enough`` distinct partitions did (a dead node the SuperLink still lists would
         otherwise hold the start for the whole timeout)."""
-        hello = ConfigRecord(dict(self.extra_config))
+        hello = ConfigRecord(dict(self.setup_config))
         hellos = [FlowerMessage(RecordDict({"hello": hello}), node, HELLO) for node in node_ids]
         found: list[tuple[int, int]] = []
         for reply in self._replies(self.grid.push_messages(hellos), timeout):
@@ -135,6 +140,7 @@ class FlowerRuntime:
                         "starts again from zero on the new one", partition, node, old,
                         ", still listed" if old in connected else "")
             self.partitions[partition] = node
+            self.setup_bytes += self.setup.wire_bytes() if self.setup else 0
 
     @property
     def local_handler(self) -> None:
