@@ -71,3 +71,41 @@ def test_supernodes_serve_their_own_indexes_on_a_real_superlink(tmp_path: Path, 
     # Assert: the ServerApp wrote the same passages the embedded runtime found
     assert _passages(deployed) == _passages(embedded)
     assert (tmp_path / "deployed" / "answers.jsonl").is_file()
+
+
+def test_a_node_keeps_what_it_offered_across_processes_and_bounds_k_by_its_node_config(
+        tmp_path: Path, tiny_bert: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: a deployed SuperNode answers each message in a fresh process (the client cache is empty again);
+    # only its context.state carries over
+    from flwr.app import Context, Message as FlowerMessage, RecordDict
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from fedcustom.deploy.flower import rag
+    from fedcustom.errors import FedCustomError
+    from fedcustom.rag.encoder import Encoder
+    from fedcustom.runtime import Message
+    from fedcustom.runtime.flower.records import content_to_reply, message_to_content
+
+    for name, value in (("_run_id", 7), ("_node_id", 0), ("_task_id", 1)):  # a ServerApp stamps what it sends
+        monkeypatch.setattr(TaskIdentity, name, value)
+    index = _indexes(tmp_path, tiny_bert)
+    job = rag.RagJob(QUESTIONS, clients=2, output=str(tmp_path / "out"), index=str(index))
+    context = Context(run_id=7, node_id=3, node_config={"partition-id": 0, "rag-max-k": 2}, state=RecordDict(),
+                      run_config={})
+    vectors = Encoder(tiny_bert).encode(QUESTIONS)
+
+    def send(kind: str, payload: bytes = b"", **config):  # type: ignore[no-untyped-def]
+        rag._CLIENTS.clear()  # a fresh process
+        message = FlowerMessage(message_to_content(Message(kind, 1, payload, config)), 3, f"train.{kind}")
+        return content_to_reply(rag.handle_rag(message, context, job).content)
+
+    # Execute / Assert: k above the node's rag-max-k is refused; a two-phase search's ids are fetched in the
+    # next process, and only those
+    assert "at most 2 passages" in send("rag_search", vectors.tobytes(), k=3, dim=vectors.shape[1]).error
+    found = json.loads(send("rag_search", vectors.tobytes(), k=2, dim=vectors.shape[1], texts=False).payload)
+    ids = sorted({row[0] for question in found for row in question})
+    assert set(json.loads(send("rag_fetch", ids=json.dumps(ids)).payload)) == set(ids)
+    assert "did not return in a search" in send("rag_fetch", ids=json.dumps(ids + ["not-offered"])).error
+    context.node_config["rag-max-k"] = "many"
+    with pytest.raises(FedCustomError, match="rag-max-k='many'; expected a whole number >= 1"):
+        send("rag_search", vectors.tobytes(), k=2, dim=vectors.shape[1])

@@ -155,6 +155,33 @@ def test_two_phase_retrieval_returns_the_same_passages_and_uploads_only_kept_tex
     assert sum(r.bytes_up for r in two) < sum(r.bytes_up for r in one)
 
 
+def test_a_data_owner_bounds_k_and_serves_only_texts_it_offered(encoder: Encoder,
+                                                                 stores: list[list[Document]]) -> None:
+    # Prepare: one owner that answers at most 3 passages per question
+    from fedcustom.runtime import Message
+
+    index = index_stores(stores[:1], encoder)[0]
+    owner = RagClient({0: index}, max_k=3)
+    vectors = encoder.encode(["good great film"])
+
+    def search(k: int, texts: bool):  # type: ignore[no-untyped-def]
+        return owner(0, Message("rag_search", 1, vectors.tobytes(), {"k": k, "dim": vectors.shape[1],
+                                                                     "texts": texts}))
+
+    def fetch(ids: list[str]):  # type: ignore[no-untyped-def]
+        return owner(0, Message("rag_fetch", 1, b"", {"ids": json.dumps(ids)}))
+
+    # Execute / Assert: a query for more passages than the owner answers is refused by name, not cut short
+    assert "k=4: this data owner answers at most 3 passages per question" in search(4, True).error
+    # a fetch names only ids the owner returned without texts: none yet, so even a real id is refused
+    some_id = index.documents[0].id
+    assert "did not return in a search" in fetch([some_id]).error
+    offered = [row[0] for row in json.loads(search(3, False).payload)[0]]
+    assert set(json.loads(fetch(offered).payload)) == set(offered)
+    others = [d.id for d in index.documents if d.id not in offered][:1]
+    assert "texts of 1 passages" in fetch(offered + others).error  # nothing of it served
+
+
 def test_routes_parse_and_bad_ones_are_named() -> None:
     assert Route.parse("all").top is None and Route.parse("topn:2").top == 2
     for bad in ("topn:0", "top:2", "topn:x", ""):

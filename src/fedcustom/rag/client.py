@@ -8,6 +8,11 @@ Message kinds (the ``rag`` protocol in :mod:`fedcustom.protocols`):
 - ``rag_search`` (payload: float32 question vectors; config: k, dim, texts) -> JSON, per question, the top k as
   ``[id, score, text]`` (``text`` omitted when ``texts`` is false: the first phase of two-phase retrieval).
 - ``rag_fetch`` (config: ids as JSON) -> JSON ``{id: text}`` for the ids this client holds.
+
+What a data owner bounds (the server reads the texts of the passages it retrieves; these keep one query from
+reading more): a search asks for at most ``max_k`` passages per question (a Flower node's ``rag-max-k``), and a
+fetch only for ids this client returned, without their texts, in an earlier search of the run (two-phase
+retrieval); anything else is refused by name.
 """
 
 from __future__ import annotations
@@ -26,8 +31,10 @@ KINDS = ("rag_describe", "rag_search", "rag_fetch")
 class RagClient:
     """Handler over each node's index (embedded: every simulated client's; a Flower node: its own)."""
 
-    def __init__(self, indexes: dict[int, ClientIndex]) -> None:
+    def __init__(self, indexes: dict[int, ClientIndex], max_k: int | None = None) -> None:
         self.indexes = indexes
+        self.max_k = max_k  # the most passages one question may ask for (None: any)
+        self.offered: dict[int, set[str]] = {node: set() for node in indexes}  # ids returned without their texts
 
     def __call__(self, node_id: int, message: Message) -> Reply:
         index = self.indexes[node_id]
@@ -40,17 +47,26 @@ class RagClient:
             return Reply(payload=shared.astype(np.float32).tobytes(), num_examples=len(index.documents),
                          metrics={"dim": float(index.dim)}, round=message.round)
         if message.kind == "rag_search":
-            dim = int(message.config["dim"])
+            dim, k = int(message.config["dim"]), int(message.config["k"])
+            if self.max_k is not None and k > self.max_k:
+                return Reply(error=f"k={k}: this data owner answers at most {self.max_k} passages per question "
+                                   "(its rag-max-k)", round=message.round)
             questions = np.frombuffer(message.payload, dtype=np.float32).reshape(-1, dim)
             started = time.perf_counter()
-            found = index.search(questions, int(message.config["k"]))
+            found = index.search(questions, k)
             seconds = time.perf_counter() - started
             texts = bool(message.config.get("texts", True))
+            if not texts:  # the texts the server may fetch next
+                self.offered[node_id].update(doc.id for row in found for doc, _ in row)
             body = [[[doc.id, score, doc.text] if texts else [doc.id, score] for doc, score in row] for row in found]
             return Reply(payload=json.dumps(body).encode(), num_examples=len(index.documents),
                          metrics={"search_seconds": seconds}, round=message.round)
         if message.kind == "rag_fetch":
             wanted = set(json.loads(str(message.config["ids"])))
+            unoffered = wanted - self.offered[node_id]
+            if unoffered:
+                return Reply(error=f"asked for the texts of {len(unoffered)} passages this data owner did not return "
+                                   "in a search (a fetch names ids of an earlier two-phase search)", round=message.round)
             held = {doc.id: doc.text for doc in index.documents if doc.id in wanted}
             return Reply(payload=json.dumps(held).encode(), round=message.round)
         return Reply(error=f"unknown message kind {message.kind!r} for a retrieval client", round=message.round)

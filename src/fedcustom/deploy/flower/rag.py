@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from flwr.app import Context, Message as FlowerMessage
+from flwr.app import ConfigRecord, Context, Message as FlowerMessage
 
 from fedcustom.errors import FedCustomError
 from fedcustom.runtime.flower.records import content_to_message, reply_to_content
@@ -85,6 +85,20 @@ def run_rag_on_grid(grid: Any, job: RagJob) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- client side
 _CLIENTS: dict[tuple[int, int], Any] = {}  # (run id, partition) -> RagClient: the index is loaded once per process
+DEFAULT_MAX_K = 100  # passages per question a node answers when its node config sets no rag-max-k
+OFFERED_STATE = "fedcustom.rag-offered"  # node context state: the ids this node returned without texts (two-phase)
+
+
+def max_k_of(context: Context) -> int:
+    """The most passages per question this data owner answers: its node config's ``rag-max-k``, else 100."""
+    value = context.node_config.get("rag-max-k", DEFAULT_MAX_K)
+    try:
+        max_k = int(value)
+    except (TypeError, ValueError):
+        max_k = 0
+    if max_k < 1:
+        raise FedCustomError(f"this SuperNode's node config has rag-max-k={value!r}; expected a whole number >= 1")
+    return max_k
 
 
 def _index_folder(context: Context, job: RagJob, partition: int) -> Path:
@@ -109,8 +123,13 @@ def handle_rag(message: FlowerMessage, context: Context, job: RagJob | None) -> 
     partition = partition_of(context)
     key = (context.run_id, partition)
     if key not in _CLIENTS:
-        _CLIENTS[key] = RagClient({partition: ClientIndex.load(_index_folder(context, job, partition))})
-    reply = _CLIENTS[key](partition, content_to_message(message.content))
+        _CLIENTS[key] = RagClient({partition: ClientIndex.load(_index_folder(context, job, partition))},
+                                  max_k_of(context))
+    client = _CLIENTS[key]
+    if OFFERED_STATE in context.state:  # a deployed SuperNode starts a fresh process per message
+        client.offered[partition] = set(json.loads(str(context.state[OFFERED_STATE]["ids"])))
+    reply = client(partition, content_to_message(message.content))
+    context.state[OFFERED_STATE] = ConfigRecord({"ids": json.dumps(sorted(client.offered[partition]))})
     return FlowerMessage(reply_to_content(reply), reply_to=message)
 
 
