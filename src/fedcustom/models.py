@@ -102,6 +102,20 @@ def packaged_alias(name: str) -> str | None:
     return None
 
 
+def model_identity(name: str) -> str:
+    """One spelling of a model for comparisons (a retrieval index records its encoder): a packaged model's Hub id
+    for its alias, its Hub id and its folder alike; a local folder's resolved path; any other name as it is."""
+    for table in (PACKAGED_MODELS, PACKAGED_GGUF):
+        if name in table:
+            return table[name].hub_id
+    path = Path(name).expanduser()
+    if not path.exists():
+        return name
+    resolved = str(path.resolve())
+    return next((hub_id for hub_id, folder in _packaged_folders().items() if str(folder.resolve()) == resolved),
+                resolved)
+
+
 def resolve_model(name: str) -> str:
     """Turn an alias, local path or Hub name into something ``from_pretrained`` accepts.
 

@@ -182,6 +182,28 @@ def test_a_data_owner_bounds_k_and_serves_only_texts_it_offered(encoder: Encoder
     assert "texts of 1 passages" in fetch(offered + others).error  # nothing of it served
 
 
+def test_an_index_answers_its_encoder_under_any_of_its_names(tiny_bert: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: an index made with the packaged MiniLM's alias, and one made with a local folder's relative path
+    from fedcustom.models import resolve_model
+    from fedcustom.runtime import Message
+
+    vectors = np.random.default_rng(0).standard_normal((6, 4)).astype(np.float32)
+    docs = make_documents(texts(6, seed=1))
+    monkeypatch.chdir(Path(tiny_bert).parent)
+    owner = RagClient({0: ClientIndex.build(docs, vectors, "minilm"),
+                       1: ClientIndex.build(docs, vectors, Path(tiny_bert).name)})
+
+    def describe(node: int, encoder: str) -> str | None:
+        return owner(node, Message("rag_describe", 1, b"", {"encoder": encoder, "centroids": False})).error
+
+    # Execute / Assert: the alias, its Hub id and its packaged folder are one encoder; a folder by any path too
+    assert describe(0, "minilm") is None and describe(0, "sentence-transformers/all-MiniLM-L6-v2") is None
+    assert describe(0, resolve_model("minilm")) is None
+    assert describe(1, tiny_bert) is None and describe(1, f"./{Path(tiny_bert).name}") is None
+    # ... and another encoder is still refused
+    assert "encoder mismatch" in describe(0, tiny_bert) and "encoder mismatch" in describe(1, "minilm")
+
+
 def test_routes_parse_and_bad_ones_are_named() -> None:
     assert Route.parse("all").top is None and Route.parse("topn:2").top == 2
     for bad in ("topn:0", "top:2", "topn:x", ""):

@@ -22,6 +22,7 @@ import time
 
 import numpy as np
 
+from fedcustom.models import model_identity
 from fedcustom.rag.index import ClientIndex
 from fedcustom.runtime.messages import Message, Reply
 
@@ -40,7 +41,7 @@ class RagClient:
         index = self.indexes[node_id]
         if message.kind == "rag_describe":
             asked = str(message.config.get("encoder", ""))
-            if asked != index.encoder:
+            if model_identity(asked) != model_identity(index.encoder):  # "minilm", its Hub id and folder agree
                 return Reply(error=f"encoder mismatch: this index was built with {index.encoder!r}, the server "
                                    f"queries with {asked!r}", round=message.round)
             shared = index.centroids if message.config.get("centroids", True) else index.centroids[:0]
