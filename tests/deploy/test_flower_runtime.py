@@ -291,3 +291,33 @@ def test_flower_simulation_trains_an_image_model_like_the_embedded_runtime(image
     assert [r["train_loss"] for r in logs[0]] == pytest.approx([r["train_loss"] for r in logs[1]], abs=1e-6)
     assert [r["eval_loss"] for r in logs[0]] == pytest.approx([r["eval_loss"] for r in logs[1]], abs=1e-6)
     assert summaries[0]["final_accuracy"] == summaries[1]["final_accuracy"]
+
+
+def test_simulated_nodes_share_one_handler_and_one_model_as_the_embedded_clients_do(tiny_config) -> None:
+    # Prepare: three simulated nodes of one run (a handler per node held a backbone and a tokenized copy of the
+    # dataset per client in the simulation's one actor)
+    from flwr.app import Context, RecordDict
+
+    from fedcustom.assemble import build_job
+    from fedcustom.deploy.flower import node
+    from fedcustom.deploy.flower.apps import shares_handler
+    from fedcustom.runtime import ClientSetup
+
+    cfg = tiny_config(federation__clients=3)
+    data = build_job(cfg).data
+    setup = ClientSetup(data.label_names)
+    contexts = [Context(run_id=11, node_id=100 + p, node_config={"partition-id": p}, state=RecordDict(),
+                        run_config={}) for p in range(3)]
+    # Execute
+    nodes = [node.simulated_node_client(context, cfg, setup) for context in contexts]
+    # Assert: one handler and one model serve every partition, each over its own rows, as in the embedded runtime
+    handler = nodes[0].handler
+    assert all(n.handler is handler for n in nodes) and [n.partition for n in nodes] == [0, 1, 2]
+    assert {p: len(rows) for p, rows in handler.client_tables.items()} == \
+        {p: len(data.client_table(p)) for p in range(3)}
+    assert shares_handler(cfg) and not shares_handler(tiny_config(method__name="split", method__cut_layer=1))
+    # a later run in the same actor builds its own
+    later = node.simulated_node_client(Context(run_id=12, node_id=100, node_config={"partition-id": 0},
+                                               state=RecordDict(), run_config={}), cfg, setup)
+    assert later.handler is not handler and list(node._SIMULATED) == [12]
+    node._SIMULATED.clear()

@@ -38,6 +38,9 @@ class ProtocolSpec:
     codec_chains: bool = False  # whether --codec chains apply to its payloads (else raw only)
     server_features: bool = False  # DP, SecAgg, attacks, faults, server optimizers and drift correction apply
     public_set: bool = False  # whether the data preparation carves a public set for it
+    # whether one client handler may serve nodes whose messages interleave (Flower's simulation shares one in its
+    # actor); split learning keeps a pending batch's autograd graph in its model between messages: one per node
+    shared_handler: bool = True
 
     def plugin(self) -> ModuleType:
         """The module that builds this protocol's server and client (imported on first use)."""
@@ -91,6 +94,7 @@ register(ProtocolSpec(
     ("split_begin", "split_head", "split_backward"),
     "bytes are every per-batch message (activations, masks and labels up; gradients down) plus the client "
     "half's weights at the start and end of a round; server FLOPs are per client served",
+    shared_handler=False,
 ))
 register(ProtocolSpec(
     "distill", "fedcustom.protocols.distill.plugin", ("distill_round",),

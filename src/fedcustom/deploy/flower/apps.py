@@ -26,7 +26,8 @@ from fedcustom.config import RunConfig, build_config
 from fedcustom.deploy.flower import ping
 from fedcustom.deploy.flower.pulls import quicker_object_pulls
 from fedcustom.deploy.flower.rag import RAG_KINDS, RagJob, handle_rag, job_from_run_config, run_rag_on_grid
-from fedcustom.deploy.flower.node import describe_own_data, keep_client_state, node_client, partition_of, restore_client_state
+from fedcustom.deploy.flower.node import (describe_own_data, keep_client_state, node_client, partition_of,
+                                         restore_client_state, simulated_node_client)
 from fedcustom.errors import FedCustomError
 from fedcustom.protocols import message_kinds
 from fedcustom.runtime.flower.records import (DEFAULT_KIND, SETUP_DIGEST, content_to_message, reply_to_content,
@@ -136,10 +137,11 @@ def make_server_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> 
 
 
 # ---------------------------------------------------------------------------------------------- client side
-def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None) -> FlowerMessage:
-    """Any of our message kinds: hand it to this node's client, with the state the node kept. SecAgg+'s training
-    message (our message inside a legacy FitIns) is answered with the client's update as FitRes parameters, which
-    Flower's mod masks before the reply leaves the node."""
+def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None, simulated: bool = False) -> FlowerMessage:
+    """Any of our message kinds: hand it to this node's client, with the state the node kept (``simulated``: the
+    simulation's nodes share one handler in its actor, which keeps their state as the embedded runtime's does).
+    SecAgg+'s training message (our message inside a legacy FitIns) is answered with the client's update as FitRes
+    parameters, which Flower's mod masks before the reply leaves the node."""
     secure = "fitins.config" in message.content.config_records
     if secure:
         from fedcustom.runtime.flower.secaggplus import fitins_to_message, update_to_fitres
@@ -151,7 +153,9 @@ def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None) -> F
     if ours.kind == SAVE_KIND and context.node_config.get("output-dir"):  # where this owner keeps its own model
         config["folder"] = str(context.node_config["output-dir"])
     setup = node_setup(config, context)
-    node = node_client(context, cfg or node_run_config(context), setup)
+    run_cfg = cfg or node_run_config(context)
+    simulated = simulated and shares_handler(run_cfg)
+    node = simulated_node_client(context, run_cfg, setup) if simulated else node_client(context, run_cfg, setup)
     restore_client_state(node, context)
     ours = dataclasses.replace(ours, config=config)
     if secure:
@@ -159,8 +163,17 @@ def handle(message: FlowerMessage, context: Context, cfg: RunConfig | None) -> F
         content = update_to_fitres(update, num_examples, metrics)
     else:
         content = reply_to_content(node.handler(node.partition, ours))
-    keep_client_state(node, context)
+    if not simulated:
+        keep_client_state(node, context)
     return FlowerMessage(content, reply_to=message)
+
+
+def shares_handler(cfg: RunConfig) -> bool:
+    """Whether the run's protocol lets one client handler serve every simulated node (not split learning)."""
+    from fedcustom.methods import get_method
+    from fedcustom.protocols import protocol_of
+
+    return protocol_of(get_method(cfg.method.name)).shared_handler
 
 
 def secaggplus_when_asked(message: FlowerMessage, context: Context, call_next: Any) -> FlowerMessage:
@@ -170,8 +183,9 @@ def secaggplus_when_asked(message: FlowerMessage, context: Context, call_next: A
     return call_next(message, context)
 
 
-def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> ClientApp:
-    """A ClientApp for ``cfg`` and ``rag``, or (deployment) for what the run config holds."""
+def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None, simulated: bool = False) -> ClientApp:
+    """A ClientApp for ``cfg`` and ``rag``, or (deployment) for what the run config holds; ``simulated``: the
+    nodes of Flower's simulation engine, which all run in one actor and share one handler there."""
     app = ClientApp()
 
     @app.query("fedcustom_hello")
@@ -188,12 +202,12 @@ def make_client_app(cfg: RunConfig | None = None, rag: RagJob | None = None) -> 
 
     @app.train(mods=[secaggplus_when_asked])
     def train(message: FlowerMessage, context: Context) -> FlowerMessage:
-        return handle(message, context, cfg)
+        return handle(message, context, cfg, simulated)
 
     # every protocol's kinds besides the default (the registry names them without importing torch); Flower
     # routes message type "train.<kind>" to the function registered as <kind>
     for kind in [k for k in message_kinds() if k != DEFAULT_KIND]:
-        app.train(kind)(lambda message, context: handle(message, context, cfg))
+        app.train(kind)(lambda message, context: handle(message, context, cfg, simulated))
     for kind in RAG_KINDS:  # retrieval: the node answers from its own index (fedcustom.deploy.flower.rag)
         app.train(kind)(lambda message, context: handle_rag(message, context, rag))
     return app

@@ -4,7 +4,8 @@ own data, and the state it keeps in Flower's ``context.state`` between messages.
 A deployed SuperNode runs every message in a new ClientApp process; a simulated one (Ray actor) keeps the
 process. The handler is built once per process and cached; whatever it must remember across messages
 (codec link references, DP-SGD accountants, a split session, a distillation client's own model) travels
-through ``context.state``, which Flower keeps for the node across the run.
+through ``context.state``, which Flower keeps for the node across the run. The simulation's nodes all run in
+one actor, and share one handler there, as the embedded runtime's clients do (:func:`simulated_node_client`).
 """
 
 from __future__ import annotations
@@ -154,6 +155,37 @@ def own_device(cfg: RunConfig, context: Context) -> RunConfig:
     --device, ``auto`` by default, resolved on this machine)."""
     device = context.node_config.get("device")
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, device=str(device))) if device else cfg
+
+
+_SIMULATED: dict[int, Handler] = {}  # run id -> the one handler every simulated node of the run shares
+
+
+def simulated_node_client(context: Context, cfg: RunConfig, setup: ClientSetup) -> NodeClient:
+    """A simulated node's client: one handler per run serves every partition in the simulation's actor, over
+    the partitions of the run's dataset, as the embedded runtime's one handler does; a handler per node held a
+    backbone and a tokenized copy of the whole dataset per client (ten clients: ten models in one process). It
+    lives as long as the actor, so no node copies it into its context (each copy would hold every node's
+    state)."""
+    if context.run_id not in _SIMULATED:
+        _SIMULATED.clear()  # an actor that ran an earlier simulation: its handler is done
+        _SIMULATED[context.run_id] = build_simulated_handler(cfg, setup)
+    return NodeClient(_SIMULATED[context.run_id], partition_of(context), fresh=False)
+
+
+def build_simulated_handler(cfg: RunConfig, setup: ClientSetup) -> Handler:
+    """The handler of every simulated node: the job assembler's client over each partition's rows (and the rows it
+    holds out for its own evaluation), prepared as the server prepares them."""
+    from fedcustom.assemble import build_client, held_out_rows, prepare_task_data
+    from fedcustom.methods import get_method
+
+    def every_partition(tokenizer: Any) -> tuple[dict[int, Any], dict[int, Any]]:
+        data = prepare_task_data(cfg, get_method(cfg.method.name), tokenizer)
+        if data.label_names != setup.label_names:
+            raise FedCustomError(f"the server's labels {setup.label_names} differ from the simulation's "
+                                 f"{data.label_names}")
+        return {p: data.client_table(p) for p in range(cfg.federation.clients)}, held_out_rows(data)
+
+    return build_client(cfg, setup, every_partition)
 
 
 def node_client(context: Context, cfg: RunConfig, setup: ClientSetup) -> NodeClient:

@@ -1,9 +1,9 @@
 """`--runtime flower-sim`: the same ServerApp and ClientApp on Flower's simulation engine (Ray).
 
 The ServerApp runs in a thread of this process and writes the round log, summary and model as the
-embedded runtime does; each simulated SuperNode's ClientApp runs in a Ray actor, which keeps the
-model it built between messages. Simulated nodes get ``partition-id`` from Flower and take that
-partition of the run's dataset.
+embedded runtime does; every simulated SuperNode's ClientApp runs in one Ray actor, where the nodes share one
+client handler (one model, one tokenized dataset) as the embedded runtime's clients do. Simulated nodes get
+``partition-id`` from Flower and take that partition of the run's dataset.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def run_flower_simulation(cfg: RunConfig, actor_cpus: float | None = None) -> di
     summary_path = Path(cfg.output.dir).expanduser() / "summary.json"
     summary_path.unlink(missing_ok=True)
     cpus = actor_cpus or float(os.cpu_count() or 1)  # one actor with every core: clients run one after another
-    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg),
+    run_simulation(server_app=make_server_app(cfg), client_app=make_client_app(cfg, simulated=True),
                    num_supernodes=cfg.federation.clients, backend_config=backend_config(cfg.train.device, cpus))
     if not summary_path.is_file():
         raise FedCustomError(f"the Flower simulation ended without writing {summary_path}; see the log above for "
