@@ -83,6 +83,7 @@ class TrainResult:
     steps: int
     mean_loss: float
     flops: int
+    skipped_steps: int = 0  # fp16: steps the gradient scaler skipped (inf/NaN gradients), counted in ``steps``
 
 
 def derive_seed(*parts: int) -> int:
@@ -124,6 +125,7 @@ class _Step:
     device: torch.device
     precision: str = "fp32"
     scaler: torch.amp.GradScaler | None = None
+    skipped: int = 0  # steps the scaler skipped so far
 
 
 def _train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
@@ -138,12 +140,16 @@ def _train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer,
         loss.backward()
     if drift:
         drift.before_step()
+    stepped = True
     if step.scaler:
+        scale = step.scaler.get_scale()
         step.scaler.step(optimizer)
         step.scaler.update()
+        stepped = step.scaler.get_scale() >= scale  # it backs off exactly when it skipped the step
+        step.skipped += not stepped
     else:
         optimizer.step()
-    if drift:
+    if drift and stepped:  # a skipped step moved nothing: SCAFFOLD's correction belongs to a taken one
         drift.after_step(optimizer.param_groups[0]["lr"])
     optimizer.zero_grad(set_to_none=True)
     return loss.item()
@@ -276,7 +282,7 @@ def train_local(
             losses.append(loss)
             seen += len(batch["labels"])
             steps += 1
-    return TrainResult(seen, steps, float(np.mean(losses)) if losses else math.nan, int(flops))
+    return TrainResult(seen, steps, float(np.mean(losses)) if losses else math.nan, int(flops), step.skipped)
 
 
 @torch.no_grad()

@@ -87,3 +87,25 @@ def test_the_same_passes_schedule_plans_every_step_it_takes(tiny_bert: str) -> N
     assert all(lr_multiplier("linear", 0, total, t) > 0 for t in range(1, taken + 1))
     assert lr_multiplier("linear", 0, total, total + 3) == 0.0  # clamped: never below zero
     assert planned_steps(40, dataclasses.replace(schedule, examples=80)) == 6
+
+
+def test_a_step_the_fp16_scaler_skips_moves_nothing_and_is_not_a_scaffold_step(tiny_bert: str) -> None:
+    # Prepare: a gradient scaler (on the CPU here) and a first step whose gradient overflows (one tensor's is
+    # inf, as an fp16 overflow leaves it on a GPU); SCAFFOLD's correction on every trainable tensor
+    from fedcustom.training import DriftControl, _DriftHooks, _Step
+
+    tokenizer, table, model = _setup(tiny_bert)
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    optimizer = torch.optim.SGD(list(params.values()), lr=0.1)
+    hooks = _DriftHooks(model, DriftControl(correction={n: torch.ones_like(p) for n, p in params.items()}))
+    step = _Step(torch.device("cpu"), "fp32", torch.amp.GradScaler("cpu"))
+    batch = next(iter(make_loader(table, tokenizer, 8, seed=None)))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    overflow = next(iter(params.values())).register_hook(lambda grad: grad * float("inf"))
+    # Execute / Assert: the skipped step leaves every tensor as it was (SCAFFOLD's -lr (c - c_i) included)
+    _train_step(model, batch, optimizer, hooks, step)
+    overflow.remove()
+    assert step.skipped == 1 and all(torch.equal(p, before[n]) for n, p in params.items())
+    # the next one is taken: the gradient step and the correction both move the tensors
+    _train_step(model, batch, optimizer, hooks, step)
+    assert step.skipped == 1 and all(not torch.equal(p, before[n]) for n, p in params.items())

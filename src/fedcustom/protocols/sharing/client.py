@@ -283,7 +283,8 @@ class TrainingClient:
             self.private[node_id] = private
         change = b""
         if server_control is not None and own_control is not None:
-            new = scaffold.client_update(own_control, server_control, received, trained, result.steps, schedule.lr)
+            taken = result.steps - result.skipped_steps  # K: the optimizer steps taken
+            new = scaffold.client_update(own_control, server_control, received, trained, taken, schedule.lr)
             change = scaffold.encode({k: new[k] - own_control[k] for k in new})
             if all(torch.isfinite(v).all() for v in new.values()):  # a diverged session's is never kept
                 self.pending[node_id] = (message.round, new)
