@@ -167,6 +167,52 @@ def test_a_stage_does_not_run_on_the_pick_of_an_unfinished_tuning_stage(sweep_fi
     run_sweep_bench(sweep, ".", tmp_path, "report only", Console(quiet=True), stages=["none"])
 
 
+def test_two_invocations_side_by_side_each_report_every_finished_run(sweep_file: Path, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepare: invocation A runs one tuning cell; while it runs, invocation B (another process on the same folder)
+    # finishes another cell and writes its report first
+    import fedcustom.bench as bench
+
+    sweep = load_sweep(str(sweep_file))
+    mine = parse_only(sweep, ["setting=sst2-iid", "variant=fedavg"])
+    theirs = parse_only(sweep, ["setting=sst2-iid", "variant=frozen"])
+    run_sweep, others = bench.run_sweep, []
+
+    def side_by_side(*args, **kwargs):  # type: ignore[no-untyped-def]
+        result = run_sweep(*args, **kwargs)
+        if not others:  # A's own runs are done: B's invocation runs and reports before A reports
+            others.append("B")
+            run_sweep_bench(sweep, ".", tmp_path, "B", Console(quiet=True), stages=["tune"], only=theirs)
+        return result
+
+    monkeypatch.setattr(bench, "run_sweep", side_by_side)
+    # Execute
+    mine_result = run_sweep_bench(sweep, ".", tmp_path, "A", Console(quiet=True), stages=["tune"], only=mine)
+    # Assert: A's report (written last) has both runs, its own as run by it and B's as reused; not A's view at
+    # its start (one run), which overwrote B's report
+    tune = {r["labels"]["variant"]: r["reused"] for r in mine_result["stages"]["tune"]
+            if r["labels"]["setting"] == "sst2-iid"}
+    assert tune == {"fedavg": False, "frozen": True} and mine_result["reused"] == 1
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert written["runs"] == 2 and written["command"] == "A"
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_report_lock_holds_a_second_writer_until_the_first_is_done(tmp_path: Path) -> None:
+    import threading
+
+    from fedcustom.bench import report_lock
+
+    order: list[str] = []
+    with report_lock(tmp_path):
+        second = threading.Thread(target=lambda: report_lock(tmp_path).__enter__() or order.append("second"))
+        second.start()
+        second.join(timeout=1.0)
+        order.append("first done")
+    second.join(timeout=5.0)
+    assert order == ["first done", "second"]
+
+
 def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterrupted_one(
         sweep_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: one tuning cell (4 rounds, early stopping after 2 without gain) run without interruption, and the
