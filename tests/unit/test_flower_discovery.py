@@ -93,6 +93,14 @@ def test_the_client_setup_travels_once_with_the_hello_and_messages_name_it_by_di
     runtime._rejoin({102, 103})
     assert dict(grid.messages[-1].content["hello"]) == setup.to_config()
     assert runtime.setup_bytes == 3 * setup.wire_bytes()
+    # a node that says it lost the setup (restarted under its old node id) gets it with its next message only
+    runtime.note_lost_setup(0, "Flower error 2 from partition 0: this SuperNode holds no client setup for this run")
+    runtime.note_lost_setup(1, "Flower error 2 from partition 1: some other failure")
+    for _ in range(2):
+        runtime.post({0: Message("train", 2, b"x", {}), 1: Message("train", 2, b"x", {})})
+    carried = [[k in dict(m.content[CONFIG]) for k in setup.to_config()] for m in grid.messages[-4:]]
+    assert carried == [[True, True], [False, False], [False, False], [False, False]]
+    assert runtime.setup_bytes == 4 * setup.wire_bytes()
 
 
 def test_a_node_builds_from_the_setup_it_kept_and_refuses_a_message_without_it() -> None:
@@ -106,7 +114,7 @@ def test_a_node_builds_from_the_setup_it_kept_and_refuses_a_message_without_it()
     setup, other = ClientSetup(["neg", "pos"], ["a public text"]), ClientSetup(["pos", "neg"])
     context = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
     # Execute / Assert: a restarted node that was not greeted again refuses by name
-    with pytest.raises(FedCustomError, match="does not hold the run's client setup.*none kept"):
+    with pytest.raises(FedCustomError, match="holds no client setup for this run.*none kept"):
         node_setup({SETUP_DIGEST: setup_digest(setup.to_config())}, context)
     keep_setup(ConfigRecord({}), context)  # a ping's hello carries no setup: nothing kept
     with pytest.raises(FedCustomError, match="none kept"):
@@ -118,3 +126,8 @@ def test_a_node_builds_from_the_setup_it_kept_and_refuses_a_message_without_it()
         node_setup({SETUP_DIGEST: setup_digest(other.to_config())}, context)
     with pytest.raises(FedCustomError, match="no 'fedcustom.setup-digest'"):
         node_setup({"lr": 0.1}, context)
+    # a message that carries the setup (to a node that lost it) is served, and the node keeps it from then on
+    restarted = Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+    config = {**setup.to_config(), SETUP_DIGEST: setup_digest(setup.to_config()), "lr": 0.1}
+    assert node_setup(config, restarted) == setup and config == {"lr": 0.1}
+    assert node_setup({SETUP_DIGEST: setup_digest(setup.to_config())}, restarted) == setup

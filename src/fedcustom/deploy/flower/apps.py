@@ -30,8 +30,8 @@ from fedcustom.deploy.flower.node import (describe_own_data, keep_client_state, 
                                          restore_client_state, simulated_node_client)
 from fedcustom.errors import FedCustomError
 from fedcustom.protocols import message_kinds
-from fedcustom.runtime.flower.records import (DEFAULT_KIND, SETUP_DIGEST, content_to_message, reply_to_content,
-                                              setup_digest)
+from fedcustom.runtime.flower.records import (DEFAULT_KIND, SETUP_DIGEST, SETUP_MISSING, content_to_message,
+                                              reply_to_content, setup_digest)
 from fedcustom.runtime.flower.runtime import FlowerRuntime
 from fedcustom.runtime.messages import LABELS_KEY, PUBLIC_KEY, ClientSetup, Handler
 
@@ -77,18 +77,20 @@ def keep_setup(hello: Any, context: Context) -> None:
 
 
 def node_setup(config: dict[str, Any], context: Context) -> ClientSetup:
-    """The client setup a message belongs to (its digest key taken out of ``config``): the one this node kept from
-    the run's hello. A node that lost it (its SuperNode restarted and was not greeted again) cannot build its
-    client: a clear error, which the server counts as that node failing the round."""
+    """The client setup a message belongs to (its setup keys taken out of ``config``): the one this node kept from
+    the run's hello, or the one the message carries (to a node that said it lost it), which it keeps from then on.
+    A node without it (its SuperNode restarted) cannot build its client: a clear error, which the server counts as
+    that node failing the round, and answers by sending the setup with the node's next message."""
     digest = config.pop(SETUP_DIGEST, None)
     if digest is None:
         raise FedCustomError(f"message config has no {SETUP_DIGEST!r}: was it sent by a fedcustom ServerApp?")
+    if LABELS_KEY in config:
+        keep_setup({k: config.pop(k) for k in (LABELS_KEY, PUBLIC_KEY) if k in config}, context)
     kept = dict(context.state[SETUP_STATE]) if SETUP_STATE in context.state else None
     if kept is None or setup_digest(kept) != digest:
-        raise FedCustomError("this SuperNode does not hold the run's client setup (label names, public texts) that "
-                             "the ServerApp sent with its hello at the start "
-                             f"({'none kept' if kept is None else 'it kept another one'}): was it restarted during "
-                             "the run? The server greets a node that rejoins with a new node id")
+        raise FedCustomError(f"this SuperNode {SETUP_MISSING} for this run (label names, public texts: "
+                             f"{'none kept' if kept is None else 'it kept another one'}); it was probably restarted "
+                             "during the run: the server sends it with the next message")
     return ClientSetup.from_config(kept)
 
 

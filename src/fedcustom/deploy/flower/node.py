@@ -164,8 +164,8 @@ def simulated_node_client(context: Context, cfg: RunConfig, setup: ClientSetup) 
     """A simulated node's client: one handler per run serves every partition in the simulation's actor, over
     the partitions of the run's dataset, as the embedded runtime's one handler does; a handler per node held a
     backbone and a tokenized copy of the whole dataset per client (ten clients: ten models in one process). It
-    lives as long as the actor, so no node copies it into its context (each copy would hold every node's
-    state)."""
+    lives as long as the actor, so no node copies it into its context (each copy would hold every node's state):
+    an actor Ray replaces starts every node from zero, as the embedded clients would in a new process."""
     if context.run_id not in _SIMULATED:
         _SIMULATED.clear()  # an actor that ran an earlier simulation: its handler is done
         _SIMULATED[context.run_id] = build_simulated_handler(cfg, setup)

@@ -22,6 +22,7 @@ ATTACHMENT = "fedcustom.attachment"  # present only when a message or reply carr
 ROUND, KIND = "fedcustom.round", "fedcustom.kind"  # reserved keys in the config record
 DEFAULT_KIND = "train"  # Flower's message type for it is plain "train"; other kinds are "train.<kind>"
 SETUP_DIGEST = "fedcustom.setup-digest"  # reserved config key: which client setup (sent once, with the hello) applies
+SETUP_MISSING = "holds no client setup"  # what a node's error says when it lost the setup (the server resends it)
 
 
 def message_type(kind: str) -> str:

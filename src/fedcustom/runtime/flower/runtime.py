@@ -16,7 +16,8 @@ from flwr.app import ConfigRecord, Message as FlowerMessage, RecordDict
 from flwr.serverapp import Grid
 
 from fedcustom.errors import FedCustomError
-from fedcustom.runtime.flower.records import SETUP_DIGEST, content_to_reply, message_to_content, message_type, setup_digest
+from fedcustom.runtime.flower.records import (SETUP_DIGEST, SETUP_MISSING, content_to_reply, message_to_content,
+                                              message_type, setup_digest)
 from fedcustom.runtime.messages import ClientSetup, Message, Reply
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,8 @@ class FlowerRuntime:
         # every message names it by its digest
         self.setup, self.setup_config = setup, setup.to_config() if setup else {}
         self.extra_config = {SETUP_DIGEST: setup_digest(self.setup_config)} if setup else {}
-        self.setup_bytes = 0  # the setup's bytes sent so far: once to each partition's node (again if it rejoins)
+        self.setup_bytes = 0  # the setup's bytes sent so far: with each hello, and to each node that lost it
+        self.needs_setup: set[int] = set()  # partitions whose node lost the setup: their next message carries it
         self.node_stats: dict[int, dict] = {}  # partition id -> its own rows and label histogram, as the node says
         self.partition_examples: dict[int, int] = {}  # partition id -> training rows, where the server split the data
         self._asked: set[int] = set()  # node ids asked for their partition after the start (rejoining nodes)
@@ -66,7 +68,6 @@ class FlowerRuntime:
                 raise FedCustomError(f"SuperNode {node} has partition-id={partition} in its node config; with "
                                      f"federation.clients = {expected} the partition ids are 0..{expected - 1}")
             partitions[partition] = node
-            self.setup_bytes += self.setup.wire_bytes() if self.setup else 0
         if len(partitions) < expected:
             raise FedCustomError(f"federation.clients = {expected}: only {len(partitions)} SuperNodes answered with "
                                  f"a partition id")
@@ -79,6 +80,7 @@ class FlowerRuntime:
         otherwise hold the start for the whole timeout)."""
         hello = ConfigRecord(dict(self.setup_config))
         hellos = [FlowerMessage(RecordDict({"hello": hello}), node, HELLO) for node in node_ids]
+        self.setup_bytes += len(hellos) * (self.setup.wire_bytes() if self.setup else 0)
         found: list[tuple[int, int]] = []
         for reply in self._replies(self.grid.push_messages(hellos), timeout):
             if reply.has_error():
@@ -140,7 +142,6 @@ class FlowerRuntime:
                         "starts again from zero on the new one", partition, node, old,
                         ", still listed" if old in connected else "")
             self.partitions[partition] = node
-            self.setup_bytes += self.setup.wire_bytes() if self.setup else 0
 
     @property
     def local_handler(self) -> None:
@@ -173,9 +174,25 @@ class FlowerRuntime:
         unknown = sorted(set(messages) - set(self.partitions))
         if unknown:
             raise KeyError(f"partitions {unknown} have no SuperNode in this run")
-        outgoing = [FlowerMessage(message_to_content(m, self.extra_config), self.partitions[p], message_type(m.kind),
-                                  group_id=str(m.round)) for p, m in messages.items()]
+        outgoing = [FlowerMessage(message_to_content(m, self.message_config(p)), self.partitions[p],
+                                  message_type(m.kind), group_id=str(m.round)) for p, m in messages.items()]
         return dict(zip(self.grid.push_messages(outgoing), messages, strict=True))
+
+    def message_config(self, partition: int) -> dict[str, str]:
+        """What a message to ``partition`` adds to its config: the setup's digest, and the setup itself for a node
+        that said it lost it (a SuperNode restarted under the same node id, as node authentication gives it)."""
+        if partition not in self.needs_setup:
+            return self.extra_config
+        self.needs_setup.discard(partition)
+        self.setup_bytes += self.setup.wire_bytes() if self.setup else 0
+        return {**self.setup_config, **self.extra_config}
+
+    def note_lost_setup(self, partition: int, error: str) -> None:
+        """A node whose reply says it holds no setup gets it with its next message."""
+        if SETUP_MISSING in error:
+            log.warning("partition %d's SuperNode holds no client setup (restarted?): its next message carries it",
+                        partition)
+            self.needs_setup.add(partition)
 
     def collect(self, posted: dict[str, int], on_reply: Callable[[int], None] | None = None) -> dict[int, Reply]:
         """Pull the replies to ``posted`` until all arrived or ``timeout`` passed (from now); a node that did not answer
@@ -185,6 +202,7 @@ class FlowerRuntime:
         for reply in self._replies(list(by_id), self.timeout):
             partition = by_id.pop(reply.metadata.reply_to_message_id)
             replies[partition] = self._reply(partition, reply)
+            self.note_lost_setup(partition, replies[partition].error or "")
             if on_reply:
                 on_reply(partition)
         for partition in by_id.values():

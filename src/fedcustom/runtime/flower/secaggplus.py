@@ -141,7 +141,7 @@ class SecAggPlusRound:
         nodes = self.runtime.partitions  # partition -> Flower node id
         partition_of = {node: p for p, node in nodes.items()}
         fitins = {nodes[p]: FitIns(Parameters([m.payload], PAYLOAD_TYPE),
-                                   {**m.config, **self.runtime.extra_config, ROUND: m.round, KIND: m.kind})
+                                   {**m.config, **self.runtime.message_config(p), ROUND: m.round, KIND: m.kind})
                   for p, m in train_messages(self.chosen).items()}
         cohort, grid = _Cohort(fitins), _CountingGrid(self.runtime.grid)
         context = LegacyContext(Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config={}),
@@ -157,6 +157,7 @@ class SecAggPlusRound:
         if cohort.results is None:
             reason = "secure aggregation (SecAgg+) halted: too few clients answered a stage (see the log)"
             log.warning("round %d: %s", self.rnd, reason)
+            self.runtime.needs_setup.update(self.chosen)  # as for a node that dropped out (below)
             return SecureRoundOutcome(None, [], {}, dict.fromkeys(self.chosen, reason), bytes_up, bytes_down)
         replies = {partition_of[proxy.node_id]: Reply(num_examples=res.num_examples, round=self.rnd,
                                                       metrics={k: float(v) for k, v in res.metrics.items()})
@@ -165,6 +166,7 @@ class SecAggPlusRound:
             if on_reply:
                 on_reply(partition)
         rejected = {p: "dropped out of secure aggregation (SecAgg+)" for p in self.chosen if p not in replies}
+        self.runtime.needs_setup.update(rejected)  # its reason does not reach us: it may have lost the client setup
         mean = unflatten_arrays(parameters_to_ndarrays(cohort.results[0][1].parameters), self.like)
         return SecureRoundOutcome(mean, sorted(replies), replies, rejected, bytes_up, bytes_down)
 
