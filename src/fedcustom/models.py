@@ -109,7 +109,7 @@ def model_identity(name: str) -> str:
         if name in table:
             return table[name].hub_id
     path = Path(name).expanduser()
-    if not path.exists():
+    if not name or not path.exists():  # (Path("") is the working directory)
         return name
     resolved = str(path.resolve())
     return next((hub_id for hub_id, folder in _packaged_folders().items() if str(folder.resolve()) == resolved),

@@ -158,6 +158,7 @@ def test_two_phase_retrieval_returns_the_same_passages_and_uploads_only_kept_tex
 def test_a_data_owner_bounds_k_and_serves_only_texts_it_offered(encoder: Encoder,
                                                                  stores: list[list[Document]]) -> None:
     # Prepare: one owner that answers at most 3 passages per question
+    from fedcustom.errors import FedCustomError
     from fedcustom.runtime import Message
 
     index = index_stores(stores[:1], encoder)[0]
@@ -177,9 +178,13 @@ def test_a_data_owner_bounds_k_and_serves_only_texts_it_offered(encoder: Encoder
     some_id = index.documents[0].id
     assert "did not return in a search" in fetch([some_id]).error
     offered = [row[0] for row in json.loads(search(3, False).payload)[0]]
-    assert set(json.loads(fetch(offered).payload)) == set(offered)
     others = [d.id for d in index.documents if d.id not in offered][:1]
     assert "texts of 1 passages" in fetch(offered + others).error  # nothing of it served
+    assert set(json.loads(fetch(offered).payload)) == set(offered)
+    assert "texts of 3 passages" in fetch(offered).error  # each text once
+    # the server checks the owners' bound before it searches: a larger --k is an error, not empty retrievals
+    with pytest.raises(FedCustomError, match="--k 4: client 0 answers at most 3 passages per question"):
+        FederatedRetriever(EmbeddedRuntime(owner, 1), encoder, k=4).retrieve(["good great film"])
 
 
 def test_an_index_answers_its_encoder_under_any_of_its_names(tiny_bert: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -191,7 +196,8 @@ def test_an_index_answers_its_encoder_under_any_of_its_names(tiny_bert: str, mon
     docs = make_documents(texts(6, seed=1))
     monkeypatch.chdir(Path(tiny_bert).parent)
     owner = RagClient({0: ClientIndex.build(docs, vectors, "minilm"),
-                       1: ClientIndex.build(docs, vectors, Path(tiny_bert).name)})
+                       1: ClientIndex.build(docs, vectors, Path(tiny_bert).name),
+                       2: ClientIndex.build(docs, vectors, str(Path.cwd()))})
 
     def describe(node: int, encoder: str) -> str | None:
         return owner(node, Message("rag_describe", 1, b"", {"encoder": encoder, "centroids": False})).error
@@ -202,6 +208,7 @@ def test_an_index_answers_its_encoder_under_any_of_its_names(tiny_bert: str, mon
     assert describe(1, tiny_bert) is None and describe(1, f"./{Path(tiny_bert).name}") is None
     # ... and another encoder is still refused
     assert "encoder mismatch" in describe(0, tiny_bert) and "encoder mismatch" in describe(1, "minilm")
+    assert "encoder mismatch" in describe(2, "")  # no name is no encoder (not the working directory's)
 
 
 def test_routes_parse_and_bad_ones_are_named() -> None:

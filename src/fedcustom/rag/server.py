@@ -87,6 +87,10 @@ class FederatedRetriever:
                                          f"rebuild the index")
                 log.warning("client %d is left out of retrieval: %s", node, reason)
                 continue
+            bound = reply.metrics.get("max_k")
+            if bound is not None and self.k > bound:
+                raise FedCustomError(f"--k {self.k}: client {node} answers at most {bound:g} passages per question "
+                                     "(its rag-max-k); ask for fewer")
             dim = int(reply.metrics.get("dim", self.encoder.dim))
             self.centroids[node] = np.frombuffer(reply.payload, dtype=np.float32).reshape(-1, dim).copy()
         if not self.centroids:

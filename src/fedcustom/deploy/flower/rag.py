@@ -85,12 +85,13 @@ def run_rag_on_grid(grid: Any, job: RagJob) -> list[dict[str, Any]]:
 
 # ---------------------------------------------------------------------------------------------- client side
 _CLIENTS: dict[tuple[int, int], Any] = {}  # (run id, partition) -> RagClient: the index is loaded once per process
-DEFAULT_MAX_K = 100  # passages per question a node answers when its node config sets no rag-max-k
 OFFERED_STATE = "fedcustom.rag-offered"  # node context state: the ids this node returned without texts (two-phase)
 
 
 def max_k_of(context: Context) -> int:
     """The most passages per question this data owner answers: its node config's ``rag-max-k``, else 100."""
+    from fedcustom.rag.client import DEFAULT_MAX_K
+
     value = context.node_config.get("rag-max-k", DEFAULT_MAX_K)
     try:
         max_k = int(value)
