@@ -249,6 +249,18 @@ def resumed_config(out: Path, checkpoint: Checkpoint) -> RunConfig:
     return build_config(values)
 
 
+def check_settings_unmoved(out: Path, checkpoint: Checkpoint, cfg: RunConfig) -> None:
+    """Refuse to resume a run whose config left training settings to the method's defaults when those defaults
+    have moved since it started: its resumed rounds would train differently from its first ones."""
+    moved = moved_settings(checkpoint.settings, cfg)
+    if moved:
+        changes = ", ".join(f"{key} {was} -> {now}" for key, (was, now) in moved.items())
+        raise FedCustomError(f"--resume {out}: the run started with training settings its config leaves to the "
+                             f"method's defaults, and these defaults have moved since ({changes}): the resumed "
+                             "rounds would train differently from the first ones. Start it again (with these "
+                             "settings in its config, a later default cannot move them)")
+
+
 def resume(path: str, console: Console | None = None,
            runtime_for: Callable[[RunConfig], RuntimeFactory | None] = lambda _cfg: None) -> dict[str, Any]:
     """`fedcustom run --resume DIR`: rebuild the job from DIR's checkpoint and run the rounds still to do
@@ -270,13 +282,7 @@ def resumed_job(out: Path, runtime_for: Callable[[RunConfig], RuntimeFactory | N
                              "continues embedded runs, and a SuperLink run continues with `fedcustom submit --resume`"
                              " (a flower-sim run's clients lived in the simulation and cannot be rebuilt: run it "
                              "again)")
-    moved = moved_settings(checkpoint.settings, cfg)
-    if moved:
-        changes = ", ".join(f"{key} {was} -> {now}" for key, (was, now) in moved.items())
-        raise FedCustomError(f"--resume {out}: the run started with training settings its config leaves to the "
-                             f"method's defaults, and these defaults have moved since ({changes}): the resumed "
-                             "rounds would train differently from the first ones. Run it again, or set these in "
-                             "its config")
+    check_settings_unmoved(out, checkpoint, cfg)
     job = build_job(cfg, runtime)
     parts = job.checkpoint_parts()
     if set(parts) != set(checkpoint.parts):

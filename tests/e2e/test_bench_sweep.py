@@ -204,10 +204,15 @@ def test_the_report_lock_holds_a_second_writer_until_the_first_is_done(tmp_path:
     from fedcustom.bench import report_lock
 
     order: list[str] = []
+
+    def second_writer() -> None:
+        with report_lock(tmp_path):
+            order.append("second")
+
     with report_lock(tmp_path):
-        second = threading.Thread(target=lambda: report_lock(tmp_path).__enter__() or order.append("second"))
+        second = threading.Thread(target=second_writer)
         second.start()
-        second.join(timeout=1.0)
+        second.join(timeout=1.0)  # it waits for the lock
         order.append("first done")
     second.join(timeout=5.0)
     assert order == ["first done", "second"]
@@ -221,6 +226,7 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
     from fedcustom.bench import cells
     from fedcustom.checkpoint import CHECKPOINT, load_checkpoint
     from fedcustom.convergence import local_schedule, resolved_settings
+    from fedcustom.deploy.flower.submit import resume_run_config
     from fedcustom.errors import FedCustomError
     from fedcustom.methods import defaults, get_method
 
@@ -249,6 +255,8 @@ def test_an_interrupted_run_resumes_from_its_checkpoint_and_ends_as_an_uninterru
         assert own.federation.server_lr is None and cells.interrupted(folder, own) is None
         with pytest.raises(FedCustomError, match=r"defaults have moved since \(server_lr 1.0 -> 0.5\)"):
             runner.resumed_job(folder)
+        with pytest.raises(FedCustomError, match="defaults have moved since"):  # before a deployment submits it
+            resume_run_config(str(folder))
     run_sweep_bench(sweep, ".", cut, "report only", Console(quiet=True), stages=["none"], only=only)
     assert ("Partial report: 0 of the sweep's 10 runs have finished** and 1 more is part-way"
             in (cut / "report.md").read_text())

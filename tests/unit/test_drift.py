@@ -98,6 +98,27 @@ def test_scaffold_through_client_and_server_follows_algorithm_1(tiny_bert: str) 
     assert all(b >= 2 * payload for r in results for b in [*r.bytes_up.values(), *r.bytes_down.values()])
 
 
+def test_steps_the_fp16_scaler_skipped_are_not_among_scaffolds_k(tiny_bert: str, monkeypatch) -> None:
+    # Prepare: the client's training reports 4 steps of which the gradient scaler skipped 1 (fp16 overflow)
+    from fedcustom import scaffold
+    from fedcustom.protocols.sharing import client as sharing_client
+    from fedcustom.training import TrainResult
+
+    tables, tokenizer = client_tables(tiny_bert)
+    client = TrainingClient(Quadratic(), tokenizer, RawCodec(), tables)
+    schedule = LocalSchedule(lr=0.1, batch_size=4, epochs=2, count_flops=False, optimizer="sgd")
+    server = FederatedServer(EmbeddedRuntime(client, 2), FedAvg(), RawCodec(), {"w": torch.zeros(3, dtype=torch.float64)},
+                             lambda s: {"accuracy": 0.0}, schedule, clients_per_round=2, seed=0,
+                             convergence=Convergence(scaffold=True))
+    monkeypatch.setattr(sharing_client, "train_local", lambda *a, **k: TrainResult(8, 4, 0.5, 0, skipped_steps=1))
+    ks, update = [], scaffold.client_update
+    monkeypatch.setattr(scaffold, "client_update", lambda *a: ks.append(a[4]) or update(*a))
+    # Execute
+    server.run_round(1)
+    # Assert: K = the 3 steps taken, for each client
+    assert ks == [3, 3]
+
+
 def test_scaffold_divides_by_the_federations_clients_not_the_nodes_that_are_up(tiny_bert: str) -> None:
     # Prepare: a federation of 5 clients of which only 2 nodes are up (on Flower: the others' machines died)
     tables, tokenizer = client_tables(tiny_bert)

@@ -41,6 +41,11 @@ def fmt(stat: tuple[float, float, int], scale: float = 100.0, digits: int = 1, s
     return head if math.isnan(se) else f"{head} ± {se * scale:.{digits}f}"
 
 
+def fmt_mean(stat: tuple[float, float, int], digits: int) -> str:
+    """The mean alone (n/a where no run has the value)."""
+    return "n/a" if math.isnan(stat[0]) else f"{stat[0]:.{digits}f}"
+
+
 def _runs(records: list[dict], **tags: Any) -> list[dict]:
     return [r for r in records if all(r["tags"].get(k) == v for k, v in tags.items())]
 
@@ -120,7 +125,7 @@ def results_table(result_rows: list[dict]) -> str:
         lines.append(f"| {r['method']} | {r['setting']} | {r['variant']} | {len(r['seeds'])} | {fmt(r['accuracy'])} "
                      f"| {fmt(r['centralized'])}"
                      f" | {fmt(r['gap'], sign=True)} | {fmt(r['rounds'], 1, 1)} | {fmt(r['best_round'], 1, 1)} "
-                     f"| {r['mb_up'][0]:.3f} | {fmt(r['total_mb_up'], 1, 1)} | {r['gflops'][0]:.1f} |")
+                     f"| {fmt_mean(r['mb_up'], 3)} | {fmt(r['total_mb_up'], 1, 1)} | {fmt_mean(r['gflops'], 1)} |")
     return "\n".join(lines)
 
 
@@ -219,7 +224,7 @@ def paper_table(result_rows: list[dict]) -> str:
     for r in (x for x in result_rows if x["setting"] == "sst2-iid"):
         p = PAPER.get(r["method"], {})
         lines.append(f"| {r['method']} | {p.get('gap', '-')} | {fmt(r['gap'], sign=True)} | {p.get('comm', '-')} "
-                     f"| {r['mb_up'][0]:.3f} | {p.get('compute', '-')} | {fmt(r['gflops_per_example'], 1, 2)} |")
+                     f"| {fmt_mean(r['mb_up'], 3)} | {p.get('compute', '-')} | {fmt(r['gflops_per_example'], 1, 2)} |")
     return "\n".join(lines)
 
 

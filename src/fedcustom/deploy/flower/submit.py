@@ -167,10 +167,12 @@ def resume_blockers(cfg: RunConfig) -> list[str]:
 def resume_run_config(folder: str) -> tuple[RunConfig, dict[str, str]]:
     """`fedcustom submit --resume DIR`: the interrupted run's config and the run config that continues it."""
     from fedcustom.checkpoint import load_checkpoint
-    from fedcustom.runner import resumed_config
+    from fedcustom.runner import check_settings_unmoved, resumed_config
 
     out = Path(folder).expanduser().resolve()
-    cfg = resumed_config(out, load_checkpoint(out))
+    checkpoint = load_checkpoint(out)
+    cfg = resumed_config(out, checkpoint)
+    check_settings_unmoved(out, checkpoint, cfg)  # before submitting: else the ServerApp's run fails with it
     blockers = resume_blockers(cfg)
     if blockers:
         raise FedCustomError(f"--resume {folder}: a deployment with {'; '.join(blockers)} cannot continue exactly: "
