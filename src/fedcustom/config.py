@@ -197,13 +197,14 @@ class FederationConfig:
     scaffold: bool = opt(False, "SCAFFOLD (Karimireddy et al., ICML 2020): control variates correct client drift; the "
                          "server's travels down and each client's change travels up with every update (counted).",
                          "--scaffold")
-    scaffold_weights: str = opt("uniform", "SCAFFOLD: how the clients' control-variate changes move the server's c. "
+    scaffold_weights: str = opt("auto", "SCAFFOLD: how the clients' control-variate changes move the server's c. "
                                 "uniform: c + (1/N) sum of the changes (the paper's, for clients of equal weight); "
                                 "examples: each change weighted by its client's examples, as the model itself is "
-                                "merged (c + |S|/N sum_i n_i/n_S change_i). On clients of very uneven size the "
-                                "uniform c can pull the large clients toward the small ones' steps (see "
-                                "benchmarks/results/converge/README.md).", "--scaffold-weights",
-                                ("uniform", "examples"))
+                                "merged (c + |S|/N sum_i n_i/n_S change_i); auto (default): examples when every "
+                                "client trains every round (examples needs that), else uniform. On AG News Dirichlet "
+                                "0.1 (clients of 12 to 419 rows) uniform collapsed LoRA on one seed of three and "
+                                "examples did not: benchmarks/results/converge/README.md.", "--scaffold-weights",
+                                ("auto", "uniform", "examples"))
     early_stop_patience: int | None = opt(None, "Stop once the global eval metric (accuracy; causal-lm: ROUGE-L; "
                                           "retrieval: recall@5) has "
                                           "not improved by more than --early-stop-min-delta for this many rounds.",

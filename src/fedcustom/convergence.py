@@ -49,11 +49,29 @@ def server_opt_settings(cfg: RunConfig, method: Method, client_lr: float) -> Ser
     return ServerOptSettings(name, lr, fed.server_momentum, beta1, beta2, fed.server_eps)
 
 
+def scaffold_weights(cfg: RunConfig) -> str:
+    """How SCAFFOLD's server control variate weighs the clients' changes: the config's, or for ``auto`` by examples
+    when every client trains every round (the rule refuses sampled clients) and uniformly otherwise."""
+    fed = cfg.federation
+    return resolve_scaffold_weights(fed.scaffold_weights, fed.scaffold, fed.clients, fed.clients_per_round,
+                                    fed.fraction)
+
+
+def resolve_scaffold_weights(weights: str, scaffold: bool, clients: int, per_round: int | None,
+                             fraction: float) -> str:
+    """:func:`scaffold_weights` from the federation's settings themselves (a recorded config's, too)."""
+    from fedcustom.trust import sampled_per_round
+
+    if weights != "auto":
+        return weights
+    return "examples" if scaffold and sampled_per_round(clients, per_round, fraction) >= clients else "uniform"
+
+
 def convergence_for(cfg: RunConfig, method: Method, schedule: LocalSchedule) -> Convergence:
     """What the parameter-sharing server applies besides its strategy."""
     fed = cfg.federation
     return Convergence(ServerOptimizer(server_opt_settings(cfg, method, schedule.lr)), fed.scaffold, fed.prox_mu,
-                       clients=fed.clients, scaffold_weights=fed.scaffold_weights)
+                       clients=fed.clients, scaffold_weights=scaffold_weights(cfg))
 
 
 def check_convergence_support(cfg: RunConfig, method: Method) -> None:
@@ -91,7 +109,7 @@ def resolved_settings(cfg: RunConfig, method: Method, schedule: LocalSchedule) -
             "batch_size": schedule.batch_size, "optimizer": schedule.optimizer, "lr_schedule": schedule.decay,
             "warmup_rounds": schedule.warmup_rounds, "server_opt": opt.name, "server_lr": opt.lr,
             "prox_mu": cfg.federation.prox_mu, "scaffold": cfg.federation.scaffold,
-            "scaffold_weights": cfg.federation.scaffold_weights}
+            "scaffold_weights": scaffold_weights(cfg)}
 
 
 def moved_settings(recorded: dict[str, Any] | None, cfg: RunConfig) -> dict[str, tuple[Any, Any]]:

@@ -29,7 +29,12 @@ from fedcustom.wire import dp_sgd_config, local_dp_config
 def clients_per_round(cfg: RunConfig) -> int:
     """Explicit count, else the sampled fraction of clients (at least one)."""
     fed = cfg.federation
-    return fed.clients_per_round or max(1, round(fed.fraction * fed.clients))
+    return sampled_per_round(fed.clients, fed.clients_per_round, fed.fraction)
+
+
+def sampled_per_round(clients: int, per_round: int | None, fraction: float) -> int:
+    """:func:`clients_per_round` from the federation's settings themselves (a recorded config's, too)."""
+    return per_round or max(1, round(fraction * clients))
 
 
 def check_trust_support(cfg: RunConfig, method: Method) -> None:

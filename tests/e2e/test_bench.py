@@ -219,6 +219,28 @@ def test_a_run_whose_defaulted_settings_have_moved_is_not_reused(monkeypatch: py
     assert not same_settings(recorded, cfg)
 
 
+def test_runs_recorded_before_the_auto_scaffold_rule_are_reused_where_it_resolves_to_theirs() -> None:
+    # Prepare: runs recorded before --scaffold-weights defaulted to auto (with uniform, or before the key existed)
+    from fedcustom.bench.reuse import same_config
+    from fedcustom.config import build_config
+
+    def recorded(scaffold: bool, weights: str | None) -> dict:  # type: ignore[type-arg]
+        config = build_config({"method": {"name": "lora"}, "federation": {"scaffold": scaffold}}).to_dict()
+        config["federation"].pop("scaffold_weights")
+        if weights is not None:
+            config["federation"]["scaffold_weights"] = weights
+        return config
+
+    auto = lambda scaffold: build_config({"method": {"name": "lora"}, "federation": {"scaffold": scaffold}})  # noqa: E731
+    # Assert: without SCAFFOLD the rule does nothing, so those runs are the same runs
+    assert same_config(recorded(False, "uniform"), auto(False)) and same_config(recorded(False, None), auto(False))
+    # with SCAFFOLD and every client each round, auto weighs by examples: not the run they ran ...
+    assert not same_config(recorded(True, "uniform"), auto(True)) and not same_config(recorded(True, None), auto(True))
+    # ... unless the config asks for their rule
+    uniform = build_config({"method": {"name": "lora"}, "federation": {"scaffold": True, "scaffold_weights": "uniform"}})
+    assert same_config(recorded(True, None), uniform) and same_config(recorded(True, "uniform"), uniform)
+
+
 def test_two_spellings_of_one_data_file_are_the_same_config(tmp_path: Path, toy_csv: str, monkeypatch) -> None:
     from fedcustom.bench.reuse import same_config
     from fedcustom.config import build_config

@@ -150,3 +150,24 @@ def test_unset_settings_come_from_the_method_and_are_recorded(tiny_config) -> No
 def test_bad_convergence_settings_are_refused_clearly(tiny_config, overrides, message) -> None:
     with pytest.raises((ConfigError, FedCustomError), match=message):
         build_job(tiny_config(**overrides))
+
+
+def test_scaffold_weighs_by_examples_by_default_when_every_client_trains_every_round(tiny_config) -> None:
+    # Prepare / Execute: the auto default, on full and on sampled participation, and the paper's rule asked for
+    from fedcustom.convergence import convergence_for, local_schedule, resolved_settings
+
+    def rule(**overrides):  # type: ignore[no-untyped-def]
+        cfg = tiny_config(**overrides)
+        method = get_method(cfg.method.name)
+        schedule = local_schedule(cfg, method)
+        return convergence_for(cfg, method, schedule).scaffold_weights, \
+            resolved_settings(cfg, method, schedule)["scaffold_weights"]
+
+    # Assert: examples with every client every round (what the model's merge weighs by), uniform for sampled
+    # clients (examples refuses those) and without SCAFFOLD; an explicit rule is kept
+    assert tiny_config().federation.scaffold_weights == "auto"
+    assert rule(federation__scaffold=True) == ("examples", "examples")
+    assert rule(federation__scaffold=True, federation__clients=4, federation__fraction=0.5) == ("uniform", "uniform")
+    assert rule() == ("uniform", "uniform")
+    assert rule(federation__scaffold=True, federation__scaffold_weights="uniform") == ("uniform", "uniform")
+    build_job(tiny_config(federation__scaffold=True, federation__clients=4, federation__fraction=0.5))  # not refused

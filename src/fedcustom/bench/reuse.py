@@ -16,7 +16,8 @@ from fedcustom.config import RunConfig
 # files, so that their committed results still regenerate from their commands; a recorded config that predates a key
 # had this value.
 LEGACY: dict[str, dict[str, Any]] = {"train": {"lr_schedule": "constant"},
-                                     "method": {"prefix_init": "random", "prompt_init": "random"}}
+                                     "method": {"prefix_init": "random", "prompt_init": "random"},
+                                     "federation": {"scaffold_weights": "uniform"}}
 
 
 # Settings that change what a run writes or where, not what it measures: a finished run counts whatever they were
@@ -53,9 +54,22 @@ def same_config(previous: dict[str, Any] | None, cfg: RunConfig) -> bool:
             if key in RESULT_NEUTRAL.get(section, set()):
                 continue
             missing = LEGACY.get(section, {}).get(key, defaults[section][key])  # the key did not exist yet
-            if recorded.get(key, missing) != value and not _same_file(recorded.get(key), value):
+            if (section, key) == ("federation", "scaffold_weights"):  # a rule the run resolved: compare what it ran
+                if _scaffold_weights({**defaults[section], **recorded, key: recorded.get(key, missing)}) != \
+                        _scaffold_weights(values):
+                    return False
+            elif recorded.get(key, missing) != value and not _same_file(recorded.get(key), value):
                 return False
     return not set(previous) - set(current)
+
+
+def _scaffold_weights(federation: dict[str, Any]) -> str:
+    """The SCAFFOLD weighting a federation section resolves to (``auto``, the default since 2026-12-08, names the
+    rule by the run's participation: a run recorded with ``uniform`` before is the same run if that is the rule)."""
+    from fedcustom.convergence import resolve_scaffold_weights
+
+    return resolve_scaffold_weights(federation.get("scaffold_weights", "uniform"), federation["scaffold"],
+                                    federation["clients"], federation["clients_per_round"], federation["fraction"])
 
 
 def same_settings(recorded: dict[str, Any] | None, cfg: RunConfig) -> bool:
