@@ -105,7 +105,7 @@ def test_a_node_keeps_what_it_offered_across_processes_and_bounds_k_by_its_node_
     found = json.loads(send("rag_search", vectors.tobytes(), k=2, dim=vectors.shape[1], texts=False).payload)
     ids = sorted({row[0] for question in found for row in question})
     assert set(json.loads(send("rag_fetch", ids=json.dumps(ids)).payload)) == set(ids)
-    assert "did not return in a search" in send("rag_fetch", ids=json.dumps(ids + ["not-offered"])).error
+    assert "did not return in its last two-phase search" in send("rag_fetch", ids=json.dumps(ids + ["not-offered"])).error
     context.node_config["rag-max-k"] = "many"
     with pytest.raises(FedCustomError, match="rag-max-k='many'; expected a whole number >= 1"):
         send("rag_search", vectors.tobytes(), k=2, dim=vectors.shape[1])

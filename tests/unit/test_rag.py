@@ -176,7 +176,7 @@ def test_a_data_owner_bounds_k_and_serves_only_texts_it_offered(encoder: Encoder
     assert "k=4: this data owner answers at most 3 passages per question" in search(4, True).error
     # a fetch names only ids the owner returned without texts: none yet, so even a real id is refused
     some_id = index.documents[0].id
-    assert "did not return in a search" in fetch([some_id]).error
+    assert "did not return in its last two-phase search" in fetch([some_id]).error
     offered = [row[0] for row in json.loads(search(3, False).payload)[0]]
     others = [d.id for d in index.documents if d.id not in offered][:1]
     assert "texts of 1 passages" in fetch(offered + others).error  # nothing of it served

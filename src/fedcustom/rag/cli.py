@@ -40,7 +40,7 @@ def add_rag_parser(sub: argparse._SubParsersAction) -> None:
                              description="Embedded: --index DIR (client-<i>/ folders, one simulated client each) or "
                                          "repeated --index (one folder per client). --runtime flower-sim: the same "
                                          "on Flower's simulation engine. --superlink: a Flower run whose SuperNodes "
-                                         "each name their own index (node config rag-index=DIR).")
+                                         "each name their own index (node config rag-index=DIR, optional rag-max-k=N).")
     query.add_argument("question", nargs="?", help="The question")
     query.add_argument("--interactive", action="store_true", help="Answer each stdin line until EOF or an empty line")
     query.add_argument("--index", action="append", metavar="DIR", help="Index folder(s) (embedded, flower-sim)")
@@ -87,8 +87,8 @@ def _encoder_flags(parser: argparse.ArgumentParser) -> None:
 def _retrieval_flags(parser: argparse.ArgumentParser, route_default: str = "all") -> None:
     if not any(a.dest == "encoder" for a in parser._actions):
         _encoder_flags(parser)
-    parser.add_argument("--k", type=int, default=5, help="Passages kept after merging (each client returns k; "
-                                                         "default: 5)")
+    parser.add_argument("--k", type=int, default=5, help="Passages kept after merging (each client returns k, at "
+                                                         "most its rag-max-k, default 100; default: 5)")
     parser.add_argument("--route", default=route_default, metavar="all|topn:N",
                         help=f"Which clients a question goes to: all, or the N with the nearest index centroid "
                              f"(default: {route_default})")

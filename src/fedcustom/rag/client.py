@@ -69,7 +69,7 @@ class RagClient:
             unoffered = wanted - self.offered[node_id]
             if unoffered:
                 return Reply(error=f"asked for the texts of {len(unoffered)} passages this data owner did not return "
-                                   "in a search (a fetch names ids of an earlier two-phase search)", round=message.round)
+                                   "in its last two-phase search, or whose texts it already sent", round=message.round)
             held = {doc.id: doc.text for doc in index.documents if doc.id in wanted}
             self.offered[node_id] -= wanted  # each text once
             return Reply(payload=json.dumps(held).encode(), round=message.round)

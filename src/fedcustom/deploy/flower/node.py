@@ -5,7 +5,8 @@ A deployed SuperNode runs every message in a new ClientApp process; a simulated 
 process. The handler is built once per process and cached; whatever it must remember across messages
 (codec link references, DP-SGD accountants, a split session, a distillation client's own model) travels
 through ``context.state``, which Flower keeps for the node across the run. The simulation's nodes all run in
-one actor, and share one handler there, as the embedded runtime's clients do (:func:`simulated_node_client`).
+one actor, and share one handler there, as the embedded runtime's clients do (:func:`simulated_node_client`;
+split learning keeps one per node).
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The ServerApp runs in a thread of this process and writes the round log, summary and model as the
 embedded runtime does; every simulated SuperNode's ClientApp runs in one Ray actor, where the nodes share one
-client handler (one model, one tokenized dataset) as the embedded runtime's clients do. Simulated nodes get
+client handler (one model, one tokenized dataset) as the embedded runtime's clients do (split learning keeps one
+per node: a pending batch's graph lives in its model). Simulated nodes get
 ``partition-id`` from Flower and take that partition of the run's dataset.
 """
 
