@@ -16,7 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fedcustom.bench.report import PAPER
+from fedcustom.bench.report import PAPER, fmt_mean
 from fedcustom.bench.sweep import Sweep, picks_table, preamble
 from fedcustom.config import TrainConfig
 
@@ -39,11 +39,6 @@ def fmt(stat: tuple[float, float, int], scale: float = 100.0, digits: int = 1, s
         return "n/a"
     head = f"{mean * scale:+.{digits}f}" if sign else f"{mean * scale:.{digits}f}"
     return head if math.isnan(se) else f"{head} ± {se * scale:.{digits}f}"
-
-
-def fmt_mean(stat: tuple[float, float, int], digits: int) -> str:
-    """The mean alone (n/a where no run has the value)."""
-    return "n/a" if math.isnan(stat[0]) else f"{stat[0]:.{digits}f}"
 
 
 def _runs(records: list[dict], **tags: Any) -> list[dict]:

@@ -98,8 +98,9 @@ def _fmt(pair: tuple[float, float], scale: float = 1.0, digits: int = 1) -> str:
     return "n/a" if math.isnan(mean) else f"{mean * scale:.{digits}f} ± {std * scale:.{digits}f}"
 
 
-def _mean(pair: tuple[float, float], digits: int) -> str:
-    """The mean of a ``(mean, std)`` pair, or n/a where there was nothing to average (no run of that row yet)."""
+def fmt_mean(pair: tuple[float, ...], digits: int) -> str:
+    """The mean of a ``(mean, spread, ...)`` statistic, or n/a where there was nothing to average (no run of that
+    row yet)."""
     return "n/a" if math.isnan(pair[0]) else f"{pair[0]:.{digits}f}"
 
 
@@ -115,8 +116,8 @@ def main_table(rows: list[dict], many_lrs: bool) -> str:
         drop = _fmt(r["skew_drop"], 100) if "skew_drop" in r else "-"
         lines.append(
             f"| {label(r['method'], r['lr'], many_lrs)} | {_fmt(r['accuracy'], 100)} | {_fmt(r['centralized_accuracy'], 100)} "
-            f"| {_fmt(r['gap'], 100)} | {_mean(r['mb_up'], 3)} | {_mean(r['mb_down'], 3)} | {_count(r['trainable_params'])} "
-            f"| {_mean(r['gflops_per_round'], 1)} | {_mean(r['flops_vs_forward'], 2)} | {_mean(r['wall_per_round'], 1)} "
+            f"| {_fmt(r['gap'], 100)} | {fmt_mean(r['mb_up'], 3)} | {fmt_mean(r['mb_down'], 3)} | {_count(r['trainable_params'])} "
+            f"| {fmt_mean(r['gflops_per_round'], 1)} | {fmt_mean(r['flops_vs_forward'], 2)} | {fmt_mean(r['wall_per_round'], 1)} "
             f"| {drop} |"
         )
     return "\n".join(lines)
@@ -139,8 +140,8 @@ def paper_table(rows: list[dict]) -> str:
     for r in rows:
         p = PAPER.get(r["method"], {})
         lines.append(f"| {r['method']} | {p.get('gap', '-')} | {_fmt(r['gap'], 100)} | {p.get('comm', '-')} "
-                     f"| {_mean(r['mb_up'], 3)} | {p.get('fedpetuning_up', '-')} | {p.get('compute', '-')} "
-                     f"| {_mean(r['flops_vs_forward'], 2)} |")
+                     f"| {fmt_mean(r['mb_up'], 3)} | {p.get('fedpetuning_up', '-')} | {p.get('compute', '-')} "
+                     f"| {fmt_mean(r['flops_vs_forward'], 2)} |")
     return "\n".join(lines)
 
 

@@ -127,14 +127,21 @@ def _own_tables(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: s
         if split is None:
             return rows.table, None
         return rows.table.select(split[0]), rows.select(split[1])
+    data = _run_data(cfg, setup, tokenizer)
+    held = data.client_held_out(partition) if data.client_eval_indices is not None else None
+    return data.client_table(partition), held
+
+
+def _run_data(cfg: RunConfig, setup: ClientSetup, tokenizer: Any) -> Any:
+    """The run's dataset, partitioned and tokenized as the server prepares it (a node without its own data file),
+    checked to have the server's labels in the server's order."""
     from fedcustom.assemble import prepare_task_data
     from fedcustom.methods import get_method
 
     data = prepare_task_data(cfg, get_method(cfg.method.name), tokenizer)
     if data.label_names != setup.label_names:
         raise FedCustomError(f"the server's labels {setup.label_names} differ from this node's {data.label_names}")
-    held = data.client_held_out(partition) if data.client_eval_indices is not None else None
-    return data.client_table(partition), held
+    return data
 
 
 def build_node_client(cfg: RunConfig, setup: ClientSetup, partition: int, data_path: str | None) -> NodeClient:
@@ -176,14 +183,10 @@ def simulated_node_client(context: Context, cfg: RunConfig, setup: ClientSetup) 
 def build_simulated_handler(cfg: RunConfig, setup: ClientSetup) -> Handler:
     """The handler of every simulated node: the job assembler's client over each partition's rows (and the rows it
     holds out for its own evaluation), prepared as the server prepares them."""
-    from fedcustom.assemble import build_client, held_out_rows, prepare_task_data
-    from fedcustom.methods import get_method
+    from fedcustom.assemble import build_client, held_out_rows
 
     def every_partition(tokenizer: Any) -> tuple[dict[int, Any], dict[int, Any]]:
-        data = prepare_task_data(cfg, get_method(cfg.method.name), tokenizer)
-        if data.label_names != setup.label_names:
-            raise FedCustomError(f"the server's labels {setup.label_names} differ from the simulation's "
-                                 f"{data.label_names}")
+        data = _run_data(cfg, setup, tokenizer)
         return {p: data.client_table(p) for p in range(cfg.federation.clients)}, held_out_rows(data)
 
     return build_client(cfg, setup, every_partition)
